@@ -26,7 +26,8 @@ impl CloseCode {
     pub const KEEPALIVE_TIMEOUT: CloseCode = CloseCode(0x06);
     /// The peer exceeded a limit (streams, pending control frames, ...).
     pub const LIMIT_EXCEEDED: CloseCode = CloseCode(0x07);
-    /// The handshake did not complete in time or was malformed.
+    /// The handshake did not complete in time, the first frame was not a
+    /// HELLO, or both ends claimed the same role.
     pub const HANDSHAKE_FAILED: CloseCode = CloseCode(0x08);
 
     /// A short lower-case name for logs, or `None` for unknown codes.

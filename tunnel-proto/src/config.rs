@@ -15,9 +15,10 @@ pub struct Config {
     pub role: Role,
     /// The limits announced to the peer in HELLO; this side enforces them.
     pub settings: Settings,
-    /// Largest receive window one stream may grow to by auto-tuning. Must be
-    /// smaller than `settings.connection_window`, or one unread stream could
-    /// take all of the connection's credit.
+    /// Largest receive window one stream may grow to by auto-tuning. At most
+    /// half of `settings.connection_window`: connection credit returns in
+    /// steps of half that window, so a larger stream window left unread could
+    /// hold back the credit every other stream needs.
     pub max_stream_window: u32,
     /// DATA payloads are cut at this size so that control frames and other
     /// streams interleave with bulk transfers.
@@ -49,14 +50,19 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "max_stream_window ({stream}) must be smaller than the connection window ({connection}); \
-         help: equal windows let one unread stream stall all others"
+        "max_stream_window ({stream}) must be at most half the connection window ({connection}); \
+         help: a larger stream window left unread stalls all other streams"
     )]
-    StreamWindowNotBelowConnection { stream: u32, connection: u32 },
+    StreamWindowTooLarge { stream: u32, connection: u32 },
     #[error("max_stream_window ({max}) is below the initial stream window ({initial})")]
     StreamWindowBelowInitial { max: u32, initial: u32 },
     #[error("{name} ({value}) is outside {min}..={max}")]
-    OutOfRange { name: &'static str, value: u64, min: u64, max: u64 },
+    OutOfRange {
+        name: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
     #[error("idle_timeout must be longer than keepalive_interval")]
     IdleNotAboveKeepalive,
 }
@@ -84,24 +90,54 @@ impl Config {
     /// Checks the relations between fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.settings;
-        range("max_frame_payload", s.max_frame_payload.into(), 1024, 16 << 20)?;
-        range("initial_stream_window", s.initial_stream_window.into(), 1024, crate::MAX_WINDOW.into())?;
-        range("connection_window", s.connection_window.into(), 1024, crate::MAX_WINDOW.into())?;
+        range(
+            "max_frame_payload",
+            s.max_frame_payload.into(),
+            1024,
+            16 << 20,
+        )?;
+        range(
+            "initial_stream_window",
+            s.initial_stream_window.into(),
+            1024,
+            crate::MAX_WINDOW.into(),
+        )?;
+        range(
+            "connection_window",
+            s.connection_window.into(),
+            1024,
+            crate::MAX_WINDOW.into(),
+        )?;
         range("max_open_payload", s.max_open_payload.into(), 64, 65535)?;
-        range("data_split", self.data_split as u64, 1, s.max_frame_payload.into())?;
-        range("max_stream_send_buffer", self.max_stream_send_buffer as u64, 1, u32::MAX.into())?;
+        range(
+            "data_split",
+            self.data_split as u64,
+            1,
+            s.max_frame_payload.into(),
+        )?;
+        range(
+            "max_stream_send_buffer",
+            self.max_stream_send_buffer as u64,
+            1,
+            u32::MAX.into(),
+        )?;
         range("max_send_buffer", self.max_send_buffer as u64, 1, u64::MAX)?;
         range("accept_backlog", self.accept_backlog as u64, 1, 65535)?;
         range("max_pending_opens", self.max_pending_opens as u64, 1, 65535)?;
-        range("max_pending_control", self.max_pending_control as u64, 16, 1 << 20)?;
+        range(
+            "max_pending_control",
+            self.max_pending_control as u64,
+            16,
+            1 << 20,
+        )?;
         if self.max_stream_window < s.initial_stream_window {
             return Err(ConfigError::StreamWindowBelowInitial {
                 max: self.max_stream_window,
                 initial: s.initial_stream_window,
             });
         }
-        if self.max_stream_window >= s.connection_window {
-            return Err(ConfigError::StreamWindowNotBelowConnection {
+        if self.max_stream_window > s.connection_window / 2 {
+            return Err(ConfigError::StreamWindowTooLarge {
                 stream: self.max_stream_window,
                 connection: s.connection_window,
             });
@@ -117,6 +153,11 @@ fn range(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), Confi
     if (min..=max).contains(&value) {
         Ok(())
     } else {
-        Err(ConfigError::OutOfRange { name, value, min, max })
+        Err(ConfigError::OutOfRange {
+            name,
+            value,
+            min,
+            max,
+        })
     }
 }

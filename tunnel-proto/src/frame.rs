@@ -80,21 +80,36 @@ pub enum Frame {
     /// First frame each side sends: version, role and limits.
     Hello(Hello),
     /// Opens a stream to a service.
-    Open { stream: StreamId, header: ServiceHeader },
+    Open {
+        stream: StreamId,
+        header: ServiceHeader,
+    },
     /// The receiver of an OPEN has handed the stream to its application.
     Accept { stream: StreamId },
     /// Stream bytes; `fin` half-closes the sender's direction.
-    Data { stream: StreamId, fin: bool, payload: Bytes },
+    Data {
+        stream: StreamId,
+        fin: bool,
+        payload: Bytes,
+    },
     /// Grants `increment` more bytes of credit on a stream, or on the
     /// connection when `stream` is [`StreamId::CONNECTION`].
     WindowUpdate { stream: StreamId, increment: u32 },
     /// Abandons a stream in both directions.
-    Reset { stream: StreamId, code: ResetCode, reason: String },
+    Reset {
+        stream: StreamId,
+        code: ResetCode,
+        reason: String,
+    },
     /// Keepalive probe (`ack == false`) or its answer (`ack == true`).
     Ping { ack: bool, opaque: u64 },
     /// No new streams; streams up to `last_stream` (opened by the receiver of
     /// this frame) will be finished.
-    GoAway { last_stream: StreamId, code: CloseCode, reason: String },
+    GoAway {
+        last_stream: StreamId,
+        code: CloseCode,
+        reason: String,
+    },
     /// Last frame of a connection.
     Close { code: CloseCode, reason: String },
     /// A frame of a type this version does not know, marked IGNORABLE.
@@ -224,7 +239,11 @@ impl Frame {
                 out.put_u32(code.0);
                 put_reason(out, reason);
             }
-            Frame::GoAway { last_stream, code, reason } => {
+            Frame::GoAway {
+                last_stream,
+                code,
+                reason,
+            } => {
                 out.put_u32(last_stream.0);
                 out.put_u32(code.0);
                 put_reason(out, reason);
@@ -257,7 +276,9 @@ impl Frame {
                 stream: header.stream,
                 header: ServiceHeader::decode(&mut body)?,
             },
-            kind::ACCEPT => Frame::Accept { stream: header.stream },
+            kind::ACCEPT => Frame::Accept {
+                stream: header.stream,
+            },
             kind::DATA => Frame::Data {
                 stream: header.stream,
                 fin: header.flags & flags::FIN != 0,
@@ -268,7 +289,10 @@ impl Frame {
                 if increment == 0 || increment > crate::MAX_WINDOW {
                     return Err(FrameError::InvalidWindowIncrement { increment });
                 }
-                Frame::WindowUpdate { stream: header.stream, increment }
+                Frame::WindowUpdate {
+                    stream: header.stream,
+                    increment,
+                }
             }
             kind::RESET => Frame::Reset {
                 stream: header.stream,
@@ -294,7 +318,10 @@ impl Frame {
             }
         };
         if !body.is_empty() {
-            return Err(FrameError::TrailingBytes { kind: header.kind, extra: body.len() });
+            return Err(FrameError::TrailingBytes {
+                kind: header.kind,
+                extra: body.len(),
+            });
         }
         Ok(frame)
     }
@@ -310,7 +337,9 @@ struct Header {
 impl Header {
     fn parse(msg: &[u8]) -> Result<Header, FrameError> {
         if msg.len() < HEADER_LEN {
-            return Err(FrameError::Incomplete { needed: HEADER_LEN - msg.len() });
+            return Err(FrameError::Incomplete {
+                needed: HEADER_LEN - msg.len(),
+            });
         }
         Ok(Header {
             kind: msg[0],
@@ -330,7 +359,10 @@ impl Header {
             _ => return Err(FrameError::UnknownType { kind: self.kind }),
         } | flags::IGNORABLE;
         if self.flags & !allowed != 0 {
-            return Err(FrameError::UnexpectedFlags { kind: self.kind, flags: self.flags });
+            return Err(FrameError::UnexpectedFlags {
+                kind: self.kind,
+                flags: self.flags,
+            });
         }
         Ok(())
     }
@@ -348,7 +380,10 @@ impl Header {
             return Err(FrameError::MissingStreamId { kind: self.kind });
         }
         if connection_frame && !self.stream.is_connection() {
-            return Err(FrameError::UnexpectedStreamId { kind: self.kind, stream: self.stream.0 });
+            return Err(FrameError::UnexpectedStreamId {
+                kind: self.kind,
+                stream: self.stream.0,
+            });
         }
         Ok(())
     }
@@ -382,7 +417,9 @@ pub(crate) fn take_bytes(body: &mut Bytes, len: usize) -> Result<Bytes, FrameErr
 
 fn need(body: &Bytes, len: usize) -> Result<(), FrameError> {
     if body.len() < len {
-        return Err(FrameError::Incomplete { needed: len - body.len() });
+        return Err(FrameError::Incomplete {
+            needed: len - body.len(),
+        });
     }
     Ok(())
 }

@@ -106,7 +106,11 @@ impl Settings {
             setting::MAX_OPEN_PAYLOAD => (64..=65535).contains(&value),
             _ => true,
         };
-        if ok { Ok(()) } else { Err(FrameError::InvalidSetting { setting: id, value }) }
+        if ok {
+            Ok(())
+        } else {
+            Err(FrameError::InvalidSetting { setting: id, value })
+        }
     }
 
     fn pairs(&self) -> [(u16, u32); 5] {
@@ -150,7 +154,12 @@ pub struct Hello {
 impl Hello {
     /// A hello for this version of the protocol.
     pub fn new(role: Role, settings: Settings) -> Hello {
-        Hello { major: PROTOCOL_MAJOR, minor: PROTOCOL_MINOR, role, settings }
+        Hello {
+            major: PROTOCOL_MAJOR,
+            minor: PROTOCOL_MINOR,
+            role,
+            settings,
+        }
     }
 
     pub(crate) fn encoded_len(&self) -> usize {
@@ -186,7 +195,12 @@ impl Hello {
         if major != PROTOCOL_MAJOR {
             // Let the connection refuse the version with a clear reason.
             body.clear();
-            return Ok(Hello { major, minor, role: Role::Device, settings: Settings::DEFAULT });
+            return Ok(Hello {
+                major,
+                minor,
+                role: Role::Device,
+                settings: Settings::DEFAULT,
+            });
         }
         let role = Role::from_wire(role_byte)?;
         let mut settings = Settings::DEFAULT;
@@ -204,6 +218,11 @@ impl Hello {
             Settings::validate(id, value)?;
             settings.set(id, value);
         }
-        Ok(Hello { major, minor, role, settings })
+        Ok(Hello {
+            major,
+            minor,
+            role,
+            settings,
+        })
     }
 }

@@ -30,9 +30,7 @@ pub mod tokio_io;
 
 pub use codes::{CloseCode, ResetCode};
 pub use config::{Config, ConfigError};
-pub use connection::{
-    Connection, ConnectionError, Event, OpenError, ReadError, Stats, WriteError,
-};
+pub use connection::{Connection, ConnectionError, Event, OpenError, ReadError, Stats, WriteError};
 pub use frame::{Frame, FrameError, StreamId};
 pub use hello::{Hello, PROTOCOL_MAJOR, PROTOCOL_MINOR, Role, Settings};
 pub use service::{Service, ServiceError, ServiceHeader};

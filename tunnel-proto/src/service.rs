@@ -9,12 +9,10 @@ use bytes::{BufMut, Bytes};
 
 use crate::frame::{FrameError, take_bytes, take_u8, take_u16};
 
-/// Longest service name, in bytes.
+/// Longest service name or metadata key, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 /// Most metadata entries one OPEN may carry.
 pub const MAX_METADATA_ENTRIES: usize = 32;
-/// Longest metadata key, in bytes.
-pub const MAX_KEY_LEN: usize = 64;
 
 /// What a stream carries.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +68,8 @@ pub enum ServiceError {
     MissingName,
     #[error("service kind 0x{kind:02x} takes no name")]
     UnexpectedName { kind: u8 },
+    #[error("service kind 0x{kind:02x} is a known kind: use its own variant")]
+    KnownKindAsOther { kind: u8 },
     #[error("name or key {0:?} is not 1 to 64 characters of [A-Za-z0-9._-]")]
     InvalidToken(String),
     #[error("metadata has more than {MAX_METADATA_ENTRIES} entries")]
@@ -94,7 +94,10 @@ pub struct ServiceHeader {
 impl ServiceHeader {
     /// A header with no metadata.
     pub fn new(service: Service) -> ServiceHeader {
-        ServiceHeader { service, metadata: Vec::new() }
+        ServiceHeader {
+            service,
+            metadata: Vec::new(),
+        }
     }
 
     /// Adds a metadata entry.
@@ -105,7 +108,10 @@ impl ServiceHeader {
 
     /// The value stored under `key`, if any.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Checks the rules [`ServiceHeader::decode`] enforces, so that a sender
@@ -128,7 +134,11 @@ impl ServiceHeader {
     }
 
     pub(crate) fn encoded_len(&self) -> usize {
-        let entries: usize = self.metadata.iter().map(|(k, v)| 3 + k.len() + v.len()).sum();
+        let entries: usize = self
+            .metadata
+            .iter()
+            .map(|(k, v)| 3 + k.len() + v.len())
+            .sum();
         3 + self.service.name().len() + entries
     }
 
@@ -189,6 +199,9 @@ fn check_name(service: &Service) -> Result<(), ServiceError> {
         Service::Control | Service::Editor | Service::Mqtt => Ok(()),
         Service::Tcp(name) if name.is_empty() => Err(ServiceError::MissingName),
         Service::Tcp(name) => check_token(name),
+        Service::Other { kind, .. } if (0x01..=0x04).contains(kind) => {
+            Err(ServiceError::KnownKindAsOther { kind: *kind })
+        }
         Service::Other { name, .. } if name.is_empty() => Ok(()),
         Service::Other { name, .. } => check_token(name),
     }
@@ -199,8 +212,14 @@ fn check_name(service: &Service) -> Result<(), ServiceError> {
 fn check_token(token: &str) -> Result<(), ServiceError> {
     let valid = !token.is_empty()
         && token.len() <= MAX_NAME_LEN
-        && token.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if valid { Ok(()) } else { Err(ServiceError::InvalidToken(token.to_string())) }
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(ServiceError::InvalidToken(token.to_string()))
+    }
 }
 
 /// Decodes a token that may be empty (an absent name); content is checked

@@ -1,0 +1,140 @@
+//! The tokio adapter over a real WebSocket: TLS on 127.0.0.1, many streams
+//! at once, refusal, and orderly shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use tether_proto::tokio_io::Tunnel;
+use tether_proto::{CloseCode, ConnectionError, ResetCode, Service, ServiceHeader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+
+/// Echoes every `tcp:echo` stream back; refuses everything else.
+fn spawn_echo_server(tunnel: Tunnel) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut served = 0;
+        let mut tasks = JoinSet::new();
+        let allow_echo = |header: &ServiceHeader| match &header.service {
+            Service::Tcp(name) if name == "echo" => Ok(()),
+            other => Err((
+                ResetCode::REFUSED,
+                format!("service {other} is not allowed"),
+            )),
+        };
+        while let Some((stream, _header)) = tunnel.accept_filtered(allow_echo).await {
+            served += 1;
+            tasks.spawn(async move {
+                let (mut rd, mut wr) = tokio::io::split(stream);
+                tokio::io::copy(&mut rd, &mut wr).await.expect("echo copy");
+                wr.shutdown().await.expect("echo shutdown");
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        served
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_streams_at_once_each_echo_their_bytes_intact() {
+    let (device, platform) = common::configs();
+    let (device, platform, drivers) = common::tunnel_pair(device, platform).await;
+    let server = spawn_echo_server(platform.clone());
+
+    let mut clients = JoinSet::new();
+    for i in 0..100u32 {
+        let stream = device
+            .open(ServiceHeader::new(Service::Tcp("echo".into())).with("n", i.to_string()))
+            .expect("open");
+        clients.spawn(async move {
+            let payload = common::pattern(i, 64 * 1024 + i as usize * 1024);
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let expected = payload.clone();
+            let writer = tokio::spawn(async move {
+                wr.write_all(&payload).await.expect("write");
+                wr.shutdown().await.expect("shutdown");
+            });
+            let mut echoed = Vec::new();
+            rd.read_to_end(&mut echoed).await.expect("read back");
+            writer.await.expect("writer");
+            assert_eq!(echoed.len(), expected.len(), "stream {i} length");
+            assert!(echoed == expected, "stream {i} bytes differ");
+        });
+    }
+    while let Some(result) = clients.join_next().await {
+        result.expect("client task");
+    }
+    device.shutdown(CloseCode::NO_ERROR, "done");
+    let served = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server ends");
+    assert_eq!(served.expect("server task"), 100);
+    let (device_driver, platform_driver) = drivers;
+    device_driver
+        .await
+        .expect("device driver task")
+        .expect("device closes cleanly");
+    platform_driver
+        .await
+        .expect("platform driver task")
+        .expect("platform closes cleanly");
+}
+
+#[tokio::test]
+async fn a_refused_service_surfaces_as_a_reset_and_the_tunnel_lives_on() {
+    let (device, platform) = common::configs();
+    let (device, platform, _drivers) = common::tunnel_pair(device, platform).await;
+    let _server = spawn_echo_server(platform);
+
+    let refused = device
+        .open(ServiceHeader::new(Service::Tcp("ssh".into())))
+        .expect("open");
+    let error = refused.accepted().await.expect_err("refused");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    assert!(error.to_string().contains("refused"), "{error}");
+    let mut refused = refused;
+    let error = refused.write_all(b"x").await.expect_err("writes fail too");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+
+    let mut echo = device
+        .open(ServiceHeader::new(Service::Tcp("echo".into())))
+        .expect("open");
+    echo.accepted().await.expect("accepted");
+    echo.write_all(b"still here").await.expect("write");
+    echo.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    echo.read_to_end(&mut back).await.expect("read");
+    assert_eq!(back, b"still here");
+}
+
+#[tokio::test]
+async fn closing_one_side_fails_the_other_sides_streams_with_the_reason() {
+    let (device, platform) = common::configs();
+    let (device, platform, drivers) = common::tunnel_pair(device, platform).await;
+    let _server = spawn_echo_server(platform.clone());
+    let mut stream = device
+        .open(ServiceHeader::new(Service::Tcp("echo".into())))
+        .expect("open");
+    stream.accepted().await.expect("accepted");
+
+    platform.close(CloseCode::INTERNAL_ERROR, "maintenance");
+    let reason = tokio::time::timeout(Duration::from_secs(5), device.closed())
+        .await
+        .expect("closed");
+    assert_eq!(
+        reason,
+        ConnectionError::PeerClosed {
+            code: CloseCode::INTERNAL_ERROR,
+            reason: "maintenance".into()
+        }
+    );
+    let mut buf = [0u8; 8];
+    let error = stream.read(&mut buf).await.expect_err("stream fails");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionAborted);
+    assert!(error.to_string().contains("maintenance"), "{error}");
+    let device_result = drivers.0.await.expect("device driver task");
+    assert!(
+        device_result.is_err(),
+        "an internal error close is not a clean end"
+    );
+}

@@ -45,20 +45,29 @@ impl Keepalive {
         self.last_heard = now;
     }
 
-    /// A PING to send, unless one is already waiting for its answer.
+    /// A PING to send, unless one sent less than an interval ago is still
+    /// waiting for its answer (an older one is given up as lost).
     pub(super) fn start_ping(&mut self, now: Instant) -> Option<Frame> {
         self.next_ping = now + self.interval;
-        if self.in_flight.is_some() {
+        if self
+            .in_flight
+            .is_some_and(|(_, sent)| now.saturating_duration_since(sent) < self.interval)
+        {
             return None;
         }
         self.seq += 1;
         self.in_flight = Some((self.seq, now));
-        Some(Frame::Ping { ack: false, opaque: self.seq })
+        Some(Frame::Ping {
+            ack: false,
+            opaque: self.seq,
+        })
     }
 
     /// Answers to pings this side did not send (or sent long ago) are ignored.
     pub(super) fn on_pong(&mut self, opaque: u64, now: Instant) {
-        let Some((seq, sent)) = self.in_flight else { return };
+        let Some((seq, sent)) = self.in_flight else {
+            return;
+        };
         if seq != opaque {
             return;
         }
@@ -85,10 +94,13 @@ impl Connection {
             State::Handshaking => k.handshake_deadline.min(k.idle_deadline()),
             State::Open => k.idle_deadline().min(k.next_ping),
         };
-        let open_deadline = self.pending_opens.front().and_then(|id| match self.streams.get(id)?.opening {
-            Opening::AwaitingAccept { deadline } => Some(deadline),
-            _ => None,
-        });
+        let open_deadline =
+            self.pending_opens
+                .front()
+                .and_then(|id| match self.streams.get(id)?.opening {
+                    Opening::AwaitingAccept { deadline } => Some(deadline),
+                    _ => None,
+                });
         Some(open_deadline.map_or(deadline, |d| d.min(deadline)))
     }
 
@@ -101,14 +113,20 @@ impl Connection {
         if self.state == State::Handshaking && now >= self.keepalive.handshake_deadline {
             let wait = self.config.handshake_timeout;
             let reason = format!("no HELLO within {wait:?}");
-            let close = Frame::Close { code: CloseCode::HANDSHAKE_FAILED, reason };
+            let close = Frame::Close {
+                code: CloseCode::HANDSHAKE_FAILED,
+                reason,
+            };
             self.enter_closed(ConnectionError::HandshakeTimeout(wait), Some(close));
             return;
         }
         if now >= self.keepalive.idle_deadline() {
             let idle = self.config.idle_timeout;
             let reason = format!("nothing heard for {idle:?}");
-            let close = Frame::Close { code: CloseCode::KEEPALIVE_TIMEOUT, reason };
+            let close = Frame::Close {
+                code: CloseCode::KEEPALIVE_TIMEOUT,
+                reason,
+            };
             self.enter_closed(ConnectionError::TimedOut(idle), Some(close));
             return;
         }

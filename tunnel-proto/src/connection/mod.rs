@@ -19,6 +19,7 @@
 
 mod keepalive;
 mod recv;
+mod send_buffer;
 mod stream;
 mod transmit;
 
@@ -77,6 +78,9 @@ pub struct Connection {
     /// The peer sent GOAWAY: this side opens no new streams.
     peer_goaway: bool,
     keepalive: keepalive::Keepalive,
+    /// Set once a drained connection queued its CLOSE behind the other
+    /// control frames; it is closed when that CLOSE is transmitted.
+    closing: Option<ConnectionError>,
     /// The CLOSE frame to send after the connection entered `Closed`.
     final_frame: Option<Vec<u8>>,
     error: Option<ConnectionError>,
@@ -105,7 +109,11 @@ pub enum Event {
     /// A write that was blocked may now succeed.
     Writable(StreamId),
     /// A stream was reset by the peer, or its open failed.
-    Reset { stream: StreamId, code: ResetCode, reason: String },
+    Reset {
+        stream: StreamId,
+        code: ResetCode,
+        reason: String,
+    },
     /// The peer will accept no new streams.
     GoAway { code: CloseCode, reason: String },
     /// The connection is closed; see [`Connection::close_reason`].
@@ -137,7 +145,11 @@ pub enum ConnectionError {
 }
 
 fn fmt_reason(reason: &str) -> String {
-    if reason.is_empty() { String::new() } else { format!(": '{reason}'") }
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(": '{reason}'")
+    }
 }
 
 /// Why [`Connection::open`] failed.
@@ -233,6 +245,7 @@ impl Connection {
             events: VecDeque::new(),
             draining: None,
             peer_goaway: false,
+            closing: None,
             final_frame: None,
             error: None,
             stats: Stats::default(),
@@ -285,6 +298,13 @@ impl Connection {
         self.stats
     }
 
+    /// True while a stream this side opened waits for the peer's ACCEPT.
+    pub fn is_awaiting_accept(&self, id: StreamId) -> bool {
+        self.streams.get(&id).is_some_and(|s| {
+            matches!(s.opening, Opening::AwaitingAccept { .. }) && s.reset.is_none()
+        })
+    }
+
     /// Number of streams not yet finished and released.
     pub fn stream_count(&self) -> usize {
         self.streams.len()
@@ -319,16 +339,21 @@ impl Connection {
         header.validate()?;
         let peer = self.peer_settings();
         let size = header.encoded_len();
-        if size > peer.max_open_payload as usize {
-            return Err(OpenError::HeaderTooLarge { size, limit: peer.max_open_payload });
+        let limit = peer.max_open_payload.min(peer.max_frame_payload);
+        if size > limit as usize {
+            return Err(OpenError::HeaderTooLarge { size, limit });
         }
         let parity = self.config.role.stream_parity();
         let open_locally = self.streams.keys().filter(|id| id.0 % 2 == parity).count();
         if open_locally >= peer.max_concurrent_streams as usize {
-            return Err(OpenError::StreamLimit { limit: peer.max_concurrent_streams });
+            return Err(OpenError::StreamLimit {
+                limit: peer.max_concurrent_streams,
+            });
         }
         if self.pending_opens.len() >= self.config.max_pending_opens {
-            return Err(OpenError::TooManyPending { limit: self.config.max_pending_opens });
+            return Err(OpenError::TooManyPending {
+                limit: self.config.max_pending_opens,
+            });
         }
         let id = StreamId(self.next_local.ok_or(OpenError::IdsExhausted)?);
         self.next_local = id.0.checked_add(2);
@@ -346,12 +371,25 @@ impl Connection {
         Ok(id)
     }
 
+    /// The oldest stream the peer opened and the application has not taken,
+    /// so it can decide before answering: [`Connection::accept`] it, or
+    /// [`Connection::reset`] it (for example with [`ResetCode::REFUSED`]).
+    pub fn peek_incoming(&self) -> Option<(StreamId, &ServiceHeader)> {
+        self.incoming
+            .iter()
+            .find_map(|id| Some((*id, self.streams.get(id)?.header.as_ref()?)))
+    }
+
     /// Takes the oldest stream the peer opened, with its service header, and
-    /// tells the peer it was accepted. To refuse it, [`Connection::reset`] it.
+    /// tells the peer it was accepted.
     pub fn accept(&mut self) -> Option<(StreamId, ServiceHeader)> {
         while let Some(id) = self.incoming.pop_front() {
-            let Some(stream) = self.streams.get_mut(&id) else { continue };
-            let Some(header) = stream.header.take() else { continue };
+            let Some(stream) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let Some(header) = stream.header.take() else {
+                continue;
+            };
             stream.opening = Opening::Established;
             self.control.push_back(Frame::Accept { stream: id });
             self.stats.streams_accepted += 1;
@@ -364,7 +402,11 @@ impl Connection {
     /// than given, never zero for non-empty `data`).
     pub fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, WriteError> {
         let lost = self.lost();
-        let stream = self.streams.get_mut(&id).ok_or(WriteError::UnknownStream(id))?;
+        let split = self.data_split();
+        let stream = self
+            .streams
+            .get_mut(&id)
+            .ok_or(WriteError::UnknownStream(id))?;
         if let Some(reset) = &stream.reset {
             return Err(WriteError::Reset(reset.code));
         }
@@ -374,8 +416,15 @@ impl Connection {
         if stream.send != SendState::Open {
             return Err(WriteError::Finished);
         }
-        let stream_room = self.config.max_stream_send_buffer.saturating_sub(stream.send_buf.len());
-        let room = stream_room.min(self.config.max_send_buffer.saturating_sub(self.send_buffered));
+        let stream_room = self
+            .config
+            .max_stream_send_buffer
+            .saturating_sub(stream.send_buf.len());
+        let room = stream_room.min(
+            self.config
+                .max_send_buffer
+                .saturating_sub(self.send_buffered),
+        );
         let n = data.len().min(room);
         if n == 0 && !data.is_empty() {
             if !stream.write_blocked && stream_room > 0 {
@@ -386,7 +435,7 @@ impl Connection {
             stream.write_blocked = true;
             return Err(WriteError::Blocked);
         }
-        stream.send_buf.extend_from_slice(&data[..n]);
+        stream.send_buf.extend(&data[..n], split);
         self.send_buffered += n;
         self.schedule(id);
         Ok(n)
@@ -395,7 +444,10 @@ impl Connection {
     /// Half-closes the stream: FIN follows the bytes already written.
     pub fn finish(&mut self, id: StreamId) -> Result<(), WriteError> {
         let lost = self.lost();
-        let stream = self.streams.get_mut(&id).ok_or(WriteError::UnknownStream(id))?;
+        let stream = self
+            .streams
+            .get_mut(&id)
+            .ok_or(WriteError::UnknownStream(id))?;
         if let Some(reset) = &stream.reset {
             return Err(WriteError::Reset(reset.code));
         }
@@ -413,7 +465,10 @@ impl Connection {
     /// Reads up to `max` bytes. `Ok(None)` is the end of the stream.
     pub fn read(&mut self, id: StreamId, max: usize) -> Result<Option<Bytes>, ReadError> {
         let lost = self.lost();
-        let stream = self.streams.get_mut(&id).ok_or(ReadError::UnknownStream(id))?;
+        let stream = self
+            .streams
+            .get_mut(&id)
+            .ok_or(ReadError::UnknownStream(id))?;
         if let Some(reset) = &stream.reset {
             return Err(ReadError::Reset(reset.code));
         }
@@ -435,15 +490,25 @@ impl Connection {
     /// Abandons a stream in both directions and tells the peer why. Unknown
     /// or already reset streams are ignored.
     pub fn reset(&mut self, id: StreamId, code: ResetCode, reason: &str) {
-        let Some(mut stream) = self.streams.remove(&id) else { return };
+        let Some(mut stream) = self.streams.remove(&id) else {
+            return;
+        };
         let (received, sent) = stream.discard_buffers();
         self.send_buffered -= sent;
+        if sent > 0 {
+            // Writers blocked by the tunnel-wide limit may have room now.
+            self.wake_blocked_writers();
+        }
         self.return_conn_credit(received as u64);
         let already_done = stream.reset.is_some()
             || (stream.send == SendState::FinSent && stream.recv == RecvState::FinReceived);
         if !already_done && self.state != State::Closed {
             let reason = crate::frame::truncate_reason(reason).to_string();
-            self.control.push_back(Frame::Reset { stream: id, code, reason });
+            self.control.push_back(Frame::Reset {
+                stream: id,
+                code,
+                reason,
+            });
         }
         self.pending_opens.retain(|&p| p != id);
         self.incoming.retain(|&p| p != id);
@@ -454,14 +519,14 @@ impl Connection {
     /// finished (FIN after buffered bytes), bytes still arriving are
     /// discarded, and the stream is forgotten once both directions are done.
     pub fn release(&mut self, id: StreamId) {
-        let Some(stream) = self.streams.get_mut(&id) else { return };
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
         stream.released = true;
         if stream.reset.is_none() && stream.send == SendState::Open {
             stream.send = SendState::FinQueued;
         }
-        let discarded = stream.recv_buffered;
-        stream.recv_buf.clear();
-        stream.recv_buffered = 0;
+        let discarded = stream.clear_recv();
         if discarded > 0 {
             self.consume(id, discarded);
         }
@@ -490,7 +555,10 @@ impl Connection {
     /// frame is still returned by [`Connection::poll_transmit`].
     pub fn close(&mut self, code: CloseCode, reason: &str) {
         let reason = crate::frame::truncate_reason(reason).to_string();
-        let error = ConnectionError::LocallyClosed { code, reason: reason.clone() };
+        let error = ConnectionError::LocallyClosed {
+            code,
+            reason: reason.clone(),
+        };
         self.enter_closed(error, Some(Frame::Close { code, reason }));
     }
 
@@ -499,9 +567,23 @@ impl Connection {
         self.enter_closed(ConnectionError::TransportClosed, None);
     }
 
+    /// The transport refused a message from the peer before it reached
+    /// [`Connection::handle_message`] (for example a WebSocket message over
+    /// the size limit). Closes as if the frame had been decoded and refused.
+    pub fn handle_transport_violation(&mut self, code: CloseCode, reason: &str) {
+        self.fail(code, reason.to_string());
+    }
+
     /// True when no stream is open and nothing waits to be sent.
     pub fn is_idle(&self) -> bool {
         self.streams.is_empty() && self.control.is_empty() && self.send_queue.is_empty()
+    }
+
+    /// Largest DATA payload this side sends.
+    fn data_split(&self) -> usize {
+        self.config
+            .data_split
+            .min(self.peer_settings().max_frame_payload as usize)
     }
 
     /// Settings the peer announced; the protocol defaults until HELLO arrives.
@@ -511,7 +593,11 @@ impl Connection {
 
     fn lost(&self) -> Option<ConnectionError> {
         if self.state == State::Closed {
-            Some(self.error.clone().unwrap_or(ConnectionError::TransportClosed))
+            Some(
+                self.error
+                    .clone()
+                    .unwrap_or(ConnectionError::TransportClosed),
+            )
         } else {
             None
         }
@@ -530,7 +616,9 @@ impl Connection {
     /// Records `n` bytes read (or discarded) from a stream and queues window
     /// updates once half a window is owed (never on mere receipt).
     fn consume(&mut self, id: StreamId, n: usize) {
-        let Some(stream) = self.streams.get_mut(&id) else { return };
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
         // `n` is at most the bytes buffered, which never exceed the window.
         stream.recv_unacked += n as u32;
         let owed_enough = stream.recv_unacked >= stream.recv_window / 2;
@@ -548,7 +636,9 @@ impl Connection {
     /// Forgets a stream once both directions are done and the application
     /// released it (or never saw it).
     fn remove_if_done(&mut self, id: StreamId) {
-        let Some(stream) = self.streams.get(&id) else { return };
+        let Some(stream) = self.streams.get(&id) else {
+            return;
+        };
         let finished_both = stream.send == SendState::FinSent
             && stream.recv == RecvState::FinReceived
             && stream.recv_buffered == 0;
@@ -559,34 +649,55 @@ impl Connection {
         }
     }
 
-    /// During a graceful shutdown, closes once every stream is gone.
-    fn check_drained(&mut self) {
-        let Some((code, reason)) = &self.draining else { return };
-        if self.state == State::Open && self.streams.is_empty() {
-            let error = ConnectionError::LocallyClosed { code: *code, reason: reason.clone() };
-            let frame = Frame::Close { code: *code, reason: reason.clone() };
-            self.enter_closed(error, Some(frame));
+    /// During a graceful shutdown, closes once every stream is gone. The
+    /// CLOSE queues behind the control frames already waiting (GOAWAY, the
+    /// last RESETs), so none of them is lost.
+    pub(crate) fn check_drained(&mut self) {
+        let Some((code, reason)) = &self.draining else {
+            return;
+        };
+        if self.state == State::Open && self.streams.is_empty() && self.closing.is_none() {
+            self.closing = Some(ConnectionError::LocallyClosed {
+                code: *code,
+                reason: reason.clone(),
+            });
+            self.control.push_back(Frame::Close {
+                code: *code,
+                reason: reason.clone(),
+            });
         }
     }
 
     /// Marks a stream reset (by the peer, or because its open failed) and
     /// tells the application.
     fn mark_reset(&mut self, id: StreamId, code: ResetCode, reason: String) {
-        let Some(stream) = self.streams.get_mut(&id) else { return };
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
         if stream.reset.is_some() {
             return;
         }
         let (received, sent) = stream.discard_buffers();
-        stream.reset = Some(stream::Reset { code, reason: reason.clone() });
+        stream.reset = Some(stream::Reset {
+            code,
+            reason: reason.clone(),
+        });
         let incoming = stream.opening == Opening::Incoming;
         self.send_buffered -= sent;
+        if sent > 0 {
+            self.wake_blocked_writers();
+        }
         self.return_conn_credit(received as u64);
         self.pending_opens.retain(|&p| p != id);
         if incoming {
             // The application never saw it: forget it silently.
             self.incoming.retain(|&p| p != id);
         } else {
-            self.events.push_back(Event::Reset { stream: id, code, reason });
+            self.events.push_back(Event::Reset {
+                stream: id,
+                code,
+                reason,
+            });
         }
         self.remove_if_done(id);
     }
@@ -615,7 +726,10 @@ impl Connection {
     /// Closes because the peer broke a rule.
     fn fail(&mut self, code: CloseCode, reason: String) {
         let reason = crate::frame::truncate_reason(&reason).to_string();
-        let error = ConnectionError::ProtocolViolation { code, reason: reason.clone() };
+        let error = ConnectionError::ProtocolViolation {
+            code,
+            reason: reason.clone(),
+        };
         self.enter_closed(error, Some(Frame::Close { code, reason }));
     }
 }

@@ -22,7 +22,10 @@ struct Violation {
 }
 
 fn violation(code: CloseCode, reason: impl Into<String>) -> Violation {
-    Violation { code, reason: reason.into() }
+    Violation {
+        code,
+        reason: reason.into(),
+    }
 }
 
 impl Connection {
@@ -57,7 +60,10 @@ impl Connection {
                 Frame::Hello(hello) => self.on_hello(hello),
                 other => Err(violation(
                     CloseCode::HANDSHAKE_FAILED,
-                    format!("expected HELLO as the first frame, got type 0x{:02x}", other.kind()),
+                    format!(
+                        "expected HELLO as the first frame, got type 0x{:02x}",
+                        other.kind()
+                    ),
                 )),
             };
         }
@@ -65,11 +71,23 @@ impl Connection {
             Frame::Hello(_) => Err(violation(CloseCode::PROTOCOL_ERROR, "second HELLO")),
             Frame::Open { stream, header } => self.on_open(stream, header, msg.len() - HEADER_LEN),
             Frame::Accept { stream } => self.on_accept(stream),
-            Frame::Data { stream, fin, payload } => self.on_data(stream, fin, payload),
+            Frame::Data {
+                stream,
+                fin,
+                payload,
+            } => self.on_data(stream, fin, payload),
             Frame::WindowUpdate { stream, increment } => self.on_window_update(stream, increment),
-            Frame::Reset { stream, code, reason } => self.on_reset(stream, code, reason),
+            Frame::Reset {
+                stream,
+                code,
+                reason,
+            } => self.on_reset(stream, code, reason),
             Frame::Ping { ack, opaque } => self.on_ping(ack, opaque),
-            Frame::GoAway { last_stream, code, reason } => {
+            Frame::GoAway {
+                last_stream,
+                code,
+                reason,
+            } => {
                 self.on_goaway(last_stream, code, reason);
                 Ok(())
             }
@@ -83,7 +101,10 @@ impl Connection {
 
     fn on_hello(&mut self, hello: Hello) -> Result<(), Violation> {
         if hello.major != PROTOCOL_MAJOR {
-            let error = ConnectionError::VersionMismatch { major: hello.major, minor: hello.minor };
+            let error = ConnectionError::VersionMismatch {
+                major: hello.major,
+                minor: hello.minor,
+            };
             let reason = format!(
                 "this side speaks protocol {}.{}, the peer {}.{}",
                 crate::PROTOCOL_MAJOR,
@@ -91,7 +112,10 @@ impl Connection {
                 hello.major,
                 hello.minor
             );
-            let close = Frame::Close { code: CloseCode::VERSION_MISMATCH, reason };
+            let close = Frame::Close {
+                code: CloseCode::VERSION_MISMATCH,
+                reason,
+            };
             self.enter_closed(error, Some(close));
             return Ok(());
         }
@@ -105,10 +129,17 @@ impl Connection {
         self.peer = Some(hello);
         self.state = State::Open;
         self.events.push_back(Event::Connected);
+        // A shutdown requested during the handshake completes now.
+        self.check_drained();
         Ok(())
     }
 
-    fn on_open(&mut self, id: StreamId, header: ServiceHeader, size: usize) -> Result<(), Violation> {
+    fn on_open(
+        &mut self,
+        id: StreamId,
+        header: ServiceHeader,
+        size: usize,
+    ) -> Result<(), Violation> {
         let limit = self.config.settings.max_open_payload as usize;
         if size > limit {
             return Err(violation(
@@ -127,7 +158,11 @@ impl Connection {
         self.highest_peer = id.0;
         if let Some(code) = self.refusal(&header) {
             let reason = code.name().unwrap_or_default().to_string();
-            self.control.push_back(Frame::Reset { stream: id, code, reason });
+            self.control.push_back(Frame::Reset {
+                stream: id,
+                code,
+                reason,
+            });
             return self.check_control_backlog();
         }
         let mut stream = Stream::new(
@@ -162,7 +197,9 @@ impl Connection {
 
     fn on_accept(&mut self, id: StreamId) -> Result<(), Violation> {
         self.check_known_or_closed(id)?;
-        let Some(stream) = self.streams.get_mut(&id) else { return Ok(()) };
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return Ok(());
+        };
         if stream.reset.is_some() {
             return Ok(());
         }
@@ -173,7 +210,10 @@ impl Connection {
                 self.events.push_back(Event::Accepted(id));
                 Ok(())
             }
-            _ => Err(violation(CloseCode::PROTOCOL_ERROR, format!("ACCEPT for stream {id}, which is not awaiting one"))),
+            _ => Err(violation(
+                CloseCode::PROTOCOL_ERROR,
+                format!("ACCEPT for stream {id}, which is not awaiting one"),
+            )),
         }
     }
 
@@ -185,7 +225,10 @@ impl Connection {
         if len > self.recv_conn_credit {
             return Err(violation(
                 CloseCode::FLOW_CONTROL_ERROR,
-                format!("{len} bytes of DATA exceed the connection window ({} left)", self.recv_conn_credit),
+                format!(
+                    "{len} bytes of DATA exceed the connection window ({} left)",
+                    self.recv_conn_credit
+                ),
             ));
         }
         self.recv_conn_credit -= len;
@@ -199,19 +242,24 @@ impl Connection {
             return Ok(());
         }
         if stream.recv == RecvState::FinReceived {
-            return Err(violation(CloseCode::PROTOCOL_ERROR, format!("DATA on stream {id} after FIN")));
+            return Err(violation(
+                CloseCode::PROTOCOL_ERROR,
+                format!("DATA on stream {id} after FIN"),
+            ));
         }
         if len > stream.recv_credit {
             return Err(violation(
                 CloseCode::FLOW_CONTROL_ERROR,
-                format!("{len} bytes of DATA on stream {id} exceed its window ({} left)", stream.recv_credit),
+                format!(
+                    "{len} bytes of DATA on stream {id} exceed its window ({} left)",
+                    stream.recv_credit
+                ),
             ));
         }
         stream.recv_credit -= len;
         let released = stream.released;
         if !payload.is_empty() && !released {
-            stream.recv_buffered += payload.len();
-            stream.recv_buf.push_back(payload);
+            stream.push_recv(payload);
         }
         if fin {
             stream.recv = RecvState::FinReceived;
@@ -232,12 +280,17 @@ impl Connection {
         if id.is_connection() {
             self.send_conn_credit += increment;
             if self.send_conn_credit > u64::from(crate::MAX_WINDOW) {
-                return Err(violation(CloseCode::FLOW_CONTROL_ERROR, "connection window above 2^31-1"));
+                return Err(violation(
+                    CloseCode::FLOW_CONTROL_ERROR,
+                    "connection window above 2^31-1",
+                ));
             }
             return Ok(());
         }
         self.check_known_or_closed(id)?;
-        let Some(stream) = self.streams.get_mut(&id) else { return Ok(()) };
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return Ok(());
+        };
         stream.send_credit += increment;
         if stream.send_credit > u64::from(crate::MAX_WINDOW) {
             return Err(violation(
@@ -249,7 +302,12 @@ impl Connection {
         Ok(())
     }
 
-    fn on_reset(&mut self, id: StreamId, code: crate::ResetCode, reason: String) -> Result<(), Violation> {
+    fn on_reset(
+        &mut self,
+        id: StreamId,
+        code: crate::ResetCode,
+        reason: String,
+    ) -> Result<(), Violation> {
         self.check_known_or_closed(id)?;
         self.mark_reset(id, code, reason);
         Ok(())
@@ -288,7 +346,10 @@ impl Connection {
         if existed {
             Ok(())
         } else {
-            Err(violation(CloseCode::PROTOCOL_ERROR, format!("frame for stream {id}, which was never opened")))
+            Err(violation(
+                CloseCode::PROTOCOL_ERROR,
+                format!("frame for stream {id}, which was never opened"),
+            ))
         }
     }
 
@@ -298,7 +359,10 @@ impl Connection {
         if self.control.len() > self.config.max_pending_control {
             return Err(violation(
                 CloseCode::LIMIT_EXCEEDED,
-                format!("more than {} control frames waiting for the peer to read", self.config.max_pending_control),
+                format!(
+                    "more than {} control frames waiting for the peer to read",
+                    self.config.max_pending_control
+                ),
             ));
         }
         Ok(())

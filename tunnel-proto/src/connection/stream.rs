@@ -9,10 +9,17 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+
+use super::send_buffer::SendBuffer;
 
 use crate::codes::ResetCode;
 use crate::service::ServiceHeader;
+
+/// Payloads smaller than this are copied together instead of kept as they
+/// came: a buffered chunk then always carries at least this many bytes per
+/// bookkeeping entry, or is the single growing tail.
+const COALESCE_BELOW: usize = 1024;
 
 /// Where a stream is in its opening handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +71,7 @@ pub(crate) struct Stream {
     pub(crate) released: bool,
 
     /// Bytes written by the application and not framed yet.
-    pub(crate) send_buf: BytesMut,
+    pub(crate) send_buf: SendBuffer,
     /// Bytes this side may still send before the peer grants more.
     pub(crate) send_credit: u64,
     /// A write found the buffer full; tell the application when it drains.
@@ -72,8 +79,12 @@ pub(crate) struct Stream {
     /// The stream is in the connection's round-robin send queue.
     pub(crate) queued: bool,
 
-    /// Bytes received and not read yet, in arrival order.
+    /// Bytes received and not read yet, in arrival order: large payloads as
+    /// they came, small ones gathered in `recv_tail` (which logically follows
+    /// `recv_buf`), so that a peer sending one-byte frames cannot make this
+    /// side keep one allocation per byte.
     pub(crate) recv_buf: VecDeque<Bytes>,
+    recv_tail: BytesMut,
     pub(crate) recv_buffered: usize,
     /// Current size of the receive window, grown by auto-tuning.
     pub(crate) recv_window: u32,
@@ -91,7 +102,12 @@ pub(crate) struct Stream {
 }
 
 impl Stream {
-    pub(crate) fn new(opening: Opening, send_credit: u32, recv_window: u32, now: Instant) -> Stream {
+    pub(crate) fn new(
+        opening: Opening,
+        send_credit: u32,
+        recv_window: u32,
+        now: Instant,
+    ) -> Stream {
         Stream {
             opening,
             header: None,
@@ -99,11 +115,12 @@ impl Stream {
             recv: RecvState::Open,
             reset: None,
             released: false,
-            send_buf: BytesMut::new(),
+            send_buf: SendBuffer::default(),
             send_credit: send_credit.into(),
             write_blocked: false,
             queued: false,
             recv_buf: VecDeque::new(),
+            recv_tail: BytesMut::new(),
             recv_buffered: 0,
             recv_window,
             recv_credit: recv_window.into(),
@@ -125,27 +142,50 @@ impl Stream {
         data || fin
     }
 
+    /// Appends received bytes.
+    pub(crate) fn push_recv(&mut self, payload: Bytes) {
+        self.recv_buffered += payload.len();
+        if payload.len() < COALESCE_BELOW {
+            self.recv_tail.extend_from_slice(&payload);
+            return;
+        }
+        if !self.recv_tail.is_empty() {
+            let tail = self.recv_tail.split().freeze();
+            self.recv_buf.push_back(tail);
+        }
+        self.recv_buf.push_back(payload);
+    }
+
     /// Takes up to `max` bytes from the receive buffer.
     pub(crate) fn take_recv(&mut self, max: usize) -> Option<Bytes> {
-        let front = self.recv_buf.front_mut()?;
-        let chunk = if front.len() <= max {
-            self.recv_buf.pop_front()?
-        } else {
-            front.split_to(max)
+        let chunk = match self.recv_buf.front_mut() {
+            Some(front) if front.len() <= max => self.recv_buf.pop_front()?,
+            Some(front) => front.split_to(max),
+            None if self.recv_tail.is_empty() => return None,
+            None => {
+                let n = self.recv_tail.len().min(max);
+                self.recv_tail.split_to(n).freeze()
+            }
         };
         self.recv_buffered -= chunk.len();
         Some(chunk)
+    }
+
+    /// Drops all received bytes, returning how many there were.
+    pub(crate) fn clear_recv(&mut self) -> usize {
+        let dropped = self.recv_buffered;
+        self.recv_buf.clear();
+        self.recv_tail.clear();
+        self.recv_buffered = 0;
+        dropped
     }
 
     /// Drops everything buffered in both directions, returning how many
     /// received bytes were dropped (they still count as consumed for the
     /// connection window) and how many send bytes were freed.
     pub(crate) fn discard_buffers(&mut self) -> (usize, usize) {
-        let received = self.recv_buffered;
-        let sent = self.send_buf.len();
-        self.recv_buf.clear();
-        self.recv_buffered = 0;
-        self.send_buf.advance(sent);
+        let received = self.clear_recv();
+        let sent = self.send_buf.clear();
         (received, sent)
     }
 }

@@ -8,11 +8,9 @@
 
 use std::time::Instant;
 
-use bytes::{Buf, BufMut};
-
 use super::stream::{RecvState, SendState};
 use super::{Connection, Event, State};
-use crate::frame::{Frame, HEADER_LEN, StreamId, flags, kind};
+use crate::frame::{Frame, StreamId};
 
 impl Connection {
     /// The next message to send, or `None` when there is nothing to send
@@ -23,7 +21,17 @@ impl Connection {
         let bytes = if self.state == State::Closed {
             self.final_frame.take()?
         } else if let Some(frame) = self.control.pop_front() {
-            frame.to_bytes()
+            let bytes = frame.to_bytes();
+            if let Frame::Close { .. } = frame {
+                // The drained connection's CLOSE left after every frame
+                // queued before it.
+                let error = self
+                    .closing
+                    .take()
+                    .unwrap_or(super::ConnectionError::TransportClosed);
+                self.enter_closed(error, None);
+            }
+            bytes
         } else if let Some(frame) = self.next_window_update(now) {
             frame.to_bytes()
         } else {
@@ -42,11 +50,29 @@ impl Connection {
         !self.control.is_empty()
             || !self.window_updates.is_empty()
             || self.conn_update_due()
-            || !self.send_queue.is_empty()
+            || self.data_sendable()
     }
 
+    /// True when some queued stream can frame something now. Without
+    /// connection credit only a bare FIN can go.
+    fn data_sendable(&self) -> bool {
+        if self.send_conn_credit > 0 {
+            return !self.send_queue.is_empty();
+        }
+        self.send_queue
+            .iter()
+            .filter_map(|id| self.streams.get(id))
+            .any(|s| s.reset.is_none() && s.send == SendState::FinQueued && s.send_buf.is_empty())
+    }
+
+    /// Connection credit goes back once the bytes consumed reach half of the
+    /// window that unread bytes do not hold (half the whole window when
+    /// nothing is buffered). A fixed half-window threshold would stall every
+    /// stream for good once unread streams hold more than half the window:
+    /// the others could never consume enough to reach it.
     fn conn_update_due(&self) -> bool {
-        self.recv_conn_unacked >= u64::from(self.config.settings.connection_window / 2)
+        let unheld = self.recv_conn_credit + self.recv_conn_unacked;
+        self.recv_conn_unacked > 0 && self.recv_conn_unacked >= unheld / 2
     }
 
     /// Credit goes back only for bytes the application consumed, half a
@@ -60,14 +86,20 @@ impl Connection {
             let increment = self.recv_conn_unacked as u32;
             self.recv_conn_credit += self.recv_conn_unacked;
             self.recv_conn_unacked = 0;
-            return Some(Frame::WindowUpdate { stream: StreamId::CONNECTION, increment });
+            return Some(Frame::WindowUpdate {
+                stream: StreamId::CONNECTION,
+                increment,
+            });
         }
         let srtt = self.keepalive.srtt;
         let max_window = self.config.max_stream_window;
         while let Some(id) = self.window_updates.pop_front() {
-            let Some(stream) = self.streams.get_mut(&id) else { continue };
+            let Some(stream) = self.streams.get_mut(&id) else {
+                continue;
+            };
             stream.update_queued = false;
-            if stream.recv != RecvState::Open || stream.reset.is_some() || stream.recv_unacked == 0 {
+            if stream.recv != RecvState::Open || stream.reset.is_some() || stream.recv_unacked == 0
+            {
                 continue;
             }
             let mut growth = 0;
@@ -83,17 +115,22 @@ impl Connection {
             stream.recv_credit += u64::from(increment);
             stream.recv_unacked = 0;
             stream.last_grant = now;
-            return Some(Frame::WindowUpdate { stream: id, increment });
+            return Some(Frame::WindowUpdate {
+                stream: id,
+                increment,
+            });
         }
         None
     }
 
     /// One DATA frame from the next stream in the round-robin that can send.
     fn next_data(&mut self) -> Option<Vec<u8>> {
-        let max_payload = self.config.data_split.min(self.peer_settings().max_frame_payload as usize);
+        let max_payload = self.data_split();
         for _ in 0..self.send_queue.len() {
             let id = self.send_queue.pop_front()?;
-            let Some(stream) = self.streams.get_mut(&id) else { continue };
+            let Some(stream) = self.streams.get_mut(&id) else {
+                continue;
+            };
             stream.queued = false;
             if !stream.has_sendable() {
                 continue;
@@ -107,24 +144,25 @@ impl Connection {
                 self.send_queue.push_back(id);
                 continue;
             }
-            let mut out = Vec::with_capacity(HEADER_LEN + len);
-            out.put_u8(kind::DATA);
-            out.put_u8(if fin { flags::FIN } else { 0 });
-            out.put_u32(id.0);
-            out.extend_from_slice(&stream.send_buf[..len]);
-            stream.send_buf.advance(len);
+            let fin_queued = stream.send == SendState::FinQueued;
+            // The frame may carry less than `len` (one buffered chunk); FIN
+            // goes only with the very last byte.
+            let (out, len) = stream.send_buf.take_frame(id, len, fin_queued);
             stream.send_credit -= len as u64;
-            if fin {
+            if fin_queued && stream.send_buf.is_empty() {
                 stream.send = SendState::FinSent;
             }
-            let globally_full = self.send_buffered >= self.config.max_send_buffer;
             self.send_conn_credit -= len as u64;
             self.send_buffered -= len;
-            if stream.write_blocked && len > 0 {
+            // Writers wake once half their buffer is free, not for every
+            // frame: one wake-up per 16 KiB would cost more than the copy.
+            if stream.write_blocked && stream.send_buf.len() < self.config.max_stream_send_buffer {
                 stream.write_blocked = false;
                 self.events.push_back(Event::Writable(id));
             }
-            if globally_full && len > 0 {
+            if !self.blocked_writers.is_empty()
+                && self.send_buffered <= self.config.max_send_buffer / 2
+            {
                 self.wake_blocked_writers();
             }
             self.schedule(id);
@@ -134,7 +172,7 @@ impl Connection {
         None
     }
 
-    fn wake_blocked_writers(&mut self) {
+    pub(super) fn wake_blocked_writers(&mut self) {
         while let Some(id) = self.blocked_writers.pop_front() {
             if let Some(stream) = self.streams.get_mut(&id) {
                 if stream.write_blocked {

@@ -1,0 +1,175 @@
+//! One tunnel stream as `AsyncRead + AsyncWrite`.
+//!
+//! A `TunnelStream` only copies bytes in and out of the state machine and
+//! registers wakers; framing and flow control happen in the driver. Dropping
+//! it releases the stream: bytes already written are still delivered and
+//! FIN follows, as when a TCP socket is closed.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::Shared;
+use crate::{ConnectionError, ReadError, ResetCode, StreamId, WriteError};
+
+/// A bidirectional stream inside a tunnel.
+#[derive(Debug)]
+pub struct TunnelStream {
+    id: StreamId,
+    shared: Arc<Shared>,
+}
+
+impl TunnelStream {
+    pub(crate) fn new(id: StreamId, shared: Arc<Shared>) -> TunnelStream {
+        TunnelStream { id, shared }
+    }
+
+    /// The stream's id within its tunnel.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Waits until the peer accepted this stream (for streams this side
+    /// opened; incoming streams are accepted already).
+    pub async fn accepted(&self) -> io::Result<()> {
+        poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if inner.accepted.contains(&self.id) {
+                return Poll::Ready(Ok(()));
+            }
+            // A write of nothing reports a reset or a lost tunnel without
+            // changing anything.
+            match inner.conn.write(self.id, &[]) {
+                Ok(_) | Err(WriteError::Finished) => {}
+                Err(e) => return Poll::Ready(Err(write_error(e))),
+            }
+            if !inner.conn.is_awaiting_accept(self.id) {
+                return Poll::Ready(Ok(()));
+            }
+            inner.openers.insert(self.id, cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Abandons the stream in both directions with `code`.
+    pub fn reset(&mut self, code: ResetCode, reason: &str) {
+        let mut inner = self.shared.lock();
+        inner.conn.reset(self.id, code, reason);
+        inner.dispatch();
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut inner = self.shared.lock();
+        let start = buf.filled().len();
+        let result = loop {
+            if buf.remaining() == 0 {
+                break Poll::Ready(Ok(()));
+            }
+            match inner.conn.read(self.id, buf.remaining()) {
+                Ok(Some(chunk)) => buf.put_slice(&chunk),
+                Ok(None) => break Poll::Ready(Ok(())),
+                Err(_) if buf.filled().len() > start => break Poll::Ready(Ok(())),
+                Err(ReadError::Blocked) => {
+                    inner.readers.insert(self.id, cx.waker().clone());
+                    break Poll::Pending;
+                }
+                Err(e) => break Poll::Ready(Err(read_error(e))),
+            }
+        };
+        if buf.filled().len() > start {
+            inner.dispatch();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut inner = self.shared.lock();
+        match inner.conn.write(self.id, data) {
+            Ok(n) => {
+                inner.dispatch();
+                Poll::Ready(Ok(n))
+            }
+            Err(WriteError::Blocked) => {
+                inner.writers.insert(self.id, cx.waker().clone());
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(write_error(e))),
+        }
+    }
+
+    /// Bytes are handed to the tunnel on write; there is nothing to flush.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Half-closes: FIN follows the bytes already written.
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut inner = self.shared.lock();
+        let result = match inner.conn.finish(self.id) {
+            Ok(()) | Err(WriteError::Finished) => Ok(()),
+            Err(e) => Err(write_error(e)),
+        };
+        inner.dispatch();
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.conn.release(self.id);
+        inner.readers.remove(&self.id);
+        inner.writers.remove(&self.id);
+        inner.openers.remove(&self.id);
+        inner.accepted.remove(&self.id);
+        inner.dispatch();
+    }
+}
+
+fn read_error(error: ReadError) -> io::Error {
+    match error {
+        ReadError::Blocked => io::ErrorKind::WouldBlock.into(),
+        ReadError::UnknownStream(_) => io::Error::new(io::ErrorKind::NotConnected, error),
+        ReadError::Reset(code) => reset_error(code),
+        ReadError::ConnectionLost(e) => lost_error(e),
+    }
+}
+
+fn write_error(error: WriteError) -> io::Error {
+    match error {
+        WriteError::Blocked => io::ErrorKind::WouldBlock.into(),
+        WriteError::UnknownStream(_) | WriteError::Finished => {
+            io::Error::new(io::ErrorKind::BrokenPipe, error)
+        }
+        WriteError::Reset(code) => reset_error(code),
+        WriteError::ConnectionLost(e) => lost_error(e),
+    }
+}
+
+fn reset_error(code: ResetCode) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("stream reset: {code}"),
+    )
+}
+
+fn lost_error(error: ConnectionError) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, error)
+}
