@@ -13,6 +13,9 @@ use crate::frame::{FrameError, take_bytes, take_u8, take_u16, take_u32};
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Minor version: additions a peer of the same major may ignore.
 pub const PROTOCOL_MINOR: u8 = 0;
+/// `PROTOCOL_MAJOR.PROTOCOL_MINOR` as text, for version strings.
+pub const PROTOCOL_VERSION: &str = "1.0";
+
 /// First bytes of every HELLO payload.
 pub const MAGIC: [u8; 4] = *b"TTHR";
 

@@ -32,8 +32,17 @@ pub use codes::{CloseCode, ResetCode};
 pub use config::{Config, ConfigError};
 pub use connection::{Connection, ConnectionError, Event, OpenError, ReadError, Stats, WriteError};
 pub use frame::{Frame, FrameError, StreamId};
-pub use hello::{Hello, PROTOCOL_MAJOR, PROTOCOL_MINOR, Role, Settings};
+pub use hello::{Hello, PROTOCOL_MAJOR, PROTOCOL_MINOR, PROTOCOL_VERSION, Role, Settings};
 pub use service::{Service, ServiceError, ServiceHeader};
 
 /// Largest window or window increment: 2^31-1, as in RFC 9113 §6.9.1.
 pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_text_matches_the_version_numbers() {
+        let text = format!("{}.{}", super::PROTOCOL_MAJOR, super::PROTOCOL_MINOR);
+        assert_eq!(super::PROTOCOL_VERSION, text);
+    }
+}

@@ -473,7 +473,11 @@ impl Connection {
             return Err(ReadError::Reset(reset.code));
         }
         if let Some(chunk) = stream.take_recv(max) {
+            let drained = stream.recv == RecvState::FinReceived && stream.recv_buffered == 0;
             self.consume(id, chunk.len());
+            if drained {
+                self.remove_if_done(id);
+            }
             return Ok(Some(chunk));
         }
         if stream.recv == RecvState::FinReceived {
@@ -639,24 +643,25 @@ impl Connection {
         let Some(stream) = self.streams.get(&id) else {
             return;
         };
-        let finished_both = stream.send == SendState::FinSent
-            && stream.recv == RecvState::FinReceived
-            && stream.recv_buffered == 0;
-        let released_done = stream.released && (stream.reset.is_some() || finished_both);
-        if released_done || (stream.reset.is_some() && stream.opening == Opening::Incoming) {
+        let done = stream.is_finished();
+        if (stream.released && done)
+            || (stream.reset.is_some() && stream.opening == Opening::Incoming)
+        {
             self.streams.remove(&id);
-            self.check_drained();
         }
+        self.check_drained();
     }
 
-    /// During a graceful shutdown, closes once every stream is gone. The
+    /// During a graceful shutdown, closes once every stream is finished
+    /// (a handle the application still holds does not keep it open). The
     /// CLOSE queues behind the control frames already waiting (GOAWAY, the
     /// last RESETs), so none of them is lost.
     pub(crate) fn check_drained(&mut self) {
         let Some((code, reason)) = &self.draining else {
             return;
         };
-        if self.state == State::Open && self.streams.is_empty() && self.closing.is_none() {
+        let finished = self.streams.values().all(Stream::is_finished);
+        if self.state == State::Open && finished && self.closing.is_none() {
             self.closing = Some(ConnectionError::LocallyClosed {
                 code: *code,
                 reason: reason.clone(),

@@ -142,6 +142,14 @@ impl Stream {
         data || fin
     }
 
+    /// Both directions finished and every received byte read, or reset.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.reset.is_some()
+            || (self.send == SendState::FinSent
+                && self.recv == RecvState::FinReceived
+                && self.recv_buffered == 0)
+    }
+
     /// Appends received bytes.
     pub(crate) fn push_recv(&mut self, payload: Bytes) {
         self.recv_buffered += payload.len();
