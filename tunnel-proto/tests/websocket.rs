@@ -138,3 +138,82 @@ async fn closing_one_side_fails_the_other_sides_streams_with_the_reason() {
         "an internal error close is not a clean end"
     );
 }
+
+#[tokio::test]
+async fn aborting_the_driver_fails_streams_instead_of_leaving_them_waiting() {
+    let (device, platform) = common::configs();
+    let (device, platform, drivers) = common::tunnel_pair(device, platform).await;
+    let _server = spawn_echo_server(platform);
+    let mut stream = device
+        .open(ServiceHeader::new(Service::Tcp("echo".into())))
+        .expect("open");
+    stream.accepted().await.expect("accepted");
+
+    drivers.0.abort();
+    let reason = tokio::time::timeout(Duration::from_secs(5), device.closed())
+        .await
+        .expect("closed");
+    assert_eq!(reason, ConnectionError::TransportClosed);
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    let error = read.expect("the read ends").expect_err("the read fails");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionAborted);
+}
+
+#[tokio::test]
+async fn an_oversized_websocket_message_is_answered_with_a_frame_size_close() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    // A raw WebSocket peer that sends one message larger than the limit.
+    let tls = common::tls();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = tls.acceptor.clone();
+    let platform = tokio::spawn(async move {
+        common::accept_platform(
+            &listener,
+            &acceptor,
+            tether_proto::Config::new(tether_proto::Role::Platform),
+        )
+        .await
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls_stream = tls.connector.connect(name, tcp).await.expect("tls");
+    let url = format!("wss://localhost:{}/v1/tunnel", addr.port());
+    let (mut raw, _) = tokio_tungstenite::client_async(url, tls_stream)
+        .await
+        .expect("ws");
+    let (tunnel, _driver) = platform.await.expect("platform");
+
+    raw.send(Message::Binary(vec![0u8; 200 * 1024].into()))
+        .await
+        .expect("send oversized");
+    let reason = tokio::time::timeout(Duration::from_secs(5), tunnel.closed())
+        .await
+        .expect("closed");
+    match reason {
+        ConnectionError::ProtocolViolation { code, .. } => {
+            assert_eq!(code, CloseCode::FRAME_SIZE_ERROR)
+        }
+        other => panic!("expected a frame size violation, got {other:?}"),
+    }
+    // The peer receives the platform's HELLO and PING, then a CLOSE frame
+    // with FRAME_SIZE_ERROR (0x04).
+    let mut saw_close = false;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), raw.next()).await
+    {
+        if let Message::Binary(bytes) = message {
+            if let Ok(tether_proto::Frame::Close { code, .. }) = tether_proto::Frame::decode(&bytes)
+            {
+                assert_eq!(code, CloseCode::FRAME_SIZE_ERROR);
+                saw_close = true;
+                break;
+            }
+        }
+    }
+    assert!(saw_close, "no CLOSE frame reached the peer");
+}

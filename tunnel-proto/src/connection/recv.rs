@@ -38,7 +38,10 @@ impl Connection {
         self.keepalive.heard_from_peer(now);
         self.stats.frames_received += 1;
         self.stats.bytes_received += msg.len() as u64;
-        if let Err(v) = self.dispatch(msg) {
+        if let Err(v) = self
+            .dispatch(msg)
+            .and_then(|()| self.check_control_backlog())
+        {
             self.fail(v.code, v.reason);
         }
     }
@@ -353,8 +356,10 @@ impl Connection {
         }
     }
 
-    /// A peer that keeps sending frames needing an answer while not reading
-    /// the answers is cut off instead of queuing without bound.
+    /// A peer that keeps sending frames needing an answer (PINGs, OPENs that
+    /// get an ACCEPT or a RESET) while not reading the answers is cut off
+    /// instead of queuing without bound. Checked after every message, so
+    /// answers queued by the application in between are counted too.
     fn check_control_backlog(&self) -> Result<(), Violation> {
         if self.control.len() > self.config.max_pending_control {
             return Err(violation(
@@ -374,6 +379,6 @@ impl Connection {
             return Ok(());
         }
         self.control.push_back(Frame::Ping { ack: true, opaque });
-        self.check_control_backlog()
+        Ok(())
     }
 }

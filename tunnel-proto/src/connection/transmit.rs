@@ -156,7 +156,9 @@ impl Connection {
             self.send_buffered -= len;
             // Writers wake once half their buffer is free, not for every
             // frame: one wake-up per 16 KiB would cost more than the copy.
-            if stream.write_blocked && stream.send_buf.len() < self.config.max_stream_send_buffer {
+            if stream.write_blocked
+                && stream.send_buf.len() <= self.config.max_stream_send_buffer / 2
+            {
                 stream.write_blocked = false;
                 self.events.push_back(Event::Writable(id));
             }

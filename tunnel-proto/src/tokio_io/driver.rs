@@ -257,6 +257,17 @@ where
     }
 }
 
+impl<S> Drop for Driver<S> {
+    /// A driver dropped before it resolved (its task aborted, say) takes the
+    /// transport with it: fail the connection so that no stream or
+    /// `Tunnel::closed` waits forever.
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.conn.handle_transport_closed();
+        inner.dispatch();
+    }
+}
+
 /// What one turn of the driver found.
 struct Turn {
     progress: bool,
