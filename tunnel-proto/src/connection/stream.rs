@@ -197,3 +197,49 @@ impl Stream {
         (received, sent)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::disallowed_methods)]
+    fn stream() -> Stream {
+        // The clock value is irrelevant to buffering.
+        Stream::new(Opening::Established, 1 << 20, 1 << 20, Instant::now())
+    }
+
+    #[test]
+    fn tiny_payloads_share_one_buffer_instead_of_one_entry_each() {
+        let mut s = stream();
+        for i in 0..10_000u32 {
+            s.push_recv(Bytes::from(vec![i as u8]));
+        }
+        assert_eq!(s.recv_buffered, 10_000);
+        assert!(s.recv_buf.is_empty(), "small payloads must not be kept one by one");
+        let mut out = Vec::new();
+        while let Some(chunk) = s.take_recv(777) {
+            out.extend_from_slice(&chunk);
+        }
+        assert_eq!(out, (0..10_000u32).map(|i| i as u8).collect::<Vec<_>>());
+        assert_eq!(s.recv_buffered, 0);
+    }
+
+    #[test]
+    fn small_and_large_payloads_keep_their_order() {
+        let mut s = stream();
+        let mut expected = Vec::new();
+        for i in 0..50usize {
+            let len = if i % 3 == 0 { 5000 } else { 7 };
+            let payload: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+            expected.extend_from_slice(&payload);
+            s.push_recv(Bytes::from(payload));
+        }
+        // Every kept entry is a large payload or a run of small ones.
+        assert!(s.recv_buf.len() <= 34, "{} entries", s.recv_buf.len());
+        let mut out = Vec::new();
+        while let Some(chunk) = s.take_recv(4096) {
+            out.extend_from_slice(&chunk);
+        }
+        assert_eq!(out, expected);
+    }
+}
