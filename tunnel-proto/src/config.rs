@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use crate::hello::{Role, Settings};
 
+/// Longest timeout accepted, in milliseconds (one day).
+const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// Configuration of one [`crate::Connection`].
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -56,7 +59,7 @@ pub enum ConfigError {
     StreamWindowTooLarge { stream: u32, connection: u32 },
     #[error("max_stream_window ({max}) is below the initial stream window ({initial})")]
     StreamWindowBelowInitial { max: u32, initial: u32 },
-    #[error("{name} ({value}) is outside {min}..={max}")]
+    #[error("{name} ({value}) is outside {min}..={max} (durations in milliseconds)")]
     OutOfRange {
         name: &'static str,
         value: u64,
@@ -141,6 +144,20 @@ impl Config {
                 stream: self.max_stream_window,
                 connection: s.connection_window,
             });
+        }
+        for (name, value) in [
+            ("open_timeout", self.open_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            // Bounded so that `now + timeout` can never overflow.
+            range(
+                name,
+                value.as_millis().min(u64::MAX.into()) as u64,
+                1,
+                MAX_TIMEOUT_MS,
+            )?;
         }
         if self.idle_timeout <= self.keepalive_interval {
             return Err(ConfigError::IdleNotAboveKeepalive);

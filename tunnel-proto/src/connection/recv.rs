@@ -61,6 +61,12 @@ impl Connection {
         if self.state == State::Handshaking {
             return match frame {
                 Frame::Hello(hello) => self.on_hello(hello),
+                // A peer may refuse this side before sending its own HELLO
+                // (for example over the version in ours): take its reason.
+                Frame::Close { code, reason } => {
+                    self.enter_closed(ConnectionError::PeerClosed { code, reason }, None);
+                    Ok(())
+                }
                 other => Err(violation(
                     CloseCode::HANDSHAKE_FAILED,
                     format!(
@@ -317,6 +323,9 @@ impl Connection {
     }
 
     fn on_goaway(&mut self, last_stream: StreamId, code: CloseCode, reason: String) {
+        // A repeated GOAWAY may only lower `last_stream`; one event is enough
+        // (and a flood of them must not grow the event queue).
+        let first = !self.peer_goaway;
         self.peer_goaway = true;
         // Streams this side opened above `last_stream` were not processed and
         // never will be: fail them now so the application can retry them.
@@ -330,7 +339,9 @@ impl Connection {
         for id in unprocessed {
             self.mark_reset(id, ResetCode::GOING_AWAY, "the peer is going away".into());
         }
-        self.events.push_back(Event::GoAway { code, reason });
+        if first {
+            self.events.push_back(Event::GoAway { code, reason });
+        }
     }
 
     /// A frame may name a live stream, or one that existed and is closed; a

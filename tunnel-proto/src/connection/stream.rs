@@ -215,7 +215,10 @@ mod tests {
             s.push_recv(Bytes::from(vec![i as u8]));
         }
         assert_eq!(s.recv_buffered, 10_000);
-        assert!(s.recv_buf.is_empty(), "small payloads must not be kept one by one");
+        assert!(
+            s.recv_buf.is_empty(),
+            "small payloads must not be kept one by one"
+        );
         let mut out = Vec::new();
         while let Some(chunk) = s.take_recv(777) {
             out.extend_from_slice(&chunk);
