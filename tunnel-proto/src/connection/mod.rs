@@ -401,38 +401,23 @@ impl Connection {
     /// Queues bytes on a stream; returns how many were taken (possibly fewer
     /// than given, never zero for non-empty `data`).
     pub fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, WriteError> {
-        let lost = self.lost();
         let split = self.data_split();
-        let stream = self
-            .streams
-            .get_mut(&id)
-            .ok_or(WriteError::UnknownStream(id))?;
-        if let Some(reset) = &stream.reset {
-            return Err(WriteError::Reset(reset.code));
-        }
-        if let Some(error) = lost {
-            return Err(WriteError::ConnectionLost(error));
-        }
-        if stream.send != SendState::Open {
-            return Err(WriteError::Finished);
-        }
-        let stream_room = self
+        let stream_cap = self.config.max_stream_send_buffer;
+        let tunnel_room = self
             .config
-            .max_stream_send_buffer
-            .saturating_sub(stream.send_buf.len());
-        let room = stream_room.min(
-            self.config
-                .max_send_buffer
-                .saturating_sub(self.send_buffered),
-        );
-        let n = data.len().min(room);
+            .max_send_buffer
+            .saturating_sub(self.send_buffered);
+        let stream = self.writable(id)?;
+        let stream_room = stream_cap.saturating_sub(stream.send_buf.len());
+        let n = data.len().min(stream_room).min(tunnel_room);
         if n == 0 && !data.is_empty() {
-            if !stream.write_blocked && stream_room > 0 {
-                // Blocked by the tunnel-wide limit: any stream's progress
-                // may unblock it.
+            // Blocked by the tunnel-wide limit, any stream's progress may
+            // unblock it; by its own, only its own progress.
+            let tunnel_blocked = !stream.write_blocked && stream_room > 0;
+            stream.write_blocked = true;
+            if tunnel_blocked {
                 self.blocked_writers.push_back(id);
             }
-            stream.write_blocked = true;
             return Err(WriteError::Blocked);
         }
         stream.send_buf.extend(&data[..n], split);
@@ -443,6 +428,13 @@ impl Connection {
 
     /// Half-closes the stream: FIN follows the bytes already written.
     pub fn finish(&mut self, id: StreamId) -> Result<(), WriteError> {
+        self.writable(id)?.send = SendState::FinQueued;
+        self.schedule(id);
+        Ok(())
+    }
+
+    /// The stream, if the application may still write to it.
+    fn writable(&mut self, id: StreamId) -> Result<&mut Stream, WriteError> {
         let lost = self.lost();
         let stream = self
             .streams
@@ -457,9 +449,7 @@ impl Connection {
         if stream.send != SendState::Open {
             return Err(WriteError::Finished);
         }
-        stream.send = SendState::FinQueued;
-        self.schedule(id);
-        Ok(())
+        Ok(stream)
     }
 
     /// Reads up to `max` bytes. `Ok(None)` is the end of the stream.
