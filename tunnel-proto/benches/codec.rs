@@ -1,11 +1,16 @@
-//! Codec throughput for 16 KiB DATA frames (budget: at least 2 GB/s).
+//! Codec throughput for 16 KiB DATA frames (budget: at least 2 GB/s), and
+//! the state machine alone moving bytes between two connections in memory
+//! (no sockets, no TLS): what the protocol itself costs per byte.
 //!
 //! `cargo bench -p tether-proto --bench codec`
+// A benchmark needs a clock; the ban is for the library.
+#![allow(clippy::disallowed_methods)]
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use tether_proto::{Frame, StreamId};
+use std::time::Instant;
+use tether_proto::{Config, Connection, Frame, Role, Service, ServiceHeader, StreamId};
 
 const PAYLOAD: usize = 16 * 1024;
 
@@ -46,5 +51,59 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec);
+/// Moves everything one side has to send to the other.
+fn exchange(from: &mut Connection, to: &mut Connection, now: Instant) -> usize {
+    let mut moved = 0;
+    while let Some(msg) = from.poll_transmit(now) {
+        moved += msg.len();
+        to.handle_message(now, Bytes::from(msg));
+    }
+    moved
+}
+
+fn connected_pair(now: Instant) -> (Connection, Connection, StreamId, StreamId) {
+    let mut device = Connection::new(Config::new(Role::Device), now).expect("device config");
+    let mut platform = Connection::new(Config::new(Role::Platform), now).expect("platform config");
+    exchange(&mut device, &mut platform, now);
+    exchange(&mut platform, &mut device, now);
+    let sent = device
+        .open(ServiceHeader::new(Service::Tcp("bench".into())))
+        .expect("open");
+    exchange(&mut device, &mut platform, now);
+    let (received, _) = platform.accept().expect("incoming stream");
+    exchange(&mut platform, &mut device, now);
+    (device, platform, sent, received)
+}
+
+fn state_machine(c: &mut Criterion) {
+    const BLOCK: usize = 1 << 20;
+    let now = Instant::now();
+    let (mut device, mut platform, sent, received) = connected_pair(now);
+    let block = vec![0x5a; 64 * 1024];
+    let mut group = c.benchmark_group("state_machine");
+    group.throughput(Throughput::Bytes(BLOCK as u64));
+    group.bench_function("transfer_1MiB", |b| {
+        b.iter(|| {
+            let mut written = 0;
+            let mut read = 0;
+            while read < BLOCK {
+                while written < BLOCK {
+                    match device.write(sent, &block[..(BLOCK - written).min(block.len())]) {
+                        Ok(n) => written += n,
+                        Err(_) => break,
+                    }
+                }
+                exchange(&mut device, &mut platform, now);
+                while let Ok(Some(chunk)) = platform.read(received, 64 * 1024) {
+                    read += chunk.len();
+                    black_box(&chunk);
+                }
+                exchange(&mut platform, &mut device, now);
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec, state_machine);
 criterion_main!(benches);
