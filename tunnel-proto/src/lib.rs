@@ -25,6 +25,8 @@ pub mod connection;
 pub mod frame;
 pub mod hello;
 pub mod service;
+#[cfg(feature = "testing")]
+pub mod testing;
 #[cfg(feature = "tokio")]
 pub mod tokio_io;
 

@@ -160,12 +160,16 @@ async fn aborting_the_driver_fails_streams_instead_of_leaving_them_waiting() {
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionAborted);
 }
 
-#[tokio::test]
-async fn an_oversized_websocket_message_is_answered_with_a_frame_size_close() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
+type RawPeer =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
-    // A raw WebSocket peer that sends one message larger than the limit.
+/// A platform tunnel and, at its other end, a bare WebSocket client that
+/// speaks no tether-proto: the test plays the device by hand.
+async fn platform_with_raw_peer() -> (
+    Tunnel,
+    tokio::task::JoinHandle<Result<(), tether_proto::tokio_io::DriverError>>,
+    RawPeer,
+) {
     let tls = common::tls();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -173,22 +177,26 @@ async fn an_oversized_websocket_message_is_answered_with_a_frame_size_close() {
     let addr = listener.local_addr().expect("addr");
     let acceptor = tls.acceptor.clone();
     let platform = tokio::spawn(async move {
-        common::accept_platform(
-            &listener,
-            &acceptor,
-            tether_proto::Config::new(tether_proto::Role::Platform),
-        )
-        .await
+        let config = tether_proto::Config::new(tether_proto::Role::Platform);
+        common::accept_platform(&listener, &acceptor, config).await
     });
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let tls_stream = tls.connector.connect(name, tcp).await.expect("tls");
     let url = format!("wss://localhost:{}/v1/tunnel", addr.port());
-    let (mut raw, _) = tokio_tungstenite::client_async(url, tls_stream)
+    let (raw, _) = tokio_tungstenite::client_async(url, tls_stream)
         .await
         .expect("ws");
-    let (tunnel, _driver) = platform.await.expect("platform");
+    let (tunnel, driver) = platform.await.expect("platform");
+    (tunnel, driver, raw)
+}
 
+#[tokio::test]
+async fn an_oversized_websocket_message_is_answered_with_a_frame_size_close() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (tunnel, _driver, mut raw) = platform_with_raw_peer().await;
     raw.send(Message::Binary(vec![0u8; 200 * 1024].into()))
         .await
         .expect("send oversized");
@@ -216,4 +224,25 @@ async fn an_oversized_websocket_message_is_answered_with_a_frame_size_close() {
         }
     }
     assert!(saw_close, "no CLOSE frame reached the peer");
+}
+
+#[tokio::test]
+async fn a_socket_that_ends_without_a_websocket_close_is_a_transport_loss() {
+    let (tunnel, driver, raw) = platform_with_raw_peer().await;
+    // Shut the TLS stream down cleanly under the WebSocket, then drop it.
+    let mut tls_stream = raw.into_inner();
+    tls_stream.shutdown().await.expect("tls shutdown");
+    drop(tls_stream);
+
+    let reason = tokio::time::timeout(Duration::from_secs(5), tunnel.closed())
+        .await
+        .expect("closed");
+    assert_eq!(reason, ConnectionError::TransportClosed);
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("driver ends");
+    assert!(
+        ended.expect("driver task").is_err(),
+        "a lost transport is not a clean end"
+    );
 }

@@ -48,7 +48,6 @@ impl Keepalive {
     /// A PING to send, unless one sent less than an interval ago is still
     /// waiting for its answer (an older one is given up as lost).
     pub(super) fn start_ping(&mut self, now: Instant) -> Option<Frame> {
-        self.next_ping = now + self.interval;
         if self
             .in_flight
             .is_some_and(|(_, sent)| now.saturating_duration_since(sent) < self.interval)
@@ -91,7 +90,7 @@ impl Connection {
         let k = &self.keepalive;
         let deadline = match self.state {
             State::Closed => return None,
-            State::Handshaking => k.handshake_deadline.min(k.idle_deadline()),
+            State::Handshaking => k.handshake_deadline,
             State::Open => k.idle_deadline().min(k.next_ping),
         };
         let open_deadline =
@@ -120,7 +119,8 @@ impl Connection {
             self.enter_closed(ConnectionError::HandshakeTimeout(wait), Some(close));
             return;
         }
-        if now >= self.keepalive.idle_deadline() {
+        // While handshaking, the handshake deadline alone applies.
+        if self.state == State::Open && now >= self.keepalive.idle_deadline() {
             let idle = self.config.idle_timeout;
             let reason = format!("nothing heard for {idle:?}");
             let close = Frame::Close {
@@ -131,6 +131,7 @@ impl Connection {
             return;
         }
         if self.state == State::Open && now >= self.keepalive.next_ping {
+            self.keepalive.next_ping = now + self.config.keepalive_interval;
             let ping = self.keepalive.start_ping(now);
             self.control.extend(ping);
         }

@@ -184,6 +184,8 @@ pub enum WriteError {
     UnknownStream(StreamId),
     #[error("the stream was already finished")]
     Finished,
+    #[error("stream {0} was opened by the peer and is not accepted yet")]
+    NotAccepted(StreamId),
     #[error("the stream was reset: {0}")]
     Reset(ResetCode),
     #[error("the tunnel is closed: {0}")]
@@ -415,7 +417,8 @@ impl Connection {
             // unblock it; by its own, only its own progress.
             let tunnel_blocked = !stream.write_blocked && stream_room > 0;
             stream.write_blocked = true;
-            if tunnel_blocked {
+            if tunnel_blocked && !stream.awaits_tunnel_room {
+                stream.awaits_tunnel_room = true;
                 self.blocked_writers.push_back(id);
             }
             return Err(WriteError::Blocked);
@@ -448,6 +451,10 @@ impl Connection {
         }
         if stream.send != SendState::Open {
             return Err(WriteError::Finished);
+        }
+        if stream.opening == Opening::Incoming {
+            // Nothing may precede the ACCEPT on an incoming stream.
+            return Err(WriteError::NotAccepted(id));
         }
         Ok(stream)
     }

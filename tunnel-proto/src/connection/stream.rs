@@ -76,6 +76,8 @@ pub(crate) struct Stream {
     pub(crate) send_credit: u64,
     /// A write found the buffer full; tell the application when it drains.
     pub(crate) write_blocked: bool,
+    /// The stream waits in the connection's `blocked_writers` queue.
+    pub(crate) awaits_tunnel_room: bool,
     /// The stream is in the connection's round-robin send queue.
     pub(crate) queued: bool,
 
@@ -118,6 +120,7 @@ impl Stream {
             send_buf: SendBuffer::default(),
             send_credit: send_credit.into(),
             write_blocked: false,
+            awaits_tunnel_room: false,
             queued: false,
             recv_buf: VecDeque::new(),
             recv_tail: BytesMut::new(),

@@ -177,6 +177,7 @@ impl Connection {
     pub(super) fn wake_blocked_writers(&mut self) {
         while let Some(id) = self.blocked_writers.pop_front() {
             if let Some(stream) = self.streams.get_mut(&id) {
+                stream.awaits_tunnel_room = false;
                 if stream.write_blocked {
                     stream.write_blocked = false;
                     self.events.push_back(Event::Writable(id));

@@ -105,10 +105,19 @@ where
                 Poll::Ready(Some(Ok(Message::Close(_)))) | Poll::Ready(None) => {
                     self.read_closed = true;
                 }
+                // The socket ended without a WebSocket Close: a transport
+                // loss, not something to answer.
+                Poll::Ready(Some(Err(tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                )))) => {
+                    self.read_closed = true;
+                }
                 // The peer sent something the WebSocket layer refuses (an
                 // oversized or malformed message): tell it why, then close.
                 Poll::Ready(Some(Err(
-                    error @ (tungstenite::Error::Capacity(_) | tungstenite::Error::Protocol(_)),
+                    error @ (tungstenite::Error::Capacity(_)
+                    | tungstenite::Error::Protocol(_)
+                    | tungstenite::Error::Utf8(_)),
                 ))) => {
                     self.read_closed = true;
                     let code = match error {
@@ -226,17 +235,17 @@ where
         self.timer.as_mut().poll(cx).is_ready()
     }
 
-    /// After the state machine closed and its last frame left: close the
-    /// WebSocket, bounded by [`CLOSE_GRACE`].
-    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), DriverError>> {
+    /// Once the state machine is closed: let its last frames leave, close the
+    /// WebSocket, and resolve. [`CLOSE_GRACE`] after the close at the latest,
+    /// so a peer that stopped reading cannot hold the driver.
+    fn poll_finish(&mut self, cx: &mut Context<'_>, more: bool) -> Poll<Result<(), DriverError>> {
         let deadline = *self
             .close_deadline
             .get_or_insert_with(|| now() + CLOSE_GRACE);
+        let sent = self.outbox.is_empty() && !more && !self.unflushed;
         let done = self.transport_error.is_some()
             || now() >= deadline
-            || (self.outbox.is_empty()
-                && !self.unflushed
-                && self.ws.poll_close_unpin(cx).is_ready());
+            || (sent && self.ws.poll_close_unpin(cx).is_ready());
         if !done {
             return Poll::Pending;
         }
@@ -291,8 +300,8 @@ where
             if this.outbox.is_empty() && !turn.more {
                 this.flush(cx);
             }
-            if turn.closed && this.outbox.is_empty() && !turn.more {
-                if let Poll::Ready(result) = this.poll_finish(cx) {
+            if turn.closed {
+                if let Poll::Ready(result) = this.poll_finish(cx, turn.more) {
                     return Poll::Ready(result);
                 }
             }

@@ -155,7 +155,7 @@ fn read_error(error: ReadError) -> io::Error {
 fn write_error(error: WriteError) -> io::Error {
     match error {
         WriteError::Blocked => io::ErrorKind::WouldBlock.into(),
-        WriteError::UnknownStream(_) | WriteError::Finished => {
+        WriteError::UnknownStream(_) | WriteError::Finished | WriteError::NotAccepted(_) => {
             io::Error::new(io::ErrorKind::BrokenPipe, error)
         }
         WriteError::Reset(code) => reset_error(code),

@@ -4,10 +4,10 @@
 //! the receiver granted; these tests check that credit is granted when it
 //! should be, no sooner, and that the sender uses all of it.
 
-use super::pair::{Device, LATENCY, MAX_STEPS, Pair, Platform, Who, configs, pattern, tcp};
+use super::pair::{Device, LATENCY, MAX_STEPS, Pair, Platform, Side, configs, pattern, tcp};
 use crate::codes::ResetCode;
 use crate::config::Config;
-use crate::connection::Event;
+use crate::connection::{Event, WriteError};
 use crate::frame::{Frame, StreamId};
 
 /// Configs whose stream windows are 4 KiB and never grow.
@@ -23,7 +23,7 @@ fn small_windows() -> (Config, Config) {
 }
 
 /// DATA payload bytes `who` sent on `id`.
-fn data_sent(pair: &Pair, who: Who, id: StreamId) -> usize {
+fn data_sent(pair: &Pair, who: Side, id: StreamId) -> usize {
     pair.sent(who)
         .iter()
         .map(|f| match f {
@@ -37,7 +37,7 @@ fn data_sent(pair: &Pair, who: Who, id: StreamId) -> usize {
 
 /// Increments of the WINDOW_UPDATE frames `who` sent for `id` (stream 0 for
 /// the connection).
-fn updates(pair: &Pair, who: Who, id: StreamId) -> Vec<u32> {
+fn updates(pair: &Pair, who: Side, id: StreamId) -> Vec<u32> {
     pair.sent(who)
         .iter()
         .filter_map(|f| match f {
@@ -48,12 +48,8 @@ fn updates(pair: &Pair, who: Who, id: StreamId) -> Vec<u32> {
 }
 
 /// The receive window of one stream, straight from the books.
-fn recv_window(pair: &Pair, who: Who, id: StreamId) -> u32 {
-    let conn = match who {
-        Device => &pair.device.conn,
-        Platform => &pair.platform.conn,
-    };
-    conn.streams[&id].recv_window
+fn recv_window(pair: &Pair, who: Side, id: StreamId) -> u32 {
+    pair.link.conn(who).streams[&id].recv_window
 }
 
 #[test]
@@ -548,4 +544,32 @@ fn a_writer_blocked_by_its_own_buffer_wakes_as_it_drains() {
     assert_eq!(pair.events(Device), [Event::Writable(id)]);
     assert_eq!(pair.write_some(Device, id, &data[8192..]), 4096);
     assert_eq!(pair.receive(Platform, id, data.len()), data);
+}
+
+#[test]
+fn a_writer_waiting_for_tunnel_room_is_queued_once_however_often_it_blocks() {
+    let (mut device, mut platform) = configs();
+    device.max_send_buffer = 64 * 1024;
+    device.max_stream_send_buffer = 48 * 1024;
+    platform.settings.initial_stream_window = 16 * 1024;
+    let mut pair = Pair::connected_with(device, platform);
+    let a = pair.open_accepted(Device, tcp());
+    let b = pair.open_accepted(Device, tcp());
+    // B uses up its credit (the platform never reads), then parks 48 KiB.
+    assert_eq!(pair.conn(Device).write(b, &[1; 16 * 1024]), Ok(16 * 1024));
+    pair.drive();
+    assert_eq!(pair.conn(Device).write(b, &[1; 48 * 1024]), Ok(48 * 1024));
+    for _ in 0..3 {
+        // A finds the tunnel full, gets its own bytes out, and is woken by
+        // its own buffer draining while the tunnel stays over half full.
+        let blocked = loop {
+            match pair.conn(Device).write(a, &[2; 16 * 1024]) {
+                Ok(_) => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(blocked, Err(WriteError::Blocked));
+        assert_eq!(pair.conn(Device).blocked_writers.len(), 1);
+        pair.drive();
+    }
 }

@@ -17,7 +17,7 @@ fn the_handshake_completes_and_both_sides_see_connected() {
     let mut pair = Pair::new(device, platform);
     assert!(!pair.conn(Device).is_connected());
     assert_eq!(pair.conn(Device).open(tcp()), Err(OpenError::Handshaking));
-    let start = pair.now;
+    let start = pair.link.now;
 
     pair.drive();
 
@@ -32,7 +32,7 @@ fn the_handshake_completes_and_both_sides_see_connected() {
         );
     }
     // Both HELLOs travel at once: the handshake costs one one-way trip.
-    let connected_at = pair.device.received[0].0;
+    let connected_at = pair.link.peer(Device).received[0].0;
     assert_eq!(connected_at, start + LATENCY);
 }
 
@@ -41,7 +41,7 @@ fn the_handshake_times_out_when_no_hello_arrives() {
     let (device, platform) = configs();
     let wait = device.handshake_timeout;
     let mut pair = Pair::new(device, platform);
-    pair.platform.transmitting = false;
+    pair.link.peer_mut(Platform).transmitting = false;
 
     pair.advance(wait - Duration::from_millis(1));
     assert!(!pair.conn(Device).is_closed(), "closed before the deadline");
@@ -141,7 +141,7 @@ fn a_peer_closing_ends_the_tunnel_on_both_sides() {
 fn a_close_before_the_peers_hello_is_taken_with_its_reason() {
     let (device, platform) = configs();
     let mut pair = Pair::new(device, platform);
-    pair.platform.transmitting = false;
+    pair.link.peer_mut(Platform).transmitting = false;
     let close = Frame::Close {
         code: CloseCode::VERSION_MISMATCH,
         reason: "speak 2.0".into(),

@@ -12,13 +12,13 @@ fn keepalive_pings_at_the_interval_and_measures_twice_the_latency() {
     let (device, platform) = configs();
     let interval = device.keepalive_interval;
     let mut pair = Pair::new(device, platform);
-    pair.latency = Duration::from_millis(25);
-    let start = pair.now;
+    pair.link.latency = Duration::from_millis(25);
+    let start = pair.link.now;
     pair.drive();
     pair.advance(4 * interval + Duration::from_millis(100));
 
     for who in [Device, Platform] {
-        let side = pair.side(who);
+        let side = pair.link.peer(who);
         let pings: Vec<Duration> = side
             .sent
             .iter()
@@ -47,8 +47,8 @@ fn a_silent_peer_is_declared_dead_after_the_idle_timeout() {
     let (device, platform) = configs();
     let idle = platform.idle_timeout;
     let mut pair = Pair::connected_with(device, platform);
-    pair.device.transmitting = false;
-    let last_heard = pair.platform.received.last().unwrap().0;
+    pair.link.peer_mut(Device).transmitting = false;
+    let last_heard = pair.link.peer(Platform).received.last().unwrap().0;
 
     pair.advance_to(last_heard + idle - Duration::from_millis(1));
     assert!(
@@ -62,7 +62,7 @@ fn a_silent_peer_is_declared_dead_after_the_idle_timeout() {
         Some(&ConnectionError::TimedOut(idle))
     );
     assert_eq!(pair.events(Platform), [Event::Closed]);
-    let (closed_at, close) = pair.platform.sent.last().unwrap().clone();
+    let (closed_at, close) = pair.link.peer(Platform).sent.last().unwrap().clone();
     assert_eq!(closed_at, last_heard + idle);
     assert!(matches!(
         close,

@@ -318,7 +318,7 @@ fn an_open_nobody_accepts_is_reset_with_open_timeout() {
     let (device, platform) = configs();
     let timeout = device.open_timeout;
     let mut pair = Pair::connected_with(device, platform);
-    let opened = pair.now;
+    let opened = pair.link.now;
     let id = pair.conn(Device).open(tcp()).unwrap();
     pair.write_some(Device, id, b"hello?");
     pair.drive();
@@ -435,4 +435,21 @@ fn a_reset_crossing_an_accept_on_the_wire_is_harmless() {
         assert!(pair.conn(who).is_connected());
         assert_eq!(pair.conn(who).stream_count(), 0);
     }
+}
+
+#[test]
+fn writing_on_an_incoming_stream_before_accepting_it_is_refused() {
+    let mut pair = Pair::connected();
+    let id = pair.conn(Device).open(tcp()).expect("open");
+    pair.drive();
+    assert_eq!(
+        pair.conn(Platform).write(id, b"early"),
+        Err(WriteError::NotAccepted(id))
+    );
+    assert_eq!(
+        pair.conn(Platform).finish(id),
+        Err(WriteError::NotAccepted(id))
+    );
+    pair.conn(Platform).accept().expect("incoming");
+    assert_eq!(pair.conn(Platform).write(id, b"now"), Ok(3));
 }

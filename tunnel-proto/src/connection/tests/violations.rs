@@ -313,7 +313,7 @@ fn ignorable_unknown_frames_are_skipped() {
 fn a_ping_flood_with_our_output_unread_ends_with_limit_exceeded() {
     let (mut pair, _) = victim(0);
     let limit = pair.conn(Platform).config().max_pending_control;
-    pair.platform.transmitting = false;
+    pair.link.peer_mut(Platform).transmitting = false;
     pair.clear_sent();
     for i in 0..limit {
         pair.inject(
@@ -338,7 +338,7 @@ fn a_ping_flood_with_our_output_unread_ends_with_limit_exceeded() {
         }
         .to_bytes(),
     );
-    pair.platform.transmitting = true;
+    pair.link.peer_mut(Platform).transmitting = true;
     pair.assert_violation(Platform, CloseCode::LIMIT_EXCEEDED);
     let pongs = pair
         .sent(Platform)
@@ -374,7 +374,7 @@ fn a_ping_flood_whose_answers_are_read_is_served() {
 #[test]
 fn an_open_flood_with_our_output_unread_ends_with_limit_exceeded() {
     let (mut pair, _) = victim(0);
-    pair.platform.transmitting = false;
+    pair.link.peer_mut(Platform).transmitting = false;
     let mut id = 1;
     while pair.conn(Platform).is_connected() {
         assert!(id < 2 * 1000, "never closed");
@@ -388,7 +388,7 @@ fn an_open_flood_with_our_output_unread_ends_with_limit_exceeded() {
         );
         id += 2;
     }
-    pair.platform.transmitting = true;
+    pair.link.peer_mut(Platform).transmitting = true;
     pair.assert_violation(Platform, CloseCode::LIMIT_EXCEEDED);
     let backlog = pair.conn(Platform).config().accept_backlog;
     assert!(pair.conn(Platform).stream_count() <= backlog);
