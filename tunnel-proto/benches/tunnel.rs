@@ -10,7 +10,8 @@
 //! their ratio (budget: the tunnel reaches at least 0.8 of plain TLS). Then
 //! the round trip of 64-byte messages on one stream while another stream
 //! pushes bulk data (budget: p99 under 5 ms), with the idle round trip for
-//! reference.
+//! reference. With `TETHER_BENCH_PROFILE=1` it runs one tunnel transfer
+//! only, for a profiler.
 // Measuring wall time is the point here; the clock ban is for the library.
 #![allow(clippy::disallowed_methods)]
 
@@ -38,6 +39,15 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
     let bytes = mib * 1024 * 1024;
+    if std::env::var_os("TETHER_BENCH_PROFILE").is_some() {
+        // One tunnel transfer and nothing else, for a profiler.
+        let f = measure(bytes, || tunnel_copy(bytes));
+        println!(
+            "tunnel: {:.2} Gbit/s, {:.2} CPU-s per GiB",
+            f.gbits, f.cpu_per_gib
+        );
+        return;
+    }
     let mut plain = Vec::new();
     let mut tunnel = Vec::new();
     for _ in 0..ROUNDS {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
@@ -33,6 +33,32 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 const TURNS_PER_POLL: usize = 16;
 /// How long a closing tunnel waits for the final frames to leave.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Size of each block of the receive arena.
+const ARENA_BLOCK: usize = 256 * 1024;
+
+/// Where received messages are kept until the application reads them.
+///
+/// tungstenite hands out slices of its own read buffer; holding one until
+/// the application reads it would make tungstenite allocate a fresh, zeroed
+/// buffer for every read. So each message is copied out, into blocks that are
+/// reused once everything in them has been read: in steady state no
+/// allocation and no fresh pages per message.
+#[derive(Debug, Default)]
+struct Arena {
+    block: BytesMut,
+}
+
+impl Arena {
+    fn keep(&mut self, msg: &[u8]) -> Bytes {
+        if self.block.capacity() < msg.len() {
+            // Reuses the block in place when nothing in it is still held.
+            self.block.reserve(ARENA_BLOCK.max(msg.len()));
+        }
+        self.block.extend_from_slice(msg);
+        self.block.split().freeze()
+    }
+}
 
 /// Why a tunnel ended, as the driver reports it.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +81,7 @@ pub struct Driver<S> {
     /// Frames taken from the state machine and not yet given to the socket.
     outbox: VecDeque<Vec<u8>>,
     outbox_bytes: usize,
+    arena: Arena,
     unflushed: bool,
     read_closed: bool,
     /// A message the WebSocket layer refused, to report to the peer.
@@ -75,6 +102,7 @@ where
             armed: None,
             outbox: VecDeque::new(),
             outbox_bytes: 0,
+            arena: Arena::default(),
             unflushed: false,
             read_closed: false,
             violation: None,
@@ -89,13 +117,7 @@ where
         let mut text = false;
         while !self.read_closed && batch.len() < READ_BATCH {
             match self.ws.poll_next_unpin(cx) {
-                // tungstenite hands out slices of its read buffer. Holding one
-                // until the application reads it would force a fresh buffer
-                // (and fresh, zeroed pages) for every read: copy it out so
-                // the read buffer is reused.
-                Poll::Ready(Some(Ok(Message::Binary(msg)))) => {
-                    batch.push(Bytes::copy_from_slice(&msg))
-                }
+                Poll::Ready(Some(Ok(Message::Binary(msg)))) => batch.push(self.arena.keep(&msg)),
                 Poll::Ready(Some(Ok(Message::Text(_)))) => {
                     text = true;
                     break;
