@@ -114,7 +114,7 @@ impl ServiceHeader {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Checks the rules [`ServiceHeader::decode`] enforces, so that a sender
+    /// Checks the rules that decoding an OPEN enforces, so that a sender
     /// learns of a bad header before it goes on the wire.
     pub fn validate(&self) -> Result<(), ServiceError> {
         check_name(&self.service)?;
