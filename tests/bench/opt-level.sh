@@ -32,6 +32,7 @@ printf '%-6s %12s %14s %16s %18s\n' level "binary KiB" "tunnel Gbit/s" "CPU-s pe
 for level in "${levels[@]}"; do
     gbits=$(printf '%s' "${runs[$level]}" | awk 'NF{print $1}' | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
     cpu=$(printf '%s' "${runs[$level]}" | awk 'NF{print $2}' | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
-    sm=$("${codec_bin[$level]}" --bench --noplot state_machine 2>/dev/null | grep -m1 'thrpt:' | awk '{print $4}')
+    codec=$("${codec_bin[$level]}" --bench --noplot state_machine 2>/dev/null)
+    sm=$(printf '%s\n' "$codec" | awk '/thrpt:/ {print $4; exit}')
     printf '%-6s %12s %14s %16s %18s\n' "$level" "${size[$level]}" "$gbits" "$cpu" "$sm"
 done

@@ -64,6 +64,8 @@ pub struct Connection {
     send_queue: VecDeque<StreamId>,
     /// Bytes buffered on all streams' send sides.
     send_buffered: usize,
+    /// Where DATA frames are built.
+    send_arena: send_buffer::SendArena,
     /// Streams whose writes hit `max_send_buffer` (not their own limit).
     blocked_writers: VecDeque<StreamId>,
     /// Connection-level credit the peer granted and this side has not used.
@@ -241,6 +243,7 @@ impl Connection {
             window_updates: VecDeque::new(),
             send_queue: VecDeque::new(),
             send_buffered: 0,
+            send_arena: Default::default(),
             blocked_writers: VecDeque::new(),
             send_conn_credit: 0,
             recv_conn_unacked: 0,
@@ -409,7 +412,8 @@ impl Connection {
             .config
             .max_send_buffer
             .saturating_sub(self.send_buffered);
-        let stream = self.writable(id)?;
+        let lost = self.lost();
+        let stream = writable(&mut self.streams, lost, id)?;
         let stream_room = stream_cap.saturating_sub(stream.send_buf.len());
         let n = data.len().min(stream_room).min(tunnel_room);
         if n == 0 && !data.is_empty() {
@@ -423,7 +427,9 @@ impl Connection {
             }
             return Err(WriteError::Blocked);
         }
-        stream.send_buf.extend(&data[..n], split);
+        stream
+            .send_buf
+            .extend(&data[..n], split, &mut self.send_arena);
         self.send_buffered += n;
         self.schedule(id);
         Ok(n)
@@ -431,32 +437,10 @@ impl Connection {
 
     /// Half-closes the stream: FIN follows the bytes already written.
     pub fn finish(&mut self, id: StreamId) -> Result<(), WriteError> {
-        self.writable(id)?.send = SendState::FinQueued;
+        let lost = self.lost();
+        writable(&mut self.streams, lost, id)?.send = SendState::FinQueued;
         self.schedule(id);
         Ok(())
-    }
-
-    /// The stream, if the application may still write to it.
-    fn writable(&mut self, id: StreamId) -> Result<&mut Stream, WriteError> {
-        let lost = self.lost();
-        let stream = self
-            .streams
-            .get_mut(&id)
-            .ok_or(WriteError::UnknownStream(id))?;
-        if let Some(reset) = &stream.reset {
-            return Err(WriteError::Reset(reset.code));
-        }
-        if let Some(error) = lost {
-            return Err(WriteError::ConnectionLost(error));
-        }
-        if stream.send != SendState::Open {
-            return Err(WriteError::Finished);
-        }
-        if stream.opening == Opening::Incoming {
-            // Nothing may precede the ACCEPT on an incoming stream.
-            return Err(WriteError::NotAccepted(id));
-        }
-        Ok(stream)
     }
 
     /// Reads up to `max` bytes. `Ok(None)` is the end of the stream.
@@ -734,6 +718,30 @@ impl Connection {
         };
         self.enter_closed(error, Some(Frame::Close { code, reason }));
     }
+}
+
+/// The stream, if the application may still write to it. A free function, so
+/// that the caller keeps the other fields of the connection at hand.
+fn writable(
+    streams: &mut BTreeMap<StreamId, Stream>,
+    lost: Option<ConnectionError>,
+    id: StreamId,
+) -> Result<&mut Stream, WriteError> {
+    let stream = streams.get_mut(&id).ok_or(WriteError::UnknownStream(id))?;
+    if let Some(reset) = &stream.reset {
+        return Err(WriteError::Reset(reset.code));
+    }
+    if let Some(error) = lost {
+        return Err(WriteError::ConnectionLost(error));
+    }
+    if stream.send != SendState::Open {
+        return Err(WriteError::Finished);
+    }
+    if stream.opening == Opening::Incoming {
+        // Nothing may precede the ACCEPT on an incoming stream.
+        return Err(WriteError::NotAccepted(id));
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]

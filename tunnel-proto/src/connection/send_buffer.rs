@@ -4,18 +4,43 @@
 //! header in front. When a whole chunk may be sent, the chunk *is* the frame:
 //! the header is filled in and the buffer handed out without another copy.
 //! Only when credit allows less than a chunk is a smaller frame copied out.
+//!
+//! Chunks are carved from the connection's [`SendArena`], whose blocks are
+//! reused in place once every frame cut from them has been dropped by the
+//! transport: in steady state a frame costs no allocation and no fresh pages.
 
 use std::collections::VecDeque;
 
-use bytes::BufMut;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::{HEADER_LEN, StreamId, flags, kind};
+
+/// Size of each block chunks are carved from.
+const ARENA_BLOCK: usize = 256 * 1024;
+
+/// The memory DATA frames are built in, shared by a connection's streams.
+#[derive(Debug, Default)]
+pub(crate) struct SendArena {
+    block: BytesMut,
+}
+
+impl SendArena {
+    /// An empty buffer with room for exactly `size` bytes.
+    fn carve(&mut self, size: usize) -> BytesMut {
+        if self.block.capacity() < size {
+            // Reuses the block in place when no frame cut from it is alive.
+            self.block.reserve(ARENA_BLOCK.max(size));
+        }
+        let rest = self.block.split_off(size);
+        std::mem::replace(&mut self.block, rest)
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct SendBuffer {
     /// Each chunk: `HEADER_LEN` bytes of room, then at most `split` bytes of
-    /// data.
-    chunks: VecDeque<Vec<u8>>,
+    /// data, in a buffer carved with exactly that capacity.
+    chunks: VecDeque<BytesMut>,
     /// Data bytes in all chunks.
     len: usize,
 }
@@ -30,20 +55,19 @@ impl SendBuffer {
     }
 
     /// Appends `data`, filling the last chunk up to `split` data bytes first.
-    pub(crate) fn extend(&mut self, mut data: &[u8], split: usize) {
+    pub(crate) fn extend(&mut self, mut data: &[u8], split: usize, arena: &mut SendArena) {
         self.len += data.len();
         while !data.is_empty() {
             let last = match self.chunks.back_mut() {
-                Some(chunk) if chunk.len() < HEADER_LEN + split => chunk,
+                Some(chunk) if chunk.len() < chunk.capacity() => chunk,
                 _ => {
-                    let size = data.len().clamp(64, split.max(64));
-                    let mut chunk = Vec::with_capacity(HEADER_LEN + size);
-                    chunk.resize(HEADER_LEN, 0);
+                    let mut chunk = arena.carve(HEADER_LEN + split);
+                    chunk.put_bytes(0, HEADER_LEN);
                     self.chunks.push_back(chunk);
                     self.chunks.back_mut().expect("a chunk was just pushed")
                 }
             };
-            let n = data.len().min(HEADER_LEN + split - last.len());
+            let n = data.len().min(last.capacity() - last.len());
             last.extend_from_slice(&data[..n]);
             data = &data[n..];
         }
@@ -57,18 +81,21 @@ impl SendBuffer {
         id: StreamId,
         max: usize,
         fin_if_last: bool,
-    ) -> (Vec<u8>, usize) {
+        arena: &mut SendArena,
+    ) -> (Bytes, usize) {
         let front_len = self.chunks.front().map_or(0, |c| c.len() - HEADER_LEN);
         let (mut frame, len) = if front_len > 0 && front_len <= max {
             let frame = self.chunks.pop_front().expect("front chunk exists");
             (frame, front_len)
         } else {
             let len = front_len.min(max);
-            let mut frame = Vec::with_capacity(HEADER_LEN + len);
-            frame.resize(HEADER_LEN, 0);
+            let mut frame = arena.carve(HEADER_LEN + len);
+            frame.put_bytes(0, HEADER_LEN);
             if let Some(front) = self.chunks.front_mut() {
                 frame.extend_from_slice(&front[HEADER_LEN..HEADER_LEN + len]);
-                front.drain(HEADER_LEN..HEADER_LEN + len);
+                // Keep the header room in front of what is left.
+                front.copy_within(HEADER_LEN + len.., HEADER_LEN);
+                front.truncate(front.len() - len);
             }
             (frame, len)
         };
@@ -78,7 +105,7 @@ impl SendBuffer {
         header.put_u8(kind::DATA);
         header.put_u8(if fin { flags::FIN } else { 0 });
         header.put_u32(id.0);
-        (frame, len)
+        (frame.freeze(), len)
     }
 
     /// Drops everything; returns how many data bytes were dropped.
@@ -94,10 +121,9 @@ impl SendBuffer {
 mod tests {
     use super::*;
     use crate::frame::Frame;
-    use bytes::Bytes;
 
-    fn decode(frame: Vec<u8>) -> (bool, Vec<u8>) {
-        match Frame::decode(&Bytes::from(frame)) {
+    fn decode(frame: Bytes) -> (bool, Vec<u8>) {
+        match Frame::decode(&frame) {
             Ok(Frame::Data { fin, payload, .. }) => (fin, payload.to_vec()),
             other => panic!("not a DATA frame: {other:?}"),
         }
@@ -106,9 +132,10 @@ mod tests {
     #[test]
     fn whole_chunks_become_frames_and_partial_takes_keep_order() {
         let mut buf = SendBuffer::default();
+        let mut arena = SendArena::default();
         let data: Vec<u8> = (0..100u8).collect();
-        buf.extend(&data[..30], 16);
-        buf.extend(&data[30..], 16);
+        buf.extend(&data[..30], 16, &mut arena);
+        buf.extend(&data[30..], 16, &mut arena);
         assert_eq!(buf.len(), 100);
         let mut out = Vec::new();
         let mut fins = Vec::new();
@@ -116,7 +143,7 @@ mod tests {
             if buf.is_empty() {
                 break;
             }
-            let (frame, len) = buf.take_frame(StreamId(3), max, true);
+            let (frame, len) = buf.take_frame(StreamId(3), max, true, &mut arena);
             let (fin, payload) = decode(frame);
             assert_eq!(payload.len(), len);
             assert!(len <= max.min(16));
@@ -131,7 +158,7 @@ mod tests {
     #[test]
     fn a_frame_from_an_empty_buffer_is_a_bare_fin() {
         let mut buf = SendBuffer::default();
-        let (frame, len) = buf.take_frame(StreamId(1), 16, true);
+        let (frame, len) = buf.take_frame(StreamId(1), 16, true, &mut SendArena::default());
         assert_eq!(len, 0);
         assert_eq!(decode(frame), (true, vec![]));
     }

@@ -8,6 +8,8 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use super::stream::{RecvState, SendState};
 use super::{Connection, Event, State};
 use crate::frame::{Frame, StreamId};
@@ -16,12 +18,12 @@ impl Connection {
     /// The next message to send, or `None` when there is nothing to send
     /// now. Call again after every `handle_*` call and application call until
     /// it returns `None`.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
         self.now = now;
         let bytes = if self.state == State::Closed {
-            self.final_frame.take()?
+            Bytes::from(self.final_frame.take()?)
         } else if let Some(frame) = self.control.pop_front() {
-            let bytes = frame.to_bytes();
+            let bytes = Bytes::from(frame.to_bytes());
             if let Frame::Close { .. } = frame {
                 // The drained connection's CLOSE left after every frame
                 // queued before it.
@@ -33,7 +35,7 @@ impl Connection {
             }
             bytes
         } else if let Some(frame) = self.next_window_update(now) {
-            frame.to_bytes()
+            Bytes::from(frame.to_bytes())
         } else {
             self.next_data()?
         };
@@ -124,7 +126,7 @@ impl Connection {
     }
 
     /// One DATA frame from the next stream in the round-robin that can send.
-    fn next_data(&mut self) -> Option<Vec<u8>> {
+    fn next_data(&mut self) -> Option<Bytes> {
         let max_payload = self.data_split();
         for _ in 0..self.send_queue.len() {
             let id = self.send_queue.pop_front()?;
@@ -147,7 +149,9 @@ impl Connection {
             let fin_queued = stream.send == SendState::FinQueued;
             // The frame may carry less than `len` (one buffered chunk); FIN
             // goes only with the very last byte.
-            let (out, len) = stream.send_buf.take_frame(id, len, fin_queued);
+            let (out, len) = stream
+                .send_buf
+                .take_frame(id, len, fin_queued, &mut self.send_arena);
             stream.send_credit -= len as u64;
             if fin_queued && stream.send_buf.is_empty() {
                 stream.send = SendState::FinSent;

@@ -79,7 +79,7 @@ pub struct Driver<S> {
     timer: Pin<Box<Sleep>>,
     armed: Option<Instant>,
     /// Frames taken from the state machine and not yet given to the socket.
-    outbox: VecDeque<Vec<u8>>,
+    outbox: VecDeque<Bytes>,
     outbox_bytes: usize,
     arena: Arena,
     unflushed: bool,
@@ -219,7 +219,7 @@ where
                 break;
             };
             self.outbox_bytes -= msg.len();
-            if let Err(error) = self.ws.start_send_unpin(Message::Binary(msg.into())) {
+            if let Err(error) = self.ws.start_send_unpin(Message::Binary(msg)) {
                 self.transport_error = Some(error);
                 break;
             }
