@@ -56,7 +56,7 @@ fn exchange(from: &mut Connection, to: &mut Connection, now: Instant) -> usize {
     let mut moved = 0;
     while let Some(msg) = from.poll_transmit(now) {
         moved += msg.len();
-        to.handle_message(now, Bytes::from(msg));
+        to.handle_message(now, msg);
     }
     moved
 }

@@ -252,7 +252,7 @@ proptest! {
                 }
                 Input::Transmit => {
                     while let Some(msg) = conn.poll_transmit(now) {
-                        let frame = Frame::decode(&Bytes::from(msg));
+                        let frame = Frame::decode(&msg);
                         prop_assert!(frame.is_ok(), "sent an undecodable frame: {:?}", frame);
                     }
                 }

@@ -182,7 +182,6 @@ impl Link {
         let (sender, receiver) = self.ends(from);
         if sender.transmitting {
             while let Some(msg) = sender.conn.poll_transmit(now) {
-                let msg = Bytes::from(msg);
                 let frame = check_outgoing(from, sender, receiver, &msg)?;
                 if record {
                     sender.sent.push((now, frame));
