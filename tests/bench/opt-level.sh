@@ -8,8 +8,7 @@
 #   bash tests/bench/opt-level.sh [LEVEL...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-levels=("${@:-3}")
-[ $# -eq 0 ] && levels=(3 2 s z)
+if [ $# -gt 0 ]; then levels=("$@"); else levels=(3 2 s z); fi
 export TETHER_BENCH_MIB="${TETHER_BENCH_MIB:-1024}"
 declare -A tunnel_bin codec_bin size
 for level in "${levels[@]}"; do
