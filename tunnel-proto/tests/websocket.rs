@@ -246,3 +246,49 @@ async fn a_socket_that_ends_without_a_websocket_close_is_a_transport_loss() {
         "a lost transport is not a clean end"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_bridges_to_a_real_tcp_service_with_copy_bidirectional() {
+    // A local TCP echo service on 127.0.0.1, as a device's allow-listed
+    // service would be.
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind service");
+    let service_addr = service.local_addr().expect("service addr");
+    tokio::spawn(async move {
+        let (mut socket, _) = service.accept().await.expect("accept");
+        let (mut rd, mut wr) = socket.split();
+        tokio::io::copy(&mut rd, &mut wr).await.expect("echo");
+    });
+
+    let (device, platform) = common::configs();
+    let (device, platform, _drivers) = common::tunnel_pair(device, platform).await;
+    // The device side bridges each accepted stream to the local service.
+    tokio::spawn(async move {
+        let (mut stream, _) = device.accept().await.expect("incoming stream");
+        let mut socket = tokio::net::TcpStream::connect(service_addr)
+            .await
+            .expect("connect");
+        tokio::io::copy_bidirectional(&mut stream, &mut socket)
+            .await
+            .expect("bridge");
+    });
+
+    let stream = platform
+        .open(ServiceHeader::new(Service::Tcp("echo".into())))
+        .expect("open");
+    let payload = common::pattern(7, 4 * 1024 * 1024);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&sent).await.expect("write");
+        wr.shutdown().await.expect("shutdown");
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    writer.await.expect("writer");
+    assert!(echoed == payload, "bytes through the TCP bridge differ");
+}
