@@ -48,29 +48,11 @@ fn main() {
         );
         return;
     }
-    let mut plain = Vec::new();
-    let mut tunnel = Vec::new();
-    for _ in 0..ROUNDS {
-        plain.push(measure(bytes, || plain_tls_copy(bytes)));
-        tunnel.push(measure(bytes, || tunnel_copy(bytes)));
-    }
-    let plain = median(plain);
-    let tunnel = median(tunnel);
+    let (plain, tunnel) = alternate(bytes, || plain_tls_copy(bytes), || tunnel_copy(bytes));
     println!("bulk transfer, one stream, {mib} MiB, median of {ROUNDS} alternating runs");
     println!("each end on its own thread and single-threaded runtime (as two processes)");
     println!("  {:<24} {:>8} {:>14}", "", "Gbit/s", "CPU-s per GiB");
-    println!(
-        "  {:<24} {:>8.2} {:>14.2}",
-        "plain TLS over TCP", plain.gbits, plain.cpu_per_gib
-    );
-    println!(
-        "  {:<24} {:>8.2} {:>14.2}",
-        "tunnel (WS + TLS)", tunnel.gbits, tunnel.cpu_per_gib
-    );
-    println!(
-        "  ratio tunnel / plain TLS: {:.2} (budget >= 0.80)",
-        tunnel.gbits / plain.gbits
-    );
+    print_comparison(plain, tunnel, " (budget >= 0.80)");
 
     shared_runtime_bulk(bytes);
 
@@ -95,34 +77,21 @@ fn shared_runtime_bulk(bytes: usize) {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut plain = Vec::new();
-    let mut tunnel = Vec::new();
-    for _ in 0..ROUNDS {
-        plain.push(measure(bytes, || {
+    let (plain, tunnel) = alternate(
+        bytes,
+        || {
             runtime
                 .block_on(runtime.spawn(shared_plain(bytes)))
                 .expect("task")
-        }));
-        tunnel.push(measure(bytes, || {
+        },
+        || {
             runtime
                 .block_on(runtime.spawn(shared_tunnel(bytes)))
                 .expect("task")
-        }));
-    }
-    let (plain, tunnel) = (median(plain), median(tunnel));
+        },
+    );
     println!("same, both ends on one 2-worker runtime");
-    println!(
-        "  {:<24} {:>8.2} {:>14.2}",
-        "plain TLS over TCP", plain.gbits, plain.cpu_per_gib
-    );
-    println!(
-        "  {:<24} {:>8.2} {:>14.2}",
-        "tunnel (WS + TLS)", tunnel.gbits, tunnel.cpu_per_gib
-    );
-    println!(
-        "  ratio tunnel / plain TLS: {:.2}",
-        tunnel.gbits / plain.gbits
-    );
+    print_comparison(plain, tunnel, "");
 }
 
 async fn shared_plain(bytes: usize) {
@@ -155,6 +124,27 @@ async fn shared_tunnel(bytes: usize) {
         .expect("open");
     write_bulk(&mut stream, bytes).await;
     assert_eq!(server.await.expect("server"), bytes);
+}
+
+/// Runs `plain` and `tunnel` alternately, [`ROUNDS`] times each; returns
+/// their medians.
+fn alternate(bytes: usize, plain: impl Fn(), tunnel: impl Fn()) -> (Figures, Figures) {
+    let (mut p, mut t) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        p.push(measure(bytes, &plain));
+        t.push(measure(bytes, &tunnel));
+    }
+    (median(p), median(t))
+}
+
+fn print_comparison(plain: Figures, tunnel: Figures, budget: &str) {
+    for (name, f) in [("plain TLS over TCP", plain), ("tunnel (WS + TLS)", tunnel)] {
+        println!("  {name:<24} {:>8.2} {:>14.2}", f.gbits, f.cpu_per_gib);
+    }
+    println!(
+        "  ratio tunnel / plain TLS: {:.2}{budget}",
+        tunnel.gbits / plain.gbits
+    );
 }
 
 #[derive(Clone, Copy)]
