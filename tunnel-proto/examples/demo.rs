@@ -15,8 +15,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use tether_proto::tokio_io::Tunnel;
-use tether_proto::{CloseCode, Config, ResetCode, Role, Service, ServiceHeader};
+use tether_proto::{CloseCode, Config, Role, Service, ServiceHeader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -39,7 +38,7 @@ async fn main() {
     let platform = tokio::spawn(async move {
         let (tunnel, driver) =
             common::accept_platform(&listener, &acceptor, Config::new(Role::Platform)).await;
-        let served = serve_echo(tunnel).await;
+        let served = common::serve_echo(tunnel).await;
         (served, driver.await.expect("platform driver task"))
     });
 
@@ -127,31 +126,4 @@ async fn main() {
     if intact != STREAMS as usize || device_end.is_err() || platform_end.is_err() {
         std::process::exit(1);
     }
-}
-
-/// Accepts streams until the tunnel closes: echoes `tcp:echo`, refuses the rest.
-async fn serve_echo(tunnel: Tunnel) -> usize {
-    let mut served = 0;
-    let mut tasks = JoinSet::new();
-    let allow = |header: &ServiceHeader| match &header.service {
-        Service::Tcp(name) if name == "echo" => Ok(()),
-        other => {
-            println!("platform  refusing {other}: not on the allow-list");
-            Err((
-                ResetCode::REFUSED,
-                format!("service {other} is not allowed"),
-            ))
-        }
-    };
-    while let Some((stream, _)) = tunnel.accept_filtered(allow).await {
-        served += 1;
-        tasks.spawn(async move {
-            let (mut rd, mut wr) = tokio::io::split(stream);
-            if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
-                let _ = wr.shutdown().await;
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    served
 }

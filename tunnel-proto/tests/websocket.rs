@@ -6,33 +6,13 @@ mod common;
 use std::time::Duration;
 
 use tether_proto::tokio_io::Tunnel;
-use tether_proto::{CloseCode, ConnectionError, ResetCode, Service, ServiceHeader};
+use tether_proto::{CloseCode, ConnectionError, Service, ServiceHeader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
-/// Echoes every `tcp:echo` stream back; refuses everything else.
+/// Serves `common::serve_echo` on `tunnel` in its own task.
 fn spawn_echo_server(tunnel: Tunnel) -> tokio::task::JoinHandle<usize> {
-    tokio::spawn(async move {
-        let mut served = 0;
-        let mut tasks = JoinSet::new();
-        let allow_echo = |header: &ServiceHeader| match &header.service {
-            Service::Tcp(name) if name == "echo" => Ok(()),
-            other => Err((
-                ResetCode::REFUSED,
-                format!("service {other} is not allowed"),
-            )),
-        };
-        while let Some((stream, _header)) = tunnel.accept_filtered(allow_echo).await {
-            served += 1;
-            tasks.spawn(async move {
-                let (mut rd, mut wr) = tokio::io::split(stream);
-                tokio::io::copy(&mut rd, &mut wr).await.expect("echo copy");
-                wr.shutdown().await.expect("echo shutdown");
-            });
-        }
-        while tasks.join_next().await.is_some() {}
-        served
-    })
+    tokio::spawn(common::serve_echo(tunnel))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

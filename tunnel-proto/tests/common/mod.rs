@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tether_proto::tokio_io::{DriverError, Tunnel, websocket_config};
-use tether_proto::{Config, Role};
+use tether_proto::{Config, ResetCode, Role, Service, ServiceHeader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -125,4 +125,33 @@ pub fn pattern(seed: u32, len: usize) -> Vec<u8> {
             state as u8
         })
         .collect()
+}
+
+/// Accepts streams until the tunnel closes: echoes `tcp:echo` streams back,
+/// refuses every other service with `REFUSED`. Returns how many it echoed;
+/// an echo that fails panics the task, so awaiting it catches the failure.
+pub async fn serve_echo(tunnel: Tunnel) -> usize {
+    let allow_echo = |header: &ServiceHeader| match &header.service {
+        Service::Tcp(name) if name == "echo" => Ok(()),
+        other => Err((
+            ResetCode::REFUSED,
+            format!("service {other} is not allowed"),
+        )),
+    };
+    let mut served = 0;
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Some((stream, _)) = tunnel.accept_filtered(allow_echo).await {
+        served += 1;
+        tasks.spawn(async move {
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            tokio::io::copy(&mut rd, &mut wr).await.expect("echo copy");
+            tokio::io::AsyncWriteExt::shutdown(&mut wr)
+                .await
+                .expect("echo shutdown");
+        });
+    }
+    while let Some(echo) = tasks.join_next().await {
+        echo.expect("echo task");
+    }
+    served
 }
