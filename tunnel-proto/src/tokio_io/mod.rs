@@ -73,8 +73,6 @@ pub(crate) struct Inner {
     acceptor: Option<Waker>,
     /// Tasks waiting for the handshake or the close.
     watchers: Vec<Waker>,
-    /// Streams whose open was accepted by the peer.
-    accepted: std::collections::HashSet<StreamId>,
 }
 
 impl Shared {
@@ -93,10 +91,7 @@ impl Inner {
             match event {
                 Event::Readable(id) => wake(self.readers.remove(&id)),
                 Event::Writable(id) => wake(self.writers.remove(&id)),
-                Event::Accepted(id) => {
-                    self.accepted.insert(id);
-                    wake(self.openers.remove(&id));
-                }
+                Event::Accepted(id) => wake(self.openers.remove(&id)),
                 Event::Reset { stream, .. } => {
                     wake(self.readers.remove(&stream));
                     wake(self.writers.remove(&stream));
@@ -164,7 +159,6 @@ impl Tunnel {
             openers: HashMap::new(),
             acceptor: None,
             watchers: Vec::new(),
-            accepted: Default::default(),
         };
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),

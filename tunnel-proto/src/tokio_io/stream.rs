@@ -38,9 +38,6 @@ impl TunnelStream {
     pub async fn accepted(&self) -> io::Result<()> {
         poll_fn(|cx| {
             let mut inner = self.shared.lock();
-            if inner.accepted.contains(&self.id) {
-                return Poll::Ready(Ok(()));
-            }
             // A write of nothing reports a reset or a lost tunnel without
             // changing anything.
             match inner.conn.write(self.id, &[]) {
@@ -138,7 +135,6 @@ impl Drop for TunnelStream {
         inner.readers.remove(&self.id);
         inner.writers.remove(&self.id);
         inner.openers.remove(&self.id);
-        inner.accepted.remove(&self.id);
         inner.dispatch();
     }
 }
