@@ -145,7 +145,9 @@ type RawPeer =
 
 /// A platform tunnel and, at its other end, a bare WebSocket client that
 /// speaks no tether-proto: the test plays the device by hand.
-async fn platform_with_raw_peer() -> (
+async fn platform_with_raw_peer(
+    config: tether_proto::Config,
+) -> (
     Tunnel,
     tokio::task::JoinHandle<Result<(), tether_proto::tokio_io::DriverError>>,
     RawPeer,
@@ -156,10 +158,8 @@ async fn platform_with_raw_peer() -> (
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let acceptor = tls.acceptor.clone();
-    let platform = tokio::spawn(async move {
-        let config = tether_proto::Config::new(tether_proto::Role::Platform);
-        common::accept_platform(&listener, &acceptor, config).await
-    });
+    let platform =
+        tokio::spawn(async move { common::accept_platform(&listener, &acceptor, config).await });
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let tls_stream = tls.connector.connect(name, tcp).await.expect("tls");
@@ -173,10 +173,10 @@ async fn platform_with_raw_peer() -> (
 
 #[tokio::test]
 async fn an_oversized_websocket_message_is_answered_with_a_frame_size_close() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
 
-    let (tunnel, _driver, mut raw) = platform_with_raw_peer().await;
+    let (tunnel, _driver, mut raw) = platform_with_raw_peer(platform_config()).await;
     raw.send(Message::Binary(vec![0u8; 200 * 1024].into()))
         .await
         .expect("send oversized");
@@ -191,24 +191,15 @@ async fn an_oversized_websocket_message_is_answered_with_a_frame_size_close() {
     }
     // The peer receives the platform's HELLO and PING, then a CLOSE frame
     // with FRAME_SIZE_ERROR (0x04).
-    let mut saw_close = false;
-    while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), raw.next()).await
-    {
-        if let Message::Binary(bytes) = message {
-            if let Ok(tether_proto::Frame::Close { code, .. }) = tether_proto::Frame::decode(&bytes)
-            {
-                assert_eq!(code, CloseCode::FRAME_SIZE_ERROR);
-                saw_close = true;
-                break;
-            }
-        }
-    }
-    assert!(saw_close, "no CLOSE frame reached the peer");
+    assert_eq!(
+        close_code_seen_by(&mut raw).await,
+        Some(CloseCode::FRAME_SIZE_ERROR)
+    );
 }
 
 #[tokio::test]
 async fn a_socket_that_ends_without_a_websocket_close_is_a_transport_loss() {
-    let (tunnel, driver, raw) = platform_with_raw_peer().await;
+    let (tunnel, driver, raw) = platform_with_raw_peer(platform_config()).await;
     // Shut the TLS stream down cleanly under the WebSocket, then drop it.
     let mut tls_stream = raw.into_inner();
     tls_stream.shutdown().await.expect("tls shutdown");
@@ -271,4 +262,71 @@ async fn a_stream_bridges_to_a_real_tcp_service_with_copy_bidirectional() {
         .expect("read");
     writer.await.expect("writer");
     assert!(echoed == payload, "bytes through the TCP bridge differ");
+}
+
+fn platform_config() -> tether_proto::Config {
+    tether_proto::Config::new(tether_proto::Role::Platform)
+}
+
+/// Reads the raw peer's messages until a CLOSE frame arrives; returns its code.
+async fn close_code_seen_by(raw: &mut RawPeer) -> Option<CloseCode> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), raw.next()).await
+    {
+        if let Message::Binary(bytes) = message {
+            if let Ok(tether_proto::Frame::Close { code, .. }) = tether_proto::Frame::decode(&bytes)
+            {
+                return Some(code);
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_text_websocket_message_closes_with_a_protocol_error() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (tunnel, _driver, mut raw) = platform_with_raw_peer(platform_config()).await;
+    raw.send(Message::Text("hello".into()))
+        .await
+        .expect("send text");
+    let reason = tokio::time::timeout(Duration::from_secs(5), tunnel.closed())
+        .await
+        .expect("closed");
+    assert_eq!(
+        reason,
+        ConnectionError::LocallyClosed {
+            code: CloseCode::PROTOCOL_ERROR,
+            reason: "text WebSocket message".into()
+        }
+    );
+    assert_eq!(
+        close_code_seen_by(&mut raw).await,
+        Some(CloseCode::PROTOCOL_ERROR)
+    );
+}
+
+#[tokio::test]
+async fn a_peer_that_never_says_hello_is_closed_at_the_handshake_deadline() {
+    let mut config = platform_config();
+    config.handshake_timeout = Duration::from_millis(200);
+    let (tunnel, driver, mut raw) = platform_with_raw_peer(config).await;
+    let reason = tokio::time::timeout(Duration::from_secs(5), tunnel.closed())
+        .await
+        .expect("closed");
+    assert_eq!(
+        reason,
+        ConnectionError::HandshakeTimeout(Duration::from_millis(200))
+    );
+    assert_eq!(
+        close_code_seen_by(&mut raw).await,
+        Some(CloseCode::HANDSHAKE_FAILED)
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("driver ends");
+    assert!(ended.expect("driver task").is_err());
 }
