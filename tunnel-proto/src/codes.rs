@@ -29,6 +29,9 @@ impl CloseCode {
     /// The handshake did not complete in time, the first frame was not a
     /// HELLO, or both ends claimed the same role.
     pub const HANDSHAKE_FAILED: CloseCode = CloseCode(0x08);
+    /// The platform revoked the device's credentials. The device must not
+    /// reconnect quickly: its certificate will be refused.
+    pub const REVOKED: CloseCode = CloseCode(0x09);
 
     /// A short lower-case name for logs, or `None` for unknown codes.
     pub fn name(self) -> Option<&'static str> {
@@ -42,6 +45,7 @@ impl CloseCode {
             CloseCode::KEEPALIVE_TIMEOUT => "keepalive timeout",
             CloseCode::LIMIT_EXCEEDED => "limit exceeded",
             CloseCode::HANDSHAKE_FAILED => "handshake failed",
+            CloseCode::REVOKED => "revoked",
             _ => return None,
         })
     }

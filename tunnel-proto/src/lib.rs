@@ -14,14 +14,20 @@
 //!   `handle_*` / `poll_*` loop a shell runs.
 //! - [`Frame`] is the wire codec, one frame per WebSocket binary message.
 //! - [`Config`] holds every limit, with defaults for an edge gateway.
+//! - With the `api` feature, [`api`] holds the enrollment API's JSON shapes
+//!   and [`control`] the messages of the control stream.
 //! - With the `tokio` feature, [`tokio_io`] drives a `Connection` over a
 //!   tokio-tungstenite WebSocket and hands out streams as
 //!   `AsyncRead + AsyncWrite`.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "api")]
+pub mod api;
 pub mod codes;
 pub mod config;
 pub mod connection;
+#[cfg(feature = "api")]
+pub mod control;
 pub mod frame;
 pub mod hello;
 pub mod service;

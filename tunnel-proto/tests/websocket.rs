@@ -274,11 +274,10 @@ async fn close_code_seen_by(raw: &mut RawPeer) -> Option<CloseCode> {
     use tokio_tungstenite::tungstenite::Message;
     while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), raw.next()).await
     {
-        if let Message::Binary(bytes) = message {
-            if let Ok(tether_proto::Frame::Close { code, .. }) = tether_proto::Frame::decode(&bytes)
-            {
-                return Some(code);
-            }
+        if let Message::Binary(bytes) = message
+            && let Ok(tether_proto::Frame::Close { code, .. }) = tether_proto::Frame::decode(&bytes)
+        {
+            return Some(code);
         }
     }
     None

@@ -590,11 +590,12 @@ impl Connection {
 
     /// Puts a stream in the send queue if it has something to frame.
     fn schedule(&mut self, id: StreamId) {
-        if let Some(stream) = self.streams.get_mut(&id) {
-            if !stream.queued && stream.has_sendable() {
-                stream.queued = true;
-                self.send_queue.push_back(id);
-            }
+        if let Some(stream) = self.streams.get_mut(&id)
+            && !stream.queued
+            && stream.has_sendable()
+        {
+            stream.queued = true;
+            self.send_queue.push_back(id);
         }
     }
 

@@ -322,10 +322,10 @@ where
             if this.outbox.is_empty() && !turn.more {
                 this.flush(cx);
             }
-            if turn.closed {
-                if let Poll::Ready(result) = this.poll_finish(cx, turn.more) {
-                    return Poll::Ready(result);
-                }
+            if turn.closed
+                && let Poll::Ready(result) = this.poll_finish(cx, turn.more)
+            {
+                return Poll::Ready(result);
             }
             let fired = this.poll_timer(cx, turn.deadline);
             let more_to_write = turn.more && this.outbox.is_empty();

@@ -1,0 +1,1 @@
+//! The reference Tether platform (in progress).

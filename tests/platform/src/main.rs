@@ -1,0 +1,2 @@
+//! `tether-platform` (in progress).
+fn main() {}
