@@ -1,2 +1,150 @@
-//! `tether-platform` (in progress).
-fn main() {}
+//! `tether-platform`: runs the reference platform (`serve`) or talks to a
+//! running one (`token`, `device`, `connect`). Thin: parse the arguments,
+//! set up logging, run, map errors to exit codes (64 for usage and
+//! configuration errors, 1 otherwise).
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tether_platform::cli::{Cli, Command, ConnectArgs, DeviceCommand, ServeArgs, TokenCommand};
+use tether_platform::client::AdminClient;
+use tether_platform::connect::Proxy;
+use tether_platform::{Platform, PlatformConfig, PlatformError, RateLimit};
+use tracing_subscriber::EnvFilter;
+
+/// Environment variable with the log filter (`EnvFilter` syntax).
+const LOG_ENV: &str = "TETHER_PLATFORM_LOG";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let usage = e
+                .downcast_ref::<PlatformError>()
+                .is_some_and(|e| matches!(e, PlatformError::Config(_)));
+            ExitCode::from(if usage { 64 } else { 1 })
+        }
+    }
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Token(TokenCommand::Create(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let request = tether_platform::admin::CreateTokenRequest {
+                ttl_secs: args.ttl.as_secs(),
+                uses: args.uses,
+                team: args.team,
+            };
+            let created = client.create_token(&request).await?;
+            println!("{}", created.token.expose());
+            eprintln!(
+                "provisioning token for team '{}': {} use(s), expires at {} (Unix time)",
+                request.team, created.uses, created.expires_at
+            );
+            Ok(())
+        }
+        Command::Device(DeviceCommand::List(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let devices = client.devices().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                print!(
+                    "{}",
+                    tether_platform::cli::device_table(&devices, unix_now())
+                );
+            }
+            Ok(())
+        }
+        Command::Device(DeviceCommand::Revoke(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let revoked = client.revoke(&args.id).await?;
+            let live = if revoked.disconnected {
+                "; its live tunnel was closed"
+            } else {
+                ""
+            };
+            println!("revoked {}{live}", revoked.device_id);
+            Ok(())
+        }
+        Command::Connect(args) => connect(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = PlatformConfig::new(&args.data.data_dir, args.listen);
+    if !args.names.is_empty() {
+        config.names = args.names;
+    }
+    config.cert_validity = args.cert_validity;
+    config.enroll_rate = RateLimit {
+        burst: args.enroll_burst,
+        refill: args.enroll_refill,
+    };
+    config.max_connections = args.max_connections;
+    let platform = Platform::start(config).await?;
+    eprintln!("listening on {}", platform.url());
+    wait_for_signal().await;
+    platform.shutdown().await;
+    Ok(())
+}
+
+async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+    let proxy = Proxy::bind(client, args.listen, &args.device, &args.service)
+        .await
+        .with_context(|| format!("cannot listen on {}; help: pick a free port", args.listen))?;
+    let addr = proxy.local_addr()?;
+    println!("listening on {addr}");
+    tokio::select! {
+        result = proxy.run() => result.context("the local listener failed")?,
+        () = wait_for_signal() => {}
+    }
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

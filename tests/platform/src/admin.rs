@@ -1,0 +1,275 @@
+//! The admin API under `/v1/admin/`, on the same HTTPS listener as devices.
+//!
+//! This module owns authentication of fleet managers (a bearer token,
+//! compared by SHA-256 in constant time; failures are rate limited per
+//! source address) and the routes: create provisioning tokens, list and
+//! revoke devices, and connect to a TCP service through a device's tunnel
+//! (an HTTP upgrade to `tether-tcp`, then raw bytes both ways). The
+//! operations themselves live on [`crate::platform::State`], shared with the
+//! library API. It never logs the Authorization header or a token.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tether_proto::api::{ErrorCode, Secret};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::http::{self as reply, Body};
+use crate::keys;
+use crate::platform::{ConnectError, PlatformError, State, TokenSpec};
+use crate::rate_limit::retry_after_secs;
+use crate::server::ConnInfo;
+
+/// The upgrade protocol of the connect endpoint.
+pub const TCP_UPGRADE: &str = "tether-tcp";
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 4 * 1024;
+/// Buffer per direction when copying between a connect client and a tunnel
+/// stream.
+const COPY_BUFFER: usize = 64 * 1024;
+/// Longest lifetime of a provisioning token.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Most uses of one provisioning token.
+const MAX_TOKEN_USES: u32 = 100_000;
+
+/// `POST /v1/admin/tokens` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    pub ttl_secs: u64,
+    pub uses: u32,
+    pub team: String,
+}
+
+/// `POST /v1/admin/tokens` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateTokenResponse {
+    pub token: Secret,
+    /// Unix seconds.
+    pub expires_at: u64,
+    pub uses: u32,
+}
+
+/// `POST /v1/admin/devices/{id}/revoke` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    pub device_id: String,
+    pub revoked: bool,
+    /// True if a live tunnel was closed.
+    pub disconnected: bool,
+}
+
+/// Routes a request under `/v1/admin/`.
+pub async fn handle(
+    state: Arc<State>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    if let Err(response) = authenticate(&state, &conn, req.headers()) {
+        return response;
+    }
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches("/v1/admin/").split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::POST, ["tokens"]) => create_token(&state, req.into_body()).await,
+        (&Method::GET, ["devices"]) => list_devices(&state).await,
+        (&Method::POST, ["devices", id, "revoke"]) => revoke(&state, id).await,
+        (&Method::GET, ["devices", id, "services", name, "connect"]) => {
+            let (id, name) = (id.to_string(), name.to_string());
+            connect(state, conn, req, &id, &name).await
+        }
+        _ => reply::not_found(),
+    }
+}
+
+/// Checks `Authorization: Bearer <admin token>`.
+fn authenticate(
+    state: &State,
+    conn: &ConnInfo,
+    headers: &http::HeaderMap,
+) -> Result<(), Response<Body>> {
+    let source = conn.peer.ip();
+    if state.admin_limiter.is_limited(source, Instant::now()) {
+        return Err(reply::rate_limited(
+            retry_after_secs(state.config.admin_failure_rate.refill),
+            "too many failed admin logins from this address; wait before trying again",
+        ));
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let valid = presented.is_some_and(|token| {
+        // Comparing hashes, in constant time: neither the token's length nor
+        // the position of the first wrong byte shows in the timing.
+        constant_time_eq(&keys::sha256(token.as_bytes()), &state.admin_hash)
+    });
+    if valid {
+        return Ok(());
+    }
+    let _ = state.admin_limiter.take(source, Instant::now());
+    warn!(peer = %conn.peer, "admin request with a missing or wrong admin token");
+    Err(reply::error(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthorized,
+        "missing or wrong admin token; send `Authorization: Bearer <token>` with the token in DIR/admin-token",
+    ))
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn create_token(state: &State, body: Incoming) -> Response<Body> {
+    let request: CreateTokenRequest = match reply::read_json(body, MAX_ADMIN_BODY).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    let spec = TokenSpec {
+        ttl: Duration::from_secs(request.ttl_secs),
+        uses: request.uses,
+        team: request.team,
+    };
+    if let Err(message) = check_spec(&spec) {
+        return reply::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message);
+    }
+    match state.create_token(&spec).await {
+        Ok((token, expires_at)) => reply::json(
+            StatusCode::OK,
+            &CreateTokenResponse {
+                token,
+                expires_at,
+                uses: spec.uses,
+            },
+        ),
+        Err(e) => {
+            warn!(cause = %e, "cannot create a provisioning token");
+            reply::internal()
+        }
+    }
+}
+
+/// Bounds on what a token request may ask for.
+pub fn check_spec(spec: &TokenSpec) -> Result<(), String> {
+    if spec.ttl.is_zero() || spec.ttl > MAX_TOKEN_TTL {
+        return Err("ttl must be between 1 second and 365 days".into());
+    }
+    if spec.uses == 0 || spec.uses > MAX_TOKEN_USES {
+        return Err(format!("uses must be between 1 and {MAX_TOKEN_USES}"));
+    }
+    if !tether_proto::api::is_device_name(&spec.team) {
+        return Err("team must be 1 to 64 characters without control characters".into());
+    }
+    Ok(())
+}
+
+async fn list_devices(state: &State) -> Response<Body> {
+    match state.devices().await {
+        Ok(devices) => reply::json(StatusCode::OK, &devices),
+        Err(e) => {
+            warn!(cause = %e, "cannot list devices");
+            reply::internal()
+        }
+    }
+}
+
+async fn revoke(state: &State, id: &str) -> Response<Body> {
+    match state.revoke(id).await {
+        Ok(disconnected) => reply::json(
+            StatusCode::OK,
+            &RevokeResponse {
+                device_id: id.to_string(),
+                revoked: true,
+                disconnected,
+            },
+        ),
+        Err(PlatformError::NoDevice(_)) => no_device(id),
+        Err(e) => {
+            warn!(cause = %e, "cannot revoke a device");
+            reply::internal()
+        }
+    }
+}
+
+fn no_device(id: &str) -> Response<Body> {
+    reply::error(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        format!("no device '{id}'; list devices with `tether-platform device list`"),
+    )
+}
+
+/// Opens `tcp:<name>` on the device, then upgrades the HTTP connection and
+/// copies bytes both ways until either side ends.
+async fn connect(
+    state: Arc<State>,
+    conn: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+    device_id: &str,
+    service: &str,
+) -> Response<Body> {
+    if !reply::wants_upgrade(req.headers(), TCP_UPGRADE) {
+        return reply::error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            format!("send `Connection: Upgrade` and `Upgrade: {TCP_UPGRADE}` to connect"),
+        );
+    }
+    let mut stream = match state.open_tcp(device_id, service).await {
+        Ok(stream) => stream,
+        Err(e) => return connect_refused(device_id, e),
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let span = info_span!("connect", %device_id, %service, peer = %conn.peer);
+    tokio::spawn(
+        async move {
+            let _slot = conn;
+            let mut client = match upgrade.await {
+                Ok(upgraded) => TokioIo::new(upgraded),
+                Err(e) => return debug!(cause = %e, "the upgrade did not complete"),
+            };
+            info!("connect session started");
+            let copied = tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut stream,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await;
+            match copied {
+                Ok((up, down)) => {
+                    info!(to_device = up, from_device = down, "connect session ended")
+                }
+                Err(e) => debug!(cause = %e, "connect session ended with an error"),
+            }
+        }
+        .instrument(span),
+    );
+    let mut response = reply::empty(StatusCode::SWITCHING_PROTOCOLS);
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static(TCP_UPGRADE));
+    response
+}
+
+fn connect_refused(device_id: &str, error: ConnectError) -> Response<Body> {
+    let message = error.to_string();
+    match error {
+        ConnectError::UnknownDevice(_) => no_device(device_id),
+        ConnectError::DeviceOffline(_) => {
+            reply::error(StatusCode::CONFLICT, ErrorCode::DeviceOffline, message)
+        }
+        ConnectError::BadService(_) => {
+            reply::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+        }
+        ConnectError::Refused(_) | ConnectError::Timeout(_) | ConnectError::Open(_) => {
+            reply::error(StatusCode::BAD_GATEWAY, ErrorCode::ServiceRefused, message)
+        }
+        ConnectError::Store(_) => reply::internal(),
+    }
+}

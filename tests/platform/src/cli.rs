@@ -1,0 +1,261 @@
+//! The `tether-platform` command line: its arguments (clap derive), the
+//! duration syntax (`30s`, `10m`, `1h`, `30d`) and the device table.
+//!
+//! This module owns what a person types and reads. It never talks to the
+//! network itself: `main.rs` runs the commands with [`crate::Platform`],
+//! [`crate::client::AdminClient`] and [`crate::connect::Proxy`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::platform::DeviceInfo;
+
+/// The reference Tether platform and its admin commands.
+#[derive(Debug, Parser)]
+#[command(name = "tether-platform", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the platform: enrollment, tunnels and the admin API on one HTTPS listener.
+    Serve(ServeArgs),
+    /// Provisioning tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Proxy local TCP connections to a service on a device, through its tunnel.
+    Connect(ConnectArgs),
+}
+
+/// Where the platform keeps its state; admin commands read it to find the
+/// running platform.
+#[derive(Debug, Args)]
+pub struct DataDir {
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub data: DataDir,
+    /// Address of the HTTPS listener.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// A name for the server certificate (repeat for several); the first is the public host.
+    #[arg(long = "name", value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Validity of device certificates.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub cert_validity: Duration,
+    /// Enrollment attempts per source address at once.
+    #[arg(long, default_value_t = 10)]
+    pub enroll_burst: u32,
+    /// Time to regain one enrollment attempt.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub enroll_refill: Duration,
+    /// Connections (tunnels included) held at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a provisioning token; prints the token alone on stdout.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    pub data: DataDir,
+    /// How long the token stays valid.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// How many devices may enroll with it.
+    #[arg(long, default_value_t = 1)]
+    pub uses: u32,
+    /// The team its devices belong to.
+    #[arg(long, default_value = "default")]
+    pub team: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// List enrolled devices.
+    List(DeviceListArgs),
+    /// Revoke a device: its tunnel is closed and its certificates refused.
+    Revoke(DeviceRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceListArgs {
+    #[command(flatten)]
+    pub data: DataDir,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceRevokeArgs {
+    /// The device id (`dev_...`).
+    pub id: String,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// The device id (`dev_...`).
+    pub device: String,
+    /// The service name in the device's allow-list.
+    pub service: String,
+    /// Local address to accept connections on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+/// Parses `30s`, `10m`, `1h`, `30d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number.parse().map_err(|_| {
+        format!("'{text}' is not a duration; use a number and s, m, h or d (e.g. 30s, 1h, 30d)")
+    })?;
+    let unit_secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}' in '{text}'; use s, m, h or d"
+            ));
+        }
+    };
+    value
+        .checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("'{text}' is too long"))
+}
+
+/// A human table of devices, one line each.
+pub fn device_table(devices: &[DeviceInfo], now: u64) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "NAME".to_string(),
+        "TEAM".to_string(),
+        "STATUS".to_string(),
+        "LAST HEARTBEAT".to_string(),
+        "CERT EXPIRES".to_string(),
+        "RTT".to_string(),
+    ]];
+    for d in devices {
+        let status = match (d.revoked, d.online) {
+            (true, _) => "revoked",
+            (false, true) => "online",
+            (false, false) => "offline",
+        };
+        rows.push([
+            d.id.clone(),
+            d.name.clone(),
+            d.team.clone(),
+            status.to_string(),
+            d.last_heartbeat.map_or("-".into(), |t| {
+                format!("{} ago", span(now.saturating_sub(t)))
+            }),
+            format!("in {}", span(d.cert_not_after.saturating_sub(now))),
+            d.rtt_micros
+                .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `42s`, `5m`, `3h`, `29d`.
+fn span(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86_400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_every_unit() {
+        let cases = [
+            ("30s", 30),
+            ("10m", 600),
+            ("1h", 3600),
+            ("30d", 2_592_000),
+            ("45", 45),
+        ];
+        for (text, secs) in cases {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        for bad in ["", "h", "1w", "1.5h", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_table_has_a_header_and_a_line_per_device() {
+        let device = DeviceInfo {
+            id: "dev_0123456789abcdef0123".into(),
+            name: "press-7".into(),
+            team: "line-3".into(),
+            enrolled_at: 0,
+            revoked: false,
+            online: true,
+            connected_since: Some(90),
+            last_heartbeat: Some(95),
+            cert_not_after: 100 + 86_400 * 29,
+            rtt_micros: Some(1500),
+        };
+        let table = device_table(&[device], 100);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("ID"));
+        assert!(
+            lines[1].contains("online")
+                && lines[1].contains("5s ago")
+                && lines[1].contains("in 29d")
+        );
+    }
+}

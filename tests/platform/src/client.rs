@@ -1,0 +1,292 @@
+//! The admin client the `tether-platform` commands use: HTTPS to the
+//! running platform, found through `DIR/platform.json`, trusting only
+//! `DIR/ca.crt`, authenticated with `DIR/admin-token`.
+//!
+//! This module owns finding the platform, the TLS connection and the
+//! request/answer exchange, and turns every failure into an error that says
+//! what to do. It never prints anything and never logs the token.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::de::DeserializeOwned;
+use tether_proto::api::{ApiError, Secret};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::admin::{CreateTokenRequest, CreateTokenResponse, RevokeResponse, TCP_UPGRADE};
+use crate::ca::CA_CERT_FILE;
+use crate::files;
+use crate::keys::ADMIN_TOKEN_FILE;
+use crate::platform::{DeviceInfo, PLATFORM_JSON, PlatformFile};
+
+/// Largest answer read, in bytes.
+const MAX_ANSWER: usize = 8 * 1024 * 1024;
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot read '{path}': {reason}; help: is `tether-platform serve --data-dir {dir}` running, and is --data-dir right?"
+    )]
+    DataDir {
+        path: PathBuf,
+        dir: String,
+        reason: String,
+    },
+    #[error(
+        "cannot reach the platform at {url}: {source}; help: start it with `tether-platform serve --data-dir {dir}`"
+    )]
+    Unreachable {
+        url: String,
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "TLS with the platform at {url} failed: {reason}; help: the data directory must be the one the running platform uses"
+    )]
+    Tls { url: String, reason: String },
+    #[error("HTTP exchange with the platform failed: {0}")]
+    Http(String),
+    #[error("the platform answered {status}: {message}")]
+    Api {
+        status: StatusCode,
+        code: Option<tether_proto::api::ErrorCode>,
+        message: String,
+    },
+    #[error("the platform's answer was not what was expected: {0}")]
+    BadAnswer(String),
+}
+
+/// A client of one running platform.
+#[derive(Clone)]
+pub struct AdminClient {
+    addr: SocketAddr,
+    url: String,
+    dir: String,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    token: Secret,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("url", &self.url)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminClient {
+    /// Finds the platform through `dir` (`platform.json`, `ca.crt`,
+    /// `admin-token`).
+    pub fn from_data_dir(dir: &Path) -> Result<AdminClient, ClientError> {
+        let shown = dir.display().to_string();
+        let read = |name: &str| {
+            let path = dir.join(name);
+            files::read_text(&path).map_err(|e| ClientError::DataDir {
+                path: path.clone(),
+                dir: shown.clone(),
+                reason: e.to_string(),
+            })
+        };
+        let bad = |name: &str, reason: String| ClientError::DataDir {
+            path: dir.join(name),
+            dir: shown.clone(),
+            reason,
+        };
+        let platform: PlatformFile = serde_json::from_str(&read(PLATFORM_JSON)?)
+            .map_err(|e| bad(PLATFORM_JSON, e.to_string()))?;
+        let ca = CertificateDer::from_pem_slice(read(CA_CERT_FILE)?.as_bytes())
+            .map_err(|e| bad(CA_CERT_FILE, e.to_string()))?;
+        let token = Secret::new(read(ADMIN_TOKEN_FILE)?.trim());
+        let host = host_of(&platform.url)
+            .ok_or_else(|| bad(PLATFORM_JSON, "no host in the url".into()))?;
+        let server_name = ServerName::try_from(host.to_string())
+            .map_err(|e| bad(PLATFORM_JSON, e.to_string()))?;
+        let mut addr = platform.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        Ok(AdminClient {
+            addr,
+            url: platform.url,
+            dir: shown.clone(),
+            server_name,
+            connector: connector(ca).map_err(|e| bad(CA_CERT_FILE, e.to_string()))?,
+            token,
+        })
+    }
+
+    /// The platform's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `POST /v1/admin/tokens`.
+    pub async fn create_token(
+        &self,
+        request: &CreateTokenRequest,
+    ) -> Result<CreateTokenResponse, ClientError> {
+        let body =
+            serde_json::to_vec(request).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        self.json(Method::POST, "/v1/admin/tokens", Some(body))
+            .await
+    }
+
+    /// `GET /v1/admin/devices`.
+    pub async fn devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
+        self.json(Method::GET, "/v1/admin/devices", None).await
+    }
+
+    /// `POST /v1/admin/devices/{id}/revoke`.
+    pub async fn revoke(&self, device_id: &str) -> Result<RevokeResponse, ClientError> {
+        let path = format!("/v1/admin/devices/{device_id}/revoke");
+        self.json(Method::POST, &path, Some(Vec::new())).await
+    }
+
+    /// Opens a connect session to `service` on `device_id`: the upgraded
+    /// connection carries the service's bytes.
+    pub async fn connect(
+        &self,
+        device_id: &str,
+        service: &str,
+    ) -> Result<TokioIo<Upgraded>, ClientError> {
+        let path = format!("/v1/admin/devices/{device_id}/services/{service}/connect");
+        let request = self
+            .request(Method::GET, &path)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, TCP_UPGRADE)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let response = self.send(request).await?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(api_error(response).await);
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        Ok(TokioIo::new(upgraded))
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let mut builder = self.request(method, path);
+        if body.is_some() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let response = self.send(request).await?;
+        if !response.status().is_success() {
+            return Err(api_error(response).await);
+        }
+        let bytes = read_body(response).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::BadAnswer(e.to_string()))
+    }
+
+    fn request(&self, method: Method, path: &str) -> http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, self.url.trim_start_matches("https://"))
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", self.token.expose()),
+            )
+    }
+
+    /// One request on a fresh connection.
+    async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        let tcp =
+            TcpStream::connect(self.addr)
+                .await
+                .map_err(|source| ClientError::Unreachable {
+                    url: self.url.clone(),
+                    dir: self.dir.clone(),
+                    source,
+                })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| ClientError::Tls {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(connection.with_upgrades());
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))
+    }
+}
+
+async fn read_body(response: http::Response<hyper::body::Incoming>) -> Result<Bytes, ClientError> {
+    Limited::new(response.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| ClientError::Http(e.to_string()))
+}
+
+async fn api_error(response: http::Response<hyper::body::Incoming>) -> ClientError {
+    let status = response.status();
+    let body = read_body(response).await.unwrap_or_default();
+    match serde_json::from_slice::<ApiError>(&body) {
+        Ok(error) => ClientError::Api {
+            status,
+            code: Some(error.error),
+            message: error.message,
+        },
+        Err(_) => ClientError::Api {
+            status,
+            code: None,
+            message: String::from_utf8_lossy(&body).chars().take(200).collect(),
+        },
+    }
+}
+
+fn connector(ca: CertificateDer<'static>) -> Result<TlsConnector, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca)?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// `localhost` from `https://localhost:8443`.
+fn host_of(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("https://")?;
+    let authority = rest.split('/').next()?;
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    Some(host.trim_start_matches('[').trim_end_matches(']')).filter(|h| !h.is_empty())
+}

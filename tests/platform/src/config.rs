@@ -1,0 +1,109 @@
+//! Everything a [`crate::Platform`] can be told, with defaults sized for a
+//! fleet of thousands of devices on one small server.
+//!
+//! This module owns the knobs and their defaults; it never opens a file or a
+//! socket.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tether_proto::tokio_io::websocket_config;
+use tether_proto::{Config, Role};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::rate_limit::RateLimit;
+
+/// The platform's configuration. Build it with [`PlatformConfig::new`], then
+/// change any public field.
+#[derive(Clone, Debug)]
+pub struct PlatformConfig {
+    /// Where the CA, the keys, the admin token and `platform.redb` live.
+    pub data_dir: PathBuf,
+    /// The HTTPS listener's address. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Names in the server certificate (DNS names or IP addresses). The first
+    /// is the public host: `url()` and the tunnel URL use it.
+    pub names: Vec<String>,
+    /// How long device certificates are valid (enrollment and renewal).
+    pub cert_validity: Duration,
+    /// Enrollment attempts per source address.
+    pub enroll_rate: RateLimit,
+    /// Failed admin authentications per source address.
+    pub admin_failure_rate: RateLimit,
+    /// Bound on the TLS handshake and on reading a request's headers.
+    pub handshake_timeout: Duration,
+    /// Connections (tunnels included) held at once; more are dropped.
+    pub max_connections: usize,
+    /// How long a device has to accept a stream the platform opens.
+    pub open_timeout: Duration,
+    /// How long shutdown waits for tunnels to close gracefully.
+    pub shutdown_grace: Duration,
+    /// The tunnel protocol's configuration (role: platform).
+    pub tunnel: Config,
+    /// tungstenite's read buffer per tunnel. It is allocated, and zeroed, in
+    /// full for every tunnel, idle or not: it dominates an idle tunnel's
+    /// memory, so the platform keeps it much smaller than the device does.
+    /// Larger messages still arrive: the buffer grows to fit them.
+    pub ws_read_buffer: usize,
+    /// tungstenite's write buffer target per tunnel (grown only when used).
+    pub ws_write_buffer: usize,
+}
+
+impl PlatformConfig {
+    /// Defaults for everything but the data directory and the address.
+    pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> PlatformConfig {
+        PlatformConfig {
+            data_dir: data_dir.into(),
+            listen,
+            names: vec!["localhost".to_string(), "127.0.0.1".to_string()],
+            cert_validity: Duration::from_secs(30 * 24 * 3600),
+            enroll_rate: RateLimit::ENROLL,
+            admin_failure_rate: RateLimit::ADMIN_FAILURES,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            open_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(2),
+            tunnel: Config::new(Role::Platform),
+            ws_read_buffer: 8 * 1024,
+            ws_write_buffer: 16 * 1024,
+        }
+    }
+
+    /// The WebSocket limits of a tunnel: the protocol's (one frame per
+    /// message, bounded write buffer) with the platform's buffer sizes.
+    pub fn websocket(&self) -> WebSocketConfig {
+        let base = websocket_config(&self.tunnel.settings);
+        let max_write = base.max_write_buffer_size.max(self.ws_write_buffer + 1);
+        base.read_buffer_size(self.ws_read_buffer)
+            .write_buffer_size(self.ws_write_buffer)
+            .max_write_buffer_size(max_write)
+    }
+
+    /// The public host: the first name.
+    pub fn public_host(&self) -> &str {
+        self.names.first().map_or("localhost", String::as_str)
+    }
+
+    /// Checks what would otherwise fail later, with a message that says what
+    /// to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.names.is_empty() {
+            return Err("at least one --name is needed for the server certificate".into());
+        }
+        if self.tunnel.role != Role::Platform {
+            return Err("the tunnel configuration's role must be Role::Platform".into());
+        }
+        self.tunnel.validate().map_err(|e| e.to_string())?;
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        if self.ws_read_buffer < 1024 || self.ws_write_buffer < 1024 {
+            return Err("WebSocket buffers must be at least 1024 bytes".into());
+        }
+        if self.cert_validity < Duration::from_secs(60) {
+            return Err("cert_validity must be at least 60 s".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! The platform's side of a device's control stream: heartbeats and
+//! certificate renewal (`docs/protocol.md`, "Control stream").
+//!
+//! This module owns the request/answer loop. The device id always comes from
+//! the tunnel (its certificate), never from a message, so a device can only
+//! ever renew its own certificate. It never holds more than one message's
+//! worth of bytes ([`ControlDecoder`] bounds it at 64 KiB), and a message it
+//! cannot decode ends the stream, not the tunnel.
+
+use std::sync::Arc;
+
+use tether_proto::ResetCode;
+use tether_proto::control::{ControlDecoder, ControlMessage, encode};
+use tether_proto::tokio_io::TunnelStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use crate::ca::{self, Issued};
+use crate::platform::{PlatformEvent, State};
+use crate::store::StoreError;
+
+/// Bytes read from the stream at a time. Heartbeats are ~200 bytes, renewal
+/// requests ~700: small keeps an idle tunnel small.
+const READ_CHUNK: usize = 2048;
+
+/// Serves one control stream until it ends.
+pub async fn serve(
+    state: Arc<State>,
+    device_id: String,
+    generation: u64,
+    mut stream: TunnelStream,
+) {
+    let mut decoder = ControlDecoder::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) => return debug!("control stream ended"),
+            Ok(n) => n,
+            Err(e) => return debug!(cause = %e, "control stream failed"),
+        };
+        decoder.push(&buf[..n]);
+        loop {
+            let message = match decoder.next_message() {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(cause = %e, "malformed control message; resetting the control stream");
+                    stream.reset(ResetCode::CANCEL, "malformed control message");
+                    return;
+                }
+            };
+            let Some(answer) = handle(&state, &device_id, generation, message).await else {
+                continue;
+            };
+            if let Err(e) = send(&mut stream, &answer).await {
+                return debug!(cause = %e, "cannot answer on the control stream");
+            }
+        }
+    }
+}
+
+/// Acts on one message; returns the answer to send, if any.
+async fn handle(
+    state: &Arc<State>,
+    device_id: &str,
+    generation: u64,
+    message: ControlMessage,
+) -> Option<ControlMessage> {
+    match message {
+        ControlMessage::Heartbeat(beat) => {
+            debug!(seq = beat.seq, rtt_micros = ?beat.rtt_micros, "heartbeat");
+            state.registry.heartbeat(device_id, generation);
+            state.emit(PlatformEvent::Heartbeat {
+                device_id: device_id.to_string(),
+                seq: beat.seq,
+            });
+            None
+        }
+        ControlMessage::RenewRequest { id, csr } => Some(renew(state, device_id, id, &csr).await),
+        ControlMessage::Error { id, code, message } => {
+            warn!(?id, %code, %message, "the device reported an error");
+            None
+        }
+        // A device does not send these; ignore them as unknown types are.
+        ControlMessage::RenewResponse { .. } | ControlMessage::Unknown => None,
+    }
+}
+
+/// Issues a certificate for `device_id` (the tunnel's) with the CSR's key.
+async fn renew(state: &Arc<State>, device_id: &str, id: u64, csr: &str) -> ControlMessage {
+    let key = match ca::parse_csr(csr) {
+        Ok(key) => key,
+        Err(e) => return error(id, "bad_csr", e.to_string()),
+    };
+    let issued = match state
+        .ca
+        .issue_device(device_id, &key, state.config.cert_validity)
+    {
+        Ok(issued) => issued,
+        Err(e) => {
+            warn!(cause = %e, "cannot issue a renewed certificate");
+            return error(
+                id,
+                "internal",
+                "the platform could not issue a certificate".into(),
+            );
+        }
+    };
+    let Issued {
+        pem,
+        fingerprint,
+        not_after,
+    } = issued;
+    let (device, fp) = (device_id.to_string(), fingerprint.clone());
+    let stored = state
+        .store
+        .blocking(move |s| s.add_certificate(&device, &fp, not_after))
+        .await;
+    match stored {
+        Ok(()) => {
+            info!(not_after, "certificate renewed");
+            state.emit(PlatformEvent::Renewed {
+                device_id: device_id.to_string(),
+                not_after,
+            });
+            ControlMessage::RenewResponse {
+                id,
+                certificate: pem,
+                not_after,
+            }
+        }
+        Err(StoreError::Revoked(_)) => error(id, "device_revoked", "this device is revoked".into()),
+        Err(e) => {
+            warn!(cause = %e, "cannot record a renewed certificate");
+            error(
+                id,
+                "internal",
+                "the platform could not record the certificate".into(),
+            )
+        }
+    }
+}
+
+fn error(id: u64, code: &str, message: String) -> ControlMessage {
+    ControlMessage::Error {
+        id: Some(id),
+        code: code.to_string(),
+        message,
+    }
+}
+
+async fn send(stream: &mut TunnelStream, message: &ControlMessage) -> std::io::Result<()> {
+    let bytes = encode(message).map_err(std::io::Error::other)?;
+    stream.write_all(&bytes).await
+}

@@ -1,0 +1,476 @@
+//! [`Platform`]: start, run and stop the reference platform, and the
+//! operations the admin API and the library API share.
+//!
+//! This module owns the platform's state ([`State`]: configuration, store,
+//! CA, keys, live tunnels, rate limiters, events) and its life cycle: load
+//! or create everything in the data directory, bind the listener, write
+//! `platform.json`, serve, and on shutdown stop accepting, close tunnels
+//! gracefully within a bound and release the database file. It never
+//! handles HTTP itself ([`crate::server`] does).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tether_proto::api::{PinnedKeys, Secret};
+use tether_proto::tokio_io::{Tunnel, TunnelStream};
+use tether_proto::{CloseCode, OpenError, Service, ServiceHeader};
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, broadcast, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::ca::{Ca, CaError, SERVER_CERT_FILE};
+use crate::config::PlatformConfig;
+use crate::files::{self, FileError, PUBLIC_MODE};
+use crate::keys::{self, KeyError, SigningKeys};
+use crate::rate_limit::RateLimiter;
+use crate::server;
+use crate::store::{Store, StoreError, TokenRecord};
+use crate::tunnels::Registry;
+
+/// File the running platform writes so admin commands find it.
+pub const PLATFORM_JSON: &str = "platform.json";
+/// Events kept for slow subscribers before they miss some.
+const EVENT_BACKLOG: usize = 1024;
+
+/// Why the platform could not start or an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}; help: is another process using the port?")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS configuration failed: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("invalid token request: {0}")]
+    BadTokenSpec(String),
+    #[error("no device '{0}'")]
+    NoDevice(String),
+    #[error("a start-up task failed: {0}")]
+    Task(String),
+}
+
+/// Why a stream to a device's service could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no device '{0}'; list devices with `tether-platform device list`")]
+    UnknownDevice(String),
+    #[error("device '{0}' has no live tunnel (it is offline)")]
+    DeviceOffline(String),
+    #[error("'{0}' is not a valid service name (1 to 64 characters of A-Z a-z 0-9 . _ -)")]
+    BadService(String),
+    #[error("cannot open a stream on the tunnel: {0}")]
+    Open(#[from] OpenError),
+    #[error("the device refused the stream: {0}")]
+    Refused(String),
+    #[error("the device did not accept the stream within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a provisioning token allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSpec {
+    pub ttl: Duration,
+    pub uses: u32,
+    pub team: String,
+}
+
+impl Default for TokenSpec {
+    /// One hour, one use, team `default`.
+    fn default() -> TokenSpec {
+        TokenSpec {
+            ttl: Duration::from_secs(3600),
+            uses: 1,
+            team: "default".to_string(),
+        }
+    }
+}
+
+/// A device as the admin API lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub id: String,
+    pub name: String,
+    pub team: String,
+    /// Unix seconds.
+    pub enrolled_at: u64,
+    pub revoked: bool,
+    pub online: bool,
+    /// Unix seconds, while online.
+    pub connected_since: Option<u64>,
+    /// Unix seconds of the last heartbeat on the live tunnel.
+    pub last_heartbeat: Option<u64>,
+    /// `not_after` of the newest certificate, Unix seconds.
+    pub cert_not_after: u64,
+    /// The live tunnel's smoothed round-trip time.
+    pub rtt_micros: Option<u64>,
+}
+
+/// Something that happened, for tests and dashboards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlatformEvent {
+    Enrolled {
+        device_id: String,
+    },
+    TunnelUp {
+        device_id: String,
+        fingerprint: String,
+    },
+    TunnelDown {
+        device_id: String,
+        reason: String,
+    },
+    Heartbeat {
+        device_id: String,
+        seq: u64,
+    },
+    Renewed {
+        device_id: String,
+        not_after: u64,
+    },
+}
+
+/// `platform.json`: where the running platform listens.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlatformFile {
+    /// `https://HOST:PORT`, HOST being the first name in the server
+    /// certificate.
+    pub url: String,
+    /// The bound socket address.
+    pub listen: SocketAddr,
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct State {
+    pub config: PlatformConfig,
+    pub store: Store,
+    pub ca: Ca,
+    pub pinned: PinnedKeys,
+    pub admin_hash: [u8; 32],
+    pub tunnel_url: String,
+    pub registry: Registry,
+    pub enroll_limiter: RateLimiter,
+    pub admin_limiter: RateLimiter,
+    events: broadcast::Sender<PlatformEvent>,
+}
+
+/// A running platform.
+#[derive(Debug)]
+pub struct Platform {
+    state: Arc<State>,
+    local_addr: SocketAddr,
+    admin_token: Secret,
+    stop: watch::Sender<bool>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Everything loaded from (or created in) the data directory.
+struct Loaded {
+    store: Store,
+    ca: Ca,
+    keys: SigningKeys,
+    admin_token: Secret,
+    identity: crate::ca::ServerIdentity,
+}
+
+impl Platform {
+    /// Loads or creates the data directory, binds the listener and starts
+    /// serving.
+    pub async fn start(config: PlatformConfig) -> Result<Platform, PlatformError> {
+        config.validate().map_err(PlatformError::Config)?;
+        let (dir, names) = (config.data_dir.clone(), config.names.clone());
+        let loaded = tokio::task::spawn_blocking(move || load(&dir, &names))
+            .await
+            .map_err(|e| PlatformError::Task(e.to_string()))??;
+        let acceptor = server::tls_acceptor(&loaded.ca, loaded.identity)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| PlatformError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| PlatformError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let host = config.public_host().to_string();
+        let port = local_addr.port();
+        let platform_file = PlatformFile {
+            url: format!("https://{host}:{port}"),
+            listen: local_addr,
+        };
+        let json = serde_json::to_vec_pretty(&platform_file).unwrap_or_default();
+        files::write_atomic(&config.data_dir.join(PLATFORM_JSON), &json, PUBLIC_MODE)?;
+        let state = Arc::new(State {
+            store: loaded.store,
+            ca: loaded.ca,
+            pinned: loaded.keys.pinned(),
+            admin_hash: keys::sha256(loaded.admin_token.expose().as_bytes()),
+            tunnel_url: format!("wss://{host}:{port}{}", tether_proto::api::TUNNEL_PATH),
+            registry: Registry::default(),
+            enroll_limiter: RateLimiter::new(config.enroll_rate),
+            admin_limiter: RateLimiter::new(config.admin_failure_rate),
+            events: broadcast::channel(EVENT_BACKLOG).0,
+            config,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(server::accept_loop(
+            state.clone(),
+            listener,
+            acceptor,
+            stopped,
+        ));
+        info!(url = %platform_file.url, listen = %local_addr, data_dir = %state.config.data_dir.display(), "platform listening");
+        Ok(Platform {
+            state,
+            local_addr,
+            admin_token: loaded.admin_token,
+            stop,
+            acceptor: Mutex::new(Some(task)),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `https://HOST:PORT`, HOST being the first configured name.
+    pub fn url(&self) -> String {
+        format!(
+            "https://{}:{}",
+            self.state.config.public_host(),
+            self.local_addr.port()
+        )
+    }
+
+    /// The CA certificate, PEM: what devices pin and clients trust.
+    pub fn ca_pem(&self) -> String {
+        self.state.ca.cert_pem().to_string()
+    }
+
+    /// `DIR/ca.crt`.
+    pub fn ca_path(&self) -> PathBuf {
+        self.state.config.data_dir.join(crate::ca::CA_CERT_FILE)
+    }
+
+    /// `DIR/server.crt`, the listener's certificate.
+    pub fn server_cert_path(&self) -> PathBuf {
+        self.state.config.data_dir.join(SERVER_CERT_FILE)
+    }
+
+    /// The admin token (also in `DIR/admin-token`).
+    pub fn admin_token(&self) -> Secret {
+        self.admin_token.clone()
+    }
+
+    /// Creates a provisioning token.
+    pub async fn create_token(&self, spec: TokenSpec) -> Result<Secret, PlatformError> {
+        crate::admin::check_spec(&spec).map_err(PlatformError::BadTokenSpec)?;
+        Ok(self.state.create_token(&spec).await?.0)
+    }
+
+    /// Every enrolled device, with its live tunnel's figures.
+    pub async fn devices(&self) -> Result<Vec<DeviceInfo>, PlatformError> {
+        self.state.devices().await
+    }
+
+    /// Revokes a device and closes its live tunnel with `REVOKED`. Returns
+    /// true if a live tunnel was closed.
+    pub async fn revoke(&self, device_id: &str) -> Result<bool, PlatformError> {
+        self.state.revoke(device_id).await
+    }
+
+    /// The device's live tunnel.
+    pub fn tunnel(&self, device_id: &str) -> Option<Tunnel> {
+        self.state.registry.get(device_id).map(|live| live.tunnel)
+    }
+
+    /// Opens `tcp:<service>` on the device and waits until it is accepted.
+    pub async fn open_tcp(
+        &self,
+        device_id: &str,
+        service: &str,
+    ) -> Result<TunnelStream, ConnectError> {
+        self.state.open_tcp(device_id, service).await
+    }
+
+    /// A receiver of every event from now on.
+    pub fn events(&self) -> broadcast::Receiver<PlatformEvent> {
+        self.state.events.subscribe()
+    }
+
+    /// Stops accepting connections, closes tunnels gracefully (bounded by
+    /// `shutdown_grace`, then at once) and releases the database file, so
+    /// a new platform can start on the same data directory.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.acceptor.lock().await.take() {
+            let _ = task.await;
+        }
+        self.state
+            .registry
+            .shutdown_all(self.state.config.shutdown_grace)
+            .await;
+        self.state.store.close_and_wait().await;
+        info!("platform stopped");
+    }
+}
+
+fn load(dir: &Path, names: &[String]) -> Result<Loaded, PlatformError> {
+    files::create_private_dir(dir)?;
+    let store = Store::open(dir)?;
+    let ca = Ca::load_or_create(dir)?;
+    let keys = SigningKeys::load_or_create(dir)?;
+    let admin_token = keys::load_or_create_admin_token(dir)?;
+    store.set_admin_token_hash(&keys::sha256(admin_token.expose().as_bytes()))?;
+    let identity = ca.issue_server(names, dir)?;
+    Ok(Loaded {
+        store,
+        ca,
+        keys,
+        admin_token,
+        identity,
+    })
+}
+
+impl State {
+    /// Publishes an event; nobody listening is fine.
+    pub fn emit(&self, event: PlatformEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Stores a new token; returns it and its expiry (Unix seconds).
+    pub async fn create_token(&self, spec: &TokenSpec) -> Result<(Secret, u64), PlatformError> {
+        let token = format!(
+            "{}{}",
+            tether_proto::api::PROVISIONING_TOKEN_PREFIX,
+            keys::random_hex(tether_proto::api::PROVISIONING_TOKEN_BYTES)?
+        );
+        let now = unix_now();
+        let record = TokenRecord {
+            team: spec.team.clone(),
+            created: now,
+            expires_at: now.saturating_add(spec.ttl.as_secs().max(1)),
+            uses_left: spec.uses,
+        };
+        let expires_at = record.expires_at;
+        let hash = keys::sha256_hex(token.as_bytes());
+        self.store
+            .blocking(move |s| s.insert_token(&hash, &record))
+            .await?;
+        info!(team = %spec.team, uses = spec.uses, expires_at, "provisioning token created");
+        Ok((Secret::new(token), expires_at))
+    }
+
+    /// Every device, joined with the registry's live figures.
+    pub async fn devices(&self) -> Result<Vec<DeviceInfo>, PlatformError> {
+        let records = self.store.blocking(|s| s.devices()).await?;
+        Ok(records
+            .into_iter()
+            .map(|d| {
+                let live = self.registry.get(&d.id);
+                DeviceInfo {
+                    online: live.is_some(),
+                    connected_since: live.as_ref().map(|l| unix(l.connected_since)),
+                    last_heartbeat: live.as_ref().and_then(|l| l.last_heartbeat.map(unix)),
+                    rtt_micros: live
+                        .as_ref()
+                        .and_then(|l| l.tunnel.rtt())
+                        .map(|rtt| u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX)),
+                    id: d.id,
+                    name: d.name,
+                    team: d.team,
+                    enrolled_at: d.enrolled_at,
+                    revoked: d.revoked,
+                    cert_not_after: d.cert_not_after,
+                }
+            })
+            .collect())
+    }
+
+    /// Marks the device revoked, then closes its live tunnel.
+    pub async fn revoke(&self, device_id: &str) -> Result<bool, PlatformError> {
+        let id = device_id.to_string();
+        match self.store.blocking(move |s| s.revoke(&id)).await {
+            Ok(_) => {}
+            Err(StoreError::NoDevice(id)) => return Err(PlatformError::NoDevice(id)),
+            Err(e) => return Err(e.into()),
+        }
+        let closed = self.registry.close(
+            device_id,
+            CloseCode::REVOKED,
+            "device revoked by a fleet manager",
+        );
+        info!(%device_id, disconnected = closed, "device revoked");
+        Ok(closed)
+    }
+
+    /// Opens `tcp:<service>` on the device's live tunnel and waits for the
+    /// device to accept it.
+    pub async fn open_tcp(
+        &self,
+        device_id: &str,
+        service: &str,
+    ) -> Result<TunnelStream, ConnectError> {
+        let header = ServiceHeader::new(Service::Tcp(service.to_string()));
+        if header.validate().is_err() {
+            return Err(ConnectError::BadService(service.to_string()));
+        }
+        let Some(live) = self.registry.get(device_id) else {
+            let id = device_id.to_string();
+            let known = self.store.blocking(move |s| s.device(&id)).await?;
+            return Err(match known {
+                Some(_) => ConnectError::DeviceOffline(device_id.to_string()),
+                None => ConnectError::UnknownDevice(device_id.to_string()),
+            });
+        };
+        let stream = live.tunnel.open(header)?;
+        let wait = self.config.open_timeout;
+        match tokio::time::timeout(wait, stream.accepted()).await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => Err(ConnectError::Refused(e.to_string())),
+            Err(_) => Err(ConnectError::Timeout(wait)),
+        }
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        // Without `shutdown`, at least stop accepting.
+        let _ = self.stop.send(true);
+        if !self.state.registry.is_empty() {
+            warn!("platform dropped without shutdown; live tunnels end with the runtime");
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    unix(SystemTime::now())
+}
+
+fn unix(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,293 @@
+//! The tunnel endpoint (`GET /v1/tunnel`) and the registry of live tunnels.
+//!
+//! This module owns who a tunnel belongs to and its life: the device id
+//! comes from the client certificate's fingerprint (never from anything the
+//! device says), a revoked or unknown certificate is refused before the
+//! WebSocket upgrade, one device has at most one live tunnel (a new one
+//! replaces the old), and revocation closes a live tunnel with
+//! `CloseCode::REVOKED`. Streams the device opens are accepted only for the
+//! control service ([`crate::control`] serves them); anything else is
+//! refused. It never parses certificates: rustls has verified the chain and
+//! the validity before a request reaches here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tether_proto::api::ErrorCode;
+use tether_proto::tokio_io::Tunnel;
+use tether_proto::{CloseCode, ResetCode, Service, ServiceHeader};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::http::{self as reply, Body};
+use crate::platform::{PlatformEvent, State};
+use crate::server::ConnInfo;
+use crate::store::DeviceRecord;
+
+/// What the registry knows about one live tunnel.
+#[derive(Clone, Debug)]
+pub struct LiveTunnel {
+    pub tunnel: Tunnel,
+    /// Tells this tunnel from an earlier or later one of the same device.
+    pub generation: u64,
+    pub fingerprint: String,
+    pub connected_since: SystemTime,
+    pub last_heartbeat: Option<SystemTime>,
+}
+
+/// Live tunnels by device id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    live: Mutex<HashMap<String, LiveTunnel>>,
+    next_generation: AtomicU64,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, LiveTunnel>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers `tunnel` as the device's live tunnel and returns its
+    /// generation. An older tunnel of the same device is closed.
+    pub fn insert(&self, device_id: &str, tunnel: Tunnel, fingerprint: &str) -> u64 {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let entry = LiveTunnel {
+            tunnel,
+            generation,
+            fingerprint: fingerprint.to_string(),
+            connected_since: SystemTime::now(),
+            last_heartbeat: None,
+        };
+        if let Some(old) = self.lock().insert(device_id.to_string(), entry) {
+            old.tunnel.close(
+                CloseCode::NO_ERROR,
+                "replaced by a newer tunnel from this device",
+            );
+        }
+        generation
+    }
+
+    /// Forgets the tunnel, if it is still generation `generation`.
+    pub fn remove(&self, device_id: &str, generation: u64) {
+        let mut live = self.lock();
+        if live
+            .get(device_id)
+            .is_some_and(|t| t.generation == generation)
+        {
+            live.remove(device_id);
+        }
+    }
+
+    /// The device's live tunnel, if any.
+    pub fn get(&self, device_id: &str) -> Option<LiveTunnel> {
+        self.lock().get(device_id).cloned()
+    }
+
+    /// Notes a heartbeat on the device's tunnel of generation `generation`.
+    pub fn heartbeat(&self, device_id: &str, generation: u64) {
+        if let Some(t) = self.lock().get_mut(device_id)
+            && t.generation == generation
+        {
+            t.last_heartbeat = Some(SystemTime::now());
+        }
+    }
+
+    /// Closes the device's live tunnel at once. True if there was one.
+    pub fn close(&self, device_id: &str, code: CloseCode, reason: &str) -> bool {
+        let removed = self.lock().remove(device_id);
+        if let Some(t) = &removed {
+            t.tunnel.close(code, reason);
+        }
+        removed.is_some()
+    }
+
+    /// Shuts every tunnel down gracefully, waits up to `grace`, then closes
+    /// what is left.
+    pub async fn shutdown_all(&self, grace: Duration) {
+        let tunnels: Vec<Tunnel> = self.lock().drain().map(|(_, t)| t.tunnel).collect();
+        for tunnel in &tunnels {
+            tunnel.shutdown(CloseCode::NO_ERROR, "the platform is shutting down");
+        }
+        let all_closed = futures_util::future::join_all(tunnels.iter().map(Tunnel::closed));
+        if tokio::time::timeout(grace, all_closed).await.is_err() {
+            warn!(?grace, "tunnels did not close in time; closing them now");
+            for tunnel in &tunnels {
+                tunnel.close(CloseCode::NO_ERROR, "the platform is shutting down");
+            }
+        }
+    }
+
+    /// Number of live tunnels.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True if no tunnel is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `GET /v1/tunnel`: authenticates the device by its certificate, answers
+/// the WebSocket upgrade and runs the tunnel in a task of its own.
+pub async fn handle(
+    state: Arc<State>,
+    conn: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let Some(fingerprint) = conn.fingerprint.clone() else {
+        return reply::error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::DeviceUnknown,
+            "the tunnel needs the device's client certificate; enroll the device first",
+        );
+    };
+    let device = match lookup(&state, &fingerprint).await {
+        Ok(device) => device,
+        Err(response) => return response,
+    };
+    let Some(key) = websocket_key(&req) else {
+        return reply::error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "expected a WebSocket upgrade (version 13) on this endpoint",
+        );
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let span = info_span!("tunnel", device_id = %device.id, peer = %conn.peer);
+    tokio::spawn(
+        async move {
+            match upgrade.await {
+                Ok(upgraded) => run(state, conn, device.id, fingerprint, upgraded).await,
+                Err(e) => debug!(cause = %e, "the WebSocket upgrade did not complete"),
+            }
+        }
+        .instrument(span),
+    );
+    let mut response = reply::empty(StatusCode::SWITCHING_PROTOCOLS);
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// The device behind a certificate fingerprint, or the answer refusing it.
+async fn lookup(state: &State, fingerprint: &str) -> Result<DeviceRecord, Response<Body>> {
+    let fp = fingerprint.to_string();
+    match state
+        .store
+        .blocking(move |s| s.device_by_fingerprint(&fp))
+        .await
+    {
+        Ok(Some(device)) if device.revoked => Err(reply::error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::DeviceRevoked,
+            "this device was revoked by a fleet manager; it must be enrolled again with a new provisioning token",
+        )),
+        Ok(Some(device)) => Ok(device),
+        Ok(None) => Err(reply::error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::DeviceUnknown,
+            "this certificate was not issued to any device of this platform; enroll the device",
+        )),
+        Err(e) => {
+            warn!(cause = %e, "device lookup failed");
+            Err(reply::internal())
+        }
+    }
+}
+
+fn websocket_key(req: &Request<Incoming>) -> Option<String> {
+    let headers = req.headers();
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    if !version_ok || !reply::wants_upgrade(headers, "websocket") {
+        return None;
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY)?.to_str().ok()?;
+    Some(key.to_string())
+}
+
+/// One tunnel, from the upgraded connection to its end.
+async fn run(
+    state: Arc<State>,
+    conn: Arc<ConnInfo>,
+    device_id: String,
+    fingerprint: String,
+    upgraded: hyper::upgrade::Upgraded,
+) {
+    let io = TokioIo::new(upgraded);
+    let ws =
+        WebSocketStream::from_raw_socket(io, Role::Server, Some(state.config.websocket())).await;
+    let (tunnel, driver) = match Tunnel::new(ws, state.config.tunnel.clone()) {
+        Ok(pair) => pair,
+        Err(e) => return warn!(cause = %e, "invalid tunnel configuration"),
+    };
+    let driver = tokio::spawn(driver);
+    let generation = state
+        .registry
+        .insert(&device_id, tunnel.clone(), &fingerprint);
+    // A revocation between the lookup above and the insert would have found
+    // no tunnel to close: look again now that the tunnel is registered.
+    if is_revoked(&state, &device_id).await {
+        state
+            .registry
+            .close(&device_id, CloseCode::REVOKED, "device revoked");
+    }
+    match tunnel.connected().await {
+        Ok(_) => {
+            info!("tunnel up");
+            state.emit(PlatformEvent::TunnelUp {
+                device_id: device_id.clone(),
+                fingerprint: fingerprint.clone(),
+            });
+            accept_streams(&state, &device_id, generation, &tunnel).await;
+        }
+        Err(e) => debug!(cause = %e, "tunnel handshake failed"),
+    }
+    let reason = tunnel.closed().await.to_string();
+    if let Ok(Err(e)) = driver.await {
+        debug!(cause = %e, "tunnel driver ended with an error");
+    }
+    state.registry.remove(&device_id, generation);
+    info!(%reason, "tunnel down");
+    state.emit(PlatformEvent::TunnelDown { device_id, reason });
+    // The connection's slot is released with its last holder.
+    drop(conn);
+}
+
+async fn is_revoked(state: &State, device_id: &str) -> bool {
+    let id = device_id.to_string();
+    matches!(
+        state.store.blocking(move |s| s.device(&id)).await,
+        Ok(Some(device)) if device.revoked
+    )
+}
+
+/// Accepts the device's control streams until the tunnel closes; refuses
+/// every other service.
+async fn accept_streams(state: &Arc<State>, device_id: &str, generation: u64, tunnel: &Tunnel) {
+    let only_control = |header: &ServiceHeader| match header.service {
+        Service::Control => Ok(()),
+        ref other => Err((
+            ResetCode::REFUSED,
+            format!("the platform does not serve '{other}' streams opened by a device"),
+        )),
+    };
+    while let Some((stream, _)) = tunnel.accept_filtered(only_control).await {
+        let state = state.clone();
+        let device_id = device_id.to_string();
+        tokio::spawn(crate::control::serve(state, device_id, generation, stream).in_current_span());
+    }
+}
