@@ -1,0 +1,291 @@
+//! The running agent: [`Agent::start`] loads (or first makes, from a
+//! provisioning token) the device identity, then spawns the reconnect loop
+//! and the status-file writer on the current tokio runtime. The handle
+//! publishes a [`Status`] channel and stops everything on
+//! [`Agent::shutdown`].
+//!
+//! This module owns the agent's shared state ([`Shared`]): the config, the
+//! current identity and credentials (replaced by renewal), and the status
+//! channel. It never does I/O itself beyond loading the identity.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::enroll::{self, EnrollError, EnrollOptions};
+use crate::identity::{Credentials, Identity, IdentityError, StateDir};
+use crate::services::Services;
+use crate::status::{self, Status, StatusFile};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("this device is not enrolled (no identity in '{}'); help: run 'tetherd enroll' or set provisioning_token in the config", .0.display())]
+    NotEnrolled(std::path::PathBuf),
+    #[error(
+        "the config has a provisioning_token but no platform URL; help: set platform = \"https://HOST:PORT\""
+    )]
+    NoPlatform,
+    #[error("enrollment failed: {0}")]
+    Enroll(#[from] EnrollError),
+    #[error("cannot load the device identity: {0}")]
+    Identity(#[from] IdentityError),
+}
+
+impl AgentError {
+    /// The process exit code (`docs/operations.md`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::NotEnrolled(_) | AgentError::NoPlatform => crate::exit::CONFIG,
+            AgentError::Enroll(e) => e.exit_code(),
+            AgentError::Identity(_) => crate::exit::CANTCREAT,
+        }
+    }
+}
+
+/// The identity in use and its loaded key material.
+#[derive(Debug)]
+pub(crate) struct Current {
+    pub(crate) identity: Identity,
+    pub(crate) creds: Credentials,
+}
+
+/// State shared by the agent's tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) state: StateDir,
+    pub(crate) services: Services,
+    current: Mutex<Current>,
+    status: watch::Sender<Status>,
+    /// When the agent started, for heartbeat uptime.
+    pub(crate) started: tokio::time::Instant,
+}
+
+impl Shared {
+    pub(crate) fn current(&self) -> MutexGuard<'_, Current> {
+        // Nothing panics while holding the lock; a poisoned lock still holds
+        // a consistent identity.
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn device_id(&self) -> String {
+        self.current().identity.device_id.clone()
+    }
+
+    /// Switches to a renewed identity (already stored on disk).
+    pub(crate) fn replace_current(&self, identity: Identity, creds: Credentials) {
+        let (not_after, fingerprint) = (creds.cert.not_after, creds.cert.fingerprint.clone());
+        *self.current() = Current { identity, creds };
+        self.update(|s, _| {
+            s.cert_not_after = not_after;
+            s.cert_fingerprint = fingerprint;
+            s.renewals += 1;
+        });
+    }
+
+    /// Changes the status; `now` is the agent clock's Unix time.
+    pub(crate) fn update(&self, change: impl FnOnce(&mut Status, u64)) {
+        let now = self.config.clock.now_unix();
+        self.status.send_modify(|s| change(s, now));
+    }
+
+    pub(crate) fn set_error(&self, message: String) {
+        self.update(|s, _| s.last_error = Some(message));
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// The tunnel settings, with the config's keepalive overrides.
+    pub(crate) fn proto_config(&self) -> tether_proto::Config {
+        let mut proto = tether_proto::Config::new(tether_proto::Role::Device);
+        if let Some(k) = self.config.tunnel.keepalive_interval {
+            proto.keepalive_interval = k;
+        }
+        if let Some(i) = self.config.tunnel.idle_timeout {
+            proto.idle_timeout = i;
+        }
+        proto
+    }
+}
+
+/// A running agent. Dropping it without [`Agent::shutdown`] leaves its
+/// tasks running until the runtime ends.
+#[derive(Debug)]
+pub struct Agent {
+    shared: Arc<Shared>,
+    status: watch::Receiver<Status>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Loads the identity (enrolling first if the device has none and the
+    /// config has a provisioning token), then spawns the agent's tasks on
+    /// the current tokio runtime.
+    pub async fn start(config: Config) -> Result<Agent, AgentError> {
+        let state = StateDir::new(&config.state_dir);
+        let identity = match state.load()? {
+            Some(identity) => {
+                if config.provisioning_token.is_some() {
+                    info!(device = %identity.device_id, "the device is enrolled: provisioning_token in the config is no longer used and may be removed");
+                }
+                if let Some(platform) = &config.platform
+                    && platform.trim_end_matches('/') != identity.platform
+                {
+                    warn!(config = %platform, enrolled = %identity.platform, "the config names another platform than the one this device enrolled with; the enrolled one is used: re-enroll to move the device");
+                }
+                identity
+            }
+            None => {
+                let Some(token) = config.provisioning_token.clone() else {
+                    return Err(AgentError::NotEnrolled(config.state_dir.clone()));
+                };
+                let platform = config.platform.clone().ok_or(AgentError::NoPlatform)?;
+                info!(%platform, "not enrolled yet: enrolling with the provisioning token from the config");
+                let options = EnrollOptions {
+                    platform,
+                    token,
+                    ca: config.ca.clone(),
+                    state_dir: config.state_dir.clone(),
+                    name: config.name.clone(),
+                    force: false,
+                    clock: config.clock,
+                };
+                let enrolled = enroll::enroll(&options).await?;
+                info!(device = %enrolled.identity.device_id, "enrolled; the provisioning_token in the config is no longer used and may be removed");
+                enrolled.identity
+            }
+        };
+        let creds = state.credentials(&identity)?;
+        let now = config.clock.now_unix();
+        let initial = Status::new(
+            identity.device_id.clone(),
+            creds.cert.not_after,
+            creds.cert.fingerprint.clone(),
+            now,
+        );
+        info!(
+            device = %identity.device_id,
+            name = %identity.name,
+            tunnel = %identity.tunnel_url,
+            cert_not_after = %crate::clock::rfc3339(creds.cert.not_after),
+            services = config.services.len(),
+            "agent starting"
+        );
+        let (status_tx, status_rx) = watch::channel(initial);
+        let shared = Arc::new(Shared {
+            services: Services::new(&config.services),
+            config,
+            state,
+            current: Mutex::new(Current { identity, creds }),
+            status: status_tx,
+            started: tokio::time::Instant::now(),
+        });
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(crate::reconnect::run(shared.clone(), shutdown_rx.clone())),
+            tokio::spawn(write_status(
+                shared.clone(),
+                status_rx.clone(),
+                shutdown_rx,
+                now,
+            )),
+        ];
+        Ok(Agent {
+            shared,
+            status: status_rx,
+            shutdown: shutdown_tx,
+            tasks,
+        })
+    }
+
+    /// The agent's status; changes are announced on the channel.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// The device id in use.
+    pub fn device_id(&self) -> String {
+        self.shared.device_id()
+    }
+
+    /// Stops the agent: closes the tunnel gracefully (bounded), writes the
+    /// final status, and waits for its tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let mut tasks = self.tasks.into_iter();
+        if let Some(reconnect) = tasks.next() {
+            let _ = reconnect.await;
+        }
+        // The status writer ends after writing the final state; bound the
+        // wait in case the reconnect task died without reporting it.
+        for mut task in tasks {
+            if tokio::time::timeout(std::time::Duration::from_secs(2), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Writes `status.json` on every change and every [`status::STATUS_REFRESH`];
+/// a final time when the agent stops.
+async fn write_status(
+    shared: Arc<Shared>,
+    mut status: watch::Receiver<Status>,
+    mut shutdown: watch::Receiver<bool>,
+    started_at: u64,
+) {
+    let pid = std::process::id();
+    let write = |shared: &Shared| {
+        let file = StatusFile {
+            pid,
+            updated_at: shared.config.clock.now_unix(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at,
+            status: shared.status(),
+        };
+        if let Err(e) = status::write_file(&shared.state, &file) {
+            warn!(cause = %e, "cannot write the status file");
+        }
+    };
+    let mut refresh = tokio::time::interval(status::STATUS_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            changed = status.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let stopped = status.borrow_and_update().state == crate::status::TunnelState::Stopped;
+                write(&shared);
+                if stopped && stopping {
+                    break;
+                }
+            }
+            _ = refresh.tick() => write(&shared),
+            _ = crate::agent::stopped(&mut shutdown), if !stopping => {
+                stopping = true;
+                if shared.status().state == crate::status::TunnelState::Stopped {
+                    write(&shared);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone). Holds no
+/// borrow of the channel across an await, so the future is `Send`.
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,327 @@
+//! The command line: `tetherd enroll`, `tetherd run`, `tetherd status`.
+//!
+//! This is the binary's edge: parse arguments, set up logging, run, and map
+//! every failure to one line on stderr and a documented exit code
+//! (`docs/operations.md`). It holds no agent logic.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tether_proto::api::Secret;
+use tracing::{error, info, warn};
+
+use crate::agent::Agent;
+use crate::clock::Clock;
+use crate::config::{Config, DEFAULT_STATE_DIR};
+use crate::enroll::{self, EnrollOptions};
+use crate::exit;
+use crate::identity::StateDir;
+use crate::status;
+
+/// The agent's version and the tunnel protocol version it speaks. `concat!`
+/// takes only literals, so a test checks the protocol part against
+/// `tether_proto::PROTOCOL_VERSION`.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (tunnel protocol 1.0)");
+
+/// The environment variable that overrides the log filter (EnvFilter syntax).
+pub const LOG_ENV: &str = "TETHERD_LOG";
+
+const ENROLL_EXIT_CODES: &str = "\
+Exit codes:
+  0   enrolled
+  64  usage: bad arguments, platform URL or device name
+  65  token rejected: malformed, unknown, already used or expired
+  69  platform unreachable: DNS, connection refused, timeout
+  70  internal error (key generation)
+  73  cannot write the state directory, or already enrolled (use --force)
+  75  temporary: rate limited or platform overloaded; retry later
+  76  protocol: the platform answered something unexpected
+  77  not trusted: the platform's certificate does not match the CA
+  78  config: unreadable --ca or --config file, or the device clock is far off";
+
+/// Tether device agent: keeps one outbound mutual-TLS tunnel to the platform
+/// and carries editor access, MQTT and control traffic over it.
+#[derive(Debug, Parser)]
+#[command(name = "tetherd", version = VERSION)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll this device with a platform using a one-time provisioning token.
+    #[command(after_help = ENROLL_EXIT_CODES)]
+    Enroll(EnrollArgs),
+    /// Run the agent: keep the tunnel to the platform up.
+    Run(RunArgs),
+    /// Show whether the device is enrolled and what the daemon is doing.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// The platform's URL, https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    platform: Option<String>,
+    /// The provisioning token (or provisioning_token in the config file).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TETHERD_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Trust only this CA certificate (PEM) for the platform; without it the
+    /// operating system's roots are used.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Where to keep the identity [default: the config's, or /var/lib/tether].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The device's name [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Read platform, token, name and state_dir from this config file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Replace an existing enrollment.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The config file (TOML).
+    #[arg(long, value_name = "FILE", conflicts_with = "state_dir")]
+    config: Option<PathBuf>,
+    /// Run without a config file, with the identity in DIR and no services.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Read the state directory from this config file.
+    #[arg(long, value_name = "FILE", conflicts_with = "state_dir")]
+    config: Option<PathBuf>,
+    /// The state directory [default: /var/lib/tether].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print JSON (a stable format) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `tetherd` with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let code = match cli.command {
+        Command::Enroll(args) => enroll_command(args),
+        Command::Run(args) => run_command(args),
+        Command::Status(args) => status_command(args),
+    };
+    ExitCode::from(code)
+}
+
+fn fail(message: impl std::fmt::Display, code: u8) -> u8 {
+    eprintln!("tetherd: {message}");
+    code
+}
+
+fn load_config(path: Option<&PathBuf>, state_dir: Option<&PathBuf>) -> Result<Config, u8> {
+    let mut config = match path {
+        Some(path) => Config::load(path).map_err(|e| fail(e, exit::CONFIG))?,
+        None => Config::for_state_dir(DEFAULT_STATE_DIR),
+    };
+    if let Some(dir) = state_dir {
+        config.state_dir = dir.clone();
+    }
+    Ok(config)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .thread_stack_size(256 * 1024)
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("cannot start the runtime: {e}"), exit::SOFTWARE))
+}
+
+fn enroll_command(args: EnrollArgs) -> u8 {
+    let config = match load_config(args.config.as_ref(), args.state_dir.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(platform) = args.platform.or(config.platform.clone()) else {
+        return fail(
+            "enroll needs --platform https://HOST:PORT (or platform in the config)",
+            exit::USAGE,
+        );
+    };
+    let Some(token) = args
+        .token
+        .map(Secret::new)
+        .or(config.provisioning_token.clone())
+    else {
+        return fail(
+            "enroll needs --token TOKEN (or provisioning_token in the config)",
+            exit::USAGE,
+        );
+    };
+    let options = EnrollOptions {
+        platform,
+        token,
+        ca: args.ca.or(config.ca.clone()),
+        state_dir: config.state_dir.clone(),
+        name: args.name.or(config.name.clone()),
+        force: args.force,
+        clock: Clock::system(),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(enroll::enroll(&options)) {
+        Ok(enrolled) => {
+            let id = &enrolled.identity;
+            println!(
+                "enrolled as {} ('{}') with {}; identity stored in '{}'",
+                id.device_id,
+                id.name,
+                id.platform,
+                options.state_dir.display()
+            );
+            if enrolled.clock_skew_secs.unsigned_abs() > enroll::MAX_CLOCK_SKEW_SECS {
+                eprintln!(
+                    "tetherd: warning: the device clock is {} s {} the platform's; help: enable NTP, or certificate checks and renewal will misbehave",
+                    enrolled.clock_skew_secs.unsigned_abs(),
+                    if enrolled.clock_skew_secs > 0 {
+                        "behind"
+                    } else {
+                        "ahead of"
+                    }
+                );
+            }
+            if config.provisioning_token.is_some() {
+                eprintln!(
+                    "tetherd: the provisioning_token in the config is no longer used and may be removed"
+                );
+            }
+            0
+        }
+        Err(e) => fail(format!("enrollment failed: {e}"), e.exit_code()),
+    }
+}
+
+fn run_command(args: RunArgs) -> u8 {
+    let config = match load_config(args.config.as_ref(), args.state_dir.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(config.log_filter());
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let agent = match Agent::start(config).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                error!(cause = %e, "agent cannot start");
+                return fail(&e, e.exit_code());
+            }
+        };
+        let signal = wait_for_signal().await;
+        info!(signal, "stopping");
+        agent.shutdown().await;
+        info!("stopped");
+        0
+    })
+}
+
+/// Waits for SIGTERM or SIGINT; returns its name.
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot listen for signals; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+fn status_command(args: StatusArgs) -> u8 {
+    let config = match load_config(args.config.as_ref(), args.state_dir.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let report = status::report(&StateDir::new(&config.state_dir), Clock::system());
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => return fail(e, exit::SOFTWARE),
+        }
+    } else {
+        print!("{}", status::render(&report, Clock::system()));
+    }
+    0
+}
+
+/// Logs to the journal when started by systemd with its journal on stderr
+/// (`JOURNAL_STREAM`), to stderr otherwise. `TETHERD_LOG` overrides the
+/// config's `log_level`.
+fn init_logging(default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var(LOG_ENV)
+        .ok()
+        .and_then(|f| EnvFilter::builder().parse(f).ok())
+        .unwrap_or_else(|| EnvFilter::builder().parse_lossy(default_filter));
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journald) = tracing_journald::layer()
+    {
+        let _ = registry
+            .with(journald.with_syslog_identifier("tetherd".into()))
+            .try_init();
+        return;
+    }
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = registry.with(fmt).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_names_the_protocol_this_build_speaks() {
+        let expected = format!("(tunnel protocol {})", tether_proto::PROTOCOL_VERSION);
+        assert!(VERSION.ends_with(&expected), "{VERSION}");
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

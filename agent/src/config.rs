@@ -1,0 +1,714 @@
+//! The agent's configuration file (TOML) and the validated [`Config`] the
+//! rest of the agent runs on.
+//!
+//! The file is read into a `toml::Table` first and every key is checked
+//! against the known set and its expected type, so that all the problems in a
+//! file are reported at once, each naming its key. Only then is the typed
+//! [`Config`] built: it has defaults filled in and no unchecked values. This
+//! module never touches the network or the state directory's contents, and
+//! never shows a secret: the provisioning token is a [`Secret`].
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tether_proto::api::{Secret, is_device_name, is_provisioning_token};
+use toml::{Table, Value};
+
+use crate::clock::Clock;
+use crate::duration;
+
+/// Where the agent keeps its identity and status unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
+/// Largest config file read, in bytes.
+const MAX_CONFIG_FILE: u64 = 1024 * 1024;
+
+/// The validated configuration of one agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Identity, keys and the status file live here.
+    pub state_dir: PathBuf,
+    /// The platform's base URL (`https://HOST:PORT`). Taken from the
+    /// enrollment record unless set; needed here only to enroll from `run`.
+    pub platform: Option<String>,
+    /// CA file to trust for enrollment from `run` (the OS roots without it).
+    pub ca: Option<PathBuf>,
+    /// One-time token to enroll with when the device has no identity yet.
+    /// Ignored once the device is enrolled.
+    pub provisioning_token: Option<Secret>,
+    /// The device's name at enrollment (the hostname without it).
+    pub name: Option<String>,
+    /// Log filter (`info` without it; `TETHERD_LOG` overrides).
+    pub log_level: Option<String>,
+    /// Local TCP services the platform may open streams to.
+    pub services: Vec<ServiceConfig>,
+    /// Overrides of the tunnel's keepalive.
+    pub tunnel: TunnelConfig,
+    /// Delays between connection attempts.
+    pub reconnect: ReconnectConfig,
+    /// When to renew the device certificate.
+    pub renewal: RenewalConfig,
+    /// How often a heartbeat goes to the platform.
+    pub heartbeat_interval: Duration,
+    /// The wall clock; not a file key. Tests shift it to play a device whose
+    /// clock is far off.
+    pub clock: Clock,
+}
+
+/// One `[[service]]` entry: a name the platform asks for and where it leads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub target: SocketAddr,
+}
+
+/// `[tunnel]`: keepalive overrides; `None` keeps tether-proto's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    pub keepalive_interval: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// `[reconnect]`: exponential backoff with full jitter between `min_delay`
+/// and `max_delay`, reset after a session that stayed up `stable_after`;
+/// `slow_delay` after failures that retrying soon cannot fix (revoked,
+/// untrusted, expired).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReconnectConfig {
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    pub stable_after: Duration,
+    pub slow_delay: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            min_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(60),
+            stable_after: Duration::from_secs(60),
+            slow_delay: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[renewal]`: renew when the certificate has less than `before` left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenewalConfig {
+    pub before: Duration,
+}
+
+impl Default for RenewalConfig {
+    fn default() -> Self {
+        RenewalConfig {
+            before: Duration::from_secs(10 * 86_400),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config '{path}': {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: crate::files::FileError,
+    },
+    #[error("config{} is not valid TOML: {message}", at(path))]
+    Syntax {
+        path: Option<PathBuf>,
+        message: String,
+    },
+    #[error("{}", Problems { path, problems })]
+    Invalid {
+        path: Option<PathBuf>,
+        problems: Vec<String>,
+    },
+}
+
+impl ConfigError {
+    /// Every problem found, one per key (syntax and read errors give one).
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems.clone(),
+            other => vec![other.to_string()],
+        }
+    }
+
+    fn with_path(self, file: &Path) -> ConfigError {
+        match self {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: Some(file.to_owned()),
+                message,
+            },
+            ConfigError::Invalid { problems, .. } => ConfigError::Invalid {
+                path: Some(file.to_owned()),
+                problems,
+            },
+            other => other,
+        }
+    }
+}
+
+fn at(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!(" '{}'", p.display()))
+        .unwrap_or_default()
+}
+
+struct Problems<'a> {
+    path: &'a Option<PathBuf>,
+    problems: &'a [String],
+}
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "config{} has {n} problem{}: {}",
+            at(self.path),
+            if n == 1 { "" } else { "s" },
+            self.problems.join("; ")
+        )
+    }
+}
+
+impl Config {
+    /// Defaults, with the state kept in `dir` and no services.
+    pub fn for_state_dir(dir: impl Into<PathBuf>) -> Config {
+        Config {
+            state_dir: dir.into(),
+            platform: None,
+            ca: None,
+            provisioning_token: None,
+            name: None,
+            log_level: None,
+            services: Vec::new(),
+            tunnel: TunnelConfig::default(),
+            reconnect: ReconnectConfig::default(),
+            renewal: RenewalConfig::default(),
+            heartbeat_interval: Duration::from_secs(30),
+            clock: Clock::system(),
+        }
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let bytes = crate::files::read_bounded(path, MAX_CONFIG_FILE).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Syntax {
+            path: Some(path.to_owned()),
+            message: "the file is not UTF-8".into(),
+        })?;
+        Config::from_toml_str(&text).map_err(|e| e.with_path(path))
+    }
+
+    /// Validates a config given as TOML text, reporting every problem.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let table: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: None,
+                message: e.message().trim().to_owned(),
+            })?;
+        let mut check = Checker::default();
+        let mut config = Config::for_state_dir(DEFAULT_STATE_DIR);
+        for (key, value) in &table {
+            match key.as_str() {
+                "state_dir" => {
+                    if let Some(s) = check.string(key, value) {
+                        if s.is_empty() {
+                            check.problem(key, "expected a directory path, found an empty string");
+                        } else {
+                            config.state_dir = PathBuf::from(s);
+                        }
+                    }
+                }
+                "platform" => {
+                    if let Some(s) = check.string(key, value) {
+                        match crate::net::Endpoint::parse(s, "https") {
+                            Ok(_) => config.platform = Some(s.to_owned()),
+                            Err(e) => check.problem(key, &e.to_string()),
+                        }
+                    }
+                }
+                "ca" => {
+                    if let Some(s) = check.string(key, value) {
+                        config.ca = Some(PathBuf::from(s));
+                    }
+                }
+                "provisioning_token" => {
+                    if let Some(s) = check.string(key, value) {
+                        if is_provisioning_token(s) {
+                            config.provisioning_token = Some(Secret::new(s));
+                        } else {
+                            // Never echo the value: it may be a real token
+                            // with a typo.
+                            check.problem(
+                                key,
+                                "expected a provisioning token ('tpt_' and 64 lowercase hex digits)",
+                            );
+                        }
+                    }
+                }
+                "name" => {
+                    if let Some(s) = check.string(key, value) {
+                        if is_device_name(s) {
+                            config.name = Some(s.to_owned());
+                        } else {
+                            check
+                                .problem(key, "expected 1 to 64 characters, no control characters");
+                        }
+                    }
+                }
+                "log_level" => {
+                    if let Some(s) = check.string(key, value) {
+                        if tracing_subscriber::EnvFilter::builder().parse(s).is_ok() {
+                            config.log_level = Some(s.to_owned());
+                        } else {
+                            check.problem(
+                                key,
+                                &format!("'{s}' is not a log filter; expected trace, debug, info, warn or error"),
+                            );
+                        }
+                    }
+                }
+                "heartbeat_interval" => {
+                    if let Some(d) = check.duration_in(key, value, SECOND, HOUR) {
+                        config.heartbeat_interval = d;
+                    }
+                }
+                "service" => config.services = check.services(value),
+                "tunnel" => {
+                    if let Some(t) = check.table(key, value) {
+                        config.tunnel = check.tunnel(t);
+                    }
+                }
+                "reconnect" => {
+                    if let Some(t) = check.table(key, value) {
+                        config.reconnect = check.reconnect(t);
+                    }
+                }
+                "renewal" => {
+                    if let Some(t) = check.table(key, value) {
+                        for (k, v) in t {
+                            let full = format!("renewal.{k}");
+                            match k.as_str() {
+                                "before" => {
+                                    if let Some(d) = check.duration_in(&full, v, HOUR, 365 * DAY) {
+                                        config.renewal.before = d;
+                                    }
+                                }
+                                _ => check.unknown(&full, "before"),
+                            }
+                        }
+                    }
+                }
+                _ => check.unknown(
+                    key,
+                    "state_dir, platform, ca, provisioning_token, name, log_level, \
+                     heartbeat_interval, [[service]], [tunnel], [reconnect], [renewal]",
+                ),
+            }
+        }
+        if check.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: None,
+                problems: check.problems,
+            })
+        }
+    }
+
+    /// The log filter to use: the config's, or `info`.
+    pub fn log_filter(&self) -> &str {
+        self.log_level.as_deref().unwrap_or("info")
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Collects problems while walking the table.
+#[derive(Default)]
+struct Checker {
+    problems: Vec<String>,
+}
+
+impl Checker {
+    fn problem(&mut self, key: &str, what: &str) {
+        self.problems.push(format!("'{key}': {what}"));
+    }
+
+    fn unknown(&mut self, key: &str, known: &str) {
+        self.problem(key, &format!("unknown key; expected one of: {known}"));
+    }
+
+    fn wrong_type(&mut self, key: &str, expected: &str, value: &Value) {
+        self.problem(
+            key,
+            &format!("expected {expected}, found {}", value.type_str()),
+        );
+    }
+
+    fn string<'v>(&mut self, key: &str, value: &'v Value) -> Option<&'v str> {
+        match value {
+            Value::String(s) => Some(s),
+            other => {
+                self.wrong_type(key, "a string", other);
+                None
+            }
+        }
+    }
+
+    fn table<'v>(&mut self, key: &str, value: &'v Value) -> Option<&'v Table> {
+        match value {
+            Value::Table(t) => Some(t),
+            other => {
+                self.wrong_type(key, &format!("a table ([{key}])"), other);
+                None
+            }
+        }
+    }
+
+    fn duration_in(
+        &mut self,
+        key: &str,
+        value: &Value,
+        min: Duration,
+        max: Duration,
+    ) -> Option<Duration> {
+        let Value::String(text) = value else {
+            self.wrong_type(key, "a duration string like \"30s\"", value);
+            return None;
+        };
+        match duration::parse(text) {
+            Ok(d) if d < min || d > max => {
+                self.problem(
+                    key,
+                    &format!(
+                        "'{text}' is out of range; expected {} to {}",
+                        duration::Human(min),
+                        duration::Human(max)
+                    ),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(key, &e.to_string());
+                None
+            }
+        }
+    }
+
+    fn services(&mut self, value: &Value) -> Vec<ServiceConfig> {
+        let Value::Array(entries) = value else {
+            self.wrong_type("service", "an array of tables ([[service]])", value);
+            return Vec::new();
+        };
+        let mut services = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let at = format!("service[{i}]");
+            let Value::Table(t) = entry else {
+                self.wrong_type(&at, "a table with name and target", entry);
+                continue;
+            };
+            let mut name = None;
+            let mut target = None;
+            for (k, v) in t {
+                let full = format!("{at}.{k}");
+                match k.as_str() {
+                    "name" => {
+                        if let Some(s) = self.string(&full, v) {
+                            if !is_service_name(s) {
+                                self.problem(&full, &format!("'{s}' is not a service name; expected 1 to 64 characters of A-Z a-z 0-9 . _ -"));
+                            } else if !seen.insert(s.to_owned()) {
+                                self.problem(
+                                    &full,
+                                    &format!("service '{s}' is listed twice; names must be unique"),
+                                );
+                            } else {
+                                name = Some(s.to_owned());
+                            }
+                        }
+                    }
+                    "target" => {
+                        if let Some(s) = self.string(&full, v) {
+                            match s.parse::<SocketAddr>() {
+                                Ok(addr) => target = Some(addr),
+                                Err(_) => self.problem(&full, &format!("'{s}' is not a socket address; expected IP:PORT like \"127.0.0.1:22\"")),
+                            }
+                        }
+                    }
+                    _ => self.unknown(&full, "name, target"),
+                }
+            }
+            for (key, present) in [
+                ("name", t.contains_key("name")),
+                ("target", t.contains_key("target")),
+            ] {
+                if !present {
+                    self.problem(
+                        &format!("{at}.{key}"),
+                        "missing; every [[service]] needs a name and a target",
+                    );
+                }
+            }
+            if let (Some(name), Some(target)) = (name, target) {
+                services.push(ServiceConfig { name, target });
+            }
+        }
+        services
+    }
+
+    fn tunnel(&mut self, t: &Table) -> TunnelConfig {
+        let mut out = TunnelConfig::default();
+        for (k, v) in t {
+            let full = format!("tunnel.{k}");
+            match k.as_str() {
+                "keepalive_interval" => {
+                    out.keepalive_interval = self.duration_in(&full, v, SECOND, HOUR)
+                }
+                "idle_timeout" => out.idle_timeout = self.duration_in(&full, v, SECOND, HOUR),
+                _ => self.unknown(&full, "keepalive_interval, idle_timeout"),
+            }
+        }
+        let keepalive = out
+            .keepalive_interval
+            .unwrap_or(tether_proto::Config::new(tether_proto::Role::Device).keepalive_interval);
+        let idle = out
+            .idle_timeout
+            .unwrap_or(tether_proto::Config::new(tether_proto::Role::Device).idle_timeout);
+        if (out.keepalive_interval.is_some() || out.idle_timeout.is_some()) && idle <= keepalive {
+            self.problem(
+                "tunnel.idle_timeout",
+                &format!(
+                    "must be longer than the keepalive interval ({} <= {})",
+                    duration::Human(idle),
+                    duration::Human(keepalive)
+                ),
+            );
+        }
+        out
+    }
+
+    fn reconnect(&mut self, t: &Table) -> ReconnectConfig {
+        let mut out = ReconnectConfig::default();
+        for (k, v) in t {
+            let full = format!("reconnect.{k}");
+            let slot = match k.as_str() {
+                "min_delay" => &mut out.min_delay,
+                "max_delay" => &mut out.max_delay,
+                "stable_after" => &mut out.stable_after,
+                "slow_delay" => &mut out.slow_delay,
+                _ => {
+                    self.unknown(&full, "min_delay, max_delay, stable_after, slow_delay");
+                    continue;
+                }
+            };
+            if let Some(d) = self.duration_in(&full, v, Duration::from_millis(10), DAY) {
+                *slot = d;
+            }
+        }
+        if out.min_delay > out.max_delay {
+            self.problem(
+                "reconnect.min_delay",
+                &format!(
+                    "must not exceed max_delay ({} > {})",
+                    duration::Human(out.min_delay),
+                    duration::Human(out.max_delay)
+                ),
+            );
+        }
+        out
+    }
+}
+
+/// True if `name` is a valid tether service name: 1 to 64 characters of
+/// `[A-Za-z0-9._-]` (`docs/protocol.md`, service header).
+pub fn is_service_name(name: &str) -> bool {
+    (1..=tether_proto::service::MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "tpt_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_full_config_parses_into_typed_values() {
+        let text = format!(
+            r#"
+            state_dir = "/tmp/tether"
+            platform = "https://platform.example:8443"
+            provisioning_token = "{TOKEN}"
+            name = "press-7"
+            log_level = "debug"
+            heartbeat_interval = "10s"
+
+            [[service]]
+            name = "ssh"
+            target = "127.0.0.1:22"
+
+            [[service]]
+            name = "plc.web"
+            target = "[::1]:8080"
+
+            [tunnel]
+            keepalive_interval = "5s"
+            idle_timeout = "20s"
+
+            [reconnect]
+            min_delay = "1s"
+            max_delay = "2m"
+            stable_after = "30s"
+            slow_delay = "10m"
+
+            [renewal]
+            before = "5d"
+            "#
+        );
+        let config = Config::from_toml_str(&text).unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("/tmp/tether"));
+        assert_eq!(config.services.len(), 2);
+        assert_eq!(config.services[1].target, "[::1]:8080".parse().unwrap());
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(config.reconnect.max_delay, Duration::from_secs(120));
+        assert_eq!(config.renewal.before, Duration::from_secs(5 * 86_400));
+        assert_eq!(config.tunnel.idle_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(config.provisioning_token.unwrap().expose(), TOKEN);
+    }
+
+    #[test]
+    fn an_empty_config_gives_the_defaults() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(config, Config::for_state_dir(DEFAULT_STATE_DIR));
+        assert_eq!(config.renewal.before, Duration::from_secs(864_000));
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn every_invalid_key_is_reported_at_once() {
+        let text = r#"
+            heartbeat_interval = 30
+            colour = "blue"
+            name = ""
+            provisioning_token = "tpt_nope"
+            [[service]]
+            name = "ssh"
+            target = "localhost:22"
+            [[service]]
+            name = "ssh"
+            target = "127.0.0.1:2222"
+            port = 1
+            [[service]]
+            name = "bad name"
+            [reconnect]
+            min_delay = "fast"
+            slow = "1m"
+            [renewal]
+            before = "1s"
+        "#;
+        let err = Config::from_toml_str(text).unwrap_err();
+        let problems = err.problems();
+        let expect = [
+            "'heartbeat_interval': expected a duration string like \"30s\", found integer",
+            "'colour': unknown key",
+            "'name': expected 1 to 64 characters",
+            "'provisioning_token': expected a provisioning token",
+            "'service[0].target': 'localhost:22' is not a socket address",
+            "'service[1].name': service 'ssh' is listed twice",
+            "'service[1].port': unknown key; expected one of: name, target",
+            "'service[2].name': 'bad name' is not a service name",
+            "'service[2].target': missing",
+            "'reconnect.min_delay': 'fast' is not a duration",
+            "'reconnect.slow': unknown key",
+            "'renewal.before': '1s' is out of range; expected 1h to 365d",
+        ];
+        for want in expect {
+            assert!(
+                problems.iter().any(|p| p.starts_with(want)),
+                "missing {want:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+        let line = err.to_string();
+        assert!(line.starts_with("config has 12 problems: "), "{line}");
+        assert!(!line.contains("tpt_nope"), "{line}");
+    }
+
+    #[test]
+    fn a_wrongly_typed_section_is_named() {
+        let err = Config::from_toml_str("reconnect = 5\nservice = \"ssh\"").unwrap_err();
+        assert_eq!(
+            err.problems(),
+            vec![
+                "'reconnect': expected a table ([reconnect]), found integer".to_owned(),
+                "'service': expected an array of tables ([[service]]), found string".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_one_problem() {
+        let err = Config::from_toml_str("name = ").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_token_is_redacted_in_debug_output() {
+        let text = format!("provisioning_token = \"{TOKEN}\"");
+        let config = Config::from_toml_str(&text).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(TOKEN), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+    }
+
+    #[test]
+    fn idle_timeout_must_exceed_keepalive() {
+        let err =
+            Config::from_toml_str("[tunnel]\nkeepalive_interval = \"30s\"\nidle_timeout = \"10s\"")
+                .unwrap_err();
+        assert!(
+            err.problems()[0].starts_with("'tunnel.idle_timeout': must be longer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tetherd.toml");
+        std::fs::write(&path, "nope = 1").unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert!(err.to_string().contains("tetherd.toml"), "{err}");
+        let err = Config::load(dir.path().join("missing.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn service_names_follow_the_protocol() {
+        assert!(is_service_name("ssh"));
+        assert!(is_service_name("plc-1.web_ui"));
+        assert!(!is_service_name(""));
+        assert!(!is_service_name("a b"));
+        assert!(!is_service_name(&"a".repeat(65)));
+    }
+}

@@ -1,0 +1,103 @@
+//! One tunnel session, from the completed handshake to the close: opens the
+//! control stream and runs it, serves the platform's TCP streams, keeps the
+//! status's RTT fresh, and on shutdown closes the tunnel gracefully within
+//! [`SHUTDOWN_GRACE`].
+//!
+//! This module owns the session's tasks and their end; it never reconnects
+//! (`reconnect` does) and never reads the configuration files.
+
+use std::time::Duration;
+
+use tether_proto::tokio_io::Tunnel;
+use tether_proto::{CloseCode, ConnectionError, Service, ServiceHeader};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::agent::Shared;
+use crate::tunnel::{Connected, closed_as_revoked};
+
+/// How long a graceful close may take before the tunnel is closed hard.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How often the status's RTT is refreshed while connected.
+const RTT_REFRESH: Duration = Duration::from_secs(5);
+
+/// How a session ended.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    /// The agent is stopping; the tunnel was closed.
+    Shutdown,
+    /// The platform revoked the device (CloseCode::REVOKED).
+    Revoked(String),
+    /// The tunnel closed or failed; reconnect with backoff.
+    Lost(String),
+}
+
+/// Runs a connected tunnel until it closes or `shutdown` turns true.
+pub(crate) async fn run(
+    shared: &std::sync::Arc<Shared>,
+    connected: Connected,
+    shutdown: &mut watch::Receiver<bool>,
+) -> SessionEnd {
+    let Connected { tunnel, driver } = connected;
+    let span = info_span!("tunnel", device = %shared.device_id());
+    let mut tasks = JoinSet::new();
+    match tunnel.open(ServiceHeader::new(Service::Control)) {
+        Ok(stream) => {
+            tasks.spawn(
+                crate::control::run(shared.clone(), tunnel.clone(), stream)
+                    .instrument(span.clone()),
+            );
+        }
+        Err(e) => warn!(parent: &span, cause = %e, "cannot open the control stream"),
+    }
+    tasks.spawn(crate::services::serve(shared.clone(), tunnel.clone()).instrument(span.clone()));
+
+    let mut rtt = tokio::time::interval(RTT_REFRESH);
+    let end = loop {
+        tokio::select! {
+            reason = tunnel.closed() => break ended(reason),
+            _ = crate::agent::stopped(shutdown) => {
+                close_gracefully(&tunnel).await;
+                break SessionEnd::Shutdown;
+            }
+            _ = rtt.tick() => {
+                let now_rtt = tunnel.rtt();
+                shared.update(|s, _| s.rtt = now_rtt);
+            }
+        }
+    };
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    match tokio::time::timeout(SHUTDOWN_GRACE, driver).await {
+        Ok(Ok(Err(e))) => debug!(parent: &span, cause = %e, "tunnel driver ended"),
+        Ok(_) => {}
+        Err(_) => warn!(parent: &span, "tunnel driver did not stop in time"),
+    }
+    end
+}
+
+fn ended(reason: ConnectionError) -> SessionEnd {
+    if closed_as_revoked(&reason) {
+        SessionEnd::Revoked(
+            "the platform revoked this device and closed its tunnel; help: re-enroll it with a new token ('tetherd enroll --force') if that was a mistake"
+                .into(),
+        )
+    } else {
+        SessionEnd::Lost(reason.to_string())
+    }
+}
+
+/// GOAWAY, let open streams finish for up to [`SHUTDOWN_GRACE`], then close.
+async fn close_gracefully(tunnel: &Tunnel) {
+    info!("closing the tunnel");
+    tunnel.shutdown(CloseCode::NO_ERROR, "agent stopping");
+    if tokio::time::timeout(SHUTDOWN_GRACE, tunnel.closed())
+        .await
+        .is_err()
+    {
+        warn!(grace = ?SHUTDOWN_GRACE, streams = tunnel.stream_count(), "open streams did not finish in time; closing the tunnel");
+        tunnel.close(CloseCode::NO_ERROR, "agent stopping");
+        let _ = tokio::time::timeout(Duration::from_millis(500), tunnel.closed()).await;
+    }
+}
