@@ -446,13 +446,21 @@ impl State {
                 None => ConnectError::UnknownDevice(device_id.to_string()),
             });
         };
-        let stream = live.tunnel.open(header)?;
         let wait = self.config.open_timeout;
-        match tokio::time::timeout(wait, stream.accepted()).await {
-            Ok(Ok(())) => Ok(stream),
-            Ok(Err(e)) => Err(ConnectError::Refused(e.to_string())),
-            Err(_) => Err(ConnectError::Timeout(wait)),
-        }
+        let open_and_wait = async {
+            // A tunnel is registered before its handshake ends: wait for it.
+            if live.tunnel.connected().await.is_err() {
+                return Err(ConnectError::DeviceOffline(device_id.to_string()));
+            }
+            let stream = live.tunnel.open(header)?;
+            match stream.accepted().await {
+                Ok(()) => Ok(stream),
+                Err(e) => Err(ConnectError::Refused(e.to_string())),
+            }
+        };
+        tokio::time::timeout(wait, open_and_wait)
+            .await
+            .unwrap_or(Err(ConnectError::Timeout(wait)))
     }
 }
 

@@ -234,10 +234,12 @@ async fn run(
         Ok(pair) => pair,
         Err(e) => return warn!(cause = %e, "invalid tunnel configuration"),
     };
-    let driver = tokio::spawn(driver);
+    // Registered before the driver runs, so the tunnel is known before the
+    // device can see the handshake complete.
     let generation = state
         .registry
         .insert(&device_id, tunnel.clone(), &fingerprint);
+    let driver = tokio::spawn(driver);
     // A revocation between the lookup above and the insert would have found
     // no tunnel to close: look again now that the tunnel is registered.
     if is_revoked(&state, &device_id).await {

@@ -1,0 +1,336 @@
+//! The tunnel endpoint and the control stream over real mutual TLS:
+//! authentication by certificate, revocation of a live tunnel, renewal,
+//! heartbeats, and streams the platform opens or refuses.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use tether_platform::{ConnectError, PlatformEvent};
+use tether_proto::api::ErrorCode;
+use tether_proto::control::{ControlDecoder, ControlMessage, Heartbeat, encode};
+use tether_proto::tokio_io::TunnelStream;
+use tether_proto::{CloseCode, ConnectionError, ResetCode, Service, ServiceHeader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn the_issued_certificate_opens_a_tunnel_and_the_platform_sees_it() {
+    let (platform, _dir) = start().await;
+    let mut events = platform.events();
+    let device = enroll_new(&platform).await;
+    let tunnel = open_tunnel(&platform, Some((&device.certificate, &device.key)))
+        .await
+        .expect("tunnel");
+    let (id, fingerprint) = next_event(&mut events, |e| match e {
+        PlatformEvent::TunnelUp {
+            device_id,
+            fingerprint,
+        } => Some((device_id.clone(), fingerprint.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(id, device.id);
+    assert_eq!(fingerprint.len(), 64);
+    assert!(platform.tunnel(&device.id).is_some());
+    let listed = platform.devices().await.unwrap();
+    assert!(listed[0].online && listed[0].connected_since.is_some());
+
+    tunnel.tunnel.close(CloseCode::NO_ERROR, "bye");
+    let (id, _) = next_event(&mut events, |e| match e {
+        PlatformEvent::TunnelDown { device_id, reason } => {
+            Some((device_id.clone(), reason.clone()))
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(id, device.id);
+    assert!(platform.tunnel(&device.id).is_none());
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_certificate_is_401_and_another_cas_certificate_fails_the_handshake() {
+    let (platform, _dir) = start().await;
+    match open_tunnel(&platform, None).await {
+        Err(TunnelRefused::Http(status, error)) => {
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert_eq!(error.error, ErrorCode::DeviceUnknown);
+        }
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+
+    // A certificate from a CA the platform never saw.
+    let key = new_key();
+    let mut params = rcgen::CertificateParams::new(vec!["device".to_string()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let foreign = params.self_signed(&key).unwrap().pem();
+    match open_tunnel(&platform, Some((&foreign, &key))).await {
+        Err(TunnelRefused::Transport(reason)) => {
+            assert!(!reason.is_empty());
+        }
+        other => panic!("expected a TLS failure, got {:?}", other.map(|_| ())),
+    }
+    // Nor does it get any HTTP answer on other endpoints.
+    let answer = send(
+        &platform,
+        http::Method::GET,
+        "/v1/admin/devices",
+        &[],
+        Vec::new(),
+        Some((&foreign, &key)),
+    )
+    .await;
+    assert!(answer.is_err(), "the handshake must fail: {answer:?}");
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn revoking_a_live_device_closes_its_tunnel_with_revoked_and_refuses_it_after() {
+    let (platform, _dir) = start().await;
+    let device = enroll_new(&platform).await;
+    let tunnel = open_tunnel(&platform, Some((&device.certificate, &device.key)))
+        .await
+        .expect("tunnel");
+    // Wait until the platform has registered it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while platform.tunnel(&device.id).is_none() {
+        assert!(Instant::now() < deadline, "tunnel registered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let token = platform.admin_token();
+    let started = Instant::now();
+    let path = format!("/v1/admin/devices/{}/revoke", device.id);
+    let answer = admin(
+        &platform,
+        http::Method::POST,
+        &path,
+        token.expose(),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let closed = tokio::time::timeout(Duration::from_secs(2), tunnel.tunnel.closed())
+        .await
+        .expect("the tunnel closes within 2 s of the revocation");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    match closed {
+        ConnectionError::PeerClosed { code, .. } => assert_eq!(code, CloseCode::REVOKED),
+        other => panic!("expected a REVOKED close, got {other:?}"),
+    }
+
+    match open_tunnel(&platform, Some((&device.certificate, &device.key))).await {
+        Err(TunnelRefused::Http(status, error)) => {
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert_eq!(error.error, ErrorCode::DeviceRevoked);
+        }
+        other => panic!("expected 403 device_revoked, got {:?}", other.map(|_| ())),
+    }
+    assert!(platform.devices().await.unwrap()[0].revoked);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_tunnel_replaces_the_old_one() {
+    let (platform, _dir) = start().await;
+    let device = enroll_new(&platform).await;
+    let identity = Some((device.certificate.as_str(), &device.key));
+    let first = open_tunnel(&platform, identity)
+        .await
+        .expect("first tunnel");
+    let _second = open_tunnel(&platform, identity)
+        .await
+        .expect("second tunnel");
+    let closed = tokio::time::timeout(Duration::from_secs(2), first.tunnel.closed())
+        .await
+        .expect("the old tunnel closes");
+    assert!(
+        matches!(closed, ConnectionError::PeerClosed { .. }),
+        "{closed:?}"
+    );
+    platform.shutdown().await;
+}
+
+/// Opens the control stream and sends `message`.
+async fn control(tunnel: &DeviceTunnel) -> TunnelStream {
+    let stream = tunnel
+        .tunnel
+        .open(ServiceHeader::new(Service::Control))
+        .unwrap();
+    stream
+        .accepted()
+        .await
+        .expect("the platform accepts the control stream");
+    stream
+}
+
+async fn read_message(stream: &mut TunnelStream) -> ControlMessage {
+    let mut decoder = ControlDecoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(message) = decoder.next_message().unwrap() {
+            return message;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "the control stream ended");
+        decoder.push(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn renewal_over_the_control_stream_issues_a_working_certificate_and_the_old_one_still_works()
+{
+    let (platform, _dir) = start().await;
+    let mut events = platform.events();
+    let device = enroll_new(&platform).await;
+    let tunnel = open_tunnel(&platform, Some((&device.certificate, &device.key)))
+        .await
+        .unwrap();
+    let mut stream = control(&tunnel).await;
+
+    let beat = ControlMessage::Heartbeat(Heartbeat {
+        seq: 1,
+        uptime_secs: 3,
+        agent_version: "0.1.0".into(),
+        ..Heartbeat::default()
+    });
+    stream.write_all(&encode(&beat).unwrap()).await.unwrap();
+    let seq = next_event(&mut events, |e| match e {
+        PlatformEvent::Heartbeat { device_id, seq } if *device_id == device.id => Some(*seq),
+        _ => None,
+    })
+    .await;
+    assert_eq!(seq, 1);
+    assert!(
+        platform.devices().await.unwrap()[0]
+            .last_heartbeat
+            .is_some()
+    );
+
+    let new_key = new_key();
+    let request = ControlMessage::RenewRequest {
+        id: 7,
+        csr: csr(&new_key),
+    };
+    stream.write_all(&encode(&request).unwrap()).await.unwrap();
+    let (certificate, not_after) = match read_message(&mut stream).await {
+        ControlMessage::RenewResponse {
+            id,
+            certificate,
+            not_after,
+        } => {
+            assert_eq!(id, 7);
+            (certificate, not_after)
+        }
+        other => panic!("expected a RenewResponse, got {other:?}"),
+    };
+    assert_ne!(certificate, device.certificate);
+    let renewed = next_event(&mut events, |e| match e {
+        PlatformEvent::Renewed {
+            device_id,
+            not_after,
+        } if *device_id == device.id => Some(*not_after),
+        _ => None,
+    })
+    .await;
+    assert_eq!(renewed, not_after);
+
+    // A bad CSR gets an Error answer, and the stream goes on.
+    let bad = ControlMessage::RenewRequest {
+        id: 8,
+        csr: "junk".into(),
+    };
+    stream.write_all(&encode(&bad).unwrap()).await.unwrap();
+    match read_message(&mut stream).await {
+        ControlMessage::Error { id, code, .. } => {
+            assert_eq!(id, Some(8));
+            assert_eq!(code, "bad_csr");
+        }
+        other => panic!("expected an Error, got {other:?}"),
+    }
+
+    // The new certificate with the new key opens a tunnel (TLS proves the
+    // key matches), for the same device.
+    let mut events = platform.events();
+    let renewed_tunnel = open_tunnel(&platform, Some((&certificate, &new_key))).await;
+    assert!(renewed_tunnel.is_ok(), "{:?}", renewed_tunnel.err());
+    let id = next_event(&mut events, |e| match e {
+        PlatformEvent::TunnelUp { device_id, .. } => Some(device_id.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(id, device.id);
+    // The old certificate still works until its own expiry.
+    let old = open_tunnel(&platform, Some((&device.certificate, &device.key))).await;
+    assert!(old.is_ok(), "{:?}", old.err());
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_platform_refuses_streams_a_device_opens_other_than_control() {
+    let (platform, _dir) = start().await;
+    let device = enroll_new(&platform).await;
+    let tunnel = open_tunnel(&platform, Some((&device.certificate, &device.key)))
+        .await
+        .unwrap();
+    let stream = tunnel
+        .tunnel
+        .open(ServiceHeader::new(Service::Tcp("ssh".into())))
+        .unwrap();
+    let refused = stream.accepted().await.unwrap_err();
+    assert!(refused.to_string().contains("refused"), "{refused}");
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn open_tcp_reaches_a_device_service_or_says_why_not() {
+    let (platform, _dir) = start().await;
+    let device = enroll_new(&platform).await;
+    assert!(matches!(
+        platform.open_tcp(&device.id, "echo").await,
+        Err(ConnectError::DeviceOffline(_))
+    ));
+    assert!(matches!(
+        platform.open_tcp("dev_00000000000000000000", "echo").await,
+        Err(ConnectError::UnknownDevice(_))
+    ));
+    let tunnel = open_tunnel(&platform, Some((&device.certificate, &device.key)))
+        .await
+        .unwrap();
+    let device_side = tunnel.tunnel.clone();
+    tokio::spawn(async move {
+        let allow_echo = |header: &ServiceHeader| match &header.service {
+            Service::Tcp(name) if name == "echo" => Ok(()),
+            other => Err((
+                ResetCode::REFUSED,
+                format!("service '{other}' is not allow-listed on this device"),
+            )),
+        };
+        while let Some((stream, _)) = device_side.accept_filtered(allow_echo).await {
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    let mut stream = platform
+        .open_tcp(&device.id, "echo")
+        .await
+        .expect("echo accepted");
+    stream.write_all(b"ping through the tunnel").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    stream.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"ping through the tunnel");
+
+    match platform.open_tcp(&device.id, "ssh").await {
+        Err(ConnectError::Refused(reason)) => assert!(reason.contains("refused"), "{reason}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    platform.shutdown().await;
+}
