@@ -153,7 +153,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, u8> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(4)
-        .thread_stack_size(256 * 1024)
         .enable_all()
         .build()
         .map_err(|e| fail(format!("cannot start the runtime: {e}"), exit::SOFTWARE))

@@ -1,0 +1,394 @@
+//! The running agent against the real platform: the tunnel comes up and the
+//! platform sees the device, services are allow-listed and carry bytes
+//! intact, renewal switches the certificate, revocation and a platform with
+//! another CA are reported and retried slowly, status reports the daemon,
+//! and SIGTERM stops the binary cleanly.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use tether_agent::config::{Config, ServiceConfig};
+use tether_agent::identity::StateDir;
+use tether_agent::{Agent, TunnelState};
+use tether_platform::{ConnectError, Platform, PlatformEvent};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(state: &Path) -> Config {
+    let mut config = Config::for_state_dir(state);
+    config.heartbeat_interval = Duration::from_secs(1);
+    config.reconnect.min_delay = Duration::from_millis(50);
+    config.reconnect.max_delay = Duration::from_millis(500);
+    config
+}
+
+async fn connected(agent: &Agent) {
+    let mut status = agent.status();
+    tokio::time::timeout(
+        patience(),
+        status.wait_for(|s| s.state == TunnelState::Connected),
+    )
+    .await
+    .expect("agent connects in time")
+    .expect("status channel open");
+}
+
+async fn online(platform: &Platform, id: &str) {
+    eventually("the platform to list the device online", || async {
+        platform
+            .devices()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.id == id && d.online)
+    })
+    .await;
+}
+
+/// A local TCP echo server on 127.0.0.1.
+async fn echo_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platform_sees_the_device_and_services_are_allow_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    let id = enrolled(&platform, &state).await.identity.device_id;
+    let mut events = platform.events();
+    let echo = echo_server().await;
+    let mut config = config(&state);
+    config.services = vec![ServiceConfig {
+        name: "echo".into(),
+        target: echo,
+    }];
+    let agent = Agent::start(config).await.unwrap();
+    connected(&agent).await;
+    online(&platform, &id).await;
+    let mut saw_up = false;
+    let mut saw_heartbeat = false;
+    tokio::time::timeout(patience(), async {
+        while !(saw_up && saw_heartbeat) {
+            match events.recv().await.unwrap() {
+                PlatformEvent::TunnelUp { device_id, .. } if device_id == id => saw_up = true,
+                PlatformEvent::Heartbeat { device_id, .. } if device_id == id => {
+                    saw_heartbeat = true
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("TunnelUp and a heartbeat");
+
+    // A service that is not in the allow-list is refused. The agent sends
+    // the reason "service 'db' is not allow-listed on this device" in the
+    // RESET (unit test in services.rs), but tether-proto's tokio adapter
+    // reports only the reset code to the opener (`WriteError::Reset(code)`),
+    // so the platform cannot show it yet.
+    let err = platform.open_tcp(&id, "db").await.unwrap_err();
+    assert!(matches!(err, ConnectError::Refused(_)), "{err}");
+    assert!(err.to_string().contains("refused"), "{err}");
+    let err = platform.open_tcp(&id, "ssh").await.unwrap_err();
+    assert!(matches!(err, ConnectError::Refused(_)), "{err}");
+
+    // 64 MiB through the allow-listed echo service, checked by SHA-256.
+    let stream = platform.open_tcp(&id, "echo").await.expect("echo accepted");
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    const TOTAL: usize = 64 * 1024 * 1024;
+    let writer = tokio::spawn(async move {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..TOTAL / chunk.len() {
+            for b in chunk.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *b = state as u8;
+            }
+            ctx.update(&chunk);
+            wr.write_all(&chunk).await.unwrap();
+        }
+        wr.shutdown().await.unwrap();
+        ctx.finish()
+    });
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0usize;
+    loop {
+        let n = rd.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        received += n;
+    }
+    let sent = writer.await.unwrap();
+    assert_eq!(received, TOTAL);
+    assert_eq!(
+        ctx.finish().as_ref(),
+        sent.as_ref(),
+        "bytes changed in transit"
+    );
+
+    let status = agent.status().borrow().clone();
+    assert_eq!(status.connects, 1);
+    assert_eq!(status.device_id, id);
+
+    // The status file of this (running) process says running.
+    let (code, out, _) =
+        tetherd(&["status", "--state-dir", state.to_str().unwrap(), "--json"]).await;
+    assert_eq!(code, 0);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["daemon"]["running"], true, "{out}");
+    assert_eq!(report["daemon"]["state"], "connected", "{out}");
+    assert_eq!(report["daemon"]["pid"], std::process::id());
+
+    agent.shutdown().await;
+    eventually("the platform to see the device offline", || async {
+        platform
+            .devices()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.id == id && !d.online)
+    })
+    .await;
+    let (_, out, _) = tetherd(&["status", "--state-dir", state.to_str().unwrap(), "--json"]).await;
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["daemon"]["running"], false, "{out}");
+    platform.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_switches_the_certificate_and_the_next_connection_uses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    let first = enrolled(&platform, &state).await.identity;
+    let mut events = platform.events();
+    let mut config = config(&state);
+    // Certificates last 30 days: renew at once.
+    config.renewal.before = Duration::from_secs(365 * 86_400);
+    let agent = Agent::start(config.clone()).await.unwrap();
+    connected(&agent).await;
+    let mut status = agent.status();
+    tokio::time::timeout(patience(), status.wait_for(|s| s.renewals == 1))
+        .await
+        .expect("renewed in time")
+        .unwrap();
+    let second = StateDir::new(&state).load().unwrap().unwrap();
+    assert_eq!(second.generation, first.generation + 1);
+    assert_eq!(second.device_id, first.device_id);
+    assert!(
+        !state.join(&first.key_file).exists(),
+        "the old key was not removed"
+    );
+    let creds = StateDir::new(&state).credentials(&second).unwrap();
+    assert_eq!(
+        agent.status().borrow().cert_fingerprint,
+        creds.cert.fingerprint
+    );
+    // The current tunnel carries on.
+    assert_eq!(agent.status().borrow().state, TunnelState::Connected);
+    agent.shutdown().await;
+
+    let agent = Agent::start(config).await.unwrap();
+    let fingerprint = tokio::time::timeout(patience(), async {
+        loop {
+            if let PlatformEvent::TunnelUp { fingerprint, .. } = events.recv().await.unwrap() {
+                if fingerprint == creds.cert.fingerprint {
+                    return fingerprint;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a tunnel with the renewed certificate");
+    assert_eq!(fingerprint, creds.cert.fingerprint);
+    agent.shutdown().await;
+    platform.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_told_so_and_retries_slowly() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    let id = enrolled(&platform, &state).await.identity.device_id;
+    let mut config = config(&state);
+    config.reconnect.slow_delay = Duration::from_secs(3600);
+    let agent = Agent::start(config).await.unwrap();
+    connected(&agent).await;
+    online(&platform, &id).await;
+    assert!(platform.revoke(&id).await.unwrap());
+    let mut status = agent.status();
+    let s = tokio::time::timeout(
+        patience(),
+        status.wait_for(|s| s.state == TunnelState::Backoff),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    let error = s.last_error.unwrap_or_default();
+    assert!(error.contains("revoked"), "{error}");
+    assert!(error.contains("re-enroll"), "{error}");
+    let next = s.next_attempt_at.unwrap();
+    assert!(
+        next >= tether_agent::Clock::system().now_unix() + 3000,
+        "not a slow retry"
+    );
+    let attempts = agent.status().borrow().attempts;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        agent.status().borrow().attempts,
+        attempts,
+        "retrying in a loop"
+    );
+    agent.shutdown().await;
+    platform.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_with_another_ca_is_refused_by_a_running_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    enrolled(&platform, &state).await;
+    // A second platform with its own CA takes the enrolled address's place.
+    let other = Platform::start(tether_platform::PlatformConfig::new(
+        dir.path().join("other"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    let store = StateDir::new(&state);
+    let mut identity = store.load().unwrap().unwrap();
+    identity.tunnel_url = format!("wss://localhost:{}/v1/tunnel", other.local_addr().port());
+    std::fs::write(
+        store.identity_path(),
+        serde_json::to_vec(&identity).unwrap(),
+    )
+    .unwrap();
+
+    let mut config = config(&state);
+    config.reconnect.slow_delay = Duration::from_secs(3600);
+    let agent = Agent::start(config).await.unwrap();
+    let mut status = agent.status();
+    let s = tokio::time::timeout(
+        patience(),
+        status.wait_for(|s| s.state == TunnelState::Backoff),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    let error = s.last_error.unwrap_or_default();
+    assert!(
+        error.contains("not the one this device enrolled with"),
+        "{error}"
+    );
+    assert_eq!(s.connects, 0);
+    assert!(s.next_attempt_at.unwrap() >= tether_agent::Clock::system().now_unix() + 3000);
+    agent.shutdown().await;
+    other.shutdown().await;
+    platform.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tetherd_run_connects_and_stops_on_sigterm_with_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    let id = enrolled(&platform, &state).await.identity.device_id;
+    let config_path = dir.path().join("tetherd.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "state_dir = {:?}\nheartbeat_interval = \"1s\"\nlog_level = \"debug\"\n\n[[service]]\nname = \"ssh\"\ntarget = \"127.0.0.1:9\"\n",
+            state.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tetherd"))
+        .args(["run", "--config", config_path.to_str().unwrap()])
+        .env_remove("JOURNAL_STREAM")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    online(&platform, &id).await;
+    let (code, out, _) =
+        tetherd(&["status", "--state-dir", state.to_str().unwrap(), "--json"]).await;
+    assert_eq!(code, 0);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["daemon"]["running"], true, "{out}");
+    assert_eq!(report["daemon"]["pid"], child.id().unwrap());
+
+    let pid = child.id().unwrap().to_string();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("tetherd stops within 10 s")
+        .unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+    assert!(
+        !stderr.contains("BEGIN"),
+        "key or certificate material in the log"
+    );
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn tetherd_run_reports_every_config_problem_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "colour = \"blue\"\nheartbeat_interval = \"soon\"\n[[service]]\nname = \"a b\"\ntarget = \"x\"\n").unwrap();
+    let (code, _, err) = tetherd(&["run", "--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, 78, "{err}");
+    for key in [
+        "'colour'",
+        "'heartbeat_interval'",
+        "'service[0].name'",
+        "'service[0].target'",
+    ] {
+        assert!(err.contains(key), "{key} missing: {err}");
+    }
+    let (code, _, err) = tetherd(&[
+        "run",
+        "--state-dir",
+        dir.path().join("empty").to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("not enrolled"), "{err}");
+}
