@@ -211,10 +211,10 @@ async fn a_renewal_switches_the_certificate_and_the_next_connection_uses_it() {
     let agent = Agent::start(config).await.unwrap();
     let fingerprint = tokio::time::timeout(patience(), async {
         loop {
-            if let PlatformEvent::TunnelUp { fingerprint, .. } = events.recv().await.unwrap() {
-                if fingerprint == creds.cert.fingerprint {
-                    return fingerprint;
-                }
+            if let PlatformEvent::TunnelUp { fingerprint, .. } = events.recv().await.unwrap()
+                && fingerprint == creds.cert.fingerprint
+            {
+                return fingerprint;
             }
         }
     })
