@@ -65,6 +65,12 @@ pub struct ServeArgs {
     /// Connections (tunnels included) held at once.
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// WebSocket read buffer per tunnel, bytes (allocated for every tunnel).
+    #[arg(long, default_value_t = 8 * 1024)]
+    pub ws_read_buffer: usize,
+    /// WebSocket write buffer target per tunnel, bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub ws_write_buffer: usize,
 }
 
 #[derive(Debug, Subcommand)]

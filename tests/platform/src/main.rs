@@ -105,6 +105,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         refill: args.enroll_refill,
     };
     config.max_connections = args.max_connections;
+    config.ws_read_buffer = args.ws_read_buffer;
+    config.ws_write_buffer = args.ws_write_buffer;
     let platform = Platform::start(config).await?;
     eprintln!("listening on {}", platform.url());
     wait_for_signal().await;

@@ -130,10 +130,19 @@ pub async fn tls(
     platform: &Platform,
     identity: Option<(&str, &KeyPair)>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    tls_to(addr(platform), &platform.ca_pem(), identity).await
+}
+
+/// TLS to a platform at `addr` whose CA is `ca_pem`.
+pub async fn tls_to(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<(&str, &KeyPair)>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(CertificateDer::from_pem_slice(platform.ca_pem().as_bytes()).unwrap())
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
         .unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -147,7 +156,7 @@ pub async fn tls(
         }
         None => builder.with_no_client_auth(),
     };
-    let tcp = TcpStream::connect(addr(platform)).await?;
+    let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from("localhost").unwrap();
     TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
@@ -167,7 +176,23 @@ pub async fn send(
     body: Vec<u8>,
     identity: Option<(&str, &KeyPair)>,
 ) -> Result<Answer, String> {
-    let tls = tls(platform, identity).await.map_err(|e| e.to_string())?;
+    let ca = platform.ca_pem();
+    send_to(addr(platform), &ca, method, path, headers, body, identity).await
+}
+
+/// One HTTP/1.1 request to a platform at `addr` whose CA is `ca_pem`.
+pub async fn send_to(
+    addr: SocketAddr,
+    ca_pem: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+    identity: Option<(&str, &KeyPair)>,
+) -> Result<Answer, String> {
+    let tls = tls_to(addr, ca_pem, identity)
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| e.to_string())?;
@@ -240,11 +265,20 @@ pub async fn open_tunnel(
     platform: &Platform,
     identity: Option<(&str, &KeyPair)>,
 ) -> Result<DeviceTunnel, TunnelRefused> {
+    open_tunnel_to(addr(platform), &platform.ca_pem(), identity).await
+}
+
+/// Opens a tunnel to a platform at `addr` whose CA is `ca_pem`.
+pub async fn open_tunnel_to(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<(&str, &KeyPair)>,
+) -> Result<DeviceTunnel, TunnelRefused> {
     let config = Config::new(Role::Device);
-    let tls = tls(platform, identity)
+    let tls = tls_to(addr, ca_pem, identity)
         .await
         .map_err(|e| TunnelRefused::Transport(e.to_string()))?;
-    let url = format!("wss://localhost:{}/v1/tunnel", addr(platform).port());
+    let url = format!("wss://localhost:{}/v1/tunnel", addr.port());
     let ws = tokio_tungstenite::client_async_with_config(
         url,
         tls,
