@@ -334,3 +334,48 @@ async fn open_tcp_reaches_a_device_service_or_says_why_not() {
     }
     platform.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_silent_client_is_dropped_after_the_handshake_timeout_and_connections_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.handshake_timeout = Duration::from_millis(300);
+    config.max_connections = 1;
+    let platform = tether_platform::Platform::start(config).await.unwrap();
+
+    // The first connection takes the only slot and says nothing.
+    let mut silent = tokio::net::TcpStream::connect(platform.local_addr())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A second one is dropped at once: the platform is at its limit.
+    let mut extra = tokio::net::TcpStream::connect(platform.local_addr())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let dropped = tokio::time::timeout(Duration::from_millis(250), extra.read(&mut buf)).await;
+    assert!(
+        matches!(dropped, Ok(Ok(0)) | Ok(Err(_))),
+        "the extra connection is closed: {dropped:?}"
+    );
+
+    // The silent one is closed by the handshake timeout...
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(2), silent.read(&mut buf)).await;
+    assert!(matches!(ended, Ok(Ok(0)) | Ok(Err(_))), "{ended:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // ...which frees the slot for a real request.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let answer = send(
+        &platform,
+        http::Method::GET,
+        "/nowhere",
+        &[],
+        Vec::new(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    platform.shutdown().await;
+}
