@@ -45,8 +45,13 @@ struct Pending {
 }
 
 /// Runs the control stream until it or the tunnel ends.
-pub(crate) async fn run(shared: Arc<Shared>, tunnel: Tunnel, stream: TunnelStream) {
-    match drive(&shared, &tunnel, stream).await {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    tunnel: Tunnel,
+    stream: TunnelStream,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    match drive(&shared, &tunnel, stream, stop).await {
         Ok(()) => debug!("control stream closed by the platform"),
         Err(e) => {
             if !tunnel.is_closed() {
@@ -60,6 +65,7 @@ async fn drive(
     shared: &Arc<Shared>,
     tunnel: &Tunnel,
     stream: TunnelStream,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ControlError> {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut decoder = ControlDecoder::new();
@@ -72,6 +78,12 @@ async fn drive(
     let mut renew_after: Option<Instant> = None;
     loop {
         tokio::select! {
+            // The agent is stopping: end the stream cleanly (FIN) so the
+            // tunnel's graceful shutdown does not wait for it.
+            _ = crate::agent::stopped(&mut stop) => {
+                let _ = wr.shutdown().await;
+                return Ok(());
+            }
             _ = heartbeat.tick() => {
                 seq += 1;
                 let beat = heartbeat_message(shared, tunnel, seq);

@@ -42,12 +42,14 @@ pub(crate) async fn run(
     let Connected { tunnel, driver } = connected;
     let span = info_span!("tunnel", device = %shared.device_id());
     let mut tasks = JoinSet::new();
+    let (stop_control, stop) = watch::channel(false);
+    let mut control = None;
     match tunnel.open(ServiceHeader::new(Service::Control)) {
         Ok(stream) => {
-            tasks.spawn(
-                crate::control::run(shared.clone(), tunnel.clone(), stream)
+            control = Some(tokio::spawn(
+                crate::control::run(shared.clone(), tunnel.clone(), stream, stop)
                     .instrument(span.clone()),
-            );
+            ));
         }
         Err(e) => warn!(parent: &span, cause = %e, "cannot open the control stream"),
     }
@@ -58,6 +60,15 @@ pub(crate) async fn run(
         tokio::select! {
             reason = tunnel.closed() => break ended(reason),
             _ = crate::agent::stopped(shutdown) => {
+                let _ = stop_control.send(true);
+                // Once done, the task is not awaited again below.
+                if let Some(mut task) = control.take()
+                    && tokio::time::timeout(Duration::from_millis(500), &mut task)
+                        .await
+                        .is_err()
+                {
+                    control = Some(task);
+                }
                 close_gracefully(&tunnel).await;
                 break SessionEnd::Shutdown;
             }
@@ -67,6 +78,10 @@ pub(crate) async fn run(
             }
         }
     };
+    if let Some(control) = control {
+        control.abort();
+        let _ = control.await;
+    }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     match tokio::time::timeout(SHUTDOWN_GRACE, driver).await {

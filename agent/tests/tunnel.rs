@@ -159,7 +159,15 @@ async fn the_platform_sees_the_device_and_services_are_allow_listed() {
     assert_eq!(report["daemon"]["state"], "connected", "{out}");
     assert_eq!(report["daemon"]["pid"], std::process::id());
 
+    // A graceful close does not wait out the grace period for the control
+    // stream.
+    let stopping = std::time::Instant::now();
     agent.shutdown().await;
+    assert!(
+        stopping.elapsed() < Duration::from_millis(1500),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
     eventually("the platform to see the device offline", || async {
         platform
             .devices()
@@ -391,4 +399,32 @@ async fn tetherd_run_reports_every_config_problem_and_exits_78() {
     .await;
     assert_eq!(code, 78, "{err}");
     assert!(err.contains("not enrolled"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_device_certificate_is_reported_and_retried_slowly() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    enrolled(&platform, &state).await;
+    let mut config = config(&state);
+    config.reconnect.slow_delay = Duration::from_secs(3600);
+    // Certificates last 30 days; this device's clock reads 40 days on.
+    config.clock = tether_agent::Clock::with_offset(40 * 86_400);
+    let agent = Agent::start(config).await.unwrap();
+    let mut status = agent.status();
+    let s = tokio::time::timeout(
+        patience(),
+        status.wait_for(|s| s.state == TunnelState::Backoff),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    let error = s.last_error.unwrap_or_default();
+    assert!(error.contains("device certificate expired"), "{error}");
+    assert!(error.contains("re-enroll"), "{error}");
+    assert_eq!(s.connects, 0);
+    agent.shutdown().await;
+    platform.shutdown().await;
 }
