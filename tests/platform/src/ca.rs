@@ -48,13 +48,9 @@ pub enum CaError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(
-        "'{path}' cannot be used: {source}; help: restore it from a backup, or start with a new data directory"
+        "'{path}' cannot be used: {cause}; help: restore it from a backup, or start with a new data directory"
     )]
-    BadCaFile {
-        path: String,
-        #[source]
-        source: rcgen::Error,
-    },
+    BadCaFile { path: String, cause: rcgen::Error },
     #[error("cannot issue a certificate: {0}")]
     Issue(#[from] rcgen::Error),
 }
@@ -123,9 +119,9 @@ impl Ca {
             Err(e) if e.is_not_found() => create_ca(&key_path, &cert_path)?,
             Err(e) => return Err(e.into()),
         };
-        let bad_cert = |source| CaError::BadCaFile {
+        let bad_cert = |cause| CaError::BadCaFile {
             path: cert_path.display().to_string(),
-            source,
+            cause,
         };
         let cert_der = pem_to_der(&cert_pem).map_err(bad_cert)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(bad_cert)?;
@@ -241,9 +237,9 @@ fn create_ca(key_path: &Path, cert_path: &Path) -> Result<(KeyPair, String), CaE
 }
 
 fn parse_key(path: &Path, pem: &str) -> Result<KeyPair, CaError> {
-    KeyPair::from_pem(pem).map_err(|source| CaError::BadCaFile {
+    KeyPair::from_pem(pem).map_err(|cause| CaError::BadCaFile {
         path: path.display().to_string(),
-        source,
+        cause,
     })
 }
 

@@ -43,13 +43,12 @@ pub enum ClientError {
         reason: String,
     },
     #[error(
-        "cannot reach the platform at {url}: {source}; help: start it with `tether-platform serve --data-dir {dir}`"
+        "cannot reach the platform at {url}: {cause}; help: start it with `tether-platform serve --data-dir {dir}`"
     )]
     Unreachable {
         url: String,
         dir: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "TLS with the platform at {url} failed: {reason}; help: the data directory must be the one the running platform uses"
@@ -97,7 +96,7 @@ impl AdminClient {
             files::read_text(&path).map_err(|e| ClientError::DataDir {
                 path: path.clone(),
                 dir: shown.clone(),
-                reason: e.to_string(),
+                reason: e.cause().to_string(),
             })
         };
         let bad = |name: &str, reason: String| ClientError::DataDir {
@@ -219,10 +218,10 @@ impl AdminClient {
         let tcp =
             TcpStream::connect(self.addr)
                 .await
-                .map_err(|source| ClientError::Unreachable {
+                .map_err(|cause| ClientError::Unreachable {
                     url: self.url.clone(),
                     dir: self.dir.clone(),
-                    source,
+                    cause,
                 })?;
         let _ = tcp.set_nodelay(true);
         let tls = self

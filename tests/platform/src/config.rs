@@ -91,6 +91,15 @@ impl PlatformConfig {
         if self.names.is_empty() {
             return Err("at least one --name is needed for the server certificate".into());
         }
+        if let Some(bad) = self
+            .names
+            .iter()
+            .find(|n| n.is_empty() || n.contains(char::is_whitespace))
+        {
+            return Err(format!(
+                "'{bad}' is not a valid --name (a DNS name or an IP address)"
+            ));
+        }
         if self.tunnel.role != Role::Platform {
             return Err("the tunnel configuration's role must be Role::Platform".into());
         }

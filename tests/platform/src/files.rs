@@ -20,26 +20,30 @@ pub const PUBLIC_MODE: u32 = 0o644;
 
 /// A file could not be read or written.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {action} '{path}': {source}")]
+#[error("cannot {action} '{path}': {cause}")]
 pub struct FileError {
     action: &'static str,
     path: PathBuf,
-    #[source]
-    source: io::Error,
+    cause: io::Error,
 }
 
 impl FileError {
-    fn new(action: &'static str, path: &Path, source: io::Error) -> FileError {
+    fn new(action: &'static str, path: &Path, cause: io::Error) -> FileError {
         FileError {
             action,
             path: path.to_path_buf(),
-            source,
+            cause,
         }
+    }
+
+    /// The I/O error itself, without the path.
+    pub fn cause(&self) -> &io::Error {
+        &self.cause
     }
 
     /// True if the file does not exist.
     pub fn is_not_found(&self) -> bool {
-        self.source.kind() == io::ErrorKind::NotFound
+        self.cause.kind() == io::ErrorKind::NotFound
     }
 }
 

@@ -49,11 +49,10 @@ pub enum PlatformError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot listen on {addr}: {source}; help: is another process using the port?")]
+    #[error("cannot listen on {addr}: {cause}; help: is another process using the port?")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("TLS configuration failed: {0}")]
     Tls(#[from] rustls::Error),
@@ -204,16 +203,14 @@ impl Platform {
         let listener =
             TcpListener::bind(config.listen)
                 .await
-                .map_err(|source| PlatformError::Bind {
+                .map_err(|cause| PlatformError::Bind {
                     addr: config.listen,
-                    source,
+                    cause,
                 })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| PlatformError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let local_addr = listener.local_addr().map_err(|cause| PlatformError::Bind {
+            addr: config.listen,
+            cause,
+        })?;
         let host = config.public_host().to_string();
         let port = local_addr.port();
         let platform_file = PlatformFile {

@@ -117,6 +117,10 @@ impl Store {
     /// Opens (or creates) `DIR/platform.redb`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let path = dir.join(DB_FILE);
+        // redb would create the file with the default mode; it holds token
+        // hashes and the device list, so create it owner-only first (redb
+        // initialises an empty file as a new database).
+        create_owner_only(&path)?;
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
                 StoreError::InUse(dir.display().to_string())
@@ -326,6 +330,20 @@ impl Store {
         let db = self.db()?;
         let txn = db_err!(db.begin_read())?;
         get(&db_err!(txn.open_table(table))?, key)
+    }
+}
+
+fn create_owner_only(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::files::SECRET_MODE)
+        .open(path);
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Db(e.into())),
     }
 }
 
