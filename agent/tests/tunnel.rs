@@ -95,14 +95,16 @@ async fn the_platform_sees_the_device_and_services_are_allow_listed() {
     .await
     .expect("TunnelUp and a heartbeat");
 
-    // A service that is not in the allow-list is refused. The agent sends
-    // the reason "service 'db' is not allow-listed on this device" in the
-    // RESET (unit test in services.rs), but tether-proto's tokio adapter
-    // reports only the reset code to the opener (`WriteError::Reset(code)`),
-    // so the platform cannot show it yet.
+    // A service that is not in the allow-list is refused, and the agent's
+    // reason reaches the platform in the RESET.
     let err = platform.open_tcp(&id, "db").await.unwrap_err();
     assert!(matches!(err, ConnectError::Refused(_)), "{err}");
     assert!(err.to_string().contains("refused"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("service 'db' is not allow-listed on this device"),
+        "{err}"
+    );
     let err = platform.open_tcp(&id, "ssh").await.unwrap_err();
     assert!(matches!(err, ConnectError::Refused(_)), "{err}");
 

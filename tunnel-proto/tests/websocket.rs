@@ -61,7 +61,7 @@ async fn hundred_streams_at_once_each_echo_their_bytes_intact() {
 }
 
 #[tokio::test]
-async fn a_refused_service_surfaces_as_a_reset_and_the_tunnel_lives_on() {
+async fn a_refused_service_surfaces_as_a_reset_with_its_reason_and_the_tunnel_lives_on() {
     let (device, platform) = common::configs();
     let (device, platform, _drivers) = common::tunnel_pair(device, platform).await;
     let _server = spawn_echo_server(platform);
@@ -72,6 +72,10 @@ async fn a_refused_service_surfaces_as_a_reset_and_the_tunnel_lives_on() {
     let error = refused.accepted().await.expect_err("refused");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
     assert!(error.to_string().contains("refused"), "{error}");
+    assert!(
+        error.to_string().contains("service tcp:ssh is not allowed"),
+        "the peer's reason reaches the opener: {error}"
+    );
     let mut refused = refused;
     let error = refused.write_all(b"x").await.expect_err("writes fail too");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);

@@ -188,8 +188,8 @@ pub enum WriteError {
     Finished,
     #[error("stream {0} was opened by the peer and is not accepted yet")]
     NotAccepted(StreamId),
-    #[error("the stream was reset: {0}")]
-    Reset(ResetCode),
+    #[error("the stream was reset: {code}{}", reason_suffix(reason))]
+    Reset { code: ResetCode, reason: String },
     #[error("the tunnel is closed: {0}")]
     ConnectionLost(ConnectionError),
 }
@@ -201,10 +201,19 @@ pub enum ReadError {
     Blocked,
     #[error("stream {0} is not open")]
     UnknownStream(StreamId),
-    #[error("the stream was reset: {0}")]
-    Reset(ResetCode),
+    #[error("the stream was reset: {code}{}", reason_suffix(reason))]
+    Reset { code: ResetCode, reason: String },
     #[error("the tunnel is closed: {0}")]
     ConnectionLost(ConnectionError),
+}
+
+/// ": reason" when the peer gave one.
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {reason}")
+    }
 }
 
 /// Counters for logs and heartbeats.
@@ -451,7 +460,10 @@ impl Connection {
             .get_mut(&id)
             .ok_or(ReadError::UnknownStream(id))?;
         if let Some(reset) = &stream.reset {
-            return Err(ReadError::Reset(reset.code));
+            return Err(ReadError::Reset {
+                code: reset.code,
+                reason: reset.reason.clone(),
+            });
         }
         if let Some(chunk) = stream.take_recv(max) {
             let drained = stream.recv == RecvState::FinReceived && stream.recv_buffered == 0;
@@ -730,7 +742,10 @@ fn writable(
 ) -> Result<&mut Stream, WriteError> {
     let stream = streams.get_mut(&id).ok_or(WriteError::UnknownStream(id))?;
     if let Some(reset) = &stream.reset {
-        return Err(WriteError::Reset(reset.code));
+        return Err(WriteError::Reset {
+            code: reset.code,
+            reason: reset.reason.clone(),
+        });
     }
     if let Some(error) = lost {
         return Err(WriteError::ConnectionLost(error));

@@ -218,7 +218,7 @@ impl World {
                 dir.eof = true;
                 Ok(false)
             }
-            Err(ReadError::Reset(_)) => {
+            Err(ReadError::Reset { .. }) => {
                 stream.reset = true;
                 Ok(false)
             }
@@ -272,7 +272,7 @@ impl World {
                             "{id} is finished, but the model never finished it"
                         );
                     }
-                    Err(WriteError::Reset(_)) => stream.reset = true,
+                    Err(WriteError::Reset { .. }) => stream.reset = true,
                     Err(WriteError::NotAccepted(_)) => {
                         // The model only writes on streams this side opened
                         // or accepted.

@@ -143,7 +143,7 @@ fn read_error(error: ReadError) -> io::Error {
     match error {
         ReadError::Blocked => io::ErrorKind::WouldBlock.into(),
         ReadError::UnknownStream(_) => io::Error::new(io::ErrorKind::NotConnected, error),
-        ReadError::Reset(code) => reset_error(code),
+        ReadError::Reset { code, reason } => reset_error(code, &reason),
         ReadError::ConnectionLost(e) => lost_error(e),
     }
 }
@@ -154,16 +154,20 @@ fn write_error(error: WriteError) -> io::Error {
         WriteError::UnknownStream(_) | WriteError::Finished | WriteError::NotAccepted(_) => {
             io::Error::new(io::ErrorKind::BrokenPipe, error)
         }
-        WriteError::Reset(code) => reset_error(code),
+        WriteError::Reset { code, reason } => reset_error(code, &reason),
         WriteError::ConnectionLost(e) => lost_error(e),
     }
 }
 
-fn reset_error(code: ResetCode) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionReset,
-        format!("stream reset: {code}"),
-    )
+/// The peer's code and reason, so that whoever reads the error learns why
+/// (for example "service 'x' is not allow-listed on this device").
+fn reset_error(code: ResetCode, reason: &str) -> io::Error {
+    let message = if reason.is_empty() {
+        format!("stream reset: {code}")
+    } else {
+        format!("stream reset: {code}: {reason}")
+    };
+    io::Error::new(io::ErrorKind::ConnectionReset, message)
 }
 
 fn lost_error(error: ConnectionError) -> io::Error {

@@ -161,12 +161,27 @@ fn a_reset_by_either_side_reaches_the_other_with_its_code() {
             reason: "no longer needed".into(),
         };
         assert_eq!(pair.events(other), [reset], "{resetter:?} reset");
-        assert_eq!(pair.conn(other).read(id, 10), Err(ReadError::Reset(code)));
+        assert_eq!(
+            pair.conn(other).read(id, 10),
+            Err(ReadError::Reset {
+                code,
+                reason: "no longer needed".into()
+            })
+        );
         assert_eq!(
             pair.conn(other).write(id, b"x"),
-            Err(WriteError::Reset(code))
+            Err(WriteError::Reset {
+                code,
+                reason: "no longer needed".into()
+            })
         );
-        assert_eq!(pair.conn(other).finish(id), Err(WriteError::Reset(code)));
+        assert_eq!(
+            pair.conn(other).finish(id),
+            Err(WriteError::Reset {
+                code,
+                reason: "no longer needed".into()
+            })
+        );
         assert_eq!(
             pair.conn(other).buffered_bytes(),
             0,
@@ -335,7 +350,7 @@ fn an_open_nobody_accepts_is_reset_with_open_timeout() {
     let reset = Event::Reset {
         stream: id,
         code: ResetCode::OPEN_TIMEOUT,
-        reason,
+        reason: reason.clone(),
     };
     assert_eq!(pair.events(Device), [reset]);
     assert!(
@@ -350,7 +365,10 @@ fn an_open_nobody_accepts_is_reset_with_open_timeout() {
     );
     assert_eq!(
         pair.conn(Device).write(id, b"x"),
-        Err(WriteError::Reset(ResetCode::OPEN_TIMEOUT))
+        Err(WriteError::Reset {
+            code: ResetCode::OPEN_TIMEOUT,
+            reason
+        })
     );
     pair.conn(Device).release(id);
     assert_eq!(pair.conn(Device).stream_count(), 0);
