@@ -24,10 +24,11 @@ async fn a_revoked_live_device_leaves_connected_at_once_and_does_not_retry_in_a_
     config.reconnect.min_delay = Duration::from_millis(100);
     config.reconnect.max_delay = Duration::from_millis(100);
     config.reconnect.slow_delay = Duration::from_secs(2);
+    let mut events = platform.events();
     let agent = Agent::start(config).await.unwrap();
     connected(&agent).await;
+    tunnel_up(&mut events, &id).await;
     online(&platform, &id).await;
-    let mut events = platform.events();
 
     let revoked_at = Instant::now();
     assert!(

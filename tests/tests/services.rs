@@ -18,12 +18,13 @@ async fn an_unlisted_service_is_refused_and_the_tunnel_carries_on() {
     let state = dir.path().join("state");
     let id = enrolled(&platform, &state).await.identity.device_id;
     let (server, mut served) = hash_server(0x5eed, 1024 * 1024).await;
+    let mut events = platform.events();
     let agent = Agent::start(with_service(agent_config(&state), "plc-gateway", server))
         .await
         .unwrap();
     connected(&agent).await;
+    tunnel_up(&mut events, &id).await;
     online(&platform, &id).await;
-    let mut events = platform.events();
 
     // Names the device does not list, including the built-in services'
     // names used as TCP service names, and a near miss of the listed one.
@@ -41,6 +42,12 @@ async fn an_unlisted_service_is_refused_and_the_tunnel_carries_on() {
             .await
             .expect_err("an unlisted service is refused");
         assert!(matches!(err, ConnectError::Refused(_)), "{name}: {err}");
+        // The device's reason reaches the platform.
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("service '{name}' is not allow-listed")),
+            "{message}"
+        );
     }
     // A name that is not a service name at all never reaches the device.
     let err = platform.open_tcp(&id, "no spaces").await.unwrap_err();
