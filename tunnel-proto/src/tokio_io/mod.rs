@@ -39,13 +39,15 @@ pub use stream::TunnelStream;
 /// The WebSocket limits matching a side's protocol settings: one message is
 /// one frame, so nothing larger than a frame is ever accepted, and the write
 /// buffer is bounded (tungstenite's defaults are 64 MiB messages and an
-/// unbounded write buffer).
+/// unbounded write buffer). The read buffer is 32 KiB: tungstenite zero-fills
+/// it before every read, so a larger one costs CPU per byte
+/// (`docs/decisions.md`, 7); a larger frame still fits, the buffer grows.
 pub fn websocket_config(settings: &Settings) -> WebSocketConfig {
     let max_message = crate::frame::HEADER_LEN + settings.max_frame_payload as usize;
     WebSocketConfig::default()
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
-        .read_buffer_size(128 * 1024)
+        .read_buffer_size(32 * 1024)
         .write_buffer_size(128 * 1024)
         .max_write_buffer_size(1024 * 1024)
 }
