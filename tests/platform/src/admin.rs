@@ -3,8 +3,9 @@
 //! This module owns authentication of fleet managers (a bearer token,
 //! compared by SHA-256 in constant time; failures are rate limited per
 //! source address) and the routes: create provisioning tokens, list and
-//! revoke devices, and connect to a TCP service through a device's tunnel
-//! (an HTTP upgrade to `tether-tcp`, then raw bytes both ways). The
+//! revoke devices, connect to a TCP service through a device's tunnel (an
+//! HTTP upgrade to `tether-tcp`, then raw bytes both ways), and ask the
+//! platform to listen for such connections itself ([`crate::listen`]). The
 //! operations themselves live on [`crate::platform::State`], shared with the
 //! library API. It never logs the Authorization header or a token.
 
@@ -27,7 +28,7 @@ use crate::server::ConnInfo;
 /// The upgrade protocol of the connect endpoint.
 pub const TCP_UPGRADE: &str = "tether-tcp";
 /// Largest admin request body.
-const MAX_ADMIN_BODY: usize = 4 * 1024;
+pub(crate) const MAX_ADMIN_BODY: usize = 4 * 1024;
 /// Buffer per direction when copying between a connect client and a tunnel
 /// stream.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -81,6 +82,10 @@ pub async fn handle(
         (&Method::GET, ["devices", id, "services", name, "connect"]) => {
             let (id, name) = (id.to_string(), name.to_string());
             connect(state, conn, req, &id, &name).await
+        }
+        (&Method::POST, ["devices", id, "services", name, "listen"]) => {
+            let (id, name) = (id.to_string(), name.to_string());
+            crate::listen::handle(state, conn, req, &id, &name).await
         }
         _ => reply::not_found(),
     }

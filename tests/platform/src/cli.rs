@@ -3,7 +3,8 @@
 //!
 //! This module owns what a person types and reads. It never talks to the
 //! network itself: `main.rs` runs the commands with [`crate::Platform`],
-//! [`crate::client::AdminClient`] and [`crate::connect::Proxy`].
+//! [`crate::client::AdminClient`] (and its listen sessions) and
+//! [`crate::connect::Proxy`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,7 +32,16 @@ pub enum Command {
     /// Enrolled devices.
     #[command(subcommand)]
     Device(DeviceCommand),
-    /// Proxy local TCP connections to a service on a device, through its tunnel.
+    /// Reach a TCP service on a device through its tunnel.
+    ///
+    /// By default the running platform listens on --listen itself, on its own host, and
+    /// carries each connection over the device's tunnel (one TLS hop); the listener closes
+    /// when this command exits. The address must be a loopback address unless the platform
+    /// runs with `serve --allow-remote-listen`.
+    ///
+    /// With --remote, this command listens on this machine instead and sends each
+    /// connection to the platform over HTTPS (for engineers not on the platform's host;
+    /// one more TLS hop).
     Connect(ConnectArgs),
 }
 
@@ -71,6 +81,15 @@ pub struct ServeArgs {
     /// WebSocket write buffer target per tunnel, bytes.
     #[arg(long, default_value_t = 16 * 1024)]
     pub ws_write_buffer: usize,
+    /// Let `connect` ask the platform to listen on addresses other than loopback.
+    #[arg(long)]
+    pub allow_remote_listen: bool,
+    /// `connect` listeners held at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_listeners: usize,
+    /// Connections one `connect` listener carries at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_listener_connections: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,9 +144,12 @@ pub struct ConnectArgs {
     pub device: String,
     /// The service name in the device's allow-list.
     pub service: String,
-    /// Local address to accept connections on.
+    /// Address to accept connections on: on the platform's host, or on this machine with --remote.
     #[arg(long)]
     pub listen: SocketAddr,
+    /// Listen on this machine and proxy each connection through the platform's HTTPS API.
+    #[arg(long)]
+    pub remote: bool,
     #[command(flatten)]
     pub data: DataDir,
 }

@@ -2,9 +2,10 @@
 //! running platform, found through `DIR/platform.json`, trusting only
 //! `DIR/ca.crt`, authenticated with `DIR/admin-token`.
 //!
-//! This module owns finding the platform, the TLS connection and the
-//! request/answer exchange, and turns every failure into an error that says
-//! what to do. It never prints anything and never logs the token.
+//! This module owns finding the platform, the TLS connection, the
+//! request/answer exchange and the client side of listen sessions
+//! (keepalives, ending the session), and turns every failure into an error
+//! that says what to do. It never prints anything and never logs the token.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::de::DeserializeOwned;
 use tether_proto::api::{ApiError, Secret};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -26,10 +28,13 @@ use crate::admin::{CreateTokenRequest, CreateTokenResponse, RevokeResponse, TCP_
 use crate::ca::CA_CERT_FILE;
 use crate::files;
 use crate::keys::ADMIN_TOKEN_FILE;
+use crate::listen::{KEEPALIVE, LISTEN_ADDR_HEADER, LISTEN_UPGRADE, ListenRequest, SILENCE};
 use crate::platform::{DeviceInfo, PLATFORM_JSON, PlatformFile};
 
 /// Largest answer read, in bytes.
 const MAX_ANSWER: usize = 8 * 1024 * 1024;
+/// How long ending a listen session may take.
+const GOODBYE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +69,8 @@ pub enum ClientError {
     },
     #[error("the platform's answer was not what was expected: {0}")]
     BadAnswer(String),
+    #[error("the platform closed the listener: {0}")]
+    SessionEnded(String),
 }
 
 /// A client of one running platform.
@@ -178,6 +185,46 @@ impl AdminClient {
         Ok(TokioIo::new(upgraded))
     }
 
+    /// Asks the platform to listen on `listen` (on its own host) and carry
+    /// each connection to `service` on `device_id`. The listener lives as
+    /// long as the returned session.
+    pub async fn listen(
+        &self,
+        device_id: &str,
+        service: &str,
+        listen: SocketAddr,
+    ) -> Result<ListenSession, ClientError> {
+        let path = format!("/v1/admin/devices/{device_id}/services/{service}/listen");
+        let body = serde_json::to_vec(&ListenRequest { listen })
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let request = self
+            .request(Method::POST, &path)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, LISTEN_UPGRADE)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let response = self.send(request).await?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(api_error(response).await);
+        }
+        let addr = response
+            .headers()
+            .get(LISTEN_ADDR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<SocketAddr>().ok())
+            .ok_or_else(|| {
+                ClientError::BadAnswer(format!("no valid {LISTEN_ADDR_HEADER} header"))
+            })?;
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        Ok(ListenSession {
+            addr,
+            io: TokioIo::new(upgraded),
+        })
+    }
+
     async fn json<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -240,6 +287,60 @@ impl AdminClient {
             .send_request(request)
             .await
             .map_err(|e| ClientError::Http(e.to_string()))
+    }
+}
+
+/// A platform-side listener, open while this session is.
+#[derive(Debug)]
+pub struct ListenSession {
+    addr: SocketAddr,
+    io: TokioIo<Upgraded>,
+}
+
+impl ListenSession {
+    /// The address the platform listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Keeps the session alive until `stop` resolves, then ends it (the
+    /// platform closes the listener). Fails if the platform ends it first.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), ClientError> {
+        let (mut rd, mut wr) = tokio::io::split(self.io);
+        tokio::pin!(stop);
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        let silence = tokio::time::sleep(SILENCE);
+        tokio::pin!(silence);
+        let mut scratch = [0u8; 256];
+        let ended = loop {
+            tokio::select! {
+                () = &mut stop => break None,
+                read = rd.read(&mut scratch) => match read {
+                    Ok(0) => break Some("the session ended (is the platform still running?)".to_string()),
+                    Ok(_) => silence.as_mut().reset(tokio::time::Instant::now() + SILENCE),
+                    Err(e) => break Some(e.to_string()),
+                },
+                () = &mut silence => break Some(format!("no keepalive for {SILENCE:?}")),
+                _ = keepalive.tick() => {
+                    let sent = tokio::time::timeout(KEEPALIVE, async {
+                        wr.write_all(b"\n").await?;
+                        wr.flush().await
+                    }).await;
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Some(e.to_string()),
+                        Err(_) => break Some("the platform stopped reading".to_string()),
+                    }
+                }
+            }
+        };
+        match ended {
+            None => {
+                let _ = tokio::time::timeout(GOODBYE, wr.shutdown()).await;
+                Ok(())
+            }
+            Some(reason) => Err(ClientError::SessionEnded(reason)),
+        }
     }
 }
 

@@ -48,6 +48,13 @@ pub struct PlatformConfig {
     pub ws_read_buffer: usize,
     /// tungstenite's write buffer target per tunnel (grown only when used).
     pub ws_write_buffer: usize,
+    /// Whether platform-side listeners (the admin listen endpoint) may bind
+    /// addresses other than loopback.
+    pub allow_remote_listen: bool,
+    /// Platform-side listeners held at once.
+    pub max_listeners: usize,
+    /// Connections one platform-side listener carries at once.
+    pub max_listener_connections: usize,
 }
 
 impl PlatformConfig {
@@ -67,6 +74,9 @@ impl PlatformConfig {
             tunnel: Config::new(Role::Platform),
             ws_read_buffer: 8 * 1024,
             ws_write_buffer: 16 * 1024,
+            allow_remote_listen: false,
+            max_listeners: 64,
+            max_listener_connections: 256,
         }
     }
 
@@ -106,6 +116,9 @@ impl PlatformConfig {
         self.tunnel.validate().map_err(|e| e.to_string())?;
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1".into());
+        }
+        if self.max_listeners == 0 || self.max_listener_connections == 0 {
+            return Err("max_listeners and max_listener_connections must be at least 1".into());
         }
         if self.ws_read_buffer < 1024 || self.ws_write_buffer < 1024 {
             return Err("WebSocket buffers must be at least 1024 bytes".into());

@@ -1,4 +1,6 @@
-//! `tether-platform connect`: a local TCP proxy to a service on a device.
+//! `tether-platform connect --remote`: a local TCP proxy to a service on a
+//! device, for engineers not on the platform's host (the default mode has the
+//! platform listen itself, see [`crate::listen`]).
 //!
 //! This module owns the proxy loop: each TCP connection accepted on the
 //! local address becomes one connect session (an HTTPS upgrade to the admin

@@ -5,9 +5,9 @@
 //! `tether-proto` in the platform role), serves their control streams
 //! (heartbeats, certificate renewal), and offers an admin API and CLI to
 //! fleet managers (tokens, device list, revocation, TCP connect through a
-//! tunnel). It is real, not a mock: real TLS, state in redb, rate limits and
-//! bounds everywhere, so platform implementers can read it as a guide and
-//! end-to-end tests can trust it. `docs/protocol.md` ("Enrollment, tunnel
+//! tunnel, TCP listeners on the platform's host). It is real, not a mock:
+//! real TLS, state in redb, rate limits and bounds everywhere, so platform
+//! implementers can read it as a guide and end-to-end tests can trust it. `docs/protocol.md` ("Enrollment, tunnel
 //! endpoint and control stream") specifies what it speaks.
 //!
 //! # Layout
@@ -16,11 +16,12 @@
 //! - `server`: TLS accept, connection limits, HTTP routing.
 //! - `enroll`: `POST /v1/enroll`. `tunnels`: `GET /v1/tunnel` and the
 //!   registry of live tunnels. `control`: the control stream.
-//!   `admin`: `/v1/admin/...`.
+//!   `admin`: `/v1/admin/...`. `listen`: platform-side listeners that
+//!   carry local TCP connections to a device's service.
 //! - `store` (redb), `ca` (certificates), `keys` (Ed25519 keys, admin token,
 //!   randomness, hashes), `files` (atomic 0600 writes), `rate_limit`.
-//! - `cli`, `client`, `connect`: the `tether-platform` command and its admin
-//!   client and local TCP proxy.
+//! - `cli`, `client`, `connect`: the `tether-platform` command, its admin
+//!   client, and the engineer-side TCP proxy of `connect --remote`.
 #![forbid(unsafe_code)]
 // Handlers return the HTTP answer to send as their error (`Result<T,
 // Response>`), built once per refused request; boxing it would buy nothing.
@@ -37,6 +38,7 @@ pub mod enroll;
 pub mod files;
 pub mod http;
 pub mod keys;
+pub mod listen;
 pub mod platform;
 pub mod rate_limit;
 pub mod server;

@@ -107,6 +107,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_connections = args.max_connections;
     config.ws_read_buffer = args.ws_read_buffer;
     config.ws_write_buffer = args.ws_write_buffer;
+    config.allow_remote_listen = args.allow_remote_listen;
+    config.max_listeners = args.max_listeners;
+    config.max_listener_connections = args.max_listener_connections;
     let platform = Platform::start(config).await?;
     eprintln!("listening on {}", platform.url());
     wait_for_signal().await;
@@ -116,6 +119,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+    if !args.remote {
+        let session = client
+            .listen(&args.device, &args.service, args.listen)
+            .await?;
+        println!(
+            "listening on {} (served by the platform at {}); Ctrl-C to stop",
+            session.local_addr(),
+            client.url()
+        );
+        session.run(wait_for_signal()).await?;
+        return Ok(());
+    }
     let proxy = Proxy::bind(client, args.listen, &args.device, &args.service)
         .await
         .with_context(|| format!("cannot listen on {}; help: pick a free port", args.listen))?;

@@ -26,6 +26,7 @@ use crate::ca::{Ca, CaError, SERVER_CERT_FILE};
 use crate::config::PlatformConfig;
 use crate::files::{self, FileError, PUBLIC_MODE};
 use crate::keys::{self, KeyError, SigningKeys};
+use crate::listen::Listeners;
 use crate::rate_limit::RateLimiter;
 use crate::server;
 use crate::store::{Store, StoreError, TokenRecord};
@@ -168,6 +169,7 @@ pub struct State {
     pub registry: Registry,
     pub enroll_limiter: RateLimiter,
     pub admin_limiter: RateLimiter,
+    pub listeners: Listeners,
     events: broadcast::Sender<PlatformEvent>,
 }
 
@@ -228,6 +230,7 @@ impl Platform {
             registry: Registry::default(),
             enroll_limiter: RateLimiter::new(config.enroll_rate),
             admin_limiter: RateLimiter::new(config.admin_failure_rate),
+            listeners: Listeners::new(config.max_listeners),
             events: broadcast::channel(EVENT_BACKLOG).0,
             config,
         });
@@ -313,16 +316,23 @@ impl Platform {
         self.state.open_tcp(device_id, service).await
     }
 
+    /// Platform-side listeners open now (admin listen sessions).
+    pub fn listener_count(&self) -> usize {
+        self.state.listeners.active()
+    }
+
     /// A receiver of every event from now on.
     pub fn events(&self) -> broadcast::Receiver<PlatformEvent> {
         self.state.events.subscribe()
     }
 
-    /// Stops accepting connections, closes tunnels gracefully (bounded by
-    /// `shutdown_grace`, then at once) and releases the database file, so
-    /// a new platform can start on the same data directory.
+    /// Stops accepting connections, closes platform-side listeners, closes
+    /// tunnels gracefully (bounded by `shutdown_grace`, then at once) and
+    /// releases the database file, so a new platform can start on the same
+    /// data directory.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
+        self.state.listeners.close_all();
         if let Some(task) = self.acceptor.lock().await.take() {
             let _ = task.await;
         }
@@ -465,6 +475,7 @@ impl Drop for Platform {
     fn drop(&mut self) {
         // Without `shutdown`, at least stop accepting.
         let _ = self.stop.send(true);
+        self.state.listeners.close_all();
         if !self.state.registry.is_empty() {
             warn!("platform dropped without shutdown; live tunnels end with the runtime");
         }

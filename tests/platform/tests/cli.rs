@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use http::{Method, StatusCode};
-use tether_platform::DeviceInfo;
+use tether_platform::{DeviceInfo, Platform};
 use tether_proto::api::ErrorCode;
 use tether_proto::{ResetCode, Service, ServiceHeader};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -202,15 +202,14 @@ async fn echo_server() -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test]
-async fn connect_carries_bytes_to_a_tcp_service_through_the_tunnel() {
-    let (platform, dir) = start().await;
-    let device = enroll_new(&platform).await;
-    let tunnel = open_tunnel(&platform, Some((&device.certificate, &device.key)))
+/// An enrolled device with a live tunnel whose device side the test plays:
+/// `echo` bridges to a real TCP echo server, anything else is refused as
+/// the agent would.
+async fn echo_device(platform: &Platform) -> (Device, DeviceTunnel) {
+    let device = enroll_new(platform).await;
+    let tunnel = open_tunnel(platform, Some((&device.certificate, &device.key)))
         .await
         .unwrap();
-    // The device side: `echo` bridges to a real TCP echo server, anything
-    // else is refused as the agent would.
     let echo = echo_server().await;
     let device_side = tunnel.tunnel.clone();
     tokio::spawn(async move {
@@ -228,53 +227,80 @@ async fn connect_carries_bytes_to_a_tcp_service_through_the_tunnel() {
             });
         }
     });
+    (device, tunnel)
+}
 
-    let data_dir = dir.path().to_str().unwrap();
-    let mut proxy = Command::new(BIN)
+/// Sends 200 kB through `addr` and checks the echo, in both directions at
+/// once.
+async fn echo_through(addr: &str, round: u32) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + round) as u8).collect();
+    let (mut rd, mut wr) = tcp.split();
+    let write = async {
+        wr.write_all(&payload).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let mut echoed = Vec::new();
+    let read = rd.read_to_end(&mut echoed);
+    let ((), read) =
+        tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
+            .await
+            .expect("the echo completes");
+    read.unwrap();
+    assert_eq!(echoed.len(), payload.len());
+    assert!(echoed == payload, "round {round}: bytes differ");
+}
+
+/// Starts `tether-platform connect` with `extra` arguments and returns the
+/// process and the address from its first line, "listening on ADDR...".
+async fn start_connect(
+    device_id: &str,
+    data_dir: &str,
+    extra: &[&str],
+) -> (tokio::process::Child, String, String) {
+    let mut child = Command::new(BIN)
         .args([
             "connect",
-            &device.id,
+            device_id,
             "echo",
             "--listen",
             "127.0.0.1:0",
             "--data-dir",
             data_dir,
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(proxy.stdout.take().unwrap());
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
         .await
-        .expect("the proxy starts")
+        .expect("connect starts")
         .unwrap();
     let addr = line
         .trim()
         .strip_prefix("listening on ")
-        .expect("prints 'listening on ADDR'")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("prints 'listening on ADDR': {line:?}"))
         .to_string();
+    (child, addr, line)
+}
 
+#[tokio::test]
+async fn connect_remote_carries_bytes_to_a_tcp_service_through_the_tunnel() {
+    let (platform, dir) = start().await;
+    let (device, tunnel) = echo_device(&platform).await;
+    let data_dir = dir.path().to_str().unwrap();
+    let (mut proxy, addr, line) = start_connect(&device.id, data_dir, &["--remote"]).await;
+    assert_eq!(line.trim(), format!("listening on {addr}"));
+    // The remote proxy listens in its own process, not in the platform.
+    assert_eq!(platform.listener_count(), 0);
     for round in 0..2 {
-        let mut tcp = TcpStream::connect(&addr).await.unwrap();
-        let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + round) as u8).collect();
-        let (mut rd, mut wr) = tcp.split();
-        let write = async {
-            wr.write_all(&payload).await.unwrap();
-            wr.shutdown().await.unwrap();
-        };
-        let mut echoed = Vec::new();
-        let read = rd.read_to_end(&mut echoed);
-        let ((), read) =
-            tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
-                .await
-                .expect("the echo completes");
-        read.unwrap();
-        assert_eq!(echoed.len(), payload.len());
-        assert!(echoed == payload, "round {round}: bytes differ");
+        echo_through(&addr, round).await;
     }
 
     // Through the admin API directly: a refused service is a 502 with the
@@ -309,5 +335,169 @@ async fn connect_carries_bytes_to_a_tcp_service_through_the_tunnel() {
     assert_eq!(offline.api_error().error, ErrorCode::DeviceOffline);
 
     proxy.kill().await.unwrap();
+    platform.shutdown().await;
+}
+
+/// Waits until nothing accepts connections on `addr` any more, within
+/// `within`.
+async fn wait_refused(addr: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{addr} still accepts connections after {within:?}: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn connect_has_the_platform_listen_until_the_command_is_killed() {
+    let (platform, dir) = start().await;
+    let (device, tunnel) = echo_device(&platform).await;
+    let data_dir = dir.path().to_str().unwrap();
+    let (mut cli, addr, line) = start_connect(&device.id, data_dir, &[]).await;
+    assert_eq!(
+        line.trim(),
+        format!(
+            "listening on {addr} (served by the platform at {}); Ctrl-C to stop",
+            platform.url()
+        )
+    );
+    assert_eq!(platform.listener_count(), 1);
+    for round in 0..3 {
+        echo_through(&addr, round).await;
+    }
+
+    // The device goes offline: a connection is accepted, then closed; the
+    // listener stays.
+    tunnel
+        .tunnel
+        .close(tether_proto::CloseCode::NO_ERROR, "going offline");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while platform.tunnel(&device.id).is_some() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(&addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("the platform closes the connection");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    assert_eq!(platform.listener_count(), 1);
+
+    // SIGKILL: no goodbye, yet the platform closes the listener at once.
+    cli.kill().await.unwrap();
+    wait_refused(&addr, Duration::from_secs(2)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while platform.listener_count() != 0 {
+        assert!(std::time::Instant::now() < deadline, "listener slot kept");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_ends_cleanly_on_sigterm_and_when_the_platform_stops() {
+    let (platform, dir) = start().await;
+    let (device, _tunnel) = echo_device(&platform).await;
+    let data_dir = dir.path().to_str().unwrap();
+
+    let (mut cli, addr, _) = start_connect(&device.id, data_dir, &[]).await;
+    echo_through(&addr, 0).await;
+    let pid = cli.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(5), cli.wait())
+        .await
+        .expect("connect exits on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    wait_refused(&addr, Duration::from_secs(2)).await;
+
+    // The platform stopping ends the session: the listener closes and the
+    // command fails.
+    let (mut cli, addr, _) = start_connect(&device.id, data_dir, &[]).await;
+    platform.shutdown().await;
+    let status = tokio::time::timeout(Duration::from_secs(5), cli.wait())
+        .await
+        .expect("connect exits when the platform stops")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    wait_refused(&addr, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn the_platform_listens_only_on_loopback_without_the_opt_in() {
+    let (platform, dir) = start().await;
+    let device = enroll_new(&platform).await;
+    let data_dir = dir.path().to_str().unwrap();
+
+    // A documentation address (never bound: refused before that).
+    let output = run(&[
+        "connect",
+        &device.id,
+        "echo",
+        "--listen",
+        "192.0.2.1:2222",
+        "--data-dir",
+        data_dir,
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("192.0.2.1:2222 is not a loopback address")
+            && stderr.contains("--allow-remote-listen"),
+        "{stderr}"
+    );
+
+    // The admin API directly: 0.0.0.0 is refused the same way; an unknown
+    // device is a 404 and a non-upgrade a 400.
+    let bearer = format!("Bearer {}", platform.admin_token().expose());
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("connection", "upgrade"),
+        ("upgrade", "tether-listen"),
+        ("content-type", "application/json"),
+    ];
+    let path = format!("/v1/admin/devices/{}/services/echo/listen", device.id);
+    let body = br#"{"listen": "0.0.0.0:0"}"#.to_vec();
+    let refused = send(&platform, Method::POST, &path, &headers, body, None)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    let error = refused.api_error();
+    assert_eq!(error.error, ErrorCode::BadRequest);
+    assert!(
+        error.message.contains("not a loopback address")
+            && error.message.contains("--allow-remote-listen"),
+        "{}",
+        error.message
+    );
+
+    let body = br#"{"listen": "127.0.0.1:0"}"#.to_vec();
+    let path = "/v1/admin/devices/dev_00000000000000000000/services/echo/listen";
+    let unknown = send(&platform, Method::POST, path, &headers, body.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    let path = format!("/v1/admin/devices/{}/services/echo/listen", device.id);
+    let plain = send(&platform, Method::POST, &path, &headers[..1], body, None)
+        .await
+        .unwrap();
+    assert_eq!(plain.status, StatusCode::BAD_REQUEST);
+    assert_eq!(platform.listener_count(), 0);
     platform.shutdown().await;
 }
