@@ -104,6 +104,7 @@ impl Shared {
     /// The tunnel settings, with the config's keepalive overrides.
     pub(crate) fn proto_config(&self) -> tether_proto::Config {
         let mut proto = tether_proto::Config::new(tether_proto::Role::Device);
+        proto.max_stream_window = DEVICE_MAX_STREAM_WINDOW;
         if let Some(k) = self.config.tunnel.keepalive_interval {
             proto.keepalive_interval = k;
         }
@@ -113,6 +114,15 @@ impl Shared {
         proto
     }
 }
+
+/// The largest receive window one stream on the device may grow to. Every
+/// byte the platform may send ahead of a stream's reader can sit in a queue
+/// in front of another stream's bytes (sockets, the platform's outbox), so
+/// this bounds how long a keystroke in the editor waits behind a bulk
+/// transfer: 1 MiB is about 2 ms at 4 Gbit/s, against 8 ms for tether-proto's
+/// default of 4 MiB (`docs/benchmarks.md`). It still allows 80 Mbit/s per
+/// stream on a 100 ms path, more than a gateway's uplink.
+const DEVICE_MAX_STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// A running agent. Dropping it without [`Agent::shutdown`] leaves its
 /// tasks running until the runtime ends.
@@ -244,17 +254,14 @@ async fn write_status(
     mut shutdown: watch::Receiver<bool>,
     started_at: u64,
 ) {
-    let pid = std::process::id();
-    let write = |shared: &Shared| {
-        let file = StatusFile {
-            pid,
-            updated_at: shared.config.clock.now_unix(),
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            started_at,
-            status: shared.status(),
-        };
-        if let Err(e) = status::write_file(&shared.state, &file) {
-            warn!(cause = %e, "cannot write the status file");
+    // The file is synced to disk; that may take milliseconds on a gateway's
+    // flash, so it happens on the blocking pool, never on the thread that
+    // drives the tunnel.
+    let write = |shared: &Arc<Shared>| {
+        let shared = Arc::clone(shared);
+        async move {
+            let _ =
+                tokio::task::spawn_blocking(move || write_status_file(&shared, started_at)).await;
         }
     };
     let mut refresh = tokio::time::interval(status::STATUS_REFRESH);
@@ -267,20 +274,33 @@ async fn write_status(
                     break;
                 }
                 let stopped = status.borrow_and_update().state == crate::status::TunnelState::Stopped;
-                write(&shared);
+                write(&shared).await;
                 if stopped && stopping {
                     break;
                 }
             }
-            _ = refresh.tick() => write(&shared),
+            _ = refresh.tick() => write(&shared).await,
             _ = crate::agent::stopped(&mut shutdown), if !stopping => {
                 stopping = true;
                 if shared.status().state == crate::status::TunnelState::Stopped {
-                    write(&shared);
+                    write(&shared).await;
                     break;
                 }
             }
         }
+    }
+}
+
+fn write_status_file(shared: &Shared, started_at: u64) {
+    let file = StatusFile {
+        pid: std::process::id(),
+        updated_at: shared.config.clock.now_unix(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at,
+        status: shared.status(),
+    };
+    if let Err(e) = status::write_file(&shared.state, &file) {
+        warn!(cause = %e, "cannot write the status file");
     }
 }
 

@@ -149,9 +149,14 @@ fn load_config(path: Option<&PathBuf>, state_dir: Option<&PathBuf>) -> Result<Co
     Ok(config)
 }
 
+/// One thread drives everything: the tunnel, its streams and the local
+/// connections. A gateway has one to four slow cores, and a wake-up that
+/// crosses threads costs more than the work it hands over (measured in
+/// `docs/benchmarks.md`: less CPU per byte, shorter round trips and less
+/// memory than two workers). File syncs and other blocking work go to the
+/// blocking pool.
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .max_blocking_threads(4)
         .enable_all()
         .build()

@@ -155,6 +155,10 @@ async fn dial_inner(endpoint: &Endpoint) -> Result<TcpStream, DialError> {
         match TcpStream::connect(addr).await {
             Ok(tcp) => {
                 let _ = tcp.set_nodelay(true);
+                // Best effort: a kernel without the option still carries the
+                // tunnel.
+                let _ = socket2::SockRef::from(&tcp)
+                    .set_tcp_notsent_lowat(tether_proto::tokio_io::TUNNEL_NOTSENT_LOWAT);
                 return Ok(tcp);
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {

@@ -10,8 +10,12 @@
 #
 #   direct:  iperf3 -c -> 127.0.0.1:SINK
 #   rathole: iperf3 -c -> rathole server -> TLS -> rathole client -> SINK
-#   tether:  iperf3 -c -> tether-platform connect -> HTTPS -> platform
+#   tether:  iperf3 -c -> platform-side listener (tether-platform connect)
 #            -> tunnel (mTLS WebSocket) -> tetherd -> SINK
+#
+# `tether-platform connect` has the platform itself listen on 127.0.0.1 for as
+# long as the command runs, so tether, like rathole, crosses one TLS hop; the
+# connect process only holds the session (its CPU is reported, and is ~0).
 #
 # Rounds alternate the paths so that the machine's drift hits all of them.
 # For each transfer it reports Gbit/s (iperf3's receiver figure), the
@@ -20,6 +24,12 @@
 # rathole (cargo install rathole), openssl and python3; traffic stays on
 # 127.0.0.1.
 set -euo pipefail
+
+# glibc 2.36 on this machine's x86 CPU copies some 16 KiB buffers with
+# `rep movsb` up to 20x slower depending on their placement, which makes
+# runs of the same binary differ by 2x (docs/benchmarks.md). Every process
+# of every path gets the same setting; GLIBC_TUNABLES= (empty) turns it off.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.cpu.x86_rep_movsb_threshold=4294967295}
 
 ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-1G}

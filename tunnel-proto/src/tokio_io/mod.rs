@@ -52,6 +52,13 @@ pub fn websocket_config(settings: &Settings) -> WebSocketConfig {
         .max_write_buffer_size(1024 * 1024)
 }
 
+/// How many bytes of a tunnel's socket may wait unsent in the kernel, for
+/// `TCP_NOTSENT_LOWAT`. Bytes above it wait in the tunnel instead, where a
+/// control frame or another stream's data can still go ahead of them; in
+/// the kernel's send queue nothing overtakes. Data already sent but not yet
+/// acknowledged is not counted, so throughput over long paths is unaffected.
+pub const TUNNEL_NOTSENT_LOWAT: u32 = 128 * 1024;
+
 /// A handle to a running tunnel. Clones share the tunnel.
 #[derive(Clone, Debug)]
 pub struct Tunnel {
