@@ -100,6 +100,9 @@ pub struct Connected {
     pub driver: JoinHandle<Result<(), DriverError>>,
 }
 
+/// Bytes read from the tunnel's socket per system call at most.
+const TUNNEL_READ_BUFFER: usize = 64 * 1024;
+
 /// Makes one connection attempt to `endpoint` (`wss://HOST:PORT/v1/tunnel`).
 pub async fn connect(
     endpoint: &Endpoint,
@@ -113,6 +116,10 @@ pub async fn connect(
         let server_name = ServerName::try_from(endpoint.host.clone()).map_err(|_| {
             ConnectError::Setup(format!("'{}' is not a valid host name", endpoint.host))
         })?;
+        // rustls reads the socket 4 KiB at a time; a buffer under it turns the
+        // four or five reads per 16 KiB TLS record into one system call
+        // (`docs/benchmarks.md`, "Bulk throughput").
+        let tcp = tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, tcp);
         let tls = tokio_rustls::TlsConnector::from(tls_config)
             .connect(server_name, tcp)
             .await
