@@ -33,6 +33,16 @@ pub enum AgentError {
     Enroll(#[from] EnrollError),
     #[error("cannot load the device identity: {0}")]
     Identity(#[from] IdentityError),
+    #[error(
+        "another tetherd already runs with the state directory '{}'; help: stop it first (tetherd status --state-dir shows its pid), or give this one its own state_dir",
+        .0.display()
+    )]
+    AlreadyRunning(std::path::PathBuf),
+    #[error("cannot lock '{}': {source}; help: check that the state directory is writable by this user", .path.display())]
+    Lock {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AgentError {
@@ -41,7 +51,8 @@ impl AgentError {
         match self {
             AgentError::NotEnrolled(_) | AgentError::NoPlatform => crate::exit::CONFIG,
             AgentError::Enroll(e) => e.exit_code(),
-            AgentError::Identity(_) => crate::exit::CANTCREAT,
+            AgentError::Identity(_) | AgentError::Lock { .. } => crate::exit::CANTCREAT,
+            AgentError::AlreadyRunning(_) => crate::exit::TEMPFAIL,
         }
     }
 }
@@ -132,6 +143,32 @@ pub struct Agent {
     status: watch::Receiver<Status>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Held for the agent's life: one daemon per state directory.
+    _lock: std::fs::File,
+}
+
+/// Takes `STATE_DIR/tetherd.lock` for this process, so two daemons never
+/// share one identity, renew over each other or race on `status.json`. The
+/// operating system releases the lock when the process ends, however it
+/// ends.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("tetherd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| AgentError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::AlreadyRunning(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(source)) => Err(AgentError::Lock { path, source }),
+    }
 }
 
 impl Agent {
@@ -172,6 +209,7 @@ impl Agent {
                 enrolled.identity
             }
         };
+        let lock = lock_state_dir(&config.state_dir)?;
         let creds = state.credentials(&identity)?;
         let now = config.clock.now_unix();
         let initial = Status::new(
@@ -212,6 +250,7 @@ impl Agent {
             status: status_rx,
             shutdown: shutdown_tx,
             tasks,
+            _lock: lock,
         })
     }
 

@@ -430,3 +430,35 @@ async fn an_expired_device_certificate_is_reported_and_retried_slowly() {
     agent.shutdown().await;
     platform.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_state_directory_is_refused_until_the_first_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    enrolled(&platform, &state).await;
+    let config = config(&state);
+    let first = Agent::start(config.clone()).await.unwrap();
+    connected(&first).await;
+
+    let err = Agent::start(config.clone()).await.unwrap_err();
+    assert!(
+        matches!(err, tether_agent::AgentError::AlreadyRunning(_)),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("another tetherd already runs"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 75);
+    // The refused start did not disturb the running agent.
+    assert_eq!(first.status().borrow().state, TunnelState::Connected);
+
+    first.shutdown().await;
+    let again = Agent::start(config)
+        .await
+        .expect("the lock is free once the first stops");
+    connected(&again).await;
+    again.shutdown().await;
+    platform.shutdown().await;
+}
