@@ -402,24 +402,12 @@ fn api_failure(
 /// The meaning of a TLS failure during enrollment, if it has one.
 fn tls_failure(err: &std::io::Error, target: &str, options: &EnrollOptions) -> Option<EnrollError> {
     let device_time = clock::rfc3339(options.clock.now_unix());
-    Some(match tls::classify(err)? {
-        TlsFailure::NotValidYet { not_before } => EnrollError::ClockSkew {
+    let failure = tls::classify(err)?;
+    let clock_detail = failure.clock_detail();
+    Some(match failure {
+        TlsFailure::NotValidYet { .. } | TlsFailure::Expired { .. } => EnrollError::ClockSkew {
             device_time,
-            detail: format!(
-                "before the platform certificate's validity{}: the device clock is probably behind",
-                not_before
-                    .map(|t| format!(" (from {})", clock::rfc3339(t)))
-                    .unwrap_or_default()
-            ),
-        },
-        TlsFailure::Expired { not_after } => EnrollError::ClockSkew {
-            device_time,
-            detail: format!(
-                "after the platform certificate's validity{}: the device clock is probably ahead, or the platform certificate expired",
-                not_after
-                    .map(|t| format!(" (until {})", clock::rfc3339(t)))
-                    .unwrap_or_default()
-            ),
+            detail: clock_detail.unwrap_or_default(),
         },
         TlsFailure::Untrusted(reason) => EnrollError::Untrusted {
             target: target.to_owned(),

@@ -97,6 +97,30 @@ pub enum TlsFailure {
     Rejected(String),
 }
 
+impl TlsFailure {
+    /// For a certificate outside its validity by the device clock: what that
+    /// says about the clock, for a person. `None` for other failures.
+    pub fn clock_detail(&self) -> Option<String> {
+        let (when, bound, hint) = match self {
+            TlsFailure::NotValidYet { not_before } => (
+                "before",
+                not_before.map(|t| format!(" (from {})", crate::clock::rfc3339(t))),
+                "the device clock is probably behind",
+            ),
+            TlsFailure::Expired { not_after } => (
+                "after",
+                not_after.map(|t| format!(" (until {})", crate::clock::rfc3339(t))),
+                "the device clock is probably ahead, or the platform certificate expired",
+            ),
+            _ => return None,
+        };
+        Some(format!(
+            "{when} the platform certificate's validity{}: {hint}",
+            bound.unwrap_or_default()
+        ))
+    }
+}
+
 /// Finds the TLS failure in an error's cause chain, if there is one.
 pub fn classify(err: &(dyn StdError + 'static)) -> Option<TlsFailure> {
     let tls = find_cause::<rustls::Error>(err)?;

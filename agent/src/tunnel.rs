@@ -161,24 +161,11 @@ fn classify_io(err: &std::io::Error, target: &str, clock: Clock) -> ConnectError
 
 fn from_tls(failure: TlsFailure, target: &str, clock: Clock) -> ConnectError {
     let device_time = clock::rfc3339(clock.now_unix());
+    let clock_detail = failure.clock_detail();
     match failure {
-        TlsFailure::NotValidYet { not_before } => ConnectError::Clock {
+        TlsFailure::NotValidYet { .. } | TlsFailure::Expired { .. } => ConnectError::Clock {
             device_time,
-            detail: format!(
-                "before the platform certificate's validity{}: the device clock is probably behind",
-                not_before
-                    .map(|t| format!(" (from {})", clock::rfc3339(t)))
-                    .unwrap_or_default()
-            ),
-        },
-        TlsFailure::Expired { not_after } => ConnectError::Clock {
-            device_time,
-            detail: format!(
-                "after the platform certificate's validity{}: the device clock is probably ahead, or the platform certificate expired",
-                not_after
-                    .map(|t| format!(" (until {})", clock::rfc3339(t)))
-                    .unwrap_or_default()
-            ),
+            detail: clock_detail.unwrap_or_default(),
         },
         TlsFailure::Untrusted(reason) => ConnectError::Untrusted {
             target: target.to_owned(),
