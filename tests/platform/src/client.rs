@@ -20,7 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::de::DeserializeOwned;
 use tether_proto::api::{ApiError, Secret};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -28,7 +28,9 @@ use crate::admin::{CreateTokenRequest, CreateTokenResponse, RevokeResponse, TCP_
 use crate::ca::CA_CERT_FILE;
 use crate::files;
 use crate::keys::ADMIN_TOKEN_FILE;
-use crate::listen::{KEEPALIVE, LISTEN_ADDR_HEADER, LISTEN_UPGRADE, ListenRequest, SILENCE};
+use crate::listen::{
+    LISTEN_ADDR_HEADER, LISTEN_UPGRADE, ListenRequest, SILENCE, SessionEnd, hold_session,
+};
 use crate::platform::{DeviceInfo, PLATFORM_JSON, PlatformFile};
 
 /// Largest answer read, in bytes.
@@ -307,32 +309,14 @@ impl ListenSession {
     /// platform closes the listener). Fails if the platform ends it first.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), ClientError> {
         let (mut rd, mut wr) = tokio::io::split(self.io);
-        tokio::pin!(stop);
-        let mut keepalive = tokio::time::interval(KEEPALIVE);
-        let silence = tokio::time::sleep(SILENCE);
-        tokio::pin!(silence);
-        let mut scratch = [0u8; 256];
-        let ended = loop {
-            tokio::select! {
-                () = &mut stop => break None,
-                read = rd.read(&mut scratch) => match read {
-                    Ok(0) => break Some("the session ended (is the platform still running?)".to_string()),
-                    Ok(_) => silence.as_mut().reset(tokio::time::Instant::now() + SILENCE),
-                    Err(e) => break Some(e.to_string()),
-                },
-                () = &mut silence => break Some(format!("no keepalive for {SILENCE:?}")),
-                _ = keepalive.tick() => {
-                    let sent = tokio::time::timeout(KEEPALIVE, async {
-                        wr.write_all(b"\n").await?;
-                        wr.flush().await
-                    }).await;
-                    match sent {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => break Some(e.to_string()),
-                        Err(_) => break Some("the platform stopped reading".to_string()),
-                    }
-                }
-            }
+        let ended = tokio::select! {
+            () = stop => None,
+            end = hold_session(&mut rd, &mut wr) => Some(match end {
+                SessionEnd::Closed => "the session ended (is the platform still running?)".to_string(),
+                SessionEnd::Failed(e) => e.to_string(),
+                SessionEnd::Silent => format!("no keepalive for {SILENCE:?}"),
+                SessionEnd::NotReading => "the platform stopped reading".to_string(),
+            }),
         };
         match ended {
             None => {

@@ -51,6 +51,56 @@ const COPY_BUFFER: usize = 64 * 1024;
 /// How long a closing session may take to say goodbye.
 const GOODBYE: Duration = Duration::from_secs(1);
 
+/// Why a listen session ended (other than by this side's own choice).
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The other side closed its end.
+    Closed,
+    /// Reading or writing failed.
+    Failed(std::io::Error),
+    /// Nothing arrived for [`SILENCE`].
+    Silent,
+    /// A keepalive could not be written within [`KEEPALIVE`]: the other
+    /// side stopped reading.
+    NotReading,
+}
+
+/// Keeps a listen session alive from one side: writes a newline every
+/// [`KEEPALIVE`], reads and ignores whatever the other side writes, and
+/// returns once the session is over. Both ends of a session run this; each
+/// also stops it by dropping the future when it wants to end the session.
+pub async fn hold_session<R, W>(rd: &mut R, wr: &mut W) -> SessionEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    let silence = tokio::time::sleep(SILENCE);
+    tokio::pin!(silence);
+    let mut scratch = [0u8; 256];
+    loop {
+        tokio::select! {
+            read = rd.read(&mut scratch) => match read {
+                Ok(0) => return SessionEnd::Closed,
+                Ok(_) => silence.as_mut().reset(tokio::time::Instant::now() + SILENCE),
+                Err(e) => return SessionEnd::Failed(e),
+            },
+            () = &mut silence => return SessionEnd::Silent,
+            _ = keepalive.tick() => {
+                let sent = tokio::time::timeout(KEEPALIVE, async {
+                    wr.write_all(b"\n").await?;
+                    wr.flush().await
+                }).await;
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return SessionEnd::Failed(e),
+                    Err(_) => return SessionEnd::NotReading,
+                }
+            }
+        }
+    }
+}
+
 /// `POST .../listen` body.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,32 +307,20 @@ impl Listening {
         let max_connections = self.state.config.max_listener_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
         let mut tasks = JoinSet::new();
-        let mut keepalive = tokio::time::interval(KEEPALIVE);
-        let silence = tokio::time::sleep(SILENCE);
-        tokio::pin!(silence);
-        let mut scratch = [0u8; 256];
         let mut accepted = 0u64;
         info!("listener open");
+        // The session borrows `wr` until the loop ends; the goodbye below
+        // needs it back.
+        let mut session = Box::pin(hold_session(&mut rd, &mut wr));
         let reason = loop {
             tokio::select! {
                 () = stopped(&mut stop) => break "the platform is shutting down".to_string(),
-                read = rd.read(&mut scratch) => match read {
-                    Ok(0) => break "the client ended the session".to_string(),
-                    Ok(_) => silence.as_mut().reset(tokio::time::Instant::now() + SILENCE),
-                    Err(e) => break format!("the session failed: {e}"),
+                end = &mut session => break match end {
+                    SessionEnd::Closed => "the client ended the session".to_string(),
+                    SessionEnd::Failed(e) => format!("the session failed: {e}"),
+                    SessionEnd::Silent => format!("the session was silent for {SILENCE:?}"),
+                    SessionEnd::NotReading => "the session stopped reading".to_string(),
                 },
-                () = &mut silence => break format!("the session was silent for {SILENCE:?}"),
-                _ = keepalive.tick() => {
-                    let sent = tokio::time::timeout(KEEPALIVE, async {
-                        wr.write_all(b"\n").await?;
-                        wr.flush().await
-                    }).await;
-                    match sent {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => break format!("the session failed: {e}"),
-                        Err(_) => break "the session stopped reading".to_string(),
-                    }
-                }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 incoming = self.listener.accept() => match incoming {
                     Ok((tcp, peer)) => {
@@ -309,6 +347,7 @@ impl Listening {
                 },
             }
         };
+        drop(session);
         drop(self.listener);
         let open = tasks.len();
         tasks.abort_all();
@@ -342,6 +381,65 @@ async fn forward(state: &State, mut tcp: TcpStream, device_id: &str, service: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The session's promises, on an in-memory pipe with tokio's paused
+    // clock: each would fail if its branch of `hold_session` broke.
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_writes_keepalives_and_ends_when_the_peer_closes() {
+        let (mut ours, mut theirs) = tokio::io::duplex(1024);
+        let (mut rd, mut wr) = tokio::io::split(&mut ours);
+        let peer = async {
+            let mut got = [0u8; 2];
+            theirs.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"\n\n", "a keepalive at once and one after KEEPALIVE");
+            drop(theirs);
+        };
+        let (end, ()) = tokio::join!(hold_session(&mut rd, &mut wr), peer);
+        assert!(matches!(end, SessionEnd::Closed), "{end:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_ends_the_session_after_silence_and_a_talking_one_does_not() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let (mut rd, mut wr) = tokio::io::split(&mut ours);
+        let started = tokio::time::Instant::now();
+        let end = hold_session(&mut rd, &mut wr).await;
+        assert!(matches!(end, SessionEnd::Silent), "{end:?}");
+        assert_eq!(started.elapsed(), SILENCE);
+
+        // A peer that writes a newline every KEEPALIVE keeps it going.
+        let (mut rd, mut wr) = tokio::io::split(&mut ours);
+        let talking = async {
+            for _ in 0..10 {
+                theirs.write_all(b"\n").await.unwrap();
+                tokio::time::sleep(KEEPALIVE).await;
+            }
+        };
+        tokio::select! {
+            end = hold_session(&mut rd, &mut wr) => panic!("ended early: {end:?}"),
+            () = talking => {}
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_ends_the_session() {
+        // One byte of room: the first keepalive fits, the second cannot be
+        // written, so the session gives up after KEEPALIVE.
+        let (mut ours, mut theirs) = tokio::io::duplex(1);
+        let (mut rd, mut wr) = tokio::io::split(&mut ours);
+        let talking = async {
+            loop {
+                theirs.write_all(b"\n").await.unwrap();
+                tokio::time::sleep(KEEPALIVE).await;
+            }
+        };
+        let end = tokio::select! {
+            end = hold_session(&mut rd, &mut wr) => end,
+            () = talking => unreachable!(),
+        };
+        assert!(matches!(end, SessionEnd::NotReading), "{end:?}");
+    }
 
     #[test]
     fn only_loopback_addresses_pass_without_the_opt_in() {
