@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tether_proto::api::{ErrorCode, Secret};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::http::{self as reply, Body};
 use crate::keys;
@@ -29,9 +29,6 @@ use crate::server::ConnInfo;
 pub const TCP_UPGRADE: &str = "tether-tcp";
 /// Largest admin request body.
 pub(crate) const MAX_ADMIN_BODY: usize = 4 * 1024;
-/// Buffer per direction when copying between a connect client and a tunnel
-/// stream.
-const COPY_BUFFER: usize = 64 * 1024;
 /// Longest lifetime of a provisioning token.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Most uses of one provisioning token.
@@ -238,20 +235,7 @@ async fn connect(
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => return debug!(cause = %e, "the upgrade did not complete"),
             };
-            info!("connect session started");
-            let copied = tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut stream,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await;
-            match copied {
-                Ok((up, down)) => {
-                    info!(to_device = up, from_device = down, "connect session ended")
-                }
-                Err(e) => debug!(cause = %e, "connect session ended with an error"),
-            }
+            crate::bridge::bridge(&mut client, &mut stream).await;
         }
         .instrument(span),
     );

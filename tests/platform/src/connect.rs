@@ -12,12 +12,9 @@
 use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
 use crate::client::AdminClient;
-
-/// Buffer per direction.
-const COPY_BUFFER: usize = 64 * 1024;
 
 /// A bound local proxy.
 #[derive(Debug)]
@@ -69,11 +66,5 @@ async fn session(client: AdminClient, mut tcp: TcpStream, device_id: &str, servi
         Ok(remote) => remote,
         Err(e) => return warn!("cannot open the session: {e}"),
     };
-    info!("session open");
-    match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut remote, COPY_BUFFER, COPY_BUFFER)
-        .await
-    {
-        Ok((up, down)) => info!(sent = up, received = down, "session closed"),
-        Err(e) => info!(cause = %e, "session ended"),
-    }
+    crate::bridge::bridge(&mut tcp, &mut remote).await;
 }

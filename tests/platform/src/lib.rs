@@ -28,6 +28,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+mod bridge;
 pub mod ca;
 pub mod cli;
 pub mod client;

@@ -45,9 +45,6 @@ pub const LISTEN_ADDR_HEADER: &str = "tether-listen-addr";
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
 /// A session silent this long is over.
 pub const SILENCE: Duration = Duration::from_secs(15);
-/// Buffer per direction when copying between a TCP connection and a tunnel
-/// stream.
-const COPY_BUFFER: usize = 64 * 1024;
 /// How long a closing session may take to say goodbye.
 const GOODBYE: Duration = Duration::from_secs(1);
 
@@ -368,14 +365,7 @@ async fn forward(state: &State, mut tcp: TcpStream, device_id: &str, service: &s
         Ok(stream) => stream,
         Err(e) => return warn!(cause = %e, "closing the connection: the service cannot be reached"),
     };
-    info!("connection open");
-    let copied =
-        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUFFER, COPY_BUFFER)
-            .await;
-    match copied {
-        Ok((up, down)) => info!(to_device = up, from_device = down, "connection closed"),
-        Err(e) => info!(cause = %e, "connection ended with an error"),
-    }
+    crate::bridge::bridge(&mut tcp, &mut stream).await;
 }
 
 #[cfg(test)]

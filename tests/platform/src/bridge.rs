@@ -1,0 +1,29 @@
+//! Carrying a TCP-like connection to a device's service: the bytes of one
+//! connection copied both ways to another until both directions end.
+//!
+//! Every path to a service ends here: the platform-side listener
+//! (`listen`), the admin API's connect endpoint (`admin`) and the
+//! engineer-side proxy (`connect`). This module owns the buffer size and the
+//! log line with the byte counts; it never opens or refuses anything.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::info;
+
+/// Buffer per direction. 64 KiB keeps system calls large without holding
+/// much memory per connection.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Copies between `client` (the engineer's side) and `device` (the side that
+/// leads to the device's service), passing half-closes on, and logs what was
+/// carried.
+pub(crate) async fn bridge<C, D>(client: &mut C, device: &mut D)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    D: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    info!("connection open");
+    match tokio::io::copy_bidirectional_with_sizes(client, device, COPY_BUFFER, COPY_BUFFER).await {
+        Ok((up, down)) => info!(to_device = up, from_device = down, "connection closed"),
+        Err(e) => info!(cause = %e, "connection ended with an error"),
+    }
+}
