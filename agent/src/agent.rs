@@ -99,9 +99,12 @@ impl Shared {
     }
 
     /// Changes the status; `now` is the agent clock's Unix time.
+    /// Changes the status. Watchers (and with them `status.json`, which is
+    /// synced to flash on every change) hear of it only if something
+    /// actually changed: the RTT refresh, say, mostly finds the same value.
     pub(crate) fn update(&self, change: impl FnOnce(&mut Status, u64)) {
         let now = self.config.clock.now_unix();
-        self.status.send_modify(|s| change(s, now));
+        change_status(&self.status, |s| change(s, now));
     }
 
     pub(crate) fn set_error(&self, message: String) {
@@ -343,8 +346,39 @@ fn write_status_file(shared: &Shared, started_at: u64) {
     }
 }
 
+/// Applies `change` and wakes the watchers only if the status differs.
+fn change_status(status: &watch::Sender<Status>, change: impl FnOnce(&mut Status)) {
+    status.send_if_modified(|s| {
+        let before = s.clone();
+        change(s);
+        *s != before
+    });
+}
+
 /// Resolves once `shutdown` turns true (or its sender is gone). Holds no
 /// borrow of the channel across an await, so the future is `Send`.
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchers_hear_of_a_status_change_only_when_something_changed() {
+        let (tx, mut rx) = watch::channel(Status::new("dev_1".into(), 100, "ab".into(), 1));
+        rx.borrow_and_update();
+        change_status(&tx, |s| s.rtt = None);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "the same value again is no change"
+        );
+        change_status(&tx, |s| s.rtt = Some(std::time::Duration::from_micros(250)));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(
+            rx.borrow_and_update().rtt,
+            Some(std::time::Duration::from_micros(250))
+        );
+    }
 }
