@@ -154,11 +154,7 @@ async fn dial_inner(endpoint: &Endpoint) -> Result<TcpStream, DialError> {
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(tcp) => {
-                let _ = tcp.set_nodelay(true);
-                // Best effort: a kernel without the option still carries the
-                // tunnel.
-                let _ = socket2::SockRef::from(&tcp)
-                    .set_tcp_notsent_lowat(tether_proto::tokio_io::TUNNEL_NOTSENT_LOWAT);
+                tether_proto::tokio_io::tune_socket(&tcp);
                 return Ok(tcp);
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -226,5 +222,19 @@ mod tests {
         drop(listener);
         let e = Endpoint::parse(&format!("https://127.0.0.1:{port}"), "https").unwrap();
         assert!(matches!(dial(&e).await, Err(DialError::Refused { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_dialed_socket_has_nodelay_and_the_tunnel_notsent_low_water_mark() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let endpoint =
+            Endpoint::parse(&format!("wss://127.0.0.1:{port}/v1/tunnel"), "wss").unwrap();
+        let tcp = dial(&endpoint).await.unwrap();
+        assert!(tcp.nodelay().unwrap());
+        assert_eq!(
+            socket2::SockRef::from(&tcp).tcp_notsent_lowat().unwrap(),
+            tether_proto::tokio_io::TUNNEL_NOTSENT_LOWAT
+        );
     }
 }

@@ -333,3 +333,23 @@ async fn a_peer_that_never_says_hello_is_closed_at_the_handshake_deadline() {
         .expect("driver ends");
     assert!(ended.expect("driver task").is_err());
 }
+
+#[tokio::test]
+async fn tune_socket_sets_nodelay_and_the_notsent_low_water_mark() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (dialed, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    let (dialed, (accepted, _)) = (dialed.expect("connect"), accepted.expect("accept"));
+    for tcp in [&dialed, &accepted] {
+        tether_proto::tokio_io::tune_socket(tcp);
+        assert!(tcp.nodelay().expect("nodelay"));
+        assert_eq!(
+            socket2::SockRef::from(tcp)
+                .tcp_notsent_lowat()
+                .expect("lowat"),
+            tether_proto::tokio_io::TUNNEL_NOTSENT_LOWAT
+        );
+    }
+}

@@ -109,10 +109,7 @@ async fn serve_connection(
     permit: OwnedSemaphorePermit,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let _ = tcp.set_nodelay(true);
-    // Best effort: a kernel without the option still carries the tunnel.
-    let _ = socket2::SockRef::from(&tcp)
-        .set_tcp_notsent_lowat(tether_proto::tokio_io::TUNNEL_NOTSENT_LOWAT);
+    tether_proto::tokio_io::tune_socket(&tcp);
     let tls = match tokio::time::timeout(state.config.handshake_timeout, acceptor.accept(tcp)).await
     {
         Ok(Ok(tls)) => tls,

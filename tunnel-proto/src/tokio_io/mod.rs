@@ -59,6 +59,15 @@ pub fn websocket_config(settings: &Settings) -> WebSocketConfig {
 /// acknowledged is not counted, so throughput over long paths is unaffected.
 pub const TUNNEL_NOTSENT_LOWAT: u32 = 128 * 1024;
 
+/// Sets the options every tunnel socket wants, on either end: no Nagle
+/// delay (control frames and keystrokes leave at once) and
+/// [`TUNNEL_NOTSENT_LOWAT`]. Best effort: a kernel without an option still
+/// carries the tunnel, a little less well.
+pub fn tune_socket(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(TUNNEL_NOTSENT_LOWAT);
+}
+
 /// A handle to a running tunnel. Clones share the tunnel.
 #[derive(Clone, Debug)]
 pub struct Tunnel {
