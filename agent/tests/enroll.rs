@@ -271,3 +271,71 @@ async fn an_enrollment_token_in_the_config_enrolls_on_first_run() {
     agent.shutdown().await;
     platform.shutdown().await;
 }
+
+/// A server that answers any request on TLS (certificate for `localhost`,
+/// its PEM written to `ca`) with a 200 whose body is `body_len` bytes.
+async fn answering_server(ca: &std::path::Path, body_len: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(ca, certified.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the request ended early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {body_len}\r\n\r\n");
+        let _ = tls.write_all(head.as_bytes()).await;
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if tls.write_all(&chunk[..n]).await.is_err() {
+                return; // the client stopped reading: what the test wants
+            }
+            left -= n;
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn an_enrollment_answer_larger_than_the_limit_is_refused_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let port = answering_server(&ca, 64 * 1024 * 1024).await;
+    let state = dir.path().join("state");
+    let mut options = tether_agent::enroll::EnrollOptions::new(
+        format!("https://localhost:{port}"),
+        Secret::new(format!("tpt_{}", "a".repeat(64))),
+        &state,
+    );
+    options.ca = Some(ca);
+    let err = enroll(&options).await.unwrap_err();
+    assert!(matches!(err, EnrollError::Protocol(_)), "{err}");
+    assert!(
+        err.to_string().contains("reading the answer failed"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 76);
+    assert!(
+        StateDir::new(&state).load().unwrap().is_none(),
+        "no identity from a refused answer"
+    );
+}
