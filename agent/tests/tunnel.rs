@@ -25,14 +25,17 @@ fn config(state: &Path) -> Config {
 }
 
 async fn connected(agent: &Agent) {
+    reaches(agent, TunnelState::Connected).await;
+}
+
+/// Waits until the agent's tunnel is in `state`; returns the status then.
+async fn reaches(agent: &Agent, state: TunnelState) -> tether_agent::Status {
     let mut status = agent.status();
-    tokio::time::timeout(
-        patience(),
-        status.wait_for(|s| s.state == TunnelState::Connected),
-    )
-    .await
-    .expect("agent connects in time")
-    .expect("status channel open");
+    tokio::time::timeout(patience(), status.wait_for(|s| s.state == state))
+        .await
+        .unwrap_or_else(|_| panic!("the agent did not reach {state:?} in time"))
+        .expect("status channel open")
+        .clone()
 }
 
 async fn online(platform: &Platform, id: &str) {
@@ -247,15 +250,7 @@ async fn a_revoked_device_is_told_so_and_retries_slowly() {
     connected(&agent).await;
     online(&platform, &id).await;
     assert!(platform.revoke(&id).await.unwrap());
-    let mut status = agent.status();
-    let s = tokio::time::timeout(
-        patience(),
-        status.wait_for(|s| s.state == TunnelState::Backoff),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .clone();
+    let s = reaches(&agent, TunnelState::Backoff).await;
     let error = s.last_error.unwrap_or_default();
     assert!(error.contains("revoked"), "{error}");
     assert!(error.contains("re-enroll"), "{error}");
@@ -300,15 +295,7 @@ async fn a_platform_with_another_ca_is_refused_by_a_running_agent() {
     let mut config = config(&state);
     config.reconnect.slow_delay = Duration::from_secs(3600);
     let agent = Agent::start(config).await.unwrap();
-    let mut status = agent.status();
-    let s = tokio::time::timeout(
-        patience(),
-        status.wait_for(|s| s.state == TunnelState::Backoff),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .clone();
+    let s = reaches(&agent, TunnelState::Backoff).await;
     let error = s.last_error.unwrap_or_default();
     assert!(
         error.contains("not the one this device enrolled with"),
@@ -414,15 +401,7 @@ async fn an_expired_device_certificate_is_reported_and_retried_slowly() {
     // Certificates last 30 days; this device's clock reads 40 days on.
     config.clock = tether_agent::Clock::with_offset(40 * 86_400);
     let agent = Agent::start(config).await.unwrap();
-    let mut status = agent.status();
-    let s = tokio::time::timeout(
-        patience(),
-        status.wait_for(|s| s.state == TunnelState::Backoff),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .clone();
+    let s = reaches(&agent, TunnelState::Backoff).await;
     let error = s.last_error.unwrap_or_default();
     assert!(error.contains("device certificate expired"), "{error}");
     assert!(error.contains("re-enroll"), "{error}");
