@@ -118,7 +118,11 @@ impl Shared {
     /// The tunnel settings, with the config's keepalive overrides.
     pub(crate) fn proto_config(&self) -> tether_proto::Config {
         let mut proto = tether_proto::Config::new(tether_proto::Role::Device);
-        proto.max_stream_window = DEVICE_MAX_STREAM_WINDOW;
+        proto.max_stream_window = self
+            .config
+            .tunnel
+            .max_stream_window
+            .unwrap_or(DEVICE_MAX_STREAM_WINDOW);
         if let Some(k) = self.config.tunnel.keepalive_interval {
             proto.keepalive_interval = k;
         }
@@ -129,14 +133,16 @@ impl Shared {
     }
 }
 
-/// The largest receive window one stream on the device may grow to. Every
-/// byte the platform may send ahead of a stream's reader can sit in a queue
-/// in front of another stream's bytes (sockets, the platform's outbox), so
-/// this bounds how long a keystroke in the editor waits behind a bulk
-/// transfer: 1 MiB is about 2 ms at 4 Gbit/s, against 8 ms for tether-proto's
-/// default of 4 MiB (`docs/benchmarks.md`). It still allows 80 Mbit/s per
-/// stream on a 100 ms path, more than a gateway's uplink.
-const DEVICE_MAX_STREAM_WINDOW: u32 = 1024 * 1024;
+/// The largest receive window one stream on the device may grow to, unless
+/// `tunnel.max_stream_window_kib` says otherwise. Every byte the platform may
+/// send ahead of a stream's reader can sit in a queue in front of another
+/// stream's bytes (sockets, the platform's outbox, the agent's own read
+/// batch), so this bounds how long a keystroke in the editor waits behind a
+/// bulk transfer: 512 KiB gave a p99 of 3.5-3.7 ms beside a bulk stream
+/// where 1 MiB gave 4.7-7.3 ms, at the same bulk rate on loopback
+/// (`docs/benchmarks.md`). It still allows 40 Mbit/s per stream on a 100 ms
+/// path; links that are both fast and long can raise it.
+const DEVICE_MAX_STREAM_WINDOW: u32 = 512 * 1024;
 
 /// A running agent. Dropping it without [`Agent::shutdown`] leaves its
 /// tasks running until the runtime ends.

@@ -64,12 +64,18 @@ pub struct ServiceConfig {
     pub target: SocketAddr,
 }
 
-/// `[tunnel]`: keepalive overrides; `None` keeps tether-proto's defaults.
+/// `[tunnel]`: keepalive and window overrides; `None` keeps the defaults.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TunnelConfig {
     pub keepalive_interval: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+    /// `max_stream_window_kib`, in bytes.
+    pub max_stream_window: Option<u32>,
 }
+
+/// Bounds of `tunnel.max_stream_window_kib`: from tether-proto's initial
+/// stream window to half its connection window.
+const STREAM_WINDOW_KIB: (i64, i64) = (64, 8 * 1024);
 
 /// `[reconnect]`: exponential backoff with full jitter between `min_delay`
 /// and `max_delay`, reset after a session that stayed up `stable_after`;
@@ -483,7 +489,11 @@ impl Checker {
                     out.keepalive_interval = self.duration_in(&full, v, SECOND, HOUR)
                 }
                 "idle_timeout" => out.idle_timeout = self.duration_in(&full, v, SECOND, HOUR),
-                _ => self.unknown(&full, "keepalive_interval, idle_timeout"),
+                "max_stream_window_kib" => out.max_stream_window = self.stream_window(&full, v),
+                _ => self.unknown(
+                    &full,
+                    "keepalive_interval, idle_timeout, max_stream_window_kib",
+                ),
             }
         }
         let keepalive = out
@@ -503,6 +513,20 @@ impl Checker {
             );
         }
         out
+    }
+
+    fn stream_window(&mut self, key: &str, v: &Value) -> Option<u32> {
+        let (min, max) = STREAM_WINDOW_KIB;
+        match v.as_integer() {
+            Some(kib) if (min..=max).contains(&kib) => u32::try_from(kib * 1024).ok(),
+            _ => {
+                self.problem(
+                    key,
+                    &format!("expected a whole number of KiB from {min} to {max}, like 512"),
+                );
+                None
+            }
+        }
     }
 
     fn reconnect(&mut self, t: &Table) -> ReconnectConfig {
@@ -574,6 +598,7 @@ mod tests {
             [tunnel]
             keepalive_interval = "5s"
             idle_timeout = "20s"
+            max_stream_window_kib = 2048
 
             [reconnect]
             min_delay = "1s"
@@ -593,6 +618,7 @@ mod tests {
         assert_eq!(config.reconnect.max_delay, Duration::from_secs(120));
         assert_eq!(config.renewal.before, Duration::from_secs(5 * 86_400));
         assert_eq!(config.tunnel.idle_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(config.tunnel.max_stream_window, Some(2048 * 1024));
         assert_eq!(config.provisioning_token.unwrap().expose(), TOKEN);
     }
 
@@ -690,6 +716,20 @@ mod tests {
             err.problems()[0].starts_with("'tunnel.idle_timeout': must be longer"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn stream_window_must_be_a_bounded_whole_number_of_kib() {
+        for bad in ["32", "8193", "\"1MiB\"", "512.5"] {
+            let err = Config::from_toml_str(&format!("[tunnel]\nmax_stream_window_kib = {bad}"))
+                .unwrap_err();
+            assert!(
+                err.problems()[0].starts_with(
+                    "'tunnel.max_stream_window_kib': expected a whole number of KiB from 64 to 8192"
+                ),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
