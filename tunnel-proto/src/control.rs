@@ -36,6 +36,11 @@ pub enum ControlMessage {
         certificate: String,
         not_after: u64,
     },
+    /// Platform → device, after each handshake and on every change: whether
+    /// instance protection mode is on. While it is, the device's flows are
+    /// read-only in the editor for every role; changes arrive only as signed
+    /// snapshots. The device keeps the last value across restarts.
+    Protection { enabled: bool },
     /// Either direction: a request failed. `id` names the request.
     Error {
         id: Option<u64>,

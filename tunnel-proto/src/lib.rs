@@ -29,6 +29,8 @@ pub mod connection;
 #[cfg(feature = "api")]
 pub mod control;
 pub mod frame;
+#[cfg(feature = "grant")]
+pub mod grant;
 pub mod hello;
 pub mod service;
 #[cfg(feature = "testing")]
