@@ -5,8 +5,10 @@
 //! [`Agent::shutdown`].
 //!
 //! This module owns the agent's shared state ([`Shared`]): the config, the
-//! current identity and credentials (replaced by renewal), and the status
-//! channel. It never does I/O itself beyond loading the identity.
+//! current identity and credentials (replaced by renewal), the status
+//! channel, and the editor (its target, replay guard, protection mode and
+//! audit sink, from [`AgentOptions`]). It never does I/O itself beyond
+//! loading the identity and the stored protection mode.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -15,8 +17,10 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::editor::{self, Audit, AuditLog, Editor, EditorTarget, Protection};
 use crate::enroll::{self, EnrollError, EnrollOptions};
 use crate::identity::{Credentials, Identity, IdentityError, StateDir};
+use crate::node_red::{NodeRed, NodeRedError, Permissions};
 use crate::services::Services;
 use crate::status::{self, Status, StatusFile};
 
@@ -43,6 +47,8 @@ pub enum AgentError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot set up the local Node-RED: {0}")]
+    NodeRed(#[from] NodeRedError),
 }
 
 impl AgentError {
@@ -53,6 +59,8 @@ impl AgentError {
             AgentError::Enroll(e) => e.exit_code(),
             AgentError::Identity(_) | AgentError::Lock { .. } => crate::exit::CANTCREAT,
             AgentError::AlreadyRunning(_) => crate::exit::TEMPFAIL,
+            AgentError::NodeRed(NodeRedError::Write(_)) => crate::exit::CANTCREAT,
+            AgentError::NodeRed(_) => crate::exit::CONFIG,
         }
     }
 }
@@ -70,6 +78,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) state: StateDir,
     pub(crate) services: Services,
+    /// Editor access; `None` when it is off.
+    pub(crate) editor: Option<Arc<Editor>>,
     current: Mutex<Current>,
     status: watch::Sender<Status>,
     /// When the agent started, for heartbeat uptime.
@@ -85,6 +95,16 @@ impl Shared {
 
     pub(crate) fn device_id(&self) -> String {
         self.current().identity.device_id.clone()
+    }
+
+    /// What editor grants are checked against: this device and the grant
+    /// key it pinned at enrollment.
+    pub(crate) fn editor_device(&self) -> editor::Device {
+        let current = self.current();
+        editor::Device {
+            id: current.identity.device_id.clone(),
+            grant_key: current.identity.keys.grant.clone(),
+        }
     }
 
     /// Switches to a renewed identity (already stored on disk).
@@ -144,6 +164,29 @@ impl Shared {
 /// path; links that are both fast and long can raise it.
 const DEVICE_MAX_STREAM_WINDOW: u32 = 512 * 1024;
 
+/// What the agent is started with besides its config.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The local Node-RED for editor streams. `None` (the default) takes it
+    /// from the config's `[node_red]` section: editor streams are refused
+    /// when its mode is `off`, and otherwise go to the Node-RED the agent
+    /// locked down (and, in `launch` mode, started). `Some` overrides the
+    /// config, for tests and embedders.
+    pub editor: Option<EditorTarget>,
+    /// Where audit events go. Default: an [`AuditLog`] that logs them
+    /// (target `audit`) and keeps the last [`editor::AUDIT_MEMORY`].
+    pub audit: Arc<dyn Audit>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            editor: None,
+            audit: Arc::new(AuditLog::default()),
+        }
+    }
+}
+
 /// A running agent. Dropping it without [`Agent::shutdown`] leaves its
 /// tasks running until the runtime ends.
 #[derive(Debug)]
@@ -152,6 +195,8 @@ pub struct Agent {
     status: watch::Receiver<Status>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The local Node-RED the agent locked down (and maybe launched).
+    node_red: Option<NodeRed>,
     /// Held for the agent's life: one daemon per state directory.
     _lock: std::fs::File,
 }
@@ -183,8 +228,13 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
 impl Agent {
     /// Loads the identity (enrolling first if the device has none and the
     /// config has a provisioning token), then spawns the agent's tasks on
-    /// the current tokio runtime.
+    /// the current tokio runtime, with the default [`AgentOptions`].
     pub async fn start(config: Config) -> Result<Agent, AgentError> {
+        Agent::start_with(config, AgentOptions::default()).await
+    }
+
+    /// Like [`Agent::start`], with the editor target and audit sink given.
+    pub async fn start_with(config: Config, options: AgentOptions) -> Result<Agent, AgentError> {
         let state = StateDir::new(&config.state_dir);
         let identity = match state.load()? {
             Some(identity) => {
@@ -236,8 +286,21 @@ impl Agent {
             "agent starting"
         );
         let (status_tx, status_rx) = watch::channel(initial);
+        let node_red = match options.editor {
+            Some(_) => None,
+            None => NodeRed::start(&config.node_red, &config.state_dir)?,
+        };
+        let target = options
+            .editor
+            .or_else(|| node_red.as_ref().map(editor_target));
+        let editor = target.map(|target| {
+            let protection = Protection::load(&state);
+            info!(node_red = %target.addr, protection = protection.enabled(), "editor access on");
+            Arc::new(Editor::new(target, protection, options.audit, config.clock))
+        });
         let shared = Arc::new(Shared {
-            services: Services::new(&config.services),
+            services: Services::new(&config.services, editor.is_some()),
+            editor,
             config,
             state,
             current: Mutex::new(Current { identity, creds }),
@@ -259,6 +322,7 @@ impl Agent {
             status: status_rx,
             shutdown: shutdown_tx,
             tasks,
+            node_red,
             _lock: lock,
         })
     }
@@ -271,6 +335,15 @@ impl Agent {
     /// The device id in use.
     pub fn device_id(&self) -> String {
         self.shared.device_id()
+    }
+
+    /// Whether instance protection mode is on (always off without editor
+    /// access).
+    pub fn protection(&self) -> bool {
+        self.shared
+            .editor
+            .as_ref()
+            .is_some_and(|e| e.protection().enabled())
     }
 
     /// Stops the agent: closes the tunnel gracefully (bounded), writes the
@@ -291,8 +364,35 @@ impl Agent {
                 task.abort();
             }
         }
+        if let Some(node_red) = self.node_red {
+            node_red.shutdown().await;
+        }
     }
 }
+
+/// The editor proxy's view of the locked-down Node-RED: its address, and
+/// tokens from its [`crate::node_red::LocalAuth`]. Says so in the log if
+/// Node-RED does not come up locked down within a minute.
+fn editor_target(node_red: &NodeRed) -> EditorTarget {
+    let auth = node_red.auth();
+    let addr = node_red.addr();
+    tokio::spawn(async move {
+        if let Err(e) = crate::node_red::wait_ready(addr, NODE_RED_READY).await {
+            warn!(cause = %e, "the local Node-RED is not answering; the editor is unavailable until it does");
+        }
+    });
+    EditorTarget {
+        addr,
+        admin_root: crate::node_red::ADMIN_ROOT.into(),
+        auth: Some(Arc::new(move |user: &str, permissions: &[&str]| {
+            auth.token(user, &Permissions::from_list(permissions))
+        })),
+        ..EditorTarget::default()
+    }
+}
+
+/// How long Node-RED may take to answer after the agent starts.
+const NODE_RED_READY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Writes `status.json` on every change and every [`status::STATUS_REFRESH`];
 /// a final time when the agent stops.

@@ -52,6 +52,9 @@ pub struct Config {
     pub renewal: RenewalConfig,
     /// How often a heartbeat goes to the platform.
     pub heartbeat_interval: Duration,
+    /// The local Node-RED: off, launched by the agent, or started by the
+    /// operator with the settings the agent writes.
+    pub node_red: NodeRedConfig,
     /// The wall clock; not a file key. Tests shift it to play a device whose
     /// clock is far off.
     pub clock: Clock,
@@ -112,6 +115,58 @@ impl Default for RenewalConfig {
             before: Duration::from_secs(10 * 86_400),
         }
     }
+}
+
+/// `[node_red]`: how the agent runs the local Node-RED (`docs/protocol.md`
+/// §16.4, `docs/operations.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRedConfig {
+    pub mode: NodeRedMode,
+    /// The program to start in launch mode: a name looked up in `PATH` or an
+    /// absolute path. Arguments are the agent's (`-u DIR -s SETTINGS`).
+    pub command: String,
+    /// Node-RED's user directory; `STATE_DIR/node-red` when `None`.
+    pub user_dir: Option<PathBuf>,
+    /// The port Node-RED listens on, on 127.0.0.1 only.
+    pub port: u16,
+}
+
+impl NodeRedConfig {
+    /// The user directory: the configured one, or `node-red` in `state_dir`.
+    pub fn user_dir_in(&self, state_dir: &Path) -> PathBuf {
+        self.user_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("node-red"))
+    }
+
+    /// Where Node-RED answers: `127.0.0.1:port`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Default for NodeRedConfig {
+    fn default() -> Self {
+        NodeRedConfig {
+            mode: NodeRedMode::Off,
+            command: "node-red".into(),
+            user_dir: None,
+            port: 1880,
+        }
+    }
+}
+
+/// `node_red.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeRedMode {
+    /// No local Node-RED: nothing is written or started; editor streams are
+    /// refused. The default when `[node_red]` is absent.
+    Off,
+    /// The agent writes the settings and the keys and starts Node-RED itself.
+    Launch,
+    /// The agent writes the settings and the keys; the operator starts
+    /// Node-RED with `--settings USER_DIR/tether-settings.js`.
+    External,
 }
 
 /// Why a configuration was refused.
@@ -198,6 +253,7 @@ impl Config {
             reconnect: ReconnectConfig::default(),
             renewal: RenewalConfig::default(),
             heartbeat_interval: Duration::from_secs(30),
+            node_red: NodeRedConfig::default(),
             clock: Clock::system(),
         }
     }
@@ -319,10 +375,16 @@ impl Config {
                         }
                     }
                 }
+                "node_red" => {
+                    if let Some(t) = check.table(key, value) {
+                        config.node_red = check.node_red(t);
+                    }
+                }
                 _ => check.unknown(
                     key,
                     "state_dir, platform, ca, provisioning_token, name, log_level, \
-                     heartbeat_interval, [[service]], [tunnel], [reconnect], [renewal]",
+                     heartbeat_interval, [[service]], [tunnel], [reconnect], [renewal], \
+                     [node_red]",
                 ),
             }
         }
@@ -561,6 +623,96 @@ impl Checker {
     }
 }
 
+impl Checker {
+    fn node_red(&mut self, t: &Table) -> NodeRedConfig {
+        let mut out = NodeRedConfig::default();
+        let mut command_set = false;
+        for (k, v) in t {
+            let full = format!("node_red.{k}");
+            match k.as_str() {
+                "mode" => out.mode = self.node_red_mode(&full, v).unwrap_or(out.mode),
+                "command" => {
+                    if let Some(c) = self.node_red_command(&full, v) {
+                        out.command = c;
+                    }
+                    command_set = true;
+                }
+                "user_dir" => out.user_dir = self.absolute_dir(&full, v),
+                "port" => out.port = self.port(&full, v).unwrap_or(out.port),
+                _ => self.unknown(&full, "mode, command, user_dir, port"),
+            }
+        }
+        if !t.contains_key("mode") {
+            self.problem(
+                "node_red.mode",
+                "missing; expected \"launch\", \"external\" or \"off\"",
+            );
+        } else if command_set && out.mode != NodeRedMode::Launch {
+            self.problem(
+                "node_red.command",
+                "only used with mode = \"launch\"; remove it or change the mode",
+            );
+        }
+        out
+    }
+
+    fn node_red_mode(&mut self, key: &str, v: &Value) -> Option<NodeRedMode> {
+        match self.string(key, v)? {
+            "launch" => Some(NodeRedMode::Launch),
+            "external" => Some(NodeRedMode::External),
+            "off" => Some(NodeRedMode::Off),
+            other => {
+                self.problem(
+                    key,
+                    &format!(
+                        "'{other}' is not a mode; expected \"launch\", \"external\" or \"off\""
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn node_red_command(&mut self, key: &str, v: &Value) -> Option<String> {
+        let s = self.string(key, v)?;
+        let valid = !s.is_empty()
+            && !s.chars().any(char::is_control)
+            && (!s.contains('/') || s.starts_with('/'));
+        if valid {
+            Some(s.to_owned())
+        } else {
+            self.problem(
+                key,
+                "expected a program name looked up in PATH (\"node-red\") or an absolute path",
+            );
+            None
+        }
+    }
+
+    fn absolute_dir(&mut self, key: &str, v: &Value) -> Option<PathBuf> {
+        let s = self.string(key, v)?;
+        if s.starts_with('/') && !s.chars().any(char::is_control) {
+            Some(PathBuf::from(s))
+        } else {
+            self.problem(
+                key,
+                &format!("'{s}' is not an absolute directory path; expected one like \"/var/lib/tether/node-red\""),
+            );
+            None
+        }
+    }
+
+    fn port(&mut self, key: &str, v: &Value) -> Option<u16> {
+        match v.as_integer().map(u16::try_from) {
+            Some(Ok(port)) if port > 0 => Some(port),
+            _ => {
+                self.problem(key, "expected a TCP port from 1 to 65535, like 1880");
+                None
+            }
+        }
+    }
+}
+
 /// True if `name` is a valid tether service name: 1 to 64 characters of
 /// `[A-Za-z0-9._-]` (`docs/protocol.md`, service header).
 pub fn is_service_name(name: &str) -> bool {
@@ -741,6 +893,85 @@ mod tests {
         assert!(err.to_string().contains("tetherd.toml"), "{err}");
         let err = Config::load(dir.path().join("missing.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn node_red_is_off_without_its_section_and_launched_with_defaults() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(config.node_red.mode, NodeRedMode::Off);
+        let config = Config::from_toml_str("[node_red]\nmode = \"launch\"").unwrap();
+        let nr = &config.node_red;
+        assert_eq!(nr.mode, NodeRedMode::Launch);
+        assert_eq!(nr.command, "node-red");
+        assert_eq!(nr.addr(), "127.0.0.1:1880".parse().unwrap());
+        assert_eq!(
+            nr.user_dir_in(Path::new("/var/lib/tether")),
+            PathBuf::from("/var/lib/tether/node-red")
+        );
+    }
+
+    #[test]
+    fn a_full_node_red_section_parses() {
+        let text = r#"
+            [node_red]
+            mode = "launch"
+            command = "/opt/node-red/bin/node-red"
+            user_dir = "/srv/node-red"
+            port = 1881
+        "#;
+        let nr = Config::from_toml_str(text).unwrap().node_red;
+        assert_eq!(nr.command, "/opt/node-red/bin/node-red");
+        assert_eq!(
+            nr.user_dir_in(Path::new("/x")),
+            PathBuf::from("/srv/node-red")
+        );
+        assert_eq!(nr.port, 1881);
+        let text = "[node_red]\nmode = \"external\"\nport = 1880";
+        let nr = Config::from_toml_str(text).unwrap().node_red;
+        assert_eq!(nr.mode, NodeRedMode::External);
+    }
+
+    #[test]
+    fn every_invalid_node_red_key_is_reported_at_once() {
+        let text = r#"
+            [node_red]
+            mode = "external"
+            command = ""
+            user_dir = "relative/dir"
+            port = 70000
+            host = "0.0.0.0"
+        "#;
+        let problems = Config::from_toml_str(text).unwrap_err().problems();
+        let expect = [
+            "'node_red.command': expected a program name",
+            "'node_red.user_dir': 'relative/dir' is not an absolute directory path",
+            "'node_red.port': expected a TCP port from 1 to 65535",
+            "'node_red.host': unknown key; expected one of: mode, command, user_dir, port",
+            "'node_red.command': only used with mode = \"launch\"",
+        ];
+        for want in expect {
+            assert!(
+                problems.iter().any(|p| p.starts_with(want)),
+                "missing {want:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+        for (bad, want) in [
+            ("[node_red]\nport = 1880", "'node_red.mode': missing"),
+            (
+                "[node_red]\nmode = \"on\"",
+                "'node_red.mode': 'on' is not a mode",
+            ),
+            ("[node_red]\nmode = \"launch\"\nport = 0", "'node_red.port'"),
+            (
+                "[node_red]\nmode = \"launch\"\ncommand = \"bin/node-red\"",
+                "'node_red.command'",
+            ),
+            ("node_red = 1", "'node_red': expected a table"),
+        ] {
+            let problems = Config::from_toml_str(bad).unwrap_err().problems();
+            assert!(problems[0].starts_with(want), "{bad}: {problems:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The control stream: heartbeats every `heartbeat_interval`, and renewal of
-//! the device certificate when it has less than `renewal.before` left.
+//! The control stream: heartbeats every `heartbeat_interval`, renewal of
+//! the device certificate when it has less than `renewal.before` left, and
+//! the platform's instance protection mode (kept by the editor, stored in
+//! the state directory).
 //!
 //! Renewal makes a NEW key, sends its CSR in a `RenewRequest`, checks the
 //! `RenewResponse` (the certificate parses, carries the new key and the same
@@ -192,11 +194,30 @@ async fn handle(
                 warn!(code = %crate::enroll::one_line(&code), message = %crate::enroll::one_line(&message), "error from the platform on the control stream");
             }
         }
+        ControlMessage::Protection { enabled } => set_protection(shared, enabled).await,
         ControlMessage::Heartbeat(_)
         | ControlMessage::RenewRequest { .. }
         | ControlMessage::Unknown => {
             debug!("control message ignored");
         }
+    }
+}
+
+/// Applies the platform's protection mode (at once) and stores it (a
+/// synced write, on the blocking pool).
+async fn set_protection(shared: &Arc<Shared>, enabled: bool) {
+    let Some(editor) = shared.editor.clone() else {
+        debug!(enabled, "protection mode ignored: editor access is off");
+        return;
+    };
+    let stored = tokio::task::spawn_blocking(move || editor.protection().set(enabled)).await;
+    match stored {
+        Ok(Ok(true)) => info!(enabled, "instance protection mode changed"),
+        Ok(Ok(false)) => debug!(enabled, "instance protection mode unchanged"),
+        Ok(Err(e)) => {
+            warn!(enabled, cause = %e, "instance protection mode applied but not stored; it may not survive a restart")
+        }
+        Err(e) => warn!(cause = %e, "storing the protection mode failed"),
     }
 }
 

@@ -4,7 +4,8 @@
 //! certificate from the platform), then keeps one outbound mutual-TLS
 //! WebSocket tunnel to it, speaking tether-proto as the device. Over the
 //! tunnel it sends heartbeats, renews its certificate, and bridges the
-//! platform's streams to allow-listed local TCP services.
+//! platform's streams to allow-listed local TCP services and to the local
+//! Node-RED editor.
 //!
 //! # Layout
 //!
@@ -15,7 +16,9 @@
 //! - [`clock`] and [`tls`]: the wall clock and the TLS client configurations.
 //! - [`net`] and [`tunnel`]: one connection attempt.
 //! - [`reconnect`]: the backoff loop; `session`: one connected tunnel.
-//! - [`control`]: heartbeats and renewal; [`services`]: TCP bridging.
+//! - [`control`]: heartbeats, renewal and protection mode; [`services`]:
+//!   which streams are accepted, and TCP bridging.
+//! - [`editor`]: editor streams: grants, roles, the proxy to Node-RED, audit.
 //! - [`status`]: the status channel, `status.json` and `tetherd status`.
 //! - [`Agent`]: start and stop the whole.
 
@@ -27,11 +30,13 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod duration;
+pub mod editor;
 pub mod enroll;
 pub mod exit;
 pub mod files;
 pub mod identity;
 pub mod net;
+pub mod node_red;
 pub mod reconnect;
 pub mod services;
 mod session;
@@ -39,6 +44,6 @@ pub mod status;
 pub mod tls;
 pub mod tunnel;
 
-pub use agent::{Agent, AgentError};
+pub use agent::{Agent, AgentError, AgentOptions};
 pub use clock::Clock;
 pub use status::{Status, TunnelState};

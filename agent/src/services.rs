@@ -1,9 +1,12 @@
-//! TCP services: the allow-list of `[[service]]` entries, and the bridge
-//! between an accepted tunnel stream and a local TCP connection.
+//! The platform's streams: the allow-list of `[[service]]` entries, the
+//! bridge between an accepted `tcp:NAME` stream and a local TCP connection,
+//! and the hand-off of `editor` streams to [`crate::editor`].
 //!
 //! A stream for `tcp:NAME` is accepted only if NAME is in the allow-list;
-//! every other stream is reset with `REFUSED` and a reason the platform
-//! shows to the person who asked. This module never opens a connection to an
+//! an `editor` stream is accepted whenever editor access is on (its grant
+//! is checked by the editor, which answers a bad one over HTTP); every
+//! other stream is reset with `REFUSED` and a reason the platform shows to
+//! the person who asked. This module never opens a connection to an
 //! address that is not in the config.
 
 use std::collections::HashMap;
@@ -19,40 +22,65 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::agent::Shared;
 use crate::config::ServiceConfig;
+use crate::editor::{self, Editor};
 
 /// Deadline for connecting to a local service.
 pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Copy buffer per direction.
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// The allow-list: service name to local address.
+/// The allow-list: service name to local address, and whether editor
+/// streams are served.
 #[derive(Clone, Debug, Default)]
 pub struct Services {
     targets: HashMap<String, SocketAddr>,
+    editor: bool,
+}
+
+/// Where an accepted stream goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A local TCP service.
+    Tcp(SocketAddr),
+    /// The editor proxy.
+    Editor,
 }
 
 impl Services {
-    pub fn new(services: &[ServiceConfig]) -> Services {
+    /// The allow-list of `services`; editor streams are accepted if
+    /// `editor` (the agent has an editor target).
+    pub fn new(services: &[ServiceConfig], editor: bool) -> Services {
         Services {
             targets: services
                 .iter()
                 .map(|s| (s.name.clone(), s.target))
                 .collect(),
+            editor,
         }
     }
 
     /// Whether a stream the platform opens may be accepted; the reset code
     /// and reason if not.
-    pub fn decide(&self, header: &ServiceHeader) -> Result<SocketAddr, (ResetCode, String)> {
+    pub fn decide(&self, header: &ServiceHeader) -> Result<Target, (ResetCode, String)> {
         let refuse = |reason: String| Err((ResetCode::REFUSED, reason));
         match &header.service {
             Service::Tcp(name) => match self.targets.get(name) {
-                Some(addr) => Ok(*addr),
-                None => refuse(format!("service '{name}' is not allow-listed on this device")),
+                Some(addr) => Ok(Target::Tcp(*addr)),
+                None => refuse(format!(
+                    "service '{name}' is not allow-listed on this device"
+                )),
             },
-            Service::Editor => refuse("editor access is not available in this version of tetherd; it arrives in a later version".into()),
-            Service::Mqtt => refuse("mqtt is not available in this version of tetherd; it arrives in a later version".into()),
-            Service::Control => refuse("the device opens the control stream; the platform may not".into()),
+            Service::Editor if self.editor => Ok(Target::Editor),
+            Service::Editor => refuse(
+                "editor access is off on this device (no local Node-RED is configured)".into(),
+            ),
+            Service::Mqtt => refuse(
+                "mqtt is not available in this version of tetherd; it arrives in a later version"
+                    .into(),
+            ),
+            Service::Control => {
+                refuse("the device opens the control stream; the platform may not".into())
+            }
             other => refuse(format!("service '{other}' is not known to this device")),
         }
     }
@@ -79,13 +107,38 @@ pub(crate) async fn serve(shared: Arc<Shared>, tunnel: Tunnel) {
         let Ok(target) = shared.services.decide(&header) else {
             continue;
         };
-        let span = info_span!("stream", id = stream.id().0, service = %header.service, %target);
-        bridges.spawn(bridge(stream, target).instrument(span));
+        match (target, &shared.editor) {
+            (Target::Tcp(target), _) => {
+                let span =
+                    info_span!("stream", id = stream.id().0, service = %header.service, %target);
+                bridges.spawn(bridge(stream, target).instrument(span));
+            }
+            (Target::Editor, Some(editor)) => {
+                let span = info_span!("stream", id = stream.id().0, service = %header.service);
+                let serve = serve_editor(editor.clone(), shared.editor_device(), stream, header);
+                bridges.spawn(serve.instrument(span));
+            }
+            // `decide` accepts editor streams only when there is an editor.
+            (Target::Editor, None) => {
+                let mut stream = stream;
+                stream.reset(ResetCode::REFUSED, "editor access is off on this device");
+            }
+        }
         // Reap finished bridges so the set does not grow with the tunnel's age.
         while bridges.try_join_next().is_some() {}
     }
     bridges.abort_all();
     while bridges.join_next().await.is_some() {}
+}
+
+/// Serves one editor stream (the editor checks its grant first).
+async fn serve_editor(
+    editor: Arc<Editor>,
+    device: editor::Device,
+    stream: TunnelStream,
+    header: ServiceHeader,
+) {
+    editor.serve(stream, &header, &device).await;
 }
 
 /// Connects to the local target and copies both ways until both sides end.
@@ -130,30 +183,40 @@ async fn bridge(mut stream: TunnelStream, target: SocketAddr) {
 mod tests {
     use super::*;
 
-    fn services() -> Services {
-        Services::new(&[ServiceConfig {
-            name: "ssh".into(),
-            target: "127.0.0.1:22".parse().unwrap(),
-        }])
+    fn services(editor: bool) -> Services {
+        Services::new(
+            &[ServiceConfig {
+                name: "ssh".into(),
+                target: "127.0.0.1:22".parse().unwrap(),
+            }],
+            editor,
+        )
     }
 
     #[test]
     fn only_allow_listed_tcp_services_are_accepted() {
-        let s = services();
+        let s = services(true);
         assert_eq!(
             s.decide(&ServiceHeader::new(Service::Tcp("ssh".into()))),
-            Ok("127.0.0.1:22".parse().unwrap())
+            Ok(Target::Tcp("127.0.0.1:22".parse().unwrap()))
         );
         let (code, reason) = s
             .decide(&ServiceHeader::new(Service::Tcp("db".into())))
             .unwrap_err();
         assert_eq!(code, ResetCode::REFUSED);
         assert_eq!(reason, "service 'db' is not allow-listed on this device");
-        for service in [Service::Editor, Service::Mqtt] {
-            let (code, reason) = s.decide(&ServiceHeader::new(service)).unwrap_err();
-            assert_eq!(code, ResetCode::REFUSED);
-            assert!(reason.contains("later version"), "{reason}");
-        }
+        let (code, reason) = s.decide(&ServiceHeader::new(Service::Mqtt)).unwrap_err();
+        assert_eq!(code, ResetCode::REFUSED);
+        assert!(reason.contains("later version"), "{reason}");
         assert!(s.decide(&ServiceHeader::new(Service::Control)).is_err());
+    }
+
+    #[test]
+    fn editor_streams_go_to_the_editor_when_it_is_on() {
+        let editor = ServiceHeader::new(Service::Editor);
+        assert_eq!(services(true).decide(&editor), Ok(Target::Editor));
+        let (code, reason) = services(false).decide(&editor).unwrap_err();
+        assert_eq!(code, ResetCode::REFUSED);
+        assert!(reason.contains("editor access is off"), "{reason}");
     }
 }

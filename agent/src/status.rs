@@ -169,6 +169,9 @@ pub struct Report {
     pub enrolled_at: Option<u64>,
     pub cert_not_after: Option<u64>,
     pub cert_fingerprint: Option<String>,
+    /// Instance protection mode as last stored (`None`: never set, off).
+    #[serde(default)]
+    pub protection: Option<bool>,
     /// Set when the state directory could not be read.
     pub error: Option<String>,
     pub daemon: DaemonReport,
@@ -203,6 +206,7 @@ pub fn report(state: &StateDir, clock: Clock) -> Report {
         enrolled_at: None,
         cert_not_after: None,
         cert_fingerprint: None,
+        protection: None,
         error: None,
         daemon: DaemonReport {
             running: false,
@@ -260,6 +264,8 @@ fn fill_identity(report: &mut Report, state: &StateDir, identity: &Identity) {
     report.platform = Some(identity.platform.clone());
     report.tunnel_url = Some(identity.tunnel_url.clone());
     report.enrolled_at = Some(identity.enrolled_at);
+    // Unreadable counts as on, as the daemon treats it.
+    report.protection = crate::editor::protection::stored(state).unwrap_or(Some(true));
     match state.credentials(identity) {
         Ok(creds) => {
             report.cert_not_after = Some(creds.cert.not_after);
@@ -327,6 +333,14 @@ pub fn render(report: &Report, clock: Clock) -> String {
             "certificate",
             format!("expires {} ({left})", clock::rfc3339(t)),
         ));
+    }
+    if let Some(on) = report.protection {
+        let mode = if on {
+            "on (flows read-only in the editor)"
+        } else {
+            "off"
+        };
+        rows.push(("protection", mode.into()));
     }
     if let Some(e) = &report.error {
         rows.push(("error", e.clone()));

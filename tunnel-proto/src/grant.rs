@@ -108,7 +108,9 @@ pub enum GrantError {
     WrongDevice(String),
     #[error("the access grant expired at {expires_at} (device clock {now})")]
     Expired { expires_at: u64, now: u64 },
-    #[error("the access grant is issued in the future ({issued_at}, device clock {now}); check the clocks")]
+    #[error(
+        "the access grant is issued in the future ({issued_at}, device clock {now}); check the clocks"
+    )]
     NotYetValid { issued_at: u64, now: u64 },
     #[error("the access grant lives {0} s; at most {MAX_LIFETIME_SECS} s is accepted")]
     LifetimeTooLong(u64),
@@ -147,9 +149,9 @@ pub fn verify(wire: &str, key: &[u8], device: &str, now: u64) -> Result<Grant, G
     if wire.len() > MAX_GRANT_LEN {
         return Err(GrantError::TooLong);
     }
-    let (payload, signature) = wire
-        .split_once('.')
-        .ok_or(GrantError::Malformed("no '.' between payload and signature"))?;
+    let (payload, signature) = wire.split_once('.').ok_or(GrantError::Malformed(
+        "no '.' between payload and signature",
+    ))?;
     let payload = URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|_| GrantError::Malformed("payload is not base64url"))?;
@@ -163,7 +165,9 @@ pub fn verify(wire: &str, key: &[u8], device: &str, now: u64) -> Result<Grant, G
     let grant: Grant = serde_json::from_slice(&payload)
         .map_err(|_| GrantError::Malformed("payload is not a grant"))?;
     if !is_nonce(&grant.nonce) {
-        return Err(GrantError::Malformed("nonce is not 32 lowercase hex digits"));
+        return Err(GrantError::Malformed(
+            "nonce is not 32 lowercase hex digits",
+        ));
     }
     if grant.device != device {
         return Err(GrantError::WrongDevice(grant.device));
@@ -315,19 +319,90 @@ mod tests {
             g.sign(&key)
         };
         let cases: Vec<(&str, String, u64, GrantError)> = vec![
-            ("expired", good.clone(), NOW + 300 + CLOCK_SKEW_SECS, GrantError::Expired { expires_at: NOW + 300, now: NOW + 330 }),
-            ("from the future", good.clone(), NOW - CLOCK_SKEW_SECS - 1, GrantError::NotYetValid { issued_at: NOW, now: NOW - 31 }),
-            ("wrong device", with(&|g| g.device = "dev-2".into()), NOW, GrantError::WrongDevice("dev-2".into())),
-            ("wrong key", grant(1).sign(&other), NOW, GrantError::BadSignature),
+            (
+                "expired",
+                good.clone(),
+                NOW + 300 + CLOCK_SKEW_SECS,
+                GrantError::Expired {
+                    expires_at: NOW + 300,
+                    now: NOW + 330,
+                },
+            ),
+            (
+                "from the future",
+                good.clone(),
+                NOW - CLOCK_SKEW_SECS - 1,
+                GrantError::NotYetValid {
+                    issued_at: NOW,
+                    now: NOW - 31,
+                },
+            ),
+            (
+                "wrong device",
+                with(&|g| g.device = "dev-2".into()),
+                NOW,
+                GrantError::WrongDevice("dev-2".into()),
+            ),
+            (
+                "wrong key",
+                grant(1).sign(&other),
+                NOW,
+                GrantError::BadSignature,
+            ),
             ("tampered", tampered, NOW, GrantError::BadSignature),
-            ("lives too long", with(&|g| g.expires_at = NOW + 301), NOW, GrantError::LifetimeTooLong(301)),
-            ("ends before it starts", with(&|g| g.expires_at = NOW), NOW, GrantError::LifetimeTooLong(0)),
-            ("bad nonce", with(&|g| g.nonce = "ABC".into()), NOW, GrantError::Malformed("nonce is not 32 lowercase hex digits")),
-            ("no dot", "abc".into(), NOW, GrantError::Malformed("no '.' between payload and signature")),
-            ("not base64", "a*b.c".into(), NOW, GrantError::Malformed("payload is not base64url")),
-            ("signed junk", signed_json("{\"user\":1}", &key), NOW, GrantError::Malformed("payload is not a grant")),
-            ("unknown field", signed_json(&serde_json::to_string(&grant(3)).unwrap().replace('}', ",\"admin\":true}"), &key), NOW, GrantError::Malformed("payload is not a grant")),
-            ("too long", "a".repeat(MAX_GRANT_LEN + 1), NOW, GrantError::TooLong),
+            (
+                "lives too long",
+                with(&|g| g.expires_at = NOW + 301),
+                NOW,
+                GrantError::LifetimeTooLong(301),
+            ),
+            (
+                "ends before it starts",
+                with(&|g| g.expires_at = NOW),
+                NOW,
+                GrantError::LifetimeTooLong(0),
+            ),
+            (
+                "bad nonce",
+                with(&|g| g.nonce = "ABC".into()),
+                NOW,
+                GrantError::Malformed("nonce is not 32 lowercase hex digits"),
+            ),
+            (
+                "no dot",
+                "abc".into(),
+                NOW,
+                GrantError::Malformed("no '.' between payload and signature"),
+            ),
+            (
+                "not base64",
+                "a*b.c".into(),
+                NOW,
+                GrantError::Malformed("payload is not base64url"),
+            ),
+            (
+                "signed junk",
+                signed_json("{\"user\":1}", &key),
+                NOW,
+                GrantError::Malformed("payload is not a grant"),
+            ),
+            (
+                "unknown field",
+                signed_json(
+                    &serde_json::to_string(&grant(3))
+                        .unwrap()
+                        .replace('}', ",\"admin\":true}"),
+                    &key,
+                ),
+                NOW,
+                GrantError::Malformed("payload is not a grant"),
+            ),
+            (
+                "too long",
+                "a".repeat(MAX_GRANT_LEN + 1),
+                NOW,
+                GrantError::TooLong,
+            ),
         ];
         for (name, wire, now, want) in cases {
             assert_eq!(check(&wire, &key, now), Err(want), "{name}");
@@ -353,7 +428,10 @@ mod tests {
         assert_eq!(guard.admit(&grant(1), NOW), Ok(()));
         assert_eq!(guard.admit(&grant(1), NOW + 1), Err(GrantError::Replayed));
         assert_eq!(guard.admit(&grant(2), NOW), Ok(()));
-        assert_eq!(guard.admit(&grant(3), NOW), Err(GrantError::ReplayGuardFull));
+        assert_eq!(
+            guard.admit(&grant(3), NOW),
+            Err(GrantError::ReplayGuardFull)
+        );
         // Once the grants can no longer verify, their nonces go.
         let dead = NOW + 300 + CLOCK_SKEW_SECS;
         assert_eq!(guard.admit(&grant(3), dead), Ok(()));
@@ -365,6 +443,11 @@ mod tests {
         for role in [Role::Owner, Role::Member, Role::Viewer] {
             assert_eq!(role.as_str().parse::<Role>(), Ok(role));
         }
-        assert!("admin".parse::<Role>().unwrap_err().contains("owner, member or viewer"));
+        assert!(
+            "admin"
+                .parse::<Role>()
+                .unwrap_err()
+                .contains("owner, member or viewer")
+        );
     }
 }

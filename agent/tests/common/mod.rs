@@ -11,6 +11,15 @@ use tether_agent::enroll::{EnrollOptions, Enrolled, enroll};
 use tether_platform::{Platform, PlatformConfig, TokenSpec};
 use tether_proto::api::Secret;
 
+/// Sends the agent's logs to the test output, filtered by `RUST_LOG`
+/// (errors only when it is unset).
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// How long `eventually` waits; `TETHER_TEST_PATIENCE` (seconds) overrides.
 pub fn patience() -> Duration {
     std::env::var("TETHER_TEST_PATIENCE")

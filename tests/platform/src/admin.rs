@@ -3,11 +3,13 @@
 //! This module owns authentication of fleet managers (a bearer token,
 //! compared by SHA-256 in constant time; failures are rate limited per
 //! source address) and the routes: create provisioning tokens, list and
-//! revoke devices, connect to a TCP service through a device's tunnel (an
+//! revoke devices, set a device's protection mode, create, list and remove
+//! platform users, connect to a TCP service through a device's tunnel (an
 //! HTTP upgrade to `tether-tcp`, then raw bytes both ways), and ask the
 //! platform to listen for such connections itself ([`crate::listen`]). The
 //! operations themselves live on [`crate::platform::State`], shared with the
-//! library API. It never logs the Authorization header or a token.
+//! library API. It never logs the Authorization header, a token or a
+//! password.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tether_proto::api::{ErrorCode, Secret};
+use tether_proto::grant::Role;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::http::{self as reply, Body};
@@ -29,6 +32,9 @@ use crate::server::ConnInfo;
 pub const TCP_UPGRADE: &str = "tether-tcp";
 /// Largest admin request body.
 pub(crate) const MAX_ADMIN_BODY: usize = 4 * 1024;
+/// Largest `POST /v1/admin/users` body: a password of 1024 bytes may take
+/// up to six times that once escaped in JSON.
+const MAX_USER_BODY: usize = 8 * 1024;
 /// Longest lifetime of a provisioning token.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Most uses of one provisioning token.
@@ -61,6 +67,41 @@ pub struct RevokeResponse {
     pub disconnected: bool,
 }
 
+/// `POST /v1/admin/devices/{id}/protection` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectionRequest {
+    pub enabled: bool,
+}
+
+/// `POST /v1/admin/devices/{id}/protection` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProtectionResponse {
+    pub device_id: String,
+    pub protected: bool,
+    /// True if the device is online and its control stream was told.
+    pub pushed: bool,
+}
+
+/// `POST /v1/admin/users` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    pub name: String,
+    pub team: String,
+    pub role: Role,
+    pub password: Secret,
+}
+
+/// `DELETE /v1/admin/users/{name}` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveUserResponse {
+    pub name: String,
+    pub removed: bool,
+    /// Sessions that ended (their live editor streams were closed).
+    pub sessions_ended: usize,
+}
+
 /// Routes a request under `/v1/admin/`.
 pub async fn handle(
     state: Arc<State>,
@@ -76,6 +117,13 @@ pub async fn handle(
         (&Method::POST, ["tokens"]) => create_token(&state, req.into_body()).await,
         (&Method::GET, ["devices"]) => list_devices(&state).await,
         (&Method::POST, ["devices", id, "revoke"]) => revoke(&state, id).await,
+        (&Method::POST, ["devices", id, "protection"]) => {
+            let id = id.to_string();
+            protect(&state, &id, req.into_body()).await
+        }
+        (&Method::POST, ["users"]) => create_user(&state, req.into_body()).await,
+        (&Method::GET, ["users"]) => list_users(&state).await,
+        (&Method::DELETE, ["users", name]) => remove_user(&state, name).await,
         (&Method::GET, ["devices", id, "services", name, "connect"]) => {
             let (id, name) = (id.to_string(), name.to_string());
             connect(state, conn, req, &id, &name).await
@@ -95,7 +143,7 @@ fn authenticate(
     headers: &http::HeaderMap,
 ) -> Result<(), Response<Body>> {
     let source = conn.peer.ip();
-    if state.admin_limiter.is_limited(source, Instant::now()) {
+    if state.admin_limiter.is_limited(&source, Instant::now()) {
         return Err(reply::rate_limited(
             retry_after_secs(state.config.admin_failure_rate.refill),
             "too many failed admin logins from this address; wait before trying again",
@@ -193,6 +241,90 @@ async fn revoke(state: &State, id: &str) -> Response<Body> {
         Err(PlatformError::NoDevice(_)) => no_device(id),
         Err(e) => {
             warn!(cause = %e, "cannot revoke a device");
+            reply::internal()
+        }
+    }
+}
+
+async fn protect(state: &State, id: &str, body: Incoming) -> Response<Body> {
+    let request: ProtectionRequest = match reply::read_json(body, MAX_ADMIN_BODY).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    match state.set_protection(id, request.enabled).await {
+        Ok(pushed) => reply::json(
+            StatusCode::OK,
+            &ProtectionResponse {
+                device_id: id.to_string(),
+                protected: request.enabled,
+                pushed,
+            },
+        ),
+        Err(PlatformError::NoDevice(_)) => no_device(id),
+        Err(e) => {
+            warn!(cause = %e, "cannot set the protection mode");
+            reply::internal()
+        }
+    }
+}
+
+async fn create_user(state: &State, body: Incoming) -> Response<Body> {
+    let request: CreateUserRequest = match reply::read_json(body, MAX_USER_BODY).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    let created = state
+        .add_user(
+            &request.name,
+            &request.team,
+            request.role,
+            &request.password,
+        )
+        .await;
+    match created {
+        Ok(info) => reply::json(StatusCode::OK, &info),
+        Err(PlatformError::User(e)) => reply::error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        ),
+        Err(e @ PlatformError::UserExists(_)) => {
+            reply::error(StatusCode::CONFLICT, ErrorCode::BadRequest, e.to_string())
+        }
+        Err(e) => {
+            warn!(cause = %e, "cannot create a user");
+            reply::internal()
+        }
+    }
+}
+
+async fn list_users(state: &State) -> Response<Body> {
+    match state.users().await {
+        Ok(users) => reply::json(StatusCode::OK, &users),
+        Err(e) => {
+            warn!(cause = %e, "cannot list users");
+            reply::internal()
+        }
+    }
+}
+
+async fn remove_user(state: &State, name: &str) -> Response<Body> {
+    match state.remove_user(name).await {
+        Ok(sessions_ended) => reply::json(
+            StatusCode::OK,
+            &RemoveUserResponse {
+                name: name.to_string(),
+                removed: true,
+                sessions_ended,
+            },
+        ),
+        Err(PlatformError::NoUser(_)) => reply::error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("no user '{name}'; list users with `tether-platform user list`"),
+        ),
+        Err(e) => {
+            warn!(cause = %e, "cannot remove a user");
             reply::internal()
         }
     }

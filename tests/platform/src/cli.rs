@@ -1,18 +1,24 @@
 //! The `tether-platform` command line: its arguments (clap derive), the
-//! duration syntax (`30s`, `10m`, `1h`, `30d`) and the device table.
+//! duration syntax (`30s`, `10m`, `1h`, `30d`), the device and user tables
+//! and reading a password from standard input.
 //!
 //! This module owns what a person types and reads. It never talks to the
 //! network itself: `main.rs` runs the commands with [`crate::Platform`],
 //! [`crate::client::AdminClient`] (and its listen sessions) and
 //! [`crate::connect::Proxy`].
 
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use tether_proto::grant::Role;
+
+use tether_proto::api::Secret;
 
 use crate::platform::DeviceInfo;
+use crate::users::{MAX_PASSWORD_LEN, UserInfo};
 
 /// The reference Tether platform and its admin commands.
 #[derive(Debug, Parser)]
@@ -32,6 +38,9 @@ pub enum Command {
     /// Enrolled devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Platform users: who may log in to the web pages and open device editors.
+    #[command(subcommand)]
+    User(UserCommand),
     /// Reach a TCP service on a device through its tunnel.
     ///
     /// By default the running platform listens on --listen itself, on its own host, and
@@ -90,6 +99,9 @@ pub struct ServeArgs {
     /// Connections one `connect` listener carries at once.
     #[arg(long, default_value_t = 256)]
     pub max_listener_connections: usize,
+    /// How long the editor proxy waits for a device's answer to a request (then 504).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub editor_timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +131,66 @@ pub enum DeviceCommand {
     List(DeviceListArgs),
     /// Revoke a device: its tunnel is closed and its certificates refused.
     Revoke(DeviceRevokeArgs),
+    /// Turn instance protection mode on or off: flows become read-only in the editor for
+    /// every role, and changes arrive only as signed snapshots.
+    Protect(DeviceProtectArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("mode").required(true).args(["on", "off"])))]
+pub struct DeviceProtectArgs {
+    /// The device id (`dev_...`).
+    pub id: String,
+    /// Turn protection mode on.
+    #[arg(long)]
+    pub on: bool,
+    /// Turn protection mode off.
+    #[arg(long)]
+    pub off: bool,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user. The password is read from standard input (one line; from a
+    /// terminal, without echo).
+    Add(UserAddArgs),
+    /// List users.
+    List(UserListArgs),
+    /// Remove a user: their sessions end and their open editors are closed.
+    Remove(UserRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UserAddArgs {
+    /// The user name: 1 to 64 characters of A-Z a-z 0-9 . _ - @
+    pub name: String,
+    /// The team whose devices the user may reach.
+    #[arg(long)]
+    pub team: String,
+    /// The user's role in the team: owner, member or viewer.
+    #[arg(long)]
+    pub role: Role,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+#[derive(Debug, Args)]
+pub struct UserListArgs {
+    #[command(flatten)]
+    pub data: DataDir,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UserRemoveArgs {
+    /// The user name.
+    pub name: String,
+    #[command(flatten)]
+    pub data: DataDir,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +253,40 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("'{text}' is too long"))
 }
 
+/// Reads one line, a password, from `input`: at most
+/// [`MAX_PASSWORD_LEN`] bytes of UTF-8, not empty, the line end removed.
+/// Reads no more than that (and the line end) whatever `input` holds.
+pub fn read_password(input: impl BufRead) -> Result<Secret, String> {
+    let limit = u64::try_from(MAX_PASSWORD_LEN + 2).unwrap_or(u64::MAX);
+    let mut line = Vec::new();
+    input
+        .take(limit)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+    check_password_line(line)
+}
+
+/// Checks a password line read from a terminal or a pipe.
+pub fn check_password_line(mut line: Vec<u8>) -> Result<Secret, String> {
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    }
+    if line.is_empty() {
+        return Err("the password is empty; write it on standard input, one line".into());
+    }
+    if line.len() > MAX_PASSWORD_LEN {
+        return Err(format!(
+            "the password is longer than {MAX_PASSWORD_LEN} bytes"
+        ));
+    }
+    String::from_utf8(line)
+        .map(Secret::new)
+        .map_err(|_| "the password is not valid UTF-8".into())
+}
+
 /// A human table of devices, one line each.
 pub fn device_table(devices: &[DeviceInfo], now: u64) -> String {
     let mut rows = vec![[
@@ -191,6 +297,7 @@ pub fn device_table(devices: &[DeviceInfo], now: u64) -> String {
         "LAST HEARTBEAT".to_string(),
         "CERT EXPIRES".to_string(),
         "RTT".to_string(),
+        "PROTECTED".to_string(),
     ]];
     for d in devices {
         let status = match (d.revoked, d.online) {
@@ -209,13 +316,28 @@ pub fn device_table(devices: &[DeviceInfo], now: u64) -> String {
             format!("in {}", span(d.cert_not_after.saturating_sub(now))),
             d.rtt_micros
                 .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
+            if d.protected { "yes" } else { "no" }.to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    table(&rows)
+}
+
+/// A human table of users, one line each.
+pub fn user_table(users: &[UserInfo]) -> String {
+    let mut rows = vec![["NAME".to_string(), "TEAM".to_string(), "ROLE".to_string()]];
+    for u in users {
+        rows.push([u.name.clone(), u.team.clone(), u.role.to_string()]);
+    }
+    table(&rows)
+}
+
+/// Columns padded to their widest cell.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for row in &rows {
+    for row in rows {
         let cells: Vec<String> = row
             .iter()
             .zip(&widths)
@@ -275,6 +397,7 @@ mod tests {
             last_heartbeat: Some(95),
             cert_not_after: 100 + 86_400 * 29,
             rtt_micros: Some(1500),
+            protected: true,
         };
         let table = device_table(&[device], 100);
         let lines: Vec<&str> = table.lines().collect();
@@ -284,6 +407,80 @@ mod tests {
             lines[1].contains("online")
                 && lines[1].contains("5s ago")
                 && lines[1].contains("in 29d")
+                && lines[1].ends_with("yes")
         );
+        assert!(lines[0].ends_with("PROTECTED"));
+    }
+
+    #[test]
+    fn a_password_is_one_bounded_line() {
+        let read = |bytes: &[u8]| read_password(bytes).map(|s| s.expose().to_string());
+        assert_eq!(read(b"s3cret\nmore"), Ok("s3cret".into()));
+        assert_eq!(read(b"s3cret\r\n"), Ok("s3cret".into()));
+        assert_eq!(read(b"no newline"), Ok("no newline".into()));
+        assert!(read(b"\n").unwrap_err().contains("empty"));
+        assert!(read(b"").unwrap_err().contains("empty"));
+        let longest = vec![b'p'; MAX_PASSWORD_LEN];
+        assert_eq!(read(&longest).map(|p| p.len()), Ok(MAX_PASSWORD_LEN));
+        let long = vec![b'p'; MAX_PASSWORD_LEN + 1];
+        assert!(read(&long).unwrap_err().contains("longer"));
+        assert!(read(&[0xff, b'\n']).unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn user_add_takes_a_role_and_protect_wants_on_or_off() {
+        let cli = Cli::try_parse_from([
+            "tether-platform",
+            "user",
+            "add",
+            "--data-dir",
+            "d",
+            "--team",
+            "t",
+            "--role",
+            "viewer",
+            "ann",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::User(UserCommand::Add(args)) => {
+                assert_eq!((args.name.as_str(), args.role), ("ann", Role::Viewer));
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &[
+                "tether-platform",
+                "user",
+                "add",
+                "--data-dir",
+                "d",
+                "--team",
+                "t",
+                "--role",
+                "admin",
+                "ann",
+            ][..],
+            &[
+                "tether-platform",
+                "device",
+                "protect",
+                "dev_1",
+                "--data-dir",
+                "d",
+            ],
+            &[
+                "tether-platform",
+                "device",
+                "protect",
+                "dev_1",
+                "--on",
+                "--off",
+                "--data-dir",
+                "d",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 }

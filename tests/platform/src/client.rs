@@ -24,7 +24,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::admin::{CreateTokenRequest, CreateTokenResponse, RevokeResponse, TCP_UPGRADE};
+use crate::admin::{
+    CreateTokenRequest, CreateTokenResponse, CreateUserRequest, ProtectionRequest,
+    ProtectionResponse, RemoveUserResponse, RevokeResponse, TCP_UPGRADE,
+};
 use crate::ca::CA_CERT_FILE;
 use crate::files;
 use crate::keys::ADMIN_TOKEN_FILE;
@@ -32,6 +35,7 @@ use crate::listen::{
     LISTEN_ADDR_HEADER, LISTEN_UPGRADE, ListenRequest, SILENCE, SessionEnd, hold_session,
 };
 use crate::platform::{DeviceInfo, PLATFORM_JSON, PlatformFile};
+use crate::users::UserInfo;
 
 /// Largest answer read, in bytes.
 const MAX_ANSWER: usize = 8 * 1024 * 1024;
@@ -73,6 +77,8 @@ pub enum ClientError {
     BadAnswer(String),
     #[error("the platform closed the listener: {0}")]
     SessionEnded(String),
+    #[error("{0}")]
+    BadInput(String),
 }
 
 /// A client of one running platform.
@@ -161,6 +167,43 @@ impl AdminClient {
     pub async fn revoke(&self, device_id: &str) -> Result<RevokeResponse, ClientError> {
         let path = format!("/v1/admin/devices/{device_id}/revoke");
         self.json(Method::POST, &path, Some(Vec::new())).await
+    }
+
+    /// `POST /v1/admin/devices/{id}/protection`.
+    pub async fn set_protection(
+        &self,
+        device_id: &str,
+        enabled: bool,
+    ) -> Result<ProtectionResponse, ClientError> {
+        let path = format!("/v1/admin/devices/{device_id}/protection");
+        let body = serde_json::to_vec(&ProtectionRequest { enabled })
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        self.json(Method::POST, &path, Some(body)).await
+    }
+
+    /// `POST /v1/admin/users`.
+    pub async fn create_user(&self, request: &CreateUserRequest) -> Result<UserInfo, ClientError> {
+        let body =
+            serde_json::to_vec(request).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        self.json(Method::POST, "/v1/admin/users", Some(body)).await
+    }
+
+    /// `GET /v1/admin/users`.
+    pub async fn users(&self) -> Result<Vec<UserInfo>, ClientError> {
+        self.json(Method::GET, "/v1/admin/users", None).await
+    }
+
+    /// `DELETE /v1/admin/users/{name}`.
+    pub async fn remove_user(&self, name: &str) -> Result<RemoveUserResponse, ClientError> {
+        // A valid name needs no escaping in a path; an invalid one names no
+        // user.
+        if !crate::users::is_user_name(name) {
+            return Err(ClientError::BadInput(format!(
+                "'{name}' is not a valid user name, so no user has it"
+            )));
+        }
+        let path = format!("/v1/admin/users/{name}");
+        self.json(Method::DELETE, &path, None).await
     }
 
     /// Opens a connect session to `service` on `device_id`: the upgraded

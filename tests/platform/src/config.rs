@@ -13,6 +13,7 @@ use tether_proto::{Config, Role};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::rate_limit::RateLimit;
+use crate::users::PasswordCost;
 
 /// The platform's configuration. Build it with [`PlatformConfig::new`], then
 /// change any public field.
@@ -55,6 +56,16 @@ pub struct PlatformConfig {
     pub max_listeners: usize,
     /// Connections one platform-side listener carries at once.
     pub max_listener_connections: usize,
+    /// Login attempts per source address (`POST /login`).
+    pub login_rate: RateLimit,
+    /// Failed logins per user name, whatever the address.
+    pub login_failure_rate: RateLimit,
+    /// Argon2id cost of new password hashes (and of the dummy hash unknown
+    /// user names are checked against).
+    pub password_cost: PasswordCost,
+    /// How long the editor proxy waits for a device's response headers
+    /// after sending a request; then the browser gets 504.
+    pub editor_timeout: Duration,
 }
 
 impl PlatformConfig {
@@ -77,6 +88,10 @@ impl PlatformConfig {
             allow_remote_listen: false,
             max_listeners: 64,
             max_listener_connections: 256,
+            login_rate: RateLimit::LOGIN,
+            login_failure_rate: RateLimit::LOGIN_FAILURES,
+            password_cost: PasswordCost::DEFAULT,
+            editor_timeout: Duration::from_secs(30),
         }
     }
 
@@ -125,6 +140,12 @@ impl PlatformConfig {
         }
         if self.cert_validity < Duration::from_secs(60) {
             return Err("cert_validity must be at least 60 s".into());
+        }
+        self.password_cost
+            .validate()
+            .map_err(|e| format!("password_cost: {e}"))?;
+        if self.editor_timeout.is_zero() {
+            return Err("editor_timeout must be more than 0".into());
         }
         Ok(())
     }

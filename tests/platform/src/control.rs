@@ -1,7 +1,13 @@
-//! The platform's side of a device's control stream: heartbeats and
-//! certificate renewal (`docs/protocol.md`, "Control stream").
+//! The platform's side of a device's control stream: heartbeats,
+//! certificate renewal and the protection mode push (`docs/protocol.md`,
+//! "Control stream").
 //!
-//! This module owns the request/answer loop. The device id always comes from
+//! This module owns the request/answer loop and the platform's own
+//! messages: as soon as the stream is up, and again whenever the tunnel's
+//! registry entry signals a change, it reads the device's protection mode
+//! from the store and sends `ControlMessage::Protection`. Reading the store
+//! after the signal (rather than carrying the value in it) means a push can
+//! never overtake a newer change. The device id always comes from
 //! the tunnel (its certificate), never from a message, so a device can only
 //! ever renew its own certificate. It never holds more than one message's
 //! worth of bytes ([`ControlDecoder`] bounds it at 64 KiB), and a message it
@@ -13,6 +19,7 @@ use tether_proto::ResetCode;
 use tether_proto::control::{ControlDecoder, ControlMessage, encode};
 use tether_proto::tokio_io::TunnelStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::ca::{self, Issued};
@@ -32,8 +39,23 @@ pub async fn serve(
 ) {
     let mut decoder = ControlDecoder::new();
     let mut buf = vec![0u8; READ_CHUNK];
+    // Subscribed before the first read of the store: a change after that
+    // read is signalled, one before it is read.
+    let mut changes = state.registry.protection_changes(&device_id, generation);
+    if let Err(e) = push_protection(&state, &device_id, &mut stream).await {
+        return debug!(cause = %e, "cannot push the protection mode");
+    }
     loop {
-        let n = match stream.read(&mut buf).await {
+        let read = tokio::select! {
+            read = stream.read(&mut buf) => read,
+            () = protection_changed(&mut changes) => {
+                if let Err(e) = push_protection(&state, &device_id, &mut stream).await {
+                    return debug!(cause = %e, "cannot push the protection mode");
+                }
+                continue;
+            }
+        };
+        let n = match read {
             Ok(0) => return debug!("control stream ended"),
             Ok(n) => n,
             Err(e) => return debug!(cause = %e, "control stream failed"),
@@ -82,8 +104,42 @@ async fn handle(
             None
         }
         // A device does not send these; ignore them as unknown types are.
-        ControlMessage::RenewResponse { .. } | ControlMessage::Unknown => None,
+        ControlMessage::RenewResponse { .. }
+        | ControlMessage::Protection { .. }
+        | ControlMessage::Unknown => None,
     }
+}
+
+/// Resolves when the device's protection mode changed; never without a
+/// live registry entry.
+async fn protection_changed(changes: &mut Option<watch::Receiver<()>>) {
+    let Some(receiver) = changes else {
+        return std::future::pending().await;
+    };
+    if receiver.changed().await.is_err() {
+        // The tunnel left the registry: no more changes will come.
+        *changes = None;
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads the device's protection mode from the store and sends it.
+async fn push_protection(
+    state: &Arc<State>,
+    device_id: &str,
+    stream: &mut TunnelStream,
+) -> std::io::Result<()> {
+    let id = device_id.to_string();
+    let enabled = match state.store.blocking(move |s| s.device(&id)).await {
+        Ok(Some(device)) => device.protected,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            warn!(cause = %e, "cannot read the protection mode; not pushed");
+            return Ok(());
+        }
+    };
+    debug!(enabled, "pushing the protection mode");
+    send(stream, &ControlMessage::Protection { enabled }).await
 }
 
 /// Issues a certificate for `device_id` (the tunnel's) with the CSR's key.

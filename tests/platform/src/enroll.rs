@@ -68,6 +68,7 @@ async fn enroll(state: &State, request: EnrollRequest) -> Result<EnrollResponse,
         revoked: false,
         cert_not_after: issued.not_after,
         facts: request.facts,
+        protected: false,
     };
     let token_hash = keys::sha256_hex(request.token.expose().as_bytes());
     let fingerprint = issued.fingerprint.clone();

@@ -1,5 +1,5 @@
-//! Small helpers shared by the HTTPS handlers: JSON answers, `ApiError`
-//! answers and bounded body reads.
+//! Small helpers shared by the HTTPS handlers: the body type, JSON answers,
+//! `ApiError` answers and bounded body reads.
 //!
 //! This module owns the shape of every answer the platform sends, so each
 //! error is an [`ApiError`] with a code and one sentence for a person. It
@@ -7,14 +7,23 @@
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tether_proto::api::{ApiError, ErrorCode};
 
-/// The body type of every answer.
-pub type Body = Full<Bytes>;
+/// The body type of every answer: boxed, so an answer made here in full and
+/// a body streamed from a device through the editor proxy have one type.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A body of `bytes`, sent whole.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 /// A JSON answer.
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
@@ -116,7 +125,7 @@ pub fn wants_upgrade(headers: &http::HeaderMap, protocol: &str) -> bool {
 }
 
 fn with_type(status: StatusCode, bytes: Vec<u8>) -> Response<Body> {
-    let mut response = Response::new(Body::new(Bytes::from(bytes)));
+    let mut response = Response::new(full(bytes));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

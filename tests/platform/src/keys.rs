@@ -3,15 +3,17 @@
 //!
 //! This module owns making them (from `ring::rand::SystemRandom`), storing
 //! them (PKCS#8 or text, 0600, through [`crate::files`]) and loading them on
-//! restart. Only public keys and hashes leave it: the private keys stay
-//! behind [`SigningKeys`], and the admin token is handed out once, to the
-//! token file the admin CLI reads. It never logs a key or a token.
+//! restart. Only public keys, hashes and signatures leave it: the private
+//! keys stay behind [`SigningKeys`] (which signs editor access grants with
+//! [`SigningKeys::sign_grant`]), and the admin token is handed out once, to
+//! the token file the admin CLI reads. It never logs a key or a token.
 
 use std::path::Path;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tether_proto::api::{PinnedKeys, Secret};
+use tether_proto::grant::Grant;
 
 use crate::files::{self, FileError, SECRET_MODE};
 
@@ -59,6 +61,12 @@ impl SigningKeys {
             snapshot: hex(self.snapshot.public_key().as_ref()),
             grant: hex(self.grant.public_key().as_ref()),
         }
+    }
+
+    /// Signs an editor access grant with the grant key: the wire form the
+    /// `editor` stream's OPEN header carries (`docs/protocol.md` §16.2).
+    pub fn sign_grant(&self, grant: &Grant) -> String {
+        grant.sign(&self.grant)
     }
 }
 
@@ -146,6 +154,34 @@ mod tests {
         assert_eq!(first, second);
         assert!(tether_proto::api::is_ed25519_public_key(&first.snapshot));
         assert_ne!(first.snapshot, first.grant);
+    }
+
+    #[test]
+    fn a_signed_grant_verifies_with_the_pinned_grant_key_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = SigningKeys::load_or_create(dir.path()).unwrap();
+        let grant = Grant {
+            user: "alice".into(),
+            role: tether_proto::grant::Role::Member,
+            team: "line-3".into(),
+            device: "dev_1".into(),
+            issued_at: 1000,
+            expires_at: 1300,
+            nonce: "0".repeat(32),
+        };
+        let wire = keys.sign_grant(&grant);
+        let unhex = |text: &str| -> Vec<u8> {
+            (0..text.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let pinned = keys.pinned();
+        let verified = tether_proto::grant::verify(&wire, &unhex(&pinned.grant), "dev_1", 1010);
+        assert_eq!(verified, Ok(grant));
+        assert!(
+            tether_proto::grant::verify(&wire, &unhex(&pinned.snapshot), "dev_1", 1010).is_err()
+        );
     }
 
     #[test]

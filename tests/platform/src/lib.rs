@@ -18,6 +18,11 @@
 //!   registry of live tunnels. `control`: the control stream.
 //!   `admin`: `/v1/admin/...`. `listen`: platform-side listeners that
 //!   carry local TCP connections to a device's service.
+//! - People in a browser: `web` (login, logout, the device list, protection
+//!   mode), `editor` (the proxy to a device's Node-RED editor over `editor`
+//!   streams with signed access grants), `users` (names, roles, Argon2
+//!   password hashes), `sessions` (the session cookie, live editor streams
+//!   per session), `html` (the pages' layout and escaping).
 //! - `store` (redb), `ca` (certificates), `keys` (Ed25519 keys, admin token,
 //!   randomness, hashes), `files` (atomic 0600 writes), `rate_limit`.
 //! - `cli`, `client`, `connect`: the `tether-platform` command, its admin
@@ -35,16 +40,21 @@ pub mod client;
 pub mod config;
 pub mod connect;
 pub mod control;
+pub mod editor;
 pub mod enroll;
 pub mod files;
+pub mod html;
 pub mod http;
 pub mod keys;
 pub mod listen;
 pub mod platform;
 pub mod rate_limit;
 pub mod server;
+pub mod sessions;
 pub mod store;
 pub mod tunnels;
+pub mod users;
+pub mod web;
 
 pub use config::PlatformConfig;
 pub use platform::{ConnectError, DeviceInfo, Platform, PlatformError, PlatformEvent, TokenSpec};

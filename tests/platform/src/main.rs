@@ -1,5 +1,5 @@
 //! `tether-platform`: runs the reference platform (`serve`) or talks to a
-//! running one (`token`, `device`, `connect`). Thin: parse the arguments,
+//! running one (`token`, `device`, `user`, `connect`). Thin: parse the arguments,
 //! set up logging, run, map errors to exit codes (64 for usage and
 //! configuration errors, 1 otherwise).
 
@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tether_platform::cli::{Cli, Command, ConnectArgs, DeviceCommand, ServeArgs, TokenCommand};
+use tether_platform::cli::{
+    Cli, Command, ConnectArgs, DeviceCommand, ServeArgs, TokenCommand, UserAddArgs, UserCommand,
+};
 use tether_platform::client::AdminClient;
 use tether_platform::connect::Proxy;
 use tether_platform::{Platform, PlatformConfig, PlatformError, RateLimit};
@@ -90,8 +92,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("revoked {}{live}", revoked.device_id);
             Ok(())
         }
+        Command::Device(DeviceCommand::Protect(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let set = client.set_protection(&args.id, args.on).await?;
+            let state = if set.protected { "on" } else { "off" };
+            let pushed = if set.pushed {
+                "; the device was told"
+            } else {
+                "; the device is offline and is told when it connects"
+            };
+            println!("protection mode {state} for {}{pushed}", set.device_id);
+            Ok(())
+        }
+        Command::User(UserCommand::Add(args)) => add_user(args).await,
+        Command::User(UserCommand::List(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let users = client.users().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&users)?);
+            } else {
+                print!("{}", tether_platform::cli::user_table(&users));
+            }
+            Ok(())
+        }
+        Command::User(UserCommand::Remove(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let removed = client.remove_user(&args.name).await?;
+            println!(
+                "removed user {}; {} session(s) ended",
+                removed.name, removed.sessions_ended
+            );
+            Ok(())
+        }
         Command::Connect(args) => connect(args).await,
     }
+}
+
+async fn add_user(args: UserAddArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+    let password = if std::io::stdin().is_terminal() {
+        let prompt = format!("password for {}: ", args.name);
+        let line = rpassword::prompt_password(prompt).context("cannot read the password")?;
+        tether_platform::cli::check_password_line(line.into_bytes())
+    } else {
+        tether_platform::cli::read_password(std::io::stdin().lock())
+    }
+    .map_err(anyhow::Error::msg)?;
+    let request = tether_platform::admin::CreateUserRequest {
+        name: args.name,
+        team: args.team,
+        role: args.role,
+        password,
+    };
+    let created = client.create_user(&request).await?;
+    println!(
+        "created user {} ({} of team {})",
+        created.name, created.role, created.team
+    );
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -110,6 +169,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.allow_remote_listen = args.allow_remote_listen;
     config.max_listeners = args.max_listeners;
     config.max_listener_connections = args.max_listener_connections;
+    config.editor_timeout = args.editor_timeout;
     let platform = Platform::start(config).await?;
     eprintln!("listening on {}", platform.url());
     wait_for_signal().await;

@@ -2,7 +2,8 @@
 //! operations the admin API and the library API share.
 //!
 //! This module owns the platform's state ([`State`]: configuration, store,
-//! CA, keys, live tunnels, rate limiters, events) and its life cycle: load
+//! CA, keys, live tunnels, users' password checks, live editor streams,
+//! rate limiters, events) and its life cycle: load
 //! or create everything in the data directory, bind the listener, write
 //! `platform.json`, serve, and on shutdown stop accepting, close tunnels
 //! gracefully within a bound and release the database file. It never
@@ -15,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tether_proto::api::{PinnedKeys, Secret};
+use tether_proto::grant::Role;
 use tether_proto::tokio_io::{Tunnel, TunnelStream};
 use tether_proto::{CloseCode, OpenError, Service, ServiceHeader};
 use tokio::net::TcpListener;
@@ -29,8 +31,10 @@ use crate::keys::{self, KeyError, SigningKeys};
 use crate::listen::Listeners;
 use crate::rate_limit::RateLimiter;
 use crate::server;
-use crate::store::{Store, StoreError, TokenRecord};
+use crate::sessions::LiveStreams;
+use crate::store::{Store, StoreError, TokenRecord, UserRecord};
 use crate::tunnels::Registry;
+use crate::users::{Passwords, UserError, UserInfo};
 
 /// File the running platform writes so admin commands find it.
 pub const PLATFORM_JSON: &str = "platform.json";
@@ -63,6 +67,12 @@ pub enum PlatformError {
     NoDevice(String),
     #[error("a start-up task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error("a user named '{0}' already exists; remove it first to change it")]
+    UserExists(String),
+    #[error("no user '{0}'")]
+    NoUser(String),
 }
 
 /// Why a stream to a device's service could not be opened.
@@ -121,6 +131,9 @@ pub struct DeviceInfo {
     pub cert_not_after: u64,
     /// The live tunnel's smoothed round-trip time.
     pub rtt_micros: Option<u64>,
+    /// Instance protection mode (`docs/protocol.md` §16.3).
+    #[serde(default)]
+    pub protected: bool,
 }
 
 /// Something that happened, for tests and dashboards.
@@ -169,7 +182,16 @@ pub struct State {
     pub registry: Registry,
     pub enroll_limiter: RateLimiter,
     pub admin_limiter: RateLimiter,
+    /// Login attempts per source address.
+    pub login_limiter: RateLimiter,
+    /// Failed logins per user name.
+    pub login_failures: RateLimiter<String>,
     pub listeners: Listeners,
+    /// Signs editor access grants.
+    pub keys: SigningKeys,
+    pub passwords: Passwords,
+    /// Live editor streams by session.
+    pub live: LiveStreams,
     events: broadcast::Sender<PlatformEvent>,
 }
 
@@ -190,6 +212,7 @@ struct Loaded {
     keys: SigningKeys,
     admin_token: Secret,
     identity: crate::ca::ServerIdentity,
+    passwords: Passwords,
 }
 
 impl Platform {
@@ -197,8 +220,12 @@ impl Platform {
     /// serving.
     pub async fn start(config: PlatformConfig) -> Result<Platform, PlatformError> {
         config.validate().map_err(PlatformError::Config)?;
-        let (dir, names) = (config.data_dir.clone(), config.names.clone());
-        let loaded = tokio::task::spawn_blocking(move || load(&dir, &names))
+        let (dir, names, cost) = (
+            config.data_dir.clone(),
+            config.names.clone(),
+            config.password_cost,
+        );
+        let loaded = tokio::task::spawn_blocking(move || load(&dir, &names, cost))
             .await
             .map_err(|e| PlatformError::Task(e.to_string()))??;
         let acceptor = server::tls_acceptor(&loaded.ca, loaded.identity)?;
@@ -230,7 +257,12 @@ impl Platform {
             registry: Registry::default(),
             enroll_limiter: RateLimiter::new(config.enroll_rate),
             admin_limiter: RateLimiter::new(config.admin_failure_rate),
+            login_limiter: RateLimiter::new(config.login_rate),
+            login_failures: RateLimiter::new(config.login_failure_rate),
             listeners: Listeners::new(config.max_listeners),
+            keys: loaded.keys,
+            passwords: loaded.passwords,
+            live: LiveStreams::default(),
             events: broadcast::channel(EVENT_BACKLOG).0,
             config,
         });
@@ -316,6 +348,49 @@ impl Platform {
         self.state.open_tcp(device_id, service).await
     }
 
+    /// Creates a platform user (the password is hashed with Argon2id).
+    pub async fn add_user(
+        &self,
+        name: &str,
+        team: &str,
+        role: Role,
+        password: &Secret,
+    ) -> Result<UserInfo, PlatformError> {
+        self.state.add_user(name, team, role, password).await
+    }
+
+    /// Every platform user.
+    pub async fn users(&self) -> Result<Vec<UserInfo>, PlatformError> {
+        self.state.users().await
+    }
+
+    /// Removes a user and ends their sessions (closing their live editor
+    /// streams). Returns how many sessions ended.
+    pub async fn remove_user(&self, name: &str) -> Result<usize, PlatformError> {
+        self.state.remove_user(name).await
+    }
+
+    /// Turns a device's protection mode on or off and pushes it to the
+    /// device if it is online. Returns true if it was pushed.
+    pub async fn set_protection(
+        &self,
+        device_id: &str,
+        enabled: bool,
+    ) -> Result<bool, PlatformError> {
+        self.state.set_protection(device_id, enabled).await
+    }
+
+    /// The public keys devices pin at enrollment.
+    pub fn pinned_keys(&self) -> PinnedKeys {
+        self.state.pinned.clone()
+    }
+
+    /// Live editor streams (HTTP connections and WebSockets) of all
+    /// sessions.
+    pub fn live_editor_streams(&self) -> usize {
+        self.state.live.total()
+    }
+
     /// Platform-side listeners open now (admin listen sessions).
     pub fn listener_count(&self) -> usize {
         self.state.listeners.active()
@@ -345,7 +420,11 @@ impl Platform {
     }
 }
 
-fn load(dir: &Path, names: &[String]) -> Result<Loaded, PlatformError> {
+fn load(
+    dir: &Path,
+    names: &[String],
+    cost: crate::users::PasswordCost,
+) -> Result<Loaded, PlatformError> {
     files::create_private_dir(dir)?;
     let store = Store::open(dir)?;
     let ca = Ca::load_or_create(dir)?;
@@ -353,12 +432,14 @@ fn load(dir: &Path, names: &[String]) -> Result<Loaded, PlatformError> {
     let admin_token = keys::load_or_create_admin_token(dir)?;
     store.set_admin_token_hash(&keys::sha256(admin_token.expose().as_bytes()))?;
     let identity = ca.issue_server(names, dir)?;
+    let passwords = Passwords::new(cost)?;
     Ok(Loaded {
         store,
         ca,
         keys,
         admin_token,
         identity,
+        passwords,
     })
 }
 
@@ -412,6 +493,7 @@ impl State {
                     enrolled_at: d.enrolled_at,
                     revoked: d.revoked,
                     cert_not_after: d.cert_not_after,
+                    protected: d.protected,
                 }
             })
             .collect())
@@ -432,6 +514,78 @@ impl State {
         );
         info!(%device_id, disconnected = closed, "device revoked");
         Ok(closed)
+    }
+
+    /// Creates a user after checking name, team and password.
+    pub async fn add_user(
+        &self,
+        name: &str,
+        team: &str,
+        role: Role,
+        password: &Secret,
+    ) -> Result<UserInfo, PlatformError> {
+        crate::users::check_new_user(name, team, password.expose())?;
+        let password_hash = self.passwords.hash(password).await?;
+        let record = UserRecord {
+            name: name.to_string(),
+            team: team.to_string(),
+            role,
+            password_hash,
+            created_at: unix_now(),
+        };
+        let info = UserInfo::from(&record);
+        match self.store.blocking(move |s| s.insert_user(&record)).await {
+            Ok(()) => {}
+            Err(StoreError::UserExists(name)) => return Err(PlatformError::UserExists(name)),
+            Err(e) => return Err(e.into()),
+        }
+        info!(user = %info.name, team = %info.team, role = %info.role, "user created");
+        Ok(info)
+    }
+
+    /// Every user, without password hashes.
+    pub async fn users(&self) -> Result<Vec<UserInfo>, PlatformError> {
+        let users = self.store.blocking(|s| s.users()).await?;
+        Ok(users.iter().map(UserInfo::from).collect())
+    }
+
+    /// Removes a user and their sessions, then closes the sessions' live
+    /// editor streams. Returns how many sessions ended.
+    pub async fn remove_user(&self, name: &str) -> Result<usize, PlatformError> {
+        let key = name.to_string();
+        let sessions = match self.store.blocking(move |s| s.remove_user(&key)).await {
+            Ok(sessions) => sessions,
+            Err(StoreError::NoUser(name)) => return Err(PlatformError::NoUser(name)),
+            Err(e) => return Err(e.into()),
+        };
+        for hash in &sessions {
+            self.live.close_session(hash);
+        }
+        info!(user = %name, sessions = sessions.len(), "user removed");
+        Ok(sessions.len())
+    }
+
+    /// Stores the device's protection mode, then tells its live control
+    /// stream, which pushes it to the device. True if a control stream was
+    /// there to tell.
+    pub async fn set_protection(
+        &self,
+        device_id: &str,
+        enabled: bool,
+    ) -> Result<bool, PlatformError> {
+        let id = device_id.to_string();
+        match self
+            .store
+            .blocking(move |s| s.set_protected(&id, enabled))
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::NoDevice(id)) => return Err(PlatformError::NoDevice(id)),
+            Err(e) => return Err(e.into()),
+        }
+        let pushed = self.registry.protection_changed(device_id);
+        info!(%device_id, enabled, pushed, "protection mode set");
+        Ok(pushed)
     }
 
     /// Opens `tcp:<service>` on the device's live tunnel and waits for the

@@ -1,5 +1,6 @@
-//! Per-source token buckets: how often one IP address may try to enroll, or
-//! fail to authenticate as admin.
+//! Per-source token buckets: how often one IP address may try to enroll,
+//! fail to authenticate as admin or try to log in, and how often logins to
+//! one user name may fail.
 //!
 //! This module owns the arithmetic and a bounded table of buckets. It never
 //! sleeps and never reads the clock: callers pass `now`, so tests are exact.
@@ -8,11 +9,12 @@
 //! that bound in memory.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Most addresses tracked at once.
+/// Most sources (addresses, user names) tracked at once.
 const MAX_SOURCES: usize = 100_000;
 
 /// A token bucket's shape: `burst` attempts at once, then one more every
@@ -34,13 +36,25 @@ impl RateLimit {
         burst: 5,
         refill: Duration::from_secs(10),
     };
+    /// Login attempts: 10, then one every 6 s per address.
+    pub const LOGIN: RateLimit = RateLimit {
+        burst: 10,
+        refill: Duration::from_secs(6),
+    };
+    /// Failed logins to one user name: 5, then one every 30 s, whatever the
+    /// address.
+    pub const LOGIN_FAILURES: RateLimit = RateLimit {
+        burst: 5,
+        refill: Duration::from_secs(30),
+    };
 }
 
-/// Buckets by source address.
+/// Buckets by source: an address by default, or any other key (a user
+/// name).
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = IpAddr> {
     limit: RateLimit,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -50,8 +64,8 @@ struct Bucket {
     at: Instant,
 }
 
-impl RateLimiter {
-    pub fn new(limit: RateLimit) -> RateLimiter {
+impl<K: Eq + Hash> RateLimiter<K> {
+    pub fn new(limit: RateLimit) -> RateLimiter<K> {
         RateLimiter {
             limit,
             buckets: Mutex::new(HashMap::new()),
@@ -60,7 +74,7 @@ impl RateLimiter {
 
     /// Takes one token for `source`. `Err(wait)` says how long until one is
     /// available: the `Retry-After` to send.
-    pub fn take(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+    pub fn take(&self, source: K, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if buckets.len() >= MAX_SOURCES && !buckets.contains_key(&source) {
             self.forget_full(&mut buckets, now);
@@ -81,10 +95,10 @@ impl RateLimiter {
     }
 
     /// Tests whether `source` would be limited, without taking a token.
-    pub fn is_limited(&self, source: IpAddr, now: Instant) -> bool {
+    pub fn is_limited(&self, source: &K, now: Instant) -> bool {
         let buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         buckets
-            .get(&source)
+            .get(source)
             .is_some_and(|bucket| self.level(bucket, now) < 1.0)
     }
 
@@ -95,7 +109,7 @@ impl RateLimiter {
         (bucket.tokens + elapsed * rate).min(burst)
     }
 
-    fn forget_full(&self, buckets: &mut HashMap<IpAddr, Bucket>, now: Instant) {
+    fn forget_full(&self, buckets: &mut HashMap<K, Bucket>, now: Instant) {
         let burst = f64::from(self.limit.burst.max(1));
         buckets.retain(|_, bucket| self.level(bucket, now) < burst);
         if buckets.len() >= MAX_SOURCES {
@@ -131,5 +145,18 @@ mod tests {
         assert!(limiter.take(other, t0).is_ok(), "addresses are separate");
         assert!(limiter.take(ip, t0 + Duration::from_secs(3)).is_ok());
         assert!(limiter.take(ip, t0 + Duration::from_secs(3)).is_err());
+        assert!(limiter.is_limited(&ip, t0 + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn any_key_works_such_as_a_user_name() {
+        let limiter = RateLimiter::<String>::new(RateLimit {
+            burst: 1,
+            refill: Duration::from_secs(10),
+        });
+        let t0 = Instant::now();
+        assert!(limiter.take("alice".into(), t0).is_ok());
+        assert!(limiter.is_limited(&"alice".to_string(), t0));
+        assert!(!limiter.is_limited(&"bob".to_string(), t0));
     }
 }

@@ -1,5 +1,7 @@
 //! The HTTPS listener: TCP accept, TLS with optional client certificates,
-//! HTTP/1.1 with hyper, and routing to the endpoints.
+//! HTTP/1.1 with hyper, and routing to the endpoints: devices (`/v1/enroll`,
+//! `/v1/tunnel`), fleet managers (`/v1/admin/`) and people in a browser
+//! (`/`, `/login`, `/logout`, `/devices/...`).
 //!
 //! This module owns the connection-level limits a fleet needs: a bound on
 //! concurrent connections (a semaphore permit per connection, held by a
@@ -41,6 +43,8 @@ pub struct ConnInfo {
     /// has checked that it chains to the platform CA and is within its
     /// validity.
     pub fingerprint: Option<String>,
+    /// The editor stream this connection's editor requests reuse.
+    pub editor: crate::editor::Slot,
     /// The connection's slot; released when the last holder (the
     /// connection, or a tunnel or connect session it became) drops it.
     _permit: OwnedSemaphorePermit,
@@ -125,6 +129,7 @@ async fn serve_connection(
     let conn = Arc::new(ConnInfo {
         peer,
         fingerprint,
+        editor: crate::editor::Slot::default(),
         _permit: permit,
     });
     let service = {
@@ -165,6 +170,11 @@ async fn route(state: Arc<State>, conn: Arc<ConnInfo>, req: Request<Incoming>) -
         (&Method::POST, ENROLL_PATH) => crate::enroll::handle(state, conn, req.into_body()).await,
         (&Method::GET, TUNNEL_PATH) => crate::tunnels::handle(state, conn, req).await,
         (_, p) if p.starts_with("/v1/admin/") => crate::admin::handle(state, conn, req).await,
+        (_, p) if crate::editor::split_path(p).is_some() => {
+            crate::editor::handle(state, conn, req).await
+        }
+        (_, "/" | "/login" | "/logout") => crate::web::handle(state, conn, req).await,
+        (_, p) if p.starts_with("/devices/") => crate::web::handle(state, conn, req).await,
         _ => reply::not_found(),
     }
 }

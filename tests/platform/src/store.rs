@@ -1,5 +1,7 @@
 //! Durable state in one redb file, `DIR/platform.redb`: provisioning tokens
-//! (by hash), devices, certificate fingerprints and the admin token's hash.
+//! (by hash), devices, certificate fingerprints, the admin token's hash,
+//! platform users (with Argon2 password hashes) and their web sessions (by
+//! the hash of the session cookie).
 //!
 //! This module owns every read and write of that file and the atomicity of
 //! each operation: one operation is one redb transaction, so a crash leaves
@@ -8,8 +10,10 @@
 //! certificate commit together, and redb runs one write transaction at a
 //! time, so two devices racing with a single-use token cannot both win.
 //!
-//! It never sees a token or a certificate in clear, only their SHA-256, and
-//! never decides policy beyond the token's own rules (uses and expiry). Its
+//! It never sees a token, a session cookie, a password or a certificate in
+//! clear, only their hashes, and never decides policy beyond the rules of
+//! the records themselves (a token's uses and expiry, a session's expiry,
+//! the number of sessions a user keeps). Its
 //! methods block on disk I/O: async code calls them through
 //! [`Store::blocking`], which runs them on tokio's blocking pool.
 
@@ -20,6 +24,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tether_proto::api::Facts;
+use tether_proto::grant::Role;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "platform.redb";
@@ -33,6 +38,10 @@ const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates")
 /// Small named values: the admin token's hash.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ADMIN_TOKEN_HASH: &str = "admin_token_sha256";
+/// User name -> [`UserRecord`] (JSON).
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+/// SHA-256 of the session cookie's value (hex) -> [`SessionRecord`] (JSON).
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
 /// A provisioning token as stored: never the token itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +66,44 @@ pub struct DeviceRecord {
     /// `not_after` of the newest certificate issued to the device.
     pub cert_not_after: u64,
     pub facts: Facts,
+    /// Instance protection mode: flows read-only in the editor for every
+    /// role. Records written before the flag existed load as `false`.
+    #[serde(default)]
+    pub protected: bool,
+}
+
+/// A platform user as stored.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub name: String,
+    pub team: String,
+    pub role: Role,
+    /// Argon2id, PHC string format.
+    pub password_hash: String,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+impl std::fmt::Debug for UserRecord {
+    /// Without the password hash.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRecord")
+            .field("name", &self.name)
+            .field("team", &self.team)
+            .field("role", &self.role)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A web session as stored, under the hash of its cookie's value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub user: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds; the session is refused from this second on.
+    pub expires_at: u64,
 }
 
 /// A certificate the platform issued.
@@ -98,6 +145,10 @@ pub enum StoreError {
     NoDevice(String),
     #[error("device '{0}' is revoked")]
     Revoked(String),
+    #[error("a user named '{0}' already exists; remove it first to change it")]
+    UserExists(String),
+    #[error("no user '{0}'")]
+    NoUser(String),
 }
 
 macro_rules! db_err {
@@ -128,7 +179,7 @@ impl Store {
             other => StoreError::Db(other.into()),
         })?;
         let txn = db_err!(db.begin_write())?;
-        for table in [TOKENS, DEVICES, CERTS, META] {
+        for table in [TOKENS, DEVICES, CERTS, META, USERS, SESSIONS] {
             db_err!(txn.open_table(table))?;
         }
         db_err!(txn.commit())?;
@@ -322,6 +373,150 @@ impl Store {
         Ok(device)
     }
 
+    /// Sets a device's protection mode; returns the device as stored.
+    pub fn set_protected(&self, id: &str, enabled: bool) -> Result<DeviceRecord, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        let device = {
+            let mut devices = db_err!(txn.open_table(DEVICES))?;
+            let mut device: DeviceRecord =
+                get(&devices, id)?.ok_or_else(|| StoreError::NoDevice(id.to_string()))?;
+            device.protected = enabled;
+            put(&mut devices, id, &device)?;
+            device
+        };
+        db_err!(txn.commit())?;
+        Ok(device)
+    }
+
+    /// Stores a new user; refuses a name already taken.
+    pub fn insert_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        {
+            let mut users = db_err!(txn.open_table(USERS))?;
+            if db_err!(users.get(user.name.as_str()))?.is_some() {
+                return Err(StoreError::UserExists(user.name.clone()));
+            }
+            put(&mut users, &user.name, user)?;
+        }
+        db_err!(txn.commit())
+    }
+
+    /// One user, by name.
+    pub fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.read_one(USERS, name)
+    }
+
+    /// Every user, ordered by name.
+    pub fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_read())?;
+        let table = db_err!(txn.open_table(USERS))?;
+        let mut out = Vec::new();
+        for entry in db_err!(table.iter())? {
+            let (_, value) = db_err!(entry)?;
+            out.push(serde_json::from_slice(value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Removes a user and, in the same transaction, every session of theirs.
+    /// Returns the hashes of the sessions removed.
+    pub fn remove_user(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        let removed = {
+            let mut users = db_err!(txn.open_table(USERS))?;
+            if db_err!(users.remove(name))?.is_none() {
+                return Err(StoreError::NoUser(name.to_string()));
+            }
+            let mut sessions = db_err!(txn.open_table(SESSIONS))?;
+            let mut theirs = Vec::new();
+            for entry in db_err!(sessions.iter())? {
+                let (key, value) = db_err!(entry)?;
+                let session: SessionRecord = serde_json::from_slice(value.value())?;
+                if session.user == name {
+                    theirs.push(key.value().to_string());
+                }
+            }
+            for hash in &theirs {
+                db_err!(sessions.remove(hash.as_str()))?;
+            }
+            theirs
+        };
+        db_err!(txn.commit())?;
+        Ok(removed)
+    }
+
+    /// Stores a new session under `hash` in one transaction that also drops
+    /// every expired session (at `now`) and, if the user would hold more
+    /// than `max_per_user`, their oldest ones. Returns the hashes of the
+    /// live sessions dropped that way, so their editor streams can be
+    /// closed.
+    pub fn insert_session(
+        &self,
+        hash: &str,
+        record: &SessionRecord,
+        now: u64,
+        max_per_user: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        let evicted = {
+            let mut sessions = db_err!(txn.open_table(SESSIONS))?;
+            let mut expired = Vec::new();
+            let mut theirs = Vec::new();
+            for entry in db_err!(sessions.iter())? {
+                let (key, value) = db_err!(entry)?;
+                let session: SessionRecord = serde_json::from_slice(value.value())?;
+                if session.expires_at <= now {
+                    expired.push(key.value().to_string());
+                } else if session.user == record.user {
+                    theirs.push((session.created_at, key.value().to_string()));
+                }
+            }
+            theirs.sort();
+            let excess = (theirs.len() + 1).saturating_sub(max_per_user.max(1));
+            let evicted: Vec<String> = theirs.into_iter().take(excess).map(|(_, h)| h).collect();
+            for key in expired.iter().chain(&evicted) {
+                db_err!(sessions.remove(key.as_str()))?;
+            }
+            put(&mut sessions, hash, record)?;
+            evicted
+        };
+        db_err!(txn.commit())?;
+        Ok(evicted)
+    }
+
+    /// The session stored under `hash` and its user, if both exist and the
+    /// session has not expired at `now`. One read transaction.
+    pub fn session(
+        &self,
+        hash: &str,
+        now: u64,
+    ) -> Result<Option<(SessionRecord, UserRecord)>, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_read())?;
+        let Some(session) = get::<SessionRecord>(&db_err!(txn.open_table(SESSIONS))?, hash)? else {
+            return Ok(None);
+        };
+        if session.expires_at <= now {
+            return Ok(None);
+        }
+        let user = get::<UserRecord>(&db_err!(txn.open_table(USERS))?, &session.user)?;
+        Ok(user.map(|user| (session, user)))
+    }
+
+    /// Deletes the session stored under `hash`. True if there was one.
+    pub fn remove_session(&self, hash: &str) -> Result<bool, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        let removed = db_err!(db_err!(txn.open_table(SESSIONS))?.remove(hash))?.is_some();
+        db_err!(txn.commit())?;
+        Ok(removed)
+    }
+
     fn read_one<T: DeserializeOwned>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -380,6 +575,7 @@ mod tests {
             revoked: false,
             cert_not_after: 100,
             facts: Facts::default(),
+            protected: false,
         }
     }
 
@@ -428,5 +624,82 @@ mod tests {
         let unknown = store.enroll("x", 1, device("dev_a"), "fp").unwrap_err();
         assert!(matches!(unknown, StoreError::Token(TokenRefusal::Unknown)));
         assert_eq!(store.token("h").unwrap().unwrap().uses_left, 3);
+    }
+
+    #[test]
+    fn a_device_record_without_the_protection_flag_loads_unprotected() {
+        let old = r#"{"id":"dev_a","name":"n","team":"t","enrolled_at":1,"revoked":false,
+            "cert_not_after":2,"facts":{"agent_version":"0.1.0","protocol_version":"1.0",
+            "os":"linux","arch":"x86_64"}}"#;
+        let record: DeviceRecord = serde_json::from_str(old).unwrap();
+        assert!(!record.protected);
+    }
+
+    fn user(name: &str) -> UserRecord {
+        UserRecord {
+            name: name.into(),
+            team: "line-3".into(),
+            role: Role::Owner,
+            password_hash: "$argon2id$...".into(),
+            created_at: 1,
+        }
+    }
+
+    fn session(user: &str, created_at: u64, expires_at: u64) -> SessionRecord {
+        SessionRecord {
+            user: user.into(),
+            created_at,
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn users_and_sessions_live_and_die_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_user(&user("alice")).unwrap();
+        assert!(matches!(
+            store.insert_user(&user("alice")),
+            Err(StoreError::UserExists(_))
+        ));
+        store.insert_user(&user("bob")).unwrap();
+        assert!(!format!("{:?}", user("x")).contains("argon2"));
+
+        // Expired sessions go at the next login; a user keeps at most two.
+        store
+            .insert_session("old", &session("bob", 1, 5), 1, 2)
+            .unwrap();
+        assert!(
+            store
+                .insert_session("a1", &session("alice", 10, 100), 10, 2)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .insert_session("a2", &session("alice", 11, 100), 11, 2)
+                .unwrap()
+                .is_empty()
+        );
+        let evicted = store
+            .insert_session("a3", &session("alice", 12, 100), 12, 2)
+            .unwrap();
+        assert_eq!(evicted, vec!["a1".to_string()]);
+        assert!(store.session("old", 12).unwrap().is_none());
+        assert!(store.session("a1", 12).unwrap().is_none());
+        let (s, u) = store.session("a2", 12).unwrap().unwrap();
+        assert_eq!((s.user.as_str(), u.role), ("alice", Role::Owner));
+        assert!(store.session("a2", 100).unwrap().is_none(), "expired");
+
+        assert!(store.remove_session("a2").unwrap());
+        assert!(!store.remove_session("a2").unwrap());
+        let removed = store.remove_user("alice").unwrap();
+        assert_eq!(removed, vec!["a3".to_string()]);
+        assert!(store.session("a3", 12).unwrap().is_none());
+        assert!(matches!(
+            store.remove_user("alice"),
+            Err(StoreError::NoUser(_))
+        ));
+        assert_eq!(store.users().unwrap().len(), 1);
     }
 }

@@ -7,7 +7,8 @@
 //! replaces the old), and revocation closes a live tunnel with
 //! `CloseCode::REVOKED`. Streams the device opens are accepted only for the
 //! control service ([`crate::control`] serves them); anything else is
-//! refused. It never parses certificates: rustls has verified the chain and
+//! refused. Each live tunnel carries a signal that its device's protection
+//! mode changed, which its control stream turns into a push. It never parses certificates: rustls has verified the chain and
 //! the validity before a request reaches here.
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tether_proto::api::ErrorCode;
 use tether_proto::tokio_io::Tunnel;
 use tether_proto::{CloseCode, ResetCode, Service, ServiceHeader};
+use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -40,6 +42,9 @@ pub struct LiveTunnel {
     pub fingerprint: String,
     pub connected_since: SystemTime,
     pub last_heartbeat: Option<SystemTime>,
+    /// Signalled after the device's protection mode changed in the store;
+    /// the control stream reads the store again and pushes the value.
+    protection: watch::Sender<()>,
 }
 
 /// Live tunnels by device id.
@@ -64,6 +69,7 @@ impl Registry {
             fingerprint: fingerprint.to_string(),
             connected_since: SystemTime::now(),
             last_heartbeat: None,
+            protection: watch::channel(()).0,
         };
         if let Some(old) = self.lock().insert(device_id.to_string(), entry) {
             old.tunnel.close(
@@ -97,6 +103,31 @@ impl Registry {
         {
             t.last_heartbeat = Some(SystemTime::now());
         }
+    }
+
+    /// Signals the device's live tunnel that its protection mode changed.
+    /// True if a control stream is there to push it.
+    pub fn protection_changed(&self, device_id: &str) -> bool {
+        match self.lock().get(device_id) {
+            Some(t) => {
+                t.protection.send_replace(());
+                t.protection.receiver_count() > 0
+            }
+            None => false,
+        }
+    }
+
+    /// A receiver of protection mode changes of the device's tunnel of
+    /// generation `generation`, if it is still live.
+    pub fn protection_changes(
+        &self,
+        device_id: &str,
+        generation: u64,
+    ) -> Option<watch::Receiver<()>> {
+        self.lock()
+            .get(device_id)
+            .filter(|t| t.generation == generation)
+            .map(|t| t.protection.subscribe())
     }
 
     /// Closes the device's live tunnel at once. True if there was one.

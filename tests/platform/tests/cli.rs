@@ -1,7 +1,8 @@
 //! The admin API and the `tether-platform` binary against a platform
 //! running in the test: bearer authentication, `token create`,
-//! `device list --json`, `device revoke`, and `connect` carrying bytes to a
-//! TCP service through a tunnel whose device side the test plays.
+//! `device list --json`, `device revoke`, `device protect`, `user add`,
+//! `user list` and `user remove`, and `connect` carrying bytes to a TCP
+//! service through a tunnel whose device side the test plays.
 
 mod common;
 
@@ -149,6 +150,165 @@ async fn token_create_prints_one_token_and_device_list_and_revoke_work() {
         "device",
         "revoke",
         "dev_00000000000000000000",
+        "--data-dir",
+        data_dir,
+    ])
+    .await;
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no device"));
+    platform.shutdown().await;
+}
+
+/// Runs the binary with `stdin` as its standard input.
+async fn run_with_input(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command runs");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).await.unwrap();
+    drop(input);
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the command finishes")
+        .expect("the command's output")
+}
+
+#[tokio::test]
+async fn user_add_reads_the_password_from_stdin_and_the_user_can_log_in() {
+    let (platform, dir) = start().await;
+    let data_dir = dir.path().to_str().unwrap();
+    let add = |name: &'static str, role: &'static str| {
+        [
+            "user",
+            "add",
+            "--data-dir",
+            data_dir,
+            "--team",
+            "line-3",
+            "--role",
+            role,
+            name,
+        ]
+    };
+    let added = run_with_input(&add("alice", "owner"), b"s3cret horse\nignored\n").await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&added.stdout),
+        String::from_utf8_lossy(&added.stderr),
+    );
+    assert!(added.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("created user alice (owner of team line-3)"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("s3cret") && !stderr.contains("s3cret"),
+        "never echoed"
+    );
+
+    let login = common::web::post_login(&platform, "alice", "s3cret horse", None).await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+
+    let listed = run(&["user", "list", "--data-dir", data_dir, "--json"]).await;
+    let users: Vec<tether_platform::users::UserInfo> =
+        serde_json::from_slice(&listed.stdout).expect("user list --json is JSON");
+    assert_eq!(users.len(), 1);
+    assert_eq!(
+        (
+            users[0].name.as_str(),
+            users[0].team.as_str(),
+            users[0].role
+        ),
+        ("alice", "line-3", tether_proto::grant::Role::Owner)
+    );
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains("argon2"));
+    let table = run(&["user", "list", "--data-dir", data_dir]).await;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.starts_with("NAME") && table.contains("alice") && table.contains("owner"),
+        "{table}"
+    );
+
+    for (input, why) in [
+        (&b"\n"[..], "empty"),
+        (&b""[..], "empty"),
+        (&[b'p'; 1025][..], "longer than 1024 bytes"),
+    ] {
+        let refused = run_with_input(&add("bob", "viewer"), input).await;
+        assert_eq!(refused.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(why), "{why}: {stderr}");
+    }
+    let twice = run_with_input(&add("alice", "viewer"), b"other\n").await;
+    assert_eq!(twice.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("already exists"));
+    let bad_name = run_with_input(&add("not ok", "viewer"), b"pw\n").await;
+    assert!(String::from_utf8_lossy(&bad_name.stderr).contains("not a valid user name"));
+    let bad_role = run_with_input(&add("bob", "admin"), b"pw\n").await;
+    assert_eq!(bad_role.status.code(), Some(2), "a usage error");
+
+    let removed = run(&["user", "remove", "alice", "--data-dir", data_dir]).await;
+    assert!(removed.status.success());
+    assert!(String::from_utf8_lossy(&removed.stdout).contains("removed user alice"));
+    let login = common::web::post_login(&platform, "alice", "s3cret horse", None).await;
+    assert_eq!(login.status, StatusCode::UNAUTHORIZED);
+    let again = run(&["user", "remove", "alice", "--data-dir", data_dir]).await;
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no user"));
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn device_protect_turns_protection_mode_on_and_off() {
+    let (platform, dir) = start().await;
+    let data_dir = dir.path().to_str().unwrap();
+    let device = enroll_new(&platform).await;
+    let on = run(&[
+        "device",
+        "protect",
+        &device.id,
+        "--on",
+        "--data-dir",
+        data_dir,
+    ])
+    .await;
+    assert!(
+        on.status.success(),
+        "{}",
+        String::from_utf8_lossy(&on.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&on.stdout);
+    assert!(
+        stdout.contains("protection mode on") && stdout.contains("offline"),
+        "{stdout}"
+    );
+    let listed = run(&["device", "list", "--data-dir", data_dir, "--json"]).await;
+    let devices: Vec<DeviceInfo> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(devices[0].protected);
+    let table = run(&["device", "list", "--data-dir", data_dir]).await;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.lines().next().unwrap().ends_with("PROTECTED"));
+    assert!(table.lines().nth(1).unwrap().ends_with("yes"), "{table}");
+
+    let off = run(&[
+        "device",
+        "protect",
+        &device.id,
+        "--off",
+        "--data-dir",
+        data_dir,
+    ])
+    .await;
+    assert!(off.status.success());
+    assert!(!platform.devices().await.unwrap()[0].protected);
+    let unknown = run(&[
+        "device",
+        "protect",
+        "dev_00000000000000000000",
+        "--on",
         "--data-dir",
         data_dir,
     ])

@@ -165,12 +165,16 @@ async fn control(tunnel: &DeviceTunnel) -> TunnelStream {
     stream
 }
 
+/// The next control message that answers a request: the platform's own
+/// protection mode pushes (tested in `web.rs`) are skipped.
 async fn read_message(stream: &mut TunnelStream) -> ControlMessage {
     let mut decoder = ControlDecoder::new();
     let mut buf = [0u8; 4096];
     loop {
-        if let Some(message) = decoder.next_message().unwrap() {
-            return message;
+        while let Some(message) = decoder.next_message().unwrap() {
+            if !matches!(message, ControlMessage::Protection { .. }) {
+                return message;
+            }
         }
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
             .await

@@ -4,6 +4,8 @@
 //! pin the platform's side of the contract on their own.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod web;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,16 @@ pub fn config(dir: &std::path::Path) -> PlatformConfig {
     config.enroll_rate = RateLimit {
         burst: 1000,
         refill: Duration::from_millis(1),
+    };
+    config.login_rate = RateLimit {
+        burst: 1000,
+        refill: Duration::from_millis(1),
+    };
+    // Argon2 at its real cost takes ~0.4 s a hash in a debug build.
+    config.password_cost = tether_platform::users::PasswordCost {
+        memory_kib: 256,
+        iterations: 1,
+        parallelism: 1,
     };
     config
 }

@@ -1,0 +1,432 @@
+//! The small launcher for `[node_red] mode = "launch"`: starts Node-RED
+//! with the agent's settings, forwards its output to the log, starts it
+//! again when it exits, and stops it on shutdown.
+//!
+//! Node-RED runs as `COMMAND -u USER_DIR -s SETTINGS` in its own process
+//! group (a Ctrl-C meant for the agent does not reach it; the agent stops
+//! it). Restarts wait 1 s doubling to 30 s, reset after a run of a minute.
+//! Stopping sends SIGTERM and, after [`STOP_GRACE`], SIGKILL; dropping the
+//! [`Launcher`] kills the process. Crash-loop and hang detection belong to
+//! the later supervisor, not here.
+//!
+//! [`wait_ready`] tells when Node-RED answers, and refuses a listener on the
+//! port that answers without a token (not the agent's locked-down Node-RED).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::NodeRedError;
+use crate::duration::Human;
+
+/// How long Node-RED gets to stop after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Longest output line forwarded; the rest of a longer line is cut.
+pub const MAX_LINE: usize = 4096;
+const RESTART_MIN: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+/// A run this long resets the restart delay.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    /// A program name looked up in `PATH`, or an absolute path.
+    pub command: String,
+    pub user_dir: PathBuf,
+    pub settings: PathBuf,
+    /// Where the settings make Node-RED listen.
+    pub addr: SocketAddr,
+}
+
+/// A running launcher. Dropping it kills Node-RED; [`Launcher::stop`] stops
+/// it gracefully.
+#[derive(Debug)]
+pub struct Launcher {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+    run: Arc<Mutex<Run>>,
+}
+
+/// What the supervising task tells the handle.
+#[derive(Debug, Default)]
+struct Run {
+    /// The running process, if any.
+    pid: Option<u32>,
+    /// The last start failure or exit, for error messages.
+    last: Option<String>,
+}
+
+impl Launcher {
+    /// Starts Node-RED and keeps it running. Needs a tokio runtime.
+    pub fn start(spec: LaunchSpec) -> Launcher {
+        let (stop, stop_rx) = watch::channel(false);
+        let run = Arc::new(Mutex::new(Run::default()));
+        let addr = spec.addr;
+        let task = tokio::spawn(supervise(spec, stop_rx, run.clone()));
+        Launcher {
+            addr,
+            stop,
+            task: Some(task),
+            run,
+        }
+    }
+
+    /// The process id of the running Node-RED, if one runs.
+    pub fn pid(&self) -> Option<u32> {
+        lock(&self.run).pid
+    }
+
+    /// Where Node-RED listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits until Node-RED answers, at most `timeout` (see [`wait_ready`]).
+    pub async fn ready(&self, timeout: Duration) -> Result<(), NodeRedError> {
+        wait_ready(self.addr, timeout).await.map_err(|e| match e {
+            NodeRedError::NotReady { addr, waited, .. } => NodeRedError::NotReady {
+                addr,
+                waited,
+                last: self.last_event(),
+            },
+            other => other,
+        })
+    }
+
+    /// Stops Node-RED (SIGTERM, SIGKILL after [`STOP_GRACE`]) and waits
+    /// until it is gone.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    fn last_event(&self) -> String {
+        lock(&self.run)
+            .last
+            .as_ref()
+            .map(|l| format!(" (last: {l})"))
+            .unwrap_or_default()
+    }
+}
+
+fn lock(run: &Mutex<Run>) -> std::sync::MutexGuard<'_, Run> {
+    run.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        // The task owns the child, spawned with kill_on_drop.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Why one run of Node-RED ended.
+enum Ended {
+    Stopped,
+    Exited(std::io::Result<ExitStatus>),
+}
+
+async fn supervise(spec: LaunchSpec, mut stop: watch::Receiver<bool>, run: Arc<Mutex<Run>>) {
+    let builder = ExponentialBuilder::new()
+        .with_min_delay(RESTART_MIN)
+        .with_max_delay(RESTART_MAX)
+        .with_factor(2.0)
+        .without_max_times();
+    let mut delays: ExponentialBackoff = builder.build();
+    let note = |pid: Option<u32>, last: Option<String>| {
+        let mut run = lock(&run);
+        run.pid = pid;
+        if last.is_some() {
+            run.last = last;
+        }
+    };
+    loop {
+        let stopping = *stop.borrow();
+        if stopping {
+            return;
+        }
+        let started = Instant::now();
+        match spawn(&spec) {
+            Ok(child) => {
+                info!(pid = child.id(), addr = %spec.addr, "node-red started");
+                note(child.id(), None);
+                let ended = run_once(child, &mut stop).await;
+                note(None, None);
+                match ended {
+                    Ended::Stopped => return,
+                    Ended::Exited(status) => {
+                        let what = describe(&status);
+                        warn!("node-red {what}; starting it again");
+                        note(None, Some(what));
+                    }
+                }
+                if started.elapsed() >= STABLE_AFTER {
+                    delays = builder.build();
+                }
+            }
+            Err(e) => {
+                error!("{e}");
+                note(None, Some(e.to_string()));
+            }
+        }
+        let delay = delays.next().unwrap_or(RESTART_MAX);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+fn spawn(spec: &LaunchSpec) -> Result<Child, NodeRedError> {
+    let mut child = Command::new(&spec.command)
+        .arg("-u")
+        .arg(&spec.user_dir)
+        .arg("-s")
+        .arg(&spec.settings)
+        .current_dir(&spec.user_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| NodeRedError::Spawn {
+            command: spec.command.clone(),
+            source,
+        })?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(forward_lines(out, false));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(forward_lines(err, true));
+    }
+    Ok(child)
+}
+
+async fn run_once(mut child: Child, stop: &mut watch::Receiver<bool>) -> Ended {
+    tokio::select! {
+        status = child.wait() => Ended::Exited(status),
+        _ = stopped(stop) => {
+            terminate(&mut child).await;
+            Ended::Stopped
+        }
+    }
+}
+
+/// Resolves once a stop is asked for (or the launcher is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_GRACE`].
+async fn terminate(child: &mut Child) {
+    let pid = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+    if let Some(pid) = pid {
+        // An error means the process is already gone; wait() reaps it.
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+        Ok(status) => info!("node-red stopped ({})", describe(&status)),
+        Err(_) => {
+            warn!(
+                "node-red did not stop within {} of SIGTERM; killing it",
+                Human(STOP_GRACE)
+            );
+            let _ = child.kill().await;
+        }
+    }
+}
+
+fn describe(status: &std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => format!("exited with {s}"),
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
+/// Forwards a pipe to the log one line at a time. Node-RED's `[warn]` and
+/// `[error]` lines keep their level; other stderr lines are warnings.
+async fn forward_lines(pipe: impl AsyncRead + Unpin, stderr: bool) {
+    read_lines(pipe, |line, cut| emit(line, cut, stderr)).await;
+}
+
+/// Calls `each(line, cut)` for every line of `pipe`, without its newline;
+/// lines longer than [`MAX_LINE`] bytes are cut (`cut` is true), so memory
+/// stays bounded whatever the process prints.
+async fn read_lines(pipe: impl AsyncRead + Unpin, mut each: impl FnMut(&[u8], bool)) {
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::with_capacity(256);
+    let mut cut = false;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(buf) => buf,
+        };
+        let newline = buf.iter().position(|&b| b == b'\n');
+        let chunk = &buf[..newline.unwrap_or(buf.len())];
+        let room = MAX_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        cut |= chunk.len() > room;
+        let used = newline.map_or(buf.len(), |i| i + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            each(&line, cut);
+            line.clear();
+            cut = false;
+        }
+    }
+    if !line.is_empty() {
+        each(&line, cut);
+    }
+}
+
+fn emit(line: &[u8], cut: bool, stderr: bool) {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches('\r');
+    if text.is_empty() {
+        return;
+    }
+    let more = if cut { " [line cut]" } else { "" };
+    if text.contains("[error]") {
+        error!("node-red: {text}{more}");
+    } else if stderr || text.contains("[warn]") {
+        warn!("node-red: {text}{more}");
+    } else {
+        info!("node-red: {text}{more}");
+    }
+}
+
+/// Waits until something answers HTTP on `addr`, at most `timeout`: ready
+/// when `GET /settings` without a token is answered 401. Any other answer
+/// means the listener is not the agent's locked-down Node-RED, an error at
+/// once.
+pub async fn wait_ready(addr: SocketAddr, timeout: Duration) -> Result<(), NodeRedError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout(PROBE_TIMEOUT, probe(addr)).await {
+            Ok(Ok(401)) => return Ok(()),
+            Ok(Ok(status)) => return Err(NodeRedError::NotLockedDown { addr, status }),
+            Ok(Err(_)) | Err(_) => {}
+        }
+        if Instant::now() + PROBE_EVERY > deadline {
+            return Err(NodeRedError::NotReady {
+                addr,
+                waited: Human(timeout).to_string(),
+                last: String::new(),
+            });
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// The status code of `GET /settings` without a token.
+async fn probe(addr: SocketAddr) -> std::io::Result<u16> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let request = format!("GET /settings HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(64);
+    (&mut tcp).take(64).read_to_end(&mut head).await?;
+    parse_status(&head).ok_or_else(|| std::io::Error::other("not an HTTP/1.1 answer"))
+}
+
+/// `HTTP/1.1 401 ...` -> 401.
+fn parse_status(head: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(head.get(..12)?).ok()?;
+    let code = text.strip_prefix("HTTP/1.1 ")?;
+    code.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_parse() {
+        assert_eq!(parse_status(b"HTTP/1.1 401 Unauthorized\r\n"), Some(401));
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(parse_status(b"HTTP/1.0 200"), None);
+        assert_eq!(parse_status(b"SSH-2.0-OpenSSH"), None);
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_cut_and_every_line_is_read() {
+        let mut input = vec![b'a'; MAX_LINE * 3];
+        input.extend_from_slice(b"\nshort\r\n\nlast");
+        let mut lines = Vec::new();
+        read_lines(&input[..], |l, cut| lines.push((l.to_vec(), cut))).await;
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[0], (vec![b'a'; MAX_LINE], true));
+        assert_eq!(lines[1], (b"short\r".to_vec(), false));
+        assert_eq!(lines[2], (Vec::new(), false));
+        assert_eq!(lines[3], (b"last".to_vec(), false));
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_answers_without_a_token_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n{}").await;
+        });
+        let err = wait_ready(addr, Duration::from_secs(5)).await.unwrap_err();
+        assert!(
+            matches!(err, NodeRedError::NotLockedDown { status: 200, .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_not_ready_within_the_timeout() {
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = wait_ready(addr, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeRedError::NotReady { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_command_is_reported_and_stop_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let launcher = Launcher::start(LaunchSpec {
+            command: "/nonexistent/node-red".into(),
+            user_dir: dir.path().to_owned(),
+            settings: dir.path().join("s.js"),
+            addr: "127.0.0.1:9".parse().unwrap(),
+        });
+        let err = launcher
+            .ready(Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/nonexistent/node-red"), "{text}");
+        launcher.stop().await;
+    }
+}

@@ -1,0 +1,178 @@
+// End-to-end check of remote editor access in a real headless Chromium.
+//
+// The Rust test `tests/tests/editor_browser.rs` starts the platform, an
+// enrolled tetherd and the device's Node-RED, creates the users, and runs
+// this script with the environment below. Each step prints one line; the
+// first failure prints why and exits 1.
+//
+//   TETHER_URL        https://127.0.0.1:PORT (the platform)
+//   TETHER_DEVICE     the device id
+//   OWNER, OWNER_PASSWORD, VIEWER, VIEWER_PASSWORD
+//   NODE_RED_LOCAL    http://127.0.0.1:PORT (the device's Node-RED, direct)
+//   SCREENSHOT_DIR    where the screenshots go
+//   PLAYWRIGHT_CORE   path of the playwright-core package
+//   CHROMIUM          the browser binary (default /usr/bin/chromium)
+'use strict';
+
+const { chromium } = require(process.env.PLAYWRIGHT_CORE || 'playwright-core');
+const path = require('path');
+
+const env = (name) => {
+    const value = process.env[name];
+    if (!value) throw new Error(`environment variable ${name} is not set`);
+    return value;
+};
+const BASE = env('TETHER_URL');
+const DEVICE = env('TETHER_DEVICE');
+const EDITOR = `${BASE}/devices/${DEVICE}/editor/`;
+const LOCAL = env('NODE_RED_LOCAL');
+const SHOTS = env('SCREENSHOT_DIR');
+const STEP_TIMEOUT = 30000;
+
+const FLOW = [
+    { id: 'e2e-in', type: 'http in', name: 'hello', url: '/hello', method: 'get', x: 120, y: 80, wires: [['e2e-fn']] },
+    { id: 'e2e-fn', type: 'change', name: '', rules: [{ t: 'set', p: 'payload', pt: 'msg', to: 'deployed through tether', tot: 'str' }], x: 320, y: 80, wires: [['e2e-out']] },
+    { id: 'e2e-out', type: 'http response', name: '', statusCode: '', headers: {}, x: 520, y: 80, wires: [] },
+];
+
+function step(text) {
+    console.log(`- ${text}`);
+}
+
+async function login(browser, user, password) {
+    // The platform's certificate comes from its own CA, which the browser
+    // does not know; this is the one check the test waives.
+    const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1400, height: 900 } });
+    const page = await context.newPage();
+    page.setDefaultTimeout(STEP_TIMEOUT);
+    await page.goto(EDITOR);
+    if (!page.url().includes('/login')) throw new Error(`expected the login page, got ${page.url()}`);
+    await page.fill('input[name=user]', user);
+    await page.fill('input[name=password]', password);
+    await Promise.all([page.waitForNavigation(), page.click('button[type=submit], input[type=submit]')]);
+    if (page.url() !== EDITOR) {
+        const text = (await page.textContent('body')).replace(/\s+/g, ' ').trim();
+        throw new Error(`after logging in as ${user} the browser is at ${page.url()}: ${text.slice(0, 300)}`);
+    }
+    step(`${user} logged in and was sent to the editor`);
+    return { context, page };
+}
+
+async function editorRendered(page, who) {
+    await page.waitForSelector('#red-ui-workspace-chart');
+    await page.waitForFunction(() => document.querySelectorAll('.red-ui-palette-node').length > 20);
+    const nodes = await page.$$eval('.red-ui-palette-node', (list) => list.length);
+    step(`${who}: the editor rendered through the tunnel, palette shows ${nodes} nodes`);
+}
+
+// Posts the flows from the page itself, with the page's own cookies, as the
+// editor's deploy does; returns the status and the message of the answer.
+async function postFlows(page) {
+    return page.evaluate(async (flow) => {
+        const res = await fetch('flows', {
+            method: 'POST',
+            headers: { 'Content-Type': 'application/json', 'Node-RED-Deployment-Type': 'full' },
+            body: JSON.stringify({ flows: flow }),
+        });
+        let message = '';
+        try { message = (await res.json()).message || ''; } catch (e) { /* not JSON */ }
+        return { status: res.status, message };
+    }, FLOW);
+}
+
+async function localHello() {
+    for (let i = 0; i < 100; i++) {
+        try {
+            const res = await fetch(`${LOCAL}/hello`);
+            if (res.status === 200) return await res.text();
+        } catch (e) { /* not up yet */ }
+        await new Promise((r) => setTimeout(r, 200));
+    }
+    throw new Error(`${LOCAL}/hello never answered 200 after the deploy`);
+}
+
+async function owner(browser) {
+    const { context, page } = await login(browser, env('OWNER'), env('OWNER_PASSWORD'));
+    await editorRendered(page, 'owner');
+    const canWrite = await page.evaluate(() => RED.user.hasPermission('flows.write'));
+    if (!canWrite) throw new Error('the owner is shown a read-only editor');
+    // As the editor's Import dialog does: add the nodes, mark the flows changed.
+    await page.evaluate((flow) => {
+        RED.view.importNodes(flow, { generateIds: false });
+        RED.nodes.dirty(true);
+    }, FLOW);
+    try {
+        await page.waitForSelector('#red-ui-header-button-deploy:not(.disabled)');
+    } catch (e) {
+        await page.screenshot({ path: path.join(SHOTS, 'editor-owner-failed.png') });
+        const why = await page.evaluate(() => ({ dirty: RED.nodes.dirty(), cls: document.querySelector('#red-ui-header-button-deploy').className, user: RED.settings.user }));
+        console.log(JSON.stringify(why));
+        throw new Error(`the deploy button did not enable after importing the flow (see editor-owner-failed.png): ${e.message}`);
+    }
+    await page.click('#red-ui-header-button-deploy');
+    const body = await localHello();
+    if (body !== 'deployed through tether') throw new Error(`/hello answered ${JSON.stringify(body)}`);
+    step('owner: deployed an HTTP endpoint from the editor; it answers locally on the device');
+    await page.waitForFunction(() => !RED.nodes.dirty());
+    await page.waitForTimeout(1500); // let the "Successfully deployed" notice settle
+    await page.screenshot({ path: path.join(SHOTS, 'editor-owner.png') });
+    step(`screenshot: ${path.join(SHOTS, 'editor-owner.png')}`);
+    return { context, page };
+}
+
+async function viewer(browser) {
+    const { context, page } = await login(browser, env('VIEWER'), env('VIEWER_PASSWORD'));
+    await editorRendered(page, 'viewer');
+    const state = await page.evaluate(() => ({
+        canWrite: RED.user.hasPermission('flows.write'),
+        readOnly: document.querySelector('.red-ui-deploy-button-group.readOnly') !== null,
+    }));
+    if (state.canWrite || !state.readOnly) throw new Error(`the viewer's editor is not read-only: ${JSON.stringify(state)}`);
+    step('viewer: the editor shows read-only (deploy disabled)');
+    const answer = await postFlows(page);
+    if (answer.status !== 403) throw new Error(`a viewer's deploy got ${answer.status}, expected 403`);
+    step(`viewer: a deploy is refused with 403 ("${answer.message}")`);
+    await page.screenshot({ path: path.join(SHOTS, 'editor-viewer.png') });
+    await context.close();
+}
+
+async function protection(page) {
+    const status = await page.evaluate(async (device) => {
+        const res = await fetch(`/devices/${device}/protection`, {
+            method: 'POST',
+            headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
+            body: 'enabled=on',
+            redirect: 'manual',
+        });
+        return res.status;
+    }, DEVICE);
+    if (status >= 400) throw new Error(`turning protection mode on answered ${status}`);
+    step('owner: turned instance protection mode on');
+    let answer;
+    for (let i = 0; i < 50; i++) {
+        answer = await postFlows(page);
+        if (answer.status === 403) break;
+        await new Promise((r) => setTimeout(r, 200));
+    }
+    if (answer.status !== 403) throw new Error(`with protection mode on, an owner's deploy got ${answer.status}`);
+    step(`owner: with protection mode on, a deploy is refused with 403 ("${answer.message}")`);
+}
+
+(async () => {
+    const browser = await chromium.launch({
+        executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+        args: ['--no-sandbox'],
+    });
+    try {
+        const { context, page } = await owner(browser);
+        await viewer(browser);
+        await protection(page);
+        await context.close();
+    } finally {
+        await browser.close();
+    }
+    console.log('editor end-to-end: all steps passed');
+})().catch((e) => {
+    console.error(`editor end-to-end FAILED: ${e.message}`);
+    process.exit(1);
+});

@@ -1,0 +1,464 @@
+//! The pages a person uses in a browser: `GET /login`, `POST /login`,
+//! `POST /logout`, `GET /` (who is logged in, the team's devices with
+//! editor links) and `POST /devices/{id}/protection` (an owner turns
+//! protection mode on or off).
+//!
+//! This module owns the login policy: cheapest checks first (same-origin,
+//! the per-address rate limit, the form's size and shape, the per-name
+//! failure limit), then one password check that costs the same whether the
+//! user exists or not, and one answer for every bad credential ("wrong user
+//! name or password"). It owns where a login may send the browser next (a
+//! local `/devices/...` path, nothing else) and who may change protection
+//! mode (an owner of the device's team).
+//!
+//! It never logs a password, a cookie or a session value, nor the name
+//! typed into a failed login (people type passwords there), and never
+//! changes state on a GET. State-changing forms are POSTs that the cookie's
+//! `SameSite=Strict` and an `Origin` check both keep to this origin.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tether_proto::api::Secret;
+use tether_proto::grant::Role;
+use tracing::{info, warn};
+
+use crate::html::{self, escape};
+use crate::http::Body;
+use crate::platform::{PlatformError, State};
+use crate::rate_limit::retry_after_secs;
+use crate::server::ConnInfo;
+use crate::sessions::{self, Session};
+use crate::users::{MAX_PASSWORD_LEN, MAX_USER_NAME, is_user_name};
+
+/// Largest form body (`POST /login`, `POST /logout`, protection).
+pub const MAX_FORM_BODY: usize = 8 * 1024;
+/// Longest `next` path kept across a login.
+const MAX_NEXT_LEN: usize = 2048;
+/// The one answer to every bad credential.
+pub const BAD_CREDENTIALS: &str = "wrong user name or password";
+
+/// Routes `/`, `/login`, `/logout` and `/devices/{id}/protection`.
+pub async fn handle(
+    state: Arc<State>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let protection = path
+        .strip_prefix("/devices/")
+        .and_then(|rest| rest.strip_suffix("/protection"))
+        .filter(|id| !id.contains('/'))
+        .map(str::to_string);
+    match (req.method(), path.as_str(), protection) {
+        (&Method::GET | &Method::HEAD, "/", _) => index(&state, req.headers()).await,
+        (&Method::GET | &Method::HEAD, "/login", _) => {
+            let next = query_param(req.uri().query(), "next").and_then(|n| local_next(&n));
+            login_page(StatusCode::OK, next.as_deref(), None)
+        }
+        (&Method::POST, "/login", _) => login(&state, &conn, req).await,
+        (&Method::POST, "/logout", _) => logout(&state, req).await,
+        (&Method::POST, _, Some(id)) => set_protection(&state, req, &id).await,
+        (_, "/" | "/login" | "/logout", _) => method_not_allowed(),
+        (_, _, Some(_)) => method_not_allowed(),
+        _ => html::message(StatusCode::NOT_FOUND, "Not found", "There is no such page."),
+    }
+}
+
+fn method_not_allowed() -> Response<Body> {
+    html::message(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed",
+        "This page does not take that method.",
+    )
+}
+
+/// `next` if it is a path on this platform under `/devices/`: never another
+/// host (`//evil`, `https://...`), never a header-breaking character.
+pub fn local_next(next: &str) -> Option<String> {
+    let ok = next.starts_with("/devices/")
+        && next.len() <= MAX_NEXT_LEN
+        && !next.contains('\\')
+        && next.bytes().all(|b| (0x21..0x7f).contains(&b));
+    ok.then(|| next.to_string())
+}
+
+/// The first value of `name` in a query string, decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// False if the request says it comes from another origin: an `Origin`
+/// that is not `https://<Host>`, or `Sec-Fetch-Site: cross-site`.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
+    if cross_site {
+        return false;
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin.to_str(), host) {
+        (Ok(origin), Some(host)) => origin.eq_ignore_ascii_case(&format!("https://{host}")),
+        _ => false,
+    }
+}
+
+fn cross_origin() -> Response<Body> {
+    html::message(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        "This form may only be sent from the platform's own pages.",
+    )
+}
+
+/// Reads an `application/x-www-form-urlencoded` body of at most
+/// [`MAX_FORM_BODY`] bytes.
+async fn read_form(body: Incoming) -> Result<Vec<(String, String)>, Response<Body>> {
+    let bytes: Bytes = match Limited::new(body, MAX_FORM_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return Err(html::message(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The form could not be read or is too large.",
+            ));
+        }
+    };
+    Ok(form_urlencoded::parse(&bytes).into_owned().collect())
+}
+
+fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+}
+
+fn login_page(status: StatusCode, next: Option<&str>, error: Option<&str>) -> Response<Body> {
+    let error = error.map_or(String::new(), |e| {
+        format!("<p class=\"error\" role=\"alert\">{}</p>\n", escape(e))
+    });
+    let next = next.map_or(String::new(), |n| {
+        format!(
+            "<input type=\"hidden\" name=\"next\" value=\"{}\">\n",
+            escape(n)
+        )
+    });
+    let body = format!(
+        "<h1>Log in to Tether</h1>\n{error}<form method=\"post\" action=\"/login\">\n{next}\
+<label>User name <input name=\"user\" autocomplete=\"username\" maxlength=\"{MAX_USER_NAME}\" required autofocus></label>\n\
+<label>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\" maxlength=\"{MAX_PASSWORD_LEN}\" required></label>\n\
+<button type=\"submit\">Log in</button>\n</form>"
+    );
+    html::page(status, "Log in", &body)
+}
+
+async fn login(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    if !same_origin(req.headers()) {
+        return cross_origin();
+    }
+    let now = Instant::now();
+    if let Err(wait) = state.login_limiter.take(conn.peer.ip(), now) {
+        warn!(peer = %conn.peer, "login attempts from this address are rate limited");
+        return html::rate_limited(
+            retry_after_secs(wait),
+            "Too many login attempts from this address. Wait a little, then try again.",
+        );
+    }
+    let form = match read_form(req.into_body()).await {
+        Ok(form) => form,
+        Err(response) => return response,
+    };
+    let next = field(&form, "next").and_then(local_next);
+    let name = field(&form, "user").unwrap_or_default();
+    let password = Secret::new(field(&form, "password").unwrap_or_default());
+    // The failure bucket's key: bounded, whatever was typed.
+    let name_key: String = name.chars().take(MAX_USER_NAME).collect();
+    if state.login_failures.is_limited(&name_key, now) {
+        warn!(peer = %conn.peer, "failed logins to one user name are rate limited");
+        return html::rate_limited(
+            retry_after_secs(state.config.login_failure_rate.refill),
+            "Too many failed logins for this user name. Wait a little, then try again.",
+        );
+    }
+    let user = if is_user_name(name) {
+        let key = name.to_string();
+        match state.store.blocking(move |s| s.user(&key)).await {
+            Ok(user) => user,
+            Err(e) => {
+                warn!(cause = %e, "cannot read users");
+                return html::internal();
+            }
+        }
+    } else {
+        None
+    };
+    let password_ok = password.expose().len() <= MAX_PASSWORD_LEN;
+    let stored = user.as_ref().map(|u| u.password_hash.as_str());
+    // The same work for a known and an unknown name, and for an overlong
+    // password (checked against the dummy hash, then refused).
+    let verified = if password_ok {
+        state.passwords.verify(&password, stored).await
+    } else {
+        let _ = state.passwords.verify(&password, None).await;
+        false
+    };
+    let Some(user) = user.filter(|_| verified) else {
+        let _ = state.login_failures.take(name_key, Instant::now());
+        warn!(peer = %conn.peer, "failed login");
+        return login_page(
+            StatusCode::UNAUTHORIZED,
+            next.as_deref(),
+            Some(BAD_CREDENTIALS),
+        );
+    };
+    let value = match sessions::start(state, &user.name).await {
+        Ok(value) => value,
+        Err(e) => {
+            warn!(cause = %e, "cannot start a session");
+            return html::internal();
+        }
+    };
+    info!(user = %user.name, team = %user.team, role = %user.role, peer = %conn.peer, "login");
+    let mut response = html::see_other(next.as_deref().unwrap_or("/"));
+    match sessions::set_cookie(&value) {
+        Some(cookie) => {
+            response.headers_mut().insert(header::SET_COOKIE, cookie);
+        }
+        None => return html::internal(),
+    }
+    response
+}
+
+async fn logout(state: &State, req: Request<Incoming>) -> Response<Body> {
+    if !same_origin(req.headers()) {
+        return cross_origin();
+    }
+    match sessions::current(state, req.headers()).await {
+        Ok(Some(session)) => {
+            if let Err(e) = sessions::end(state, &session.hash).await {
+                warn!(cause = %e, "cannot end a session");
+                return html::internal();
+            }
+            info!(user = %session.user.name, "logout");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(cause = %e, "cannot read sessions");
+            return html::internal();
+        }
+    }
+    let mut response = html::see_other("/login");
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, sessions::clear_cookie());
+    response
+}
+
+/// The session of a page request, or the answer to send instead (303 to
+/// the login page, or 500).
+async fn require_session(state: &State, headers: &HeaderMap) -> Result<Session, Response<Body>> {
+    match sessions::current(state, headers).await {
+        Ok(Some(session)) => Ok(session),
+        Ok(None) => Err(html::see_other("/login")),
+        Err(e) => {
+            warn!(cause = %e, "cannot read sessions");
+            Err(html::internal())
+        }
+    }
+}
+
+async fn index(state: &State, headers: &HeaderMap) -> Response<Body> {
+    let session = match require_session(state, headers).await {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    let user = &session.user;
+    let devices = match state.devices().await {
+        Ok(devices) => devices,
+        Err(e) => {
+            warn!(cause = %e, "cannot list devices");
+            return html::internal();
+        }
+    };
+    let owner = user.role == Role::Owner;
+    let mut rows = String::new();
+    for d in devices.iter().filter(|d| d.team == user.team) {
+        let id = escape(&d.id);
+        let status = match (d.revoked, d.online) {
+            (true, _) => "revoked",
+            (false, true) => "online",
+            (false, false) => "offline",
+        };
+        let editor = if d.revoked {
+            String::new()
+        } else {
+            format!("<a href=\"/devices/{id}/editor/\">editor</a>")
+        };
+        let protection = if d.protected { "on" } else { "off" };
+        let toggle = if owner {
+            let (value, label) = if d.protected {
+                ("off", "turn off")
+            } else {
+                ("on", "turn on")
+            };
+            format!(
+                " <form class=\"inline\" method=\"post\" action=\"/devices/{id}/protection\">\
+<input type=\"hidden\" name=\"enabled\" value=\"{value}\"><button type=\"submit\">{label}</button></form>"
+            )
+        } else {
+            String::new()
+        };
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td><code>{id}</code></td><td>{status}</td><td>{protection}{toggle}</td><td>{editor}</td></tr>\n",
+            escape(&d.name)
+        ));
+    }
+    if rows.is_empty() {
+        rows.push_str("<tr><td colspan=\"5\">No devices in this team yet.</td></tr>\n");
+    }
+    let body = format!(
+        "<h1>Tether</h1>\n<p>Logged in as <strong>{}</strong>, {} of team <strong>{}</strong>. \
+<form class=\"inline\" method=\"post\" action=\"/logout\"><button type=\"submit\">Log out</button></form></p>\n\
+<table>\n<tr><th>Name</th><th>Device</th><th>Status</th><th>Protection</th><th></th></tr>\n{rows}</table>",
+        escape(&user.name),
+        user.role,
+        escape(&user.team)
+    );
+    html::page(StatusCode::OK, "Devices", &body)
+}
+
+async fn set_protection(state: &State, req: Request<Incoming>, device_id: &str) -> Response<Body> {
+    if !same_origin(req.headers()) {
+        return cross_origin();
+    }
+    let session = match require_session(state, req.headers()).await {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    let form = match read_form(req.into_body()).await {
+        Ok(form) => form,
+        Err(response) => return response,
+    };
+    let enabled = match field(&form, "enabled") {
+        Some("on") => true,
+        Some("off") => false,
+        _ => {
+            return html::message(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "Send enabled=on or enabled=off.",
+            );
+        }
+    };
+    let id = device_id.to_string();
+    let device = match state.store.blocking(move |s| s.device(&id)).await {
+        Ok(Some(device)) => device,
+        Ok(None) => return no_device(device_id),
+        Err(e) => {
+            warn!(cause = %e, "cannot read devices");
+            return html::internal();
+        }
+    };
+    let user = &session.user;
+    if user.team != device.team || user.role != Role::Owner {
+        warn!(user = %user.name, %device_id, "protection change refused: not an owner of the device's team");
+        return html::message(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "Only an owner of the team of device {device_id} may change its protection mode."
+            ),
+        );
+    }
+    match state.set_protection(device_id, enabled).await {
+        Ok(_) => {
+            info!(user = %user.name, %device_id, enabled, "protection mode changed on the web");
+            html::see_other("/")
+        }
+        Err(PlatformError::NoDevice(_)) => no_device(device_id),
+        Err(e) => {
+            warn!(cause = %e, "cannot set the protection mode");
+            html::internal()
+        }
+    }
+}
+
+/// 404 for a device that does not exist.
+pub fn no_device(device_id: &str) -> Response<Body> {
+    html::message(
+        StatusCode::NOT_FOUND,
+        "Unknown device",
+        &format!("There is no device {device_id}."),
+    )
+}
+
+/// `Location` of the login page that comes back to `path_and_query`.
+pub fn login_location(path_and_query: &str) -> String {
+    match local_next(path_and_query) {
+        Some(next) => {
+            let encoded: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
+            format!("/login?next={encoded}")
+        }
+        None => "/login".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn only_local_device_paths_are_followed_after_login() {
+        for good in ["/devices/dev_1/editor/", "/devices/dev_1/editor/?a=b"] {
+            assert_eq!(local_next(good).as_deref(), Some(good));
+        }
+        for bad in [
+            "//evil.example/devices/",
+            "https://evil.example/devices/",
+            "/login",
+            "/",
+            "/devices/\\evil",
+            "/devices/a\r\nSet-Cookie: x",
+            "devices/x",
+            "/devices/ x",
+        ] {
+            assert_eq!(local_next(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            login_location("/devices/dev_1/editor/?x=1&y=2"),
+            "/login?next=%2Fdevices%2Fdev_1%2Feditor%2F%3Fx%3D1%26y%3D2"
+        );
+        assert_eq!(login_location("//evil"), "/login");
+    }
+
+    #[test]
+    fn a_foreign_origin_is_refused() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8443"));
+        assert!(same_origin(&headers), "no Origin: not a browser form");
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://127.0.0.1:8443"),
+        );
+        assert!(same_origin(&headers));
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        assert!(!same_origin(&headers));
+        headers.remove(header::ORIGIN);
+        headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        assert!(!same_origin(&headers));
+    }
+}

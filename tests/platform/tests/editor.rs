@@ -1,0 +1,464 @@
+//! The editor proxy, `/devices/{id}/editor/...`, over real TLS with a
+//! device played by the test (`common::web::FakeDevice`): who gets through,
+//! the grant each stream carries, what crosses to the device and back,
+//! streaming bodies, the WebSocket, timeouts, an offline device, and
+//! logout closing live streams.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::web::*;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use tether_platform::Platform;
+use tether_proto::grant::{MAX_LIFETIME_SECS, Role};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn editor(device: &FakeDevice, rest: &str) -> String {
+    format!("/devices/{}/editor{rest}", device.id())
+}
+
+#[tokio::test]
+async fn requests_reach_the_device_with_a_fresh_grant_and_without_credentials() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "line-3").await;
+    let cookie = login_as(&platform, "alice", "line-3", Role::Member).await;
+
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let before = unix_now();
+    let response = browser
+        .send(
+            Method::GET,
+            &editor(&device, "/red/settings?x=1&y=%2F"),
+            &[
+                ("authorization", "Basic YWxpY2U6cHc="),
+                ("proxy-authorization", "Basic eA=="),
+                ("x-tether-token", "forged"),
+                ("x-tether-user", "root"),
+                ("x-custom", "kept"),
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "dropped"),
+            ],
+            empty(),
+        )
+        .await;
+    let answer = collect(response).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "editor says: /red/settings?x=1&y=%2F");
+
+    let seen = device.seen();
+    assert_eq!(seen.len(), 1);
+    let request = &seen[0];
+    assert_eq!(request.method, Method::GET);
+    assert_eq!(
+        request.uri, "/red/settings?x=1&y=%2F",
+        "prefix stripped, query kept"
+    );
+    for name in [
+        "cookie",
+        "authorization",
+        "proxy-authorization",
+        "x-tether-token",
+        "x-tether-user",
+        "x-hop",
+    ] {
+        assert!(
+            !request.headers.contains_key(name),
+            "{name} must not reach the device"
+        );
+    }
+    assert_eq!(request.headers["x-custom"], "kept");
+    let grant = &request.grant;
+    assert_eq!(grant.user, "alice");
+    assert_eq!(grant.role, Role::Member);
+    assert_eq!(grant.team, "line-3");
+    assert_eq!(grant.device, device.id());
+    assert!(grant.issued_at >= before && grant.issued_at <= unix_now());
+    assert!(grant.expires_at > grant.issued_at);
+    assert!(grant.expires_at - grant.issued_at <= MAX_LIFETIME_SECS);
+    assert_eq!(grant.nonce.len(), 32);
+    assert!(
+        device.refused.lock().unwrap().is_empty(),
+        "every grant verified"
+    );
+
+    // The same browser connection reuses its stream (one grant) ...
+    let again = browser.get(&editor(&device, "/again")).await;
+    assert_eq!(again.status, StatusCode::OK);
+    // ... another connection gets a stream and a grant of its own.
+    let mut second = Browser::connect(&platform, Some(&cookie)).await;
+    assert_eq!(
+        second.get(&editor(&device, "/other")).await.status,
+        StatusCode::OK
+    );
+    let seen = device.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[1].grant.nonce, seen[0].grant.nonce);
+    assert_ne!(seen[2].grant.nonce, seen[0].grant.nonce);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_grant_carries_the_users_role() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    for (name, role) in [("vic", Role::Viewer), ("olga", Role::Owner)] {
+        let cookie = login_as(&platform, name, "t", role).await;
+        let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+        assert_eq!(
+            browser.get(&editor(&device, "/")).await.status,
+            StatusCode::OK
+        );
+    }
+    let roles: Vec<(String, Role)> = device
+        .seen()
+        .into_iter()
+        .map(|s| (s.grant.user, s.grant.role))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("vic".to_string(), Role::Viewer),
+            ("olga".to_string(), Role::Owner)
+        ]
+    );
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_session_the_browser_is_sent_to_log_in_and_back() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    let mut browser = Browser::connect(&platform, None).await;
+    let answer = browser.get(&editor(&device, "/flows?a=b")).await;
+    assert_eq!(answer.status, StatusCode::SEE_OTHER);
+    let location = answer.location().unwrap().to_string();
+    let expected = format!(
+        "/login?next=%2Fdevices%2F{}%2Feditor%2Fflows%3Fa%3Db",
+        device.id()
+    );
+    assert_eq!(location, expected);
+
+    // A stale or forged cookie is no better.
+    let mut forged = Browser::connect(
+        &platform,
+        Some(&format!("tether_session={}", "ab".repeat(32))),
+    )
+    .await;
+    assert_eq!(
+        forged.get(&editor(&device, "/")).await.status,
+        StatusCode::SEE_OTHER
+    );
+
+    // Logging in with that `next` comes back to the editor.
+    platform
+        .add_user(
+            "alice",
+            "t",
+            Role::Viewer,
+            &tether_proto::api::Secret::new("pw"),
+        )
+        .await
+        .unwrap();
+    let next = format!("/devices/{}/editor/flows?a=b", device.id());
+    let login = post_login(&platform, "alice", "pw", Some(&next)).await;
+    assert_eq!(login.location(), Some(next.as_str()));
+
+    // `/editor` without the slash goes to `/editor/`, query kept.
+    let cookie = session_cookie(&login);
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let bare = browser.get(&editor(&device, "?q=1")).await;
+    assert_eq!(bare.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(bare.location(), Some(editor(&device, "/?q=1").as_str()));
+    assert!(device.seen().is_empty(), "nothing reached the device");
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_role_of_another_team_is_refused_with_403() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "line-3").await;
+    for (name, role) in [
+        ("vic", Role::Viewer),
+        ("mia", Role::Member),
+        ("olga", Role::Owner),
+    ] {
+        let cookie = login_as(&platform, name, "line-4", role).await;
+        let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+        let answer = browser.get(&editor(&device, "/")).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{name}");
+        assert!(answer.text().contains("another team"), "{}", answer.text());
+        let ws = browser
+            .send(
+                Method::GET,
+                &editor(&device, "/comms"),
+                &[
+                    ("connection", "upgrade"),
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-version", "13"),
+                    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ],
+                empty(),
+            )
+            .await;
+        assert_eq!(ws.status(), StatusCode::FORBIDDEN, "{name}, WebSocket");
+    }
+    assert!(device.seen().is_empty(), "no stream was opened");
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_offline_device_gets_a_503_page_at_once_and_an_unknown_one_404() {
+    let (platform, _dir) = start_web().await;
+    let device = enroll_in(&platform, "t").await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let started = Instant::now();
+    let answer = browser
+        .get(&format!("/devices/{}/editor/", device.id))
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(2), "no hang");
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        answer.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(
+        answer
+            .text()
+            .contains(&format!("device {} is offline", device.id)),
+        "{}",
+        answer.text()
+    );
+
+    let unknown = browser
+        .get("/devices/dev_00000000000000000000/editor/")
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_without_waiting_for_the_whole_body() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+
+    // The device echoes the upload as it arrives. Each piece must come back
+    // before the next is sent: a proxy that buffered a whole body, either
+    // way, would stall here.
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+    tx.send_data(Bytes::from_static(b"piece 0;")).await.unwrap();
+    let response = browser
+        .send(Method::POST, &editor(&device, "/upload"), &[], body.boxed())
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut echoed = Vec::new();
+    for i in 1..=5 {
+        let expected = format!("piece {};", i - 1);
+        while echoed.len() < expected.len() {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("the echo arrives while the upload is still open")
+                .expect("a frame")
+                .expect("no error");
+            if let Ok(data) = frame.into_data() {
+                echoed.extend_from_slice(&data);
+            }
+        }
+        assert_eq!(String::from_utf8_lossy(&echoed), expected);
+        echoed.clear();
+        if i < 5 {
+            tx.send_data(Bytes::from(format!("piece {i};")))
+                .await
+                .unwrap();
+        }
+    }
+    drop(tx);
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert!(rest.is_empty());
+
+    // And a large body round-trips intact.
+    let big: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let response = browser
+        .send(
+            Method::POST,
+            &editor(&device, "/upload"),
+            &[],
+            bytes(big.clone()),
+        )
+        .await;
+    let answer = collect(response).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(answer.body == big, "4 MiB echoed intact");
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_device_cannot_set_cookies_and_its_redirects_stay_under_the_prefix() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let answer = browser.get(&editor(&device, "/redirect")).await;
+    assert_eq!(answer.status, StatusCode::FOUND);
+    assert!(!answer.headers.contains_key("set-cookie"));
+    assert_eq!(answer.location(), Some(editor(&device, "/target").as_str()));
+    platform.shutdown().await;
+}
+
+/// Opens the editor's WebSocket through the platform with `cookie`.
+async fn open_comms(
+    platform: &Platform,
+    device: &FakeDevice,
+    cookie: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tls = tls(platform, None).await.unwrap();
+    let url = format!(
+        "wss://localhost:{}{}",
+        platform.local_addr().port(),
+        editor(device, "/comms")
+    );
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", cookie.parse().unwrap());
+    let (ws, response) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::client_async(request, tls),
+    )
+    .await
+    .expect("the upgrade within 5 s")
+    .expect("the WebSocket upgrade succeeds");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
+}
+
+#[tokio::test]
+async fn a_websocket_echoes_through_the_proxy_on_a_stream_of_its_own() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    let cookie = login_as(&platform, "vic", "t", Role::Viewer).await;
+    let mut ws = open_comms(&platform, &device, &cookie).await;
+    for i in 0..3 {
+        let text = format!("hello {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("an echo within 5 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    let big = vec![7u8; 256 * 1024];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_data().as_ref(), big.as_slice());
+
+    let seen = device.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/comms");
+    assert_eq!(seen[0].headers["upgrade"], "websocket");
+    assert!(!seen[0].headers.contains_key("cookie"));
+    assert_eq!(seen[0].grant.role, Role::Viewer);
+    assert_eq!(platform.live_editor_streams(), 1);
+    ws.close(None).await.unwrap();
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_device_that_does_not_answer_in_time_gets_a_504_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = web_config(dir.path());
+    config.editor_timeout = Duration::from_millis(500);
+    let platform = Platform::start(config).await.unwrap();
+    let device = fake_device(&platform, "t").await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let started = Instant::now();
+    let answer = browser.get(&editor(&device, "/slow")).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        answer.text().contains("did not answer"),
+        "{}",
+        answer.text()
+    );
+    // The connection goes on, on a new stream.
+    let after = browser.get(&editor(&device, "/fine")).await;
+    assert_eq!(after.status, StatusCode::OK);
+    let seen = device.seen();
+    assert_ne!(seen[0].grant.nonce, seen[1].grant.nonce);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn logout_closes_the_sessions_live_editor_streams() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let other = login_as(&platform, "bob", "t", Role::Owner).await;
+    let mut ws = open_comms(&platform, &device, &cookie).await;
+    let mut bobs = open_comms(&platform, &device, &other).await;
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    assert_eq!(
+        browser.get(&editor(&device, "/")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(platform.live_editor_streams(), 3);
+
+    let mut session = Browser::connect(&platform, Some(&cookie)).await;
+    assert_eq!(
+        session.post_form("/logout", &[]).await.status,
+        StatusCode::SEE_OTHER
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(2), ws.next())
+        .await
+        .expect("the WebSocket ends within 2 s of the logout");
+    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while platform.live_editor_streams() > 1 {
+        assert!(Instant::now() < deadline, "alice's streams close");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The same browser connection now goes to the login page.
+    assert_eq!(
+        browser.get(&editor(&device, "/")).await.status,
+        StatusCode::SEE_OTHER
+    );
+    // Bob's session is untouched.
+    bobs.send(Message::text("still here")).await.unwrap();
+    let echoed = bobs.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "still here");
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn removing_a_user_ends_their_sessions() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let mut ws = open_comms(&platform, &device, &cookie).await;
+    assert_eq!(platform.remove_user("alice").await.unwrap(), 1);
+    let ended = tokio::time::timeout(Duration::from_secs(2), ws.next())
+        .await
+        .expect("the WebSocket ends");
+    assert!(!matches!(ended, Some(Ok(Message::Text(_)))));
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    assert_eq!(browser.get("/").await.status, StatusCode::SEE_OTHER);
+    platform.shutdown().await;
+}

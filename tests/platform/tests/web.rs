@@ -1,0 +1,317 @@
+//! The pages people use, over real TLS with users and sessions in redb:
+//! login (cookie attributes, one answer for every bad credential, rate
+//! limits, where it may send the browser next), logout revoking the session
+//! on the server, the device list, and protection mode set by an owner and
+//! pushed to the device on its control stream.
+
+mod common;
+
+use std::time::Duration;
+
+use common::web::*;
+use http::{Method, StatusCode};
+use tether_platform::{Platform, RateLimit};
+use tether_proto::api::Secret;
+use tether_proto::grant::Role;
+
+async fn start_with(
+    change: impl FnOnce(&mut tether_platform::PlatformConfig),
+) -> (Platform, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = web_config(dir.path());
+    change(&mut config);
+    let platform = Platform::start(config).await.expect("platform starts");
+    (platform, dir)
+}
+
+#[tokio::test]
+async fn login_sets_a_strict_session_cookie_and_the_index_shows_the_teams_devices() {
+    let (platform, _dir) = start_web().await;
+    let ours = enroll_in(&platform, "line-3").await;
+    let theirs = enroll_in(&platform, "line-4").await;
+    platform
+        .add_user(
+            "alice",
+            "line-3",
+            Role::Owner,
+            &Secret::new("correct horse"),
+        )
+        .await
+        .unwrap();
+
+    let login = post_login(&platform, "alice", "correct horse", None).await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+    assert_eq!(login.location(), Some("/"));
+    let set_cookie = login.headers["set-cookie"].to_str().unwrap();
+    let (pair, attributes) = set_cookie.split_once(';').unwrap();
+    let value = pair.strip_prefix("tether_session=").unwrap();
+    assert_eq!(value.len(), 64, "256 random bits, hex");
+    assert!(value.bytes().all(|b| b.is_ascii_hexdigit()));
+    let attributes: Vec<&str> = attributes.split(';').map(str::trim).collect();
+    for wanted in [
+        "HttpOnly",
+        "Secure",
+        "SameSite=Strict",
+        "Path=/",
+        "Max-Age=1209600",
+    ] {
+        assert!(attributes.contains(&wanted), "{wanted} in {set_cookie}");
+    }
+
+    let mut browser = Browser::connect(&platform, Some(pair)).await;
+    let index = browser.get("/").await;
+    assert_eq!(index.status, StatusCode::OK);
+    assert_eq!(index.headers["content-type"], "text/html; charset=utf-8");
+    let page = index.text();
+    assert!(page.contains("alice") && page.contains("line-3"), "{page}");
+    assert!(
+        page.contains(&format!("/devices/{}/editor/", ours.id)),
+        "{page}"
+    );
+    assert!(
+        !page.contains(&theirs.id),
+        "another team's device is not listed"
+    );
+
+    // The login page itself is a plain form without external assets.
+    let form = Browser::connect(&platform, None).await.get("/login").await;
+    assert_eq!(form.status, StatusCode::OK);
+    let form = form.text();
+    assert!(
+        form.contains("<form method=\"post\" action=\"/login\">"),
+        "{form}"
+    );
+    assert!(!form.contains("http://") && !form.contains("https://") && !form.contains("<script"));
+    // Without a session, the index sends the browser to the login page.
+    let anonymous = Browser::connect(&platform, None).await.get("/").await;
+    assert_eq!(anonymous.status, StatusCode::SEE_OTHER);
+    assert_eq!(anonymous.location(), Some("/login"));
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wrong_password_and_an_unknown_user_get_the_same_answer() {
+    let (platform, _dir) = start_web().await;
+    platform
+        .add_user(
+            "alice",
+            "line-3",
+            Role::Viewer,
+            &Secret::new("correct horse"),
+        )
+        .await
+        .unwrap();
+    let wrong = post_login(&platform, "alice", "wrong horse", None).await;
+    let unknown = post_login(&platform, "mallory", "wrong horse", None).await;
+    let invalid = post_login(&platform, "not a valid name!", "x", None).await;
+    for answer in [&wrong, &unknown, &invalid] {
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+        assert!(answer.text().contains("wrong user name or password"));
+        assert!(!answer.headers.contains_key("set-cookie"));
+    }
+    assert_eq!(wrong.body, unknown.body, "nothing tells the two apart");
+    assert_eq!(wrong.body, invalid.body);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn logins_are_rate_limited_per_address() {
+    let (platform, _dir) = start_with(|c| {
+        c.login_rate = RateLimit {
+            burst: 3,
+            refill: Duration::from_secs(60),
+        }
+    })
+    .await;
+    for _ in 0..3 {
+        let answer = post_login(&platform, "nobody", "x", None).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    }
+    let limited = post_login(&platform, "nobody", "x", None).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.headers.contains_key("retry-after"));
+    assert!(limited.text().contains("Too many login attempts"));
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn failed_logins_are_rate_limited_per_user_name() {
+    let (platform, _dir) = start_with(|c| {
+        c.login_failure_rate = RateLimit {
+            burst: 2,
+            refill: Duration::from_secs(60),
+        }
+    })
+    .await;
+    for name in ["alice", "bob"] {
+        platform
+            .add_user(name, "t", Role::Member, &Secret::new(password_of(name)))
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let answer = post_login(&platform, "alice", "guess", None).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    }
+    // Now even the right password is refused for alice, from any address.
+    let limited = post_login(&platform, "alice", &password_of("alice"), None).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.headers.contains_key("retry-after"));
+    // Bob is not affected.
+    let bob = post_login(&platform, "bob", &password_of("bob"), None).await;
+    assert_eq!(bob.status, StatusCode::SEE_OTHER);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn logout_revokes_the_session_on_the_server() {
+    let (platform, _dir) = start_web().await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    assert_eq!(browser.get("/").await.status, StatusCode::OK);
+
+    let logout = browser.post_form("/logout", &[]).await;
+    assert_eq!(logout.status, StatusCode::SEE_OTHER);
+    assert_eq!(logout.location(), Some("/login"));
+    let cleared = logout.headers["set-cookie"].to_str().unwrap();
+    assert!(
+        cleared.starts_with("tether_session=;") && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
+
+    // A browser that kept the cookie gets nothing for it.
+    let mut kept = Browser::connect(&platform, Some(&cookie)).await;
+    let after = kept.get("/").await;
+    assert_eq!(after.status, StatusCode::SEE_OTHER);
+    assert_eq!(after.location(), Some("/login"));
+    // Logging out by GET is not a thing (no state change on GET).
+    let get = kept.get("/logout").await;
+    assert_eq!(get.status, StatusCode::METHOD_NOT_ALLOWED);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_login_the_browser_goes_only_to_a_local_device_path() {
+    let (platform, _dir) = start_web().await;
+    platform
+        .add_user("alice", "t", Role::Owner, &Secret::new("pw"))
+        .await
+        .unwrap();
+    let cases = [
+        (
+            "/devices/dev_00000000000000000001/editor/?a=1",
+            "/devices/dev_00000000000000000001/editor/?a=1",
+        ),
+        ("//evil.example/devices/", "/"),
+        ("https://evil.example/devices/x", "/"),
+        ("/login", "/"),
+        ("/devices/x\r\nSet-Cookie: a=b", "/"),
+    ];
+    for (next, expected) in cases {
+        let answer = post_login(&platform, "alice", "pw", Some(next)).await;
+        assert_eq!(answer.status, StatusCode::SEE_OTHER, "{next:?}");
+        assert_eq!(answer.location(), Some(expected), "{next:?}");
+    }
+    // The login page keeps a valid `next` in its form, escaped.
+    let page = Browser::connect(&platform, None)
+        .await
+        .get("/login?next=%2Fdevices%2Fd%2Feditor%2F%3Fa%3D%22x%22")
+        .await
+        .text();
+    assert!(
+        page.contains("value=\"/devices/d/editor/?a=&quot;x&quot;\""),
+        "{page}"
+    );
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_login_form_from_another_origin_is_refused() {
+    let (platform, _dir) = start_web().await;
+    platform
+        .add_user("alice", "t", Role::Owner, &Secret::new("pw"))
+        .await
+        .unwrap();
+    let form = encode_form(&[("user", "alice"), ("password", "pw")]);
+    let mut browser = Browser::connect(&platform, None).await;
+    let response = browser
+        .send(
+            Method::POST,
+            "/login",
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", "https://evil.example"),
+            ],
+            bytes(form.into_bytes()),
+        )
+        .await;
+    let answer = collect(response).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert!(!answer.headers.contains_key("set-cookie"));
+    // An oversized form is refused before any password check.
+    let big = "a".repeat(9 * 1024);
+    let answer = browser.post_form("/login", &[("user", &big)]).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn protection_mode_is_pushed_on_connect_and_on_every_change_and_only_owners_set_it() {
+    let (platform, _dir) = start_web().await;
+    let mut device = fake_device(&platform, "line-3").await;
+    assert!(
+        !device.next_protection().await,
+        "pushed off as soon as control is up"
+    );
+
+    let owner = login_as(&platform, "olga", "line-3", Role::Owner).await;
+    let path = format!("/devices/{}/protection", device.id());
+    let mut browser = Browser::connect(&platform, Some(&owner)).await;
+    let set = browser.post_form(&path, &[("enabled", "on")]).await;
+    assert_eq!(set.status, StatusCode::SEE_OTHER, "{}", set.text());
+    assert!(device.next_protection().await, "pushed on at once");
+    let listed = platform.devices().await.unwrap();
+    assert!(listed[0].protected);
+    let page = browser.get("/").await.text();
+    assert!(page.contains("turn off"), "{page}");
+
+    // A member of the team, and an owner of another team, may not.
+    for (name, team, role) in [
+        ("mia", "line-3", Role::Member),
+        ("otto", "line-4", Role::Owner),
+    ] {
+        let cookie = login_as(&platform, name, team, role).await;
+        let mut other = Browser::connect(&platform, Some(&cookie)).await;
+        let refused = other.post_form(&path, &[("enabled", "off")]).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{name}");
+    }
+    // Nor may anyone without a session, or with a bad value.
+    let mut anonymous = Browser::connect(&platform, None).await;
+    let refused = anonymous.post_form(&path, &[("enabled", "off")]).await;
+    assert_eq!(refused.status, StatusCode::SEE_OTHER);
+    let bad = browser.post_form(&path, &[("enabled", "maybe")]).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(platform.devices().await.unwrap()[0].protected);
+
+    // The library (and the admin API) turn it off; the device hears it.
+    assert!(platform.set_protection(device.id(), false).await.unwrap());
+    assert!(!device.next_protection().await);
+
+    // Changed while offline, it arrives when the device connects again.
+    device
+        .tunnel
+        .tunnel
+        .close(tether_proto::CloseCode::NO_ERROR, "bye");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while platform.tunnel(device.id()).is_some() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !platform.set_protection(device.id(), true).await.unwrap(),
+        "offline: not pushed"
+    );
+    let mut again = connect_fake(&platform, device.device).await;
+    assert!(again.next_protection().await);
+    platform.shutdown().await;
+}

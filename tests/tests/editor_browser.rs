@@ -1,0 +1,193 @@
+//! The editor, end to end, as a field engineer uses it: a real headless
+//! Chromium (Debian's `chromium`, driven by playwright-core) logs in to the
+//! reference platform, loads the device's real Node-RED editor through the
+//! platform, the mutual-TLS tunnel and `tetherd`, deploys a flow, and meets
+//! the viewer role and protection mode (`tests/browser/editor.cjs` has the
+//! browser's steps). Then, without the browser: Node-RED's admin API on its
+//! own port refuses anyone without the agent's token.
+//!
+//! Needs Node-RED (`tests/nodered/install.sh`), chromium and playwright-core
+//! (`tests/browser/install.sh`); `.ci/run` installs all three. Missing, the
+//! test fails when `CI` is set and otherwise skips, saying so loudly.
+//! Screenshots land in `target/editor-e2e/`.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use tether_agent::config::{NodeRedConfig, NodeRedMode};
+use tether_agent::{Agent, TunnelState};
+use tether_proto::api::Secret;
+use tether_proto::grant::Role;
+
+const OWNER: (&str, &str) = ("olga", "owner-password-for-the-test");
+const VIEWER: (&str, &str) = ("vic", "viewer-password-for-the-test");
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("TETHER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/tether")
+        })
+}
+
+/// What the browser test needs, or why it cannot run.
+struct Tools {
+    node_red: PathBuf,
+    playwright: PathBuf,
+    chromium: PathBuf,
+}
+
+fn tools() -> Result<Tools, String> {
+    let node_red = std::env::var_os("TETHER_NODE_RED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("node-red/node_modules/.bin/node-red"));
+    let playwright = std::env::var_os("PLAYWRIGHT_CORE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("browser/node_modules/playwright-core"));
+    let chromium = std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    let missing: Vec<String> = [
+        (&node_red, "Node-RED: run `bash tests/nodered/install.sh`"),
+        (
+            &playwright,
+            "playwright-core: run `bash tests/browser/install.sh`",
+        ),
+        (&chromium, "chromium: run `bash tests/browser/install.sh`"),
+    ]
+    .into_iter()
+    .filter(|(path, _)| !path.exists())
+    .map(|(path, how)| format!("{} is missing ({how})", path.display()))
+    .collect();
+    if missing.is_empty() {
+        Ok(Tools {
+            node_red,
+            playwright,
+            chromium,
+        })
+    } else {
+        Err(missing.join("; "))
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One HTTP/1.1 GET on 127.0.0.1, without any credentials: the status code.
+async fn bare_status(port: u16, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("Node-RED listens");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:.200}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
+    let tools = match tools() {
+        Ok(tools) => tools,
+        Err(why) if std::env::var_os("CI").is_some() => {
+            panic!("{why} (CI is set: this test may not be skipped)")
+        }
+        Err(why) => {
+            let _ = writeln!(std::io::stderr(), "\n!!!!!!!! SKIPPED: {why} !!!!!!!!\n");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(&dir.path().join("platform")).await;
+    for ((name, password), role) in [(OWNER, Role::Owner), (VIEWER, Role::Viewer)] {
+        platform
+            .add_user(name, "default", role, &Secret::new(password))
+            .await
+            .expect("user added");
+    }
+    let state = dir.path().join("device");
+    enrolled(&platform, &state).await;
+    let node_red_port = free_port();
+    let mut config = agent_config(&state);
+    config.node_red = NodeRedConfig {
+        mode: NodeRedMode::Launch,
+        command: tools.node_red.display().to_string(),
+        user_dir: None,
+        port: node_red_port,
+    };
+    let agent = Agent::start(config).await.expect("agent starts");
+    let device = agent.device_id();
+    wait_status(&agent, "connected", |s| s.state == TunnelState::Connected).await;
+    tether_agent::node_red::wait_ready(
+        ([127, 0, 0, 1], node_red_port).into(),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("Node-RED came up locked down");
+
+    // Direct access to the device's Node-RED, without the agent: refused.
+    for path in ["/flows", "/settings", "/nodes"] {
+        assert_eq!(bare_status(node_red_port, path).await, 401, "GET {path}");
+    }
+
+    let shots = workspace().join("target/editor-e2e");
+    std::fs::create_dir_all(&shots).unwrap();
+    let browser = tokio::process::Command::new("node")
+        .arg(workspace().join("tests/browser/editor.cjs"))
+        .env("TETHER_URL", platform.url())
+        .env("TETHER_DEVICE", &device)
+        .env("OWNER", OWNER.0)
+        .env("OWNER_PASSWORD", OWNER.1)
+        .env("VIEWER", VIEWER.0)
+        .env("VIEWER_PASSWORD", VIEWER.1)
+        .env(
+            "NODE_RED_LOCAL",
+            format!("http://127.0.0.1:{node_red_port}"),
+        )
+        .env("SCREENSHOT_DIR", &shots)
+        .env("PLAYWRIGHT_CORE", &tools.playwright)
+        .env("CHROMIUM", &tools.chromium)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(180), browser)
+        .await
+        .expect("the browser steps end within 3 minutes")
+        .expect("node runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = writeln!(std::io::stderr(), "{said}");
+    assert!(output.status.success(), "browser steps failed:\n{said}");
+    assert!(shots.join("editor-owner.png").is_file());
+
+    // Protection mode reached the device over its control stream.
+    assert!(agent.protection(), "protection mode reached the device");
+    agent.shutdown().await;
+    platform.shutdown().await;
+}
