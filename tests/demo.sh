@@ -12,17 +12,23 @@
 #    with one allow-listed local service (a small HTTP server standing in for
 #    the device's own service);
 # 5. exposes that service on this machine with `tether-platform connect`, as
-#    a field engineer would, and fetches a page through the tunnel.
+#    a field engineer would, and fetches a page through the tunnel;
+# 6. has tetherd start the device's Node-RED, locked down so that only the
+#    agent can use its editor (Node-RED 4 is installed into a cache folder
+#    with npm when it is missing), creates an owner and a viewer on the
+#    platform, logs in as the owner and loads the editor through the tunnel.
 #
-# Then it waits: Ctrl-C stops everything and removes the folder. With
-# DEMO_CHECK=1 it exits after step 5 instead (CI runs it that way).
-# Ports: PLATFORM_PORT (default 8443) and ENGINEER_PORT (default 8080), both
-# on 127.0.0.1.
+# Then it prints the editor's address and both logins, and waits: Ctrl-C
+# stops everything and removes the folder. With DEMO_CHECK=1 it exits after
+# step 6 instead (CI runs it that way). Ports: PLATFORM_PORT (default 8443),
+# ENGINEER_PORT (default 8080) and NODE_RED_PORT (default 1880), all on
+# 127.0.0.1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PLATFORM_PORT=${PLATFORM_PORT:-8443}
 ENGINEER_PORT=${ENGINEER_PORT:-8080}
+NODE_RED_PORT=${NODE_RED_PORT:-1880}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tether-demo.XXXXXX")
 PIDS=()
 
@@ -52,6 +58,12 @@ wait_port() {
 }
 port_free "$PLATFORM_PORT" || fail "127.0.0.1:$PLATFORM_PORT is in use; run with PLATFORM_PORT=another port"
 port_free "$ENGINEER_PORT" || fail "127.0.0.1:$ENGINEER_PORT is in use; run with ENGINEER_PORT=another port"
+port_free "$NODE_RED_PORT" || fail "127.0.0.1:$NODE_RED_PORT is in use; run with NODE_RED_PORT=another port"
+command -v curl >/dev/null || fail "curl is missing: apt-get install curl"
+
+say "Node-RED 4 for the device (installed into a cache folder with npm if missing)..."
+NODE_RED=$(bash "$ROOT/tests/nodered/install.sh" 2> >(sed 's/^/   /' >&2)) ||
+    fail "cannot install Node-RED (needs node and npm: apt-get install nodejs npm)"
 
 say "Building tetherd, tether-platform and the demo service (release)..."
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" \
@@ -95,6 +107,12 @@ state_dir = "$STATE_DIR"
 [[service]]
 name = "web"
 target = "$SERVICE_ADDR"
+
+# tetherd starts the device's Node-RED and locks its editor down.
+[node_red]
+mode = "launch"
+command = "$NODE_RED"
+port = $NODE_RED_PORT
 EOF
 "$BIN/tetherd" run --config "$WORK/tetherd.toml" >"$WORK/tetherd.log" 2>&1 &
 PIDS+=($!)
@@ -125,14 +143,56 @@ grep -q "reached through the Tether tunnel" <<<"$REPLY" || fail "no answer throu
 echo "   GET http://127.0.0.1:$ENGINEER_PORT/ through the tunnel answered:"
 echo "   $(tail -n1 <<<"$REPLY")"
 
+say "6. The device's Node-RED editor, through the tunnel"
+password() { head -c 12 /dev/urandom | base64 | tr -d '/+=' | head -c 16; }
+OWNER_PASSWORD=$(password)
+VIEWER_PASSWORD=$(password)
+echo "   \$ tether-platform user add --data-dir $PLATFORM_DIR --team default --role owner olga   (password on stdin)"
+printf '%s\n' "$OWNER_PASSWORD" | "$BIN/tether-platform" user add --data-dir "$PLATFORM_DIR" \
+    --team default --role owner olga >/dev/null 2>>"$WORK/platform-cli.log" || fail "user add failed"
+echo "   \$ tether-platform user add --data-dir $PLATFORM_DIR --team default --role viewer vic"
+printf '%s\n' "$VIEWER_PASSWORD" | "$BIN/tether-platform" user add --data-dir "$PLATFORM_DIR" \
+    --team default --role viewer vic >/dev/null 2>>"$WORK/platform-cli.log" || fail "user add failed"
+EDITOR="https://localhost:$PLATFORM_PORT/devices/$DEVICE/editor/"
+CURL=(curl -sS --max-time 20 --cacert "$PLATFORM_DIR/ca.crt")
+node_red_up=0
+for _ in $(seq 1 300); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NODE_RED_PORT/settings" || true)
+    [ "$code" = 401 ] && { node_red_up=1; break; }
+    sleep 0.2
+done
+[ "$node_red_up" = 1 ] || fail "Node-RED did not come up locked down on 127.0.0.1:$NODE_RED_PORT"
+echo "   Node-RED on 127.0.0.1:$NODE_RED_PORT without the agent: GET /settings -> 401 (locked down)"
+JAR="$WORK/cookies"
+"${CURL[@]}" -o /dev/null -c "$JAR" -H "Origin: https://localhost:$PLATFORM_PORT" \
+    --data-urlencode "user=olga" --data-urlencode "password=$OWNER_PASSWORD" \
+    "https://localhost:$PLATFORM_PORT/login" || fail "login failed"
+SETTINGS=""
+for _ in $(seq 1 50); do
+    SETTINGS=$("${CURL[@]}" -b "$JAR" "${EDITOR}settings" || true)
+    grep -q '"username":"olga"' <<<"$SETTINGS" && break
+    sleep 0.2
+done
+grep -q '"username":"olga"' <<<"$SETTINGS" || fail "the editor did not answer through the tunnel: ${SETTINGS:0:300}"
+echo "   Logged in as olga (owner): ${EDITOR}settings answered through the tunnel, as olga"
+
 if [ "${DEMO_CHECK:-0}" = 1 ]; then
-    say "Demo checked: enrollment, tunnel and service access all work."
+    say "Demo checked: enrollment, tunnel, service access and the editor all work."
     exit 0
 fi
 
-say "Ready. Try it yourself:"
+say "Ready. Open the device's Node-RED editor in a browser:"
 cat <<EOF
+   $EDITOR
+     owner:  olga / $OWNER_PASSWORD    (may deploy)
+     viewer: vic  / $VIEWER_PASSWORD    (read-only)
+   The browser will warn about the certificate: the demo platform made its own
+   CA ($PLATFORM_DIR/ca.crt). Accept it for this demo, or import that file.
+
+Try it yourself:
    curl http://127.0.0.1:$ENGINEER_PORT/                      # the device's service, through the tunnel
+   curl http://127.0.0.1:$NODE_RED_PORT/flows                 # Node-RED directly: 401, only the agent gets in
+   $BIN/tether-platform device protect $DEVICE --on --data-dir $PLATFORM_DIR   # flows read-only for everyone
    $BIN/tetherd status --state-dir $STATE_DIR
    $BIN/tether-platform device list --data-dir $PLATFORM_DIR
    $BIN/tether-platform device revoke $DEVICE --data-dir $PLATFORM_DIR   # the tunnel closes at once

@@ -1,0 +1,952 @@
+//! `tether-editor-bench`: the remote editor through the platform, the
+//! tunnel and the agent, with a real Node-RED (`docs/benchmarks.md`,
+//! "Editor").
+//!
+//! ```sh
+//! cargo build --release -p tether-e2e -p tether-agent --bins
+//! target/release/tether-editor-bench load       # --loads 10
+//! target/release/tether-editor-bench sessions   # --sessions 50 --users 5 --hold-secs 20
+//! ```
+//!
+//! - `load`: cold loads of the editor in headless Chromium
+//!   (`tests/bench/editor-load.cjs`, playwright-core), through an
+//!   in-process platform and an in-process agent, against the same
+//!   Node-RED opened directly with the agent's token as an extra header.
+//!   The two alternate, one load each per round.
+//! - `sessions`: N scripted editor sessions at once (login, the editor's
+//!   main requests, the `comms` WebSocket held open) through an in-process
+//!   platform to a `tetherd` process that launched Node-RED itself; its
+//!   resident memory and CPU from `/proc`.
+//!
+//! Needs Node-RED (`tests/nodered/install.sh`) and, for `load`, chromium and
+//! playwright-core (`tests/browser/install.sh`); the same environment
+//! variables as `tests/tests/editor_browser.rs` override where they are.
+//! Everything listens on 127.0.0.1 and lives in temporary directories.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tether_agent::config::{Config as AgentConfig, NodeRedConfig, NodeRedMode};
+use tether_agent::editor::EditorTarget;
+use tether_agent::enroll::{EnrollOptions, enroll};
+use tether_agent::node_red::{NodeRed, Permissions};
+use tether_agent::{Agent, AgentOptions, TunnelState};
+use tether_platform::{Platform, PlatformConfig, RateLimit, TokenSpec};
+use tether_proto::api::Secret;
+use tether_proto::grant::Role;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::{Barrier, watch};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// `load`: the tunnel's median total time, as a multiple of direct.
+const BUDGET_LOAD_RATIO: f64 = 1.5;
+/// `sessions`: `tetherd`'s resident memory, KiB.
+const BUDGET_SESSIONS_RSS_KIB: u64 = 32 * 1024;
+
+/// The requests of one scripted editor session, as the editor makes them
+/// on a cold load (Node-RED 4, `EDITOR_BENCH_DEBUG=1` of the browser script
+/// lists them), relative to the editor's root, with their `Accept`.
+const SESSION_REQUESTS: &[(&str, &str)] = &[
+    ("", "text/html"),
+    ("red/style.min.css", "text/css"),
+    ("vendor/vendor.js", "*/*"),
+    ("red/red.min.js", "*/*"),
+    ("red/main.min.js", "*/*"),
+    ("theme", "application/json"),
+    ("settings", "application/json"),
+    ("settings/user", "application/json"),
+    ("locales/editor?lng=en-US", "application/json"),
+    ("locales/node-red?lng=en-US", "application/json"),
+    ("plugins", "application/json"),
+    ("plugins", "text/html"),
+    ("nodes", "application/json"),
+    ("nodes", "text/html"),
+    ("icons", "application/json"),
+    ("flows", "application/json"),
+];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tether-editor-bench",
+    about = "The remote Node-RED editor through the platform, the tunnel and tetherd (127.0.0.1 only)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Cold editor loads in Chromium: through the tunnel against direct.
+    Load(LoadArgs),
+    /// Concurrent scripted editor sessions: tetherd's memory and CPU.
+    Sessions(SessionsArgs),
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// Measured loads per contender (after one warm-up load each).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=200))]
+    loads: u32,
+}
+
+#[derive(Debug, Args)]
+struct SessionsArgs {
+    /// Editor sessions at once, each with its own login.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    sessions: u32,
+    /// Platform users the sessions log in as, round robin.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    users: u32,
+    /// Seconds all the comms WebSockets stay open after the loads.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=600))]
+    hold_secs: u64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Bench::Load(args) => load(args).await,
+        Bench::Sessions(args) => sessions(args).await,
+    }
+}
+
+// --- shared -----------------------------------------------------------------
+
+fn cache() -> PathBuf {
+    std::env::var_os("TETHER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/tether")
+        })
+}
+
+fn tool(var: &str, default: PathBuf, how: &str) -> Result<PathBuf> {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
+    ensure!(path.exists(), "{} is missing ({how})", path.display());
+    Ok(path)
+}
+
+fn node_red_bin() -> Result<PathBuf> {
+    tool(
+        "TETHER_NODE_RED",
+        cache().join("node-red/node_modules/.bin/node-red"),
+        "run `bash tests/nodered/install.sh`",
+    )
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A binary built next to this one (target/release).
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let dir = exe.parent().context("this executable has no directory")?;
+    let path = dir.join(name);
+    ensure!(
+        path.is_file(),
+        "{} is missing; help: cargo build --release -p tether-e2e -p tether-agent --bins",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// An in-process platform whose login rate limit does not get in the way,
+/// with `users` owners of team `default` (password: their name twice).
+async fn start_platform(dir: &Path, users: u32) -> Result<Platform> {
+    let mut config = PlatformConfig::new(dir.join("platform"), "127.0.0.1:0".parse()?);
+    config.login_rate = RateLimit {
+        burst: 10_000,
+        refill: Duration::from_millis(1),
+    };
+    let platform = Platform::start(config).await?;
+    for i in 0..users {
+        let name = user_name(i);
+        platform
+            .add_user(&name, "default", Role::Owner, &Secret::new(password(&name)))
+            .await?;
+    }
+    Ok(platform)
+}
+
+fn user_name(i: u32) -> String {
+    format!("bench{i}")
+}
+
+fn password(name: &str) -> String {
+    format!("{name}-{name}-password")
+}
+
+/// `VmRSS`, `VmHWM`, `RssAnon`, `RssFile` of a process, KiB.
+#[derive(Clone, Copy, Debug, Default)]
+struct Memory {
+    rss: u64,
+    hwm: u64,
+    anon: u64,
+    file: u64,
+}
+
+fn memory(pid: u32) -> Result<Memory> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(Memory {
+        rss: field("VmRSS:"),
+        hwm: field("VmHWM:"),
+        anon: field("RssAnon:"),
+        file: field("RssFile:"),
+    })
+}
+
+/// User plus system CPU time of a process, seconds.
+fn cpu_secs(pid: u32, ticks_per_sec: f64) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((tick(11) + tick(12)) / ticks_per_sec)
+}
+
+async fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().await;
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.2} MiB", kib as f64 / 1024.0)
+}
+
+fn verdict(met: bool, text: String) {
+    println!("{} {text}", if met { "PASS" } else { "MISS" });
+}
+
+/// The value at quantile `q` of `values` (sorted here), nearest rank.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+// --- load -------------------------------------------------------------------
+
+/// One cold load, as the browser script reports it.
+#[derive(Clone, Copy, Debug, serde::Deserialize)]
+struct Loaded {
+    palette_ms: f64,
+    idle_ms: f64,
+    requests: u32,
+    failed: u32,
+    errors: u32,
+    body_bytes: u64,
+    header_bytes: u64,
+    websockets: u32,
+}
+
+struct Browser {
+    child: Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Browser {
+    async fn start() -> Result<Browser> {
+        let playwright = tool(
+            "PLAYWRIGHT_CORE",
+            cache().join("browser/node_modules/playwright-core"),
+            "run `bash tests/browser/install.sh`",
+        )?;
+        let chromium = tool(
+            "CHROMIUM",
+            PathBuf::from("/usr/bin/chromium"),
+            "run `bash tests/browser/install.sh`",
+        )?;
+        let mut child = Command::new("node")
+            .arg(workspace().join("tests/bench/editor-load.cjs"))
+            .env("PLAYWRIGHT_CORE", playwright)
+            .env("CHROMIUM", chromium)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot run node")?;
+        let stdin = child.stdin.take().context("no stdin")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut browser = Browser {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        };
+        let ready = browser.line().await?;
+        ensure!(ready.contains("ready"), "the browser script said {ready}");
+        Ok(browser)
+    }
+
+    async fn line(&mut self) -> Result<String> {
+        let line = tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
+            .await
+            .context("the browser script did not answer within 120 s")??;
+        line.context("the browser script ended")
+    }
+
+    async fn load(&mut self, command: &serde_json::Value) -> Result<Loaded> {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await?;
+        let line = self.line().await?;
+        let value: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(error) = value.get("error") {
+            bail!("a load failed: {error}");
+        }
+        let loaded: Loaded = serde_json::from_value(value)?;
+        ensure!(
+            loaded.failed == 0 && loaded.errors == 0,
+            "a load had {} failed requests and {} error answers: {line}",
+            loaded.failed,
+            loaded.errors
+        );
+        Ok(loaded)
+    }
+}
+
+async fn load(args: LoadArgs) -> Result<()> {
+    let node_red_bin = node_red_bin()?;
+    let mut browser = Browser::start().await?;
+    let dir = tempfile::tempdir()?;
+    let platform = start_platform(dir.path(), 1).await?;
+    let state = dir.path().join("agent");
+    let token = platform.create_token(TokenSpec::default()).await?;
+    let mut options = EnrollOptions::new(platform.url(), token, &state);
+    options.ca = Some(platform.ca_path());
+    options.name = Some("bench".into());
+    enroll(&options).await?;
+
+    // Node-RED, started and locked down as the agent does it; its token
+    // signer is shared by the agent under test and the direct contender.
+    let port = free_port()?;
+    let node_red = NodeRed::start(
+        &NodeRedConfig {
+            mode: NodeRedMode::Launch,
+            command: node_red_bin.display().to_string(),
+            user_dir: Some(dir.path().join("node-red")),
+            port,
+        },
+        &state,
+    )?
+    .context("Node-RED is configured")?;
+    node_red
+        .ready(Duration::from_secs(60))
+        .await
+        .context("Node-RED did not come up")?;
+    let auth = node_red.auth();
+    let signer = auth.clone();
+    let target = EditorTarget {
+        addr: node_red.addr(),
+        admin_root: "/".into(),
+        auth: Some(Arc::new(move |user: &str, permissions: &[&str]| {
+            signer.token(user, &Permissions::from_list(permissions))
+        })),
+        ..EditorTarget::default()
+    };
+    let agent = Agent::start_with(
+        AgentConfig::for_state_dir(&state),
+        AgentOptions {
+            editor: Some(target),
+            ..AgentOptions::default()
+        },
+    )
+    .await?;
+    let mut status = agent.status();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        status.wait_for(|s| s.state == TunnelState::Connected),
+    )
+    .await
+    .context("the tunnel did not come up within 20 s")??;
+    let device = agent.device_id();
+
+    let user = user_name(0);
+    let base = platform.url();
+    let tunnel_cmd = serde_json::json!({
+        "kind": "tunnel",
+        "url": format!("{base}/devices/{device}/editor/"),
+        "base": base,
+        "user": user,
+        "password": password(&user),
+    });
+    let owner = Permissions::for_role(Role::Owner, false);
+    let direct_cmd = || {
+        serde_json::json!({
+            "kind": "direct",
+            "url": format!("http://127.0.0.1:{port}/"),
+            // The agent's own token for this user and role: the same
+            // header value the agent puts on the requests it proxies.
+            "token": auth.token(&user, &owner),
+        })
+    };
+
+    eprintln!("warming up: one load each");
+    browser.load(&direct_cmd()).await?;
+    browser.load(&tunnel_cmd).await?;
+    let mut direct = Vec::new();
+    let mut tunnel = Vec::new();
+    for round in 0..args.loads {
+        for first in [round % 2 == 0, round % 2 == 1] {
+            if first {
+                direct.push(browser.load(&direct_cmd()).await?);
+            } else {
+                tunnel.push(browser.load(&tunnel_cmd).await?);
+            }
+        }
+        eprintln!(
+            "round {}/{}: direct {:.0} ms, tunnel {:.0} ms (network idle)",
+            round + 1,
+            args.loads,
+            direct.last().map_or(0.0, |l| l.idle_ms),
+            tunnel.last().map_or(0.0, |l| l.idle_ms),
+        );
+    }
+
+    println!(
+        "\n## tether-editor-bench load: {} cold loads per contender, alternating\n",
+        args.loads
+    );
+    println!(
+        "| contender | palette rendered p50 | p90 | last response (network idle) p50 | p90 | requests | response bodies | response headers | comms WebSockets |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let summary = |loads: &[Loaded]| {
+        let palette: Vec<f64> = loads.iter().map(|l| l.palette_ms).collect();
+        let idle: Vec<f64> = loads.iter().map(|l| l.idle_ms).collect();
+        (
+            quantile(&palette, 0.5),
+            quantile(&palette, 0.9),
+            quantile(&idle, 0.5),
+            quantile(&idle, 0.9),
+        )
+    };
+    let row = |name: &str, loads: &[Loaded]| {
+        let (p50, p90, i50, i90) = summary(loads);
+        let requests: Vec<f64> = loads.iter().map(|l| f64::from(l.requests)).collect();
+        let body: Vec<f64> = loads.iter().map(|l| l.body_bytes as f64).collect();
+        let headers: Vec<f64> = loads.iter().map(|l| l.header_bytes as f64).collect();
+        let ws: Vec<f64> = loads.iter().map(|l| f64::from(l.websockets)).collect();
+        println!(
+            "| {name} | {p50:.0} ms | {p90:.0} ms | {i50:.0} ms | {i90:.0} ms | {:.0} | {:.1} KiB | {:.1} KiB | {:.0} |",
+            quantile(&requests, 0.5),
+            quantile(&body, 0.5) / 1024.0,
+            quantile(&headers, 0.5) / 1024.0,
+            quantile(&ws, 0.5),
+        );
+    };
+    row("direct (Node-RED on 127.0.0.1, token header)", &direct);
+    row("through platform, tunnel and agent", &tunnel);
+    let (d50, d90, di50, di90) = summary(&direct);
+    let (t50, t90, ti50, ti90) = summary(&tunnel);
+    println!(
+        "| ratio tunnel / direct | {:.2} | {:.2} | {:.2} | {:.2} | | | | |",
+        t50 / d50,
+        t90 / d90,
+        ti50 / di50,
+        ti90 / di90
+    );
+    println!();
+    verdict(
+        ti50 / di50 < BUDGET_LOAD_RATIO,
+        format!(
+            "cold load to the last response: tunnel {ti50:.0} ms, direct {di50:.0} ms (p50), {:.2}x (budget < {BUDGET_LOAD_RATIO}x)",
+            ti50 / di50
+        ),
+    );
+    verdict(
+        t50 / d50 < BUDGET_LOAD_RATIO,
+        format!(
+            "cold load to the palette rendered: tunnel {t50:.0} ms, direct {d50:.0} ms (p50), {:.2}x (budget < {BUDGET_LOAD_RATIO}x)",
+            t50 / d50
+        ),
+    );
+
+    drop(browser.stdin);
+    let _ = tokio::time::timeout(Duration::from_secs(10), browser.child.wait()).await;
+    agent.shutdown().await;
+    node_red.shutdown().await;
+    platform.shutdown().await;
+    Ok(())
+}
+
+// --- sessions ---------------------------------------------------------------
+
+/// TLS and HTTP/1.1 to the platform, as a browser does (trusting its CA).
+#[derive(Clone)]
+struct Client {
+    addr: SocketAddr,
+    host: String,
+    tls: tokio_rustls::TlsConnector,
+}
+
+type Conn = SendRequest<Full<Bytes>>;
+
+impl Client {
+    fn new(platform: &Platform) -> Result<Client> {
+        let addr: SocketAddr = platform
+            .url()
+            .trim_start_matches("https://")
+            .parse()
+            .context("the platform's address")?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(
+            platform.ca_pem().as_bytes(),
+        )?)?;
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Client {
+            addr,
+            host: format!("localhost:{}", addr.port()),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    async fn tls(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        Ok(self
+            .tls
+            .connect(ServerName::try_from("localhost")?, tcp)
+            .await?)
+    }
+
+    async fn connect(&self) -> Result<Conn> {
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(self.tls().await?)).await?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// A request on `conn`; the status, the `Set-Cookie` and the body size.
+    async fn send(
+        &self,
+        conn: &mut Conn,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(StatusCode, Option<String>, u64)> {
+        conn.ready().await?;
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.host);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = conn.send_request(request.body(Full::new(body))?).await?;
+        let status = response.status();
+        let cookie = response
+            .headers()
+            .get(header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::to_string);
+        let mut body = response.into_body();
+        let mut size = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                size += data.len() as u64;
+            }
+        }
+        Ok((status, cookie, size))
+    }
+
+    /// Logs `user` in on a fresh connection; the session cookie pair.
+    async fn login(&self, user: &str) -> Result<String> {
+        let mut conn = self.connect().await?;
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("user", user);
+        form.append_pair("password", &password(user));
+        let origin = format!("https://{}", self.host);
+        let (status, cookie, _) = self
+            .send(
+                &mut conn,
+                Method::POST,
+                "/login",
+                &[
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("origin", &origin),
+                ],
+                Bytes::from(form.finish()),
+            )
+            .await?;
+        ensure!(status == StatusCode::SEE_OTHER, "login answered {status}");
+        cookie.context("the login set no cookie")
+    }
+}
+
+/// What one session did.
+#[derive(Clone, Copy, Debug, Default)]
+struct Session {
+    load: Duration,
+    ws_open: Duration,
+    bytes: u64,
+    ws_messages: u64,
+}
+
+async fn session(
+    client: Client,
+    prefix: String,
+    cookie: String,
+    start: Arc<Barrier>,
+    mut hold: watch::Receiver<bool>,
+    loaded: tokio::sync::mpsc::UnboundedSender<Session>,
+) -> Result<Session> {
+    start.wait().await;
+    let began = Instant::now();
+    let mut conn = client.connect().await?;
+    let mut result = Session::default();
+    for (path, accept) in SESSION_REQUESTS {
+        let (status, _, size) = client
+            .send(
+                &mut conn,
+                Method::GET,
+                &format!("{prefix}{path}"),
+                &[("cookie", &cookie), ("accept", accept)],
+                Bytes::new(),
+            )
+            .await?;
+        ensure!(status == StatusCode::OK, "GET {prefix}{path} answered {status}");
+        result.bytes += size;
+    }
+    result.load = began.elapsed();
+    let mut request = format!("wss://{}{prefix}comms", client.host).into_client_request()?;
+    request
+        .headers_mut()
+        .insert(header::COOKIE, cookie.parse()?);
+    request
+        .headers_mut()
+        .insert(header::ORIGIN, format!("https://{}", client.host).parse()?);
+    let (mut ws, _) = tokio_tungstenite::client_async(request, client.tls().await?).await?;
+    // What the editor sends once comms is up.
+    ws.send(Message::text(r#"{"subscribe":"notification/#"}"#))
+        .await?;
+    ws.send(Message::text(r#"{"subscribe":"status/#"}"#))
+        .await?;
+    ws.send(Message::text(r#"{"subscribe":"debug"}"#)).await?;
+    result.ws_open = began.elapsed();
+    let _ = loaded.send(result);
+    loop {
+        tokio::select! {
+            message = ws.next() => match message {
+                Some(Ok(_)) => result.ws_messages += 1,
+                Some(Err(e)) => bail!("comms failed: {e}"),
+                None => bail!("comms closed early"),
+            },
+            _ = hold.changed() => break,
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(result)
+}
+
+/// The first child process of `pid` (the Node-RED `tetherd` launched).
+fn first_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+async fn sessions(args: SessionsArgs) -> Result<()> {
+    let node_red_bin = node_red_bin()?;
+    let tetherd = sibling("tetherd")?;
+    let ticks = clock_ticks().await;
+    let dir = tempfile::tempdir()?;
+    let platform = start_platform(dir.path(), args.users).await?;
+    let token = platform.create_token(TokenSpec::default()).await?;
+    let state = dir.path().join("agent");
+    let out = Command::new(&tetherd)
+        .arg("enroll")
+        .arg("--platform")
+        .arg(platform.url())
+        .arg("--ca")
+        .arg(platform.ca_path())
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--name", "bench"])
+        .env("TETHERD_TOKEN", token.expose())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("cannot run tetherd enroll")?;
+    ensure!(
+        out.status.success(),
+        "tetherd enroll failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let port = free_port()?;
+    let config_path = dir.path().join("tetherd.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "state_dir = {:?}\nlog_level = \"warn\"\n\n\
+             [node_red]\nmode = \"launch\"\ncommand = {:?}\nport = {port}\n",
+            state.display().to_string(),
+            node_red_bin.display().to_string(),
+        ),
+    )?;
+    let log = dir.path().join("tetherd.log");
+    let log_file = File::create(&log)?;
+    let mut agent = Command::new(&tetherd)
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start tetherd")?;
+    let pid = agent.id().context("tetherd exited at once")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let device = loop {
+        if let Some(status) = agent.try_wait()? {
+            bail!(
+                "tetherd exited ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
+            );
+        }
+        let online = platform.devices().await?.into_iter().find(|d| d.online);
+        if let Some(device) = online
+            && let Some(tunnel) = platform.tunnel(&device.id)
+            && tunnel.connected().await.is_ok()
+        {
+            break device.id;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the tunnel did not come up within 20 s; tetherd's log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default().trim()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tether_agent::node_red::wait_ready(([127, 0, 0, 1], port).into(), Duration::from_secs(60))
+        .await
+        .context("Node-RED did not come up")?;
+    let node_red_pid = first_child(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = memory(pid)?;
+    let cpu_idle = cpu_secs(pid, ticks)?;
+
+    let client = Client::new(&platform)?;
+    let prefix = format!("/devices/{device}/editor/");
+    eprintln!("logging in {} sessions", args.sessions);
+    let mut cookies = Vec::new();
+    for i in 0..args.sessions {
+        cookies.push(client.login(&user_name(i % args.users)).await?);
+    }
+
+    // A sampler for the peak between two reads of VmHWM.
+    let (stop_sampler, mut stopped) = watch::channel(false);
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0u64;
+        loop {
+            if let Ok(m) = memory(pid) {
+                peak = peak.max(m.rss);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = stopped.changed() => return peak,
+            }
+        }
+    });
+
+    let n = args.sessions as usize;
+    let start = Arc::new(Barrier::new(n + 1));
+    let (release, hold) = watch::channel(false);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut set = JoinSet::new();
+    for cookie in cookies {
+        set.spawn(session(
+            client.clone(),
+            prefix.clone(),
+            cookie,
+            start.clone(),
+            hold.clone(),
+            tx.clone(),
+        ));
+    }
+    drop(tx);
+    let cpu_before = cpu_secs(pid, ticks)?;
+    start.wait().await;
+    let began = Instant::now();
+    let mut ready = Vec::with_capacity(n);
+    while ready.len() < n {
+        tokio::select! {
+            s = rx.recv() => match s {
+                Some(s) => ready.push(s),
+                None => break,
+            },
+            Some(done) = set.join_next() => {
+                done??;
+                bail!("a session ended before its comms was up");
+            }
+            () = tokio::time::sleep(Duration::from_secs(120)) => bail!("only {} of {n} sessions loaded within 120 s", ready.len()),
+        }
+    }
+    let all_open = began.elapsed();
+    let cpu_loaded = cpu_secs(pid, ticks)?;
+    let loaded = memory(pid)?;
+    eprintln!(
+        "{n} sessions loaded and holding comms in {:.2} s; holding {} s",
+        all_open.as_secs_f64(),
+        args.hold_secs
+    );
+    tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
+    let held = memory(pid)?;
+    let cpu_held = cpu_secs(pid, ticks)?;
+    let node_red_held = node_red_pid.and_then(|p| memory(p).ok());
+    release.send(true)?;
+    let mut messages = 0;
+    while let Some(done) = set.join_next().await {
+        messages += done??.ws_messages;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let closed = memory(pid)?;
+    let cpu_closed = cpu_secs(pid, ticks)?;
+    stop_sampler.send(true)?;
+    let peak = sampler.await?.max(closed.hwm);
+
+    let loads: Vec<f64> = ready.iter().map(|s| s.load.as_secs_f64() * 1e3).collect();
+    let opens: Vec<f64> = ready
+        .iter()
+        .map(|s| s.ws_open.as_secs_f64() * 1e3)
+        .collect();
+    let bytes: u64 = ready.iter().map(|s| s.bytes).sum();
+    println!(
+        "\n## tether-editor-bench sessions: {n} editor sessions at once ({} users), a tetherd process with Node-RED\n",
+        args.users
+    );
+    println!(
+        "Each session: its own login, {} requests on one keep-alive connection ({:.1} MiB in all, {:.0} KiB each), then the comms WebSocket, held {} s ({messages} messages received in all).\n",
+        SESSION_REQUESTS.len(),
+        bytes as f64 / (1024.0 * 1024.0),
+        bytes as f64 / n as f64 / 1024.0,
+        args.hold_secs
+    );
+    println!(
+        "All {n} loaded with comms open after {:.2} s; per session: requests p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms; comms open p50 {:.0} ms, max {:.0} ms.\n",
+        all_open.as_secs_f64(),
+        quantile(&loads, 0.5),
+        quantile(&loads, 0.9),
+        quantile(&loads, 1.0),
+        quantile(&opens, 0.5),
+        quantile(&opens, 1.0),
+    );
+    println!("| tetherd | VmRSS | VmHWM | RssAnon | RssFile | tetherd CPU-s |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let row = |name: &str, m: Memory, cpu: Option<f64>| {
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            mib(m.rss),
+            mib(m.hwm),
+            mib(m.anon),
+            mib(m.file),
+            cpu.map_or(String::new(), |c| format!("{c:.2}"))
+        );
+    };
+    row("tunnel up, Node-RED up, no session", idle, Some(cpu_idle));
+    row(
+        &format!("{n} sessions loaded, comms open"),
+        loaded,
+        Some(cpu_loaded - cpu_before),
+    );
+    row(
+        &format!("after {} s with {n} comms open", args.hold_secs),
+        held,
+        Some(cpu_held - cpu_loaded),
+    );
+    row(
+        "5 s after all sessions closed",
+        closed,
+        Some(cpu_closed - cpu_held),
+    );
+    if let Some(m) = node_red_held {
+        println!(
+            "\nFor scale, Node-RED (its own process) with {n} comms open: VmRSS {}, VmHWM {}.",
+            mib(m.rss),
+            mib(m.hwm)
+        );
+    }
+    println!("\ntetherd's peak VmRSS (sampled every 20 ms, and VmHWM): {}\n", mib(peak));
+    verdict(
+        peak < BUDGET_SESSIONS_RSS_KIB,
+        format!(
+            "tetherd peak resident memory with {n} editor sessions {} (budget < {})",
+            mib(peak),
+            mib(BUDGET_SESSIONS_RSS_KIB)
+        ),
+    );
+
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .await?;
+    ensure!(status.success(), "kill -TERM {pid} failed");
+    if tokio::time::timeout(Duration::from_secs(15), agent.wait())
+        .await
+        .is_err()
+    {
+        agent.kill().await?;
+    }
+    platform.shutdown().await;
+    Ok(())
+}
