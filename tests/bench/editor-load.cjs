@@ -11,20 +11,24 @@
 // tunnel load first logs in to the platform (POST /login from the context,
 // not timed), then navigates to the editor. Timed from just before
 // `page.goto` to: the palette rendered (more than 20 `.red-ui-palette-node`),
-// and the last HTTP response finished before the network went idle
-// (Playwright's `networkidle`: no request for 500 ms; the comms WebSocket
-// does not count). Bytes are what Chromium reports per request
-// (`request.sizes()`: response headers and encoded body).
+// and the last HTTP response of the load: the network is taken as quiet once
+// no request has been in flight, started or finished for 1.5 s after the
+// palette rendered (the comms WebSocket does not count). Bytes are what Chromium reports per request
+// (`request.sizes()`: response headers and encoded body). Requests to other
+// origins (the palette manager's catalogue on catalogue.nodered.org) fail
+// offline and are counted apart.
 //
 //   PLAYWRIGHT_CORE   path of the playwright-core package
 //   CHROMIUM          the browser binary (default /usr/bin/chromium)
 //   EDITOR_BENCH_DEBUG=1  also lists every request and comms frame on stderr
+//   EDITOR_BENCH_SHOT=DIR  a screenshot of each load, once quiet, in DIR
 'use strict';
 
 const { chromium } = require(process.env.PLAYWRIGHT_CORE || 'playwright-core');
 const readline = require('readline');
 
 const TIMEOUT = 60000;
+const QUIET = 1500;
 const DEBUG = process.env.EDITOR_BENCH_DEBUG === '1';
 
 async function load(browser, cmd) {
@@ -44,10 +48,20 @@ async function load(browser, cmd) {
         page.setDefaultTimeout(TIMEOUT);
         const requests = [];
         let lastResponse = 0;
+        let lastActivity = Date.now();
+        let inflight = 0;
+        page.on('request', () => {
+            inflight += 1;
+            lastActivity = Date.now();
+        });
+        const origin = new URL(cmd.url).origin;
         let failed = 0;
+        let external = 0;
         let websockets = 0;
         page.on('requestfinished', (request) => {
             const at = Date.now();
+            inflight -= 1;
+            lastActivity = at;
             lastResponse = Math.max(lastResponse, at);
             requests.push(
                 request.sizes().then(async (sizes) => {
@@ -63,7 +77,12 @@ async function load(browser, cmd) {
             );
         });
         page.on('requestfailed', (request) => {
-            failed += 1;
+            inflight -= 1;
+            lastActivity = Date.now();
+            // The palette manager asks catalogue.nodered.org, which this
+            // machine cannot reach: not part of the load, the same for both.
+            if (new URL(request.url()).origin !== origin) external += 1;
+            else failed += 1;
             if (DEBUG) console.error(`FAILED ${request.url()} ${request.failure() && request.failure().errorText}`);
         });
         page.on('websocket', (ws) => {
@@ -78,7 +97,19 @@ async function load(browser, cmd) {
         await page.goto(cmd.url, { waitUntil: 'commit' });
         await page.waitForFunction(() => document.querySelectorAll('.red-ui-palette-node').length > 20, null, { polling: 10 });
         const palette = Date.now() - start;
-        await page.waitForLoadState('networkidle');
+        // Quiet: nothing in flight and nothing started or finished for
+        // QUIET ms. (Playwright's own `networkidle` is no use here: it is
+        // reached in the pause while the browser compiles the scripts, before
+        // the editor asks for its settings, nodes and icons.)
+        for (;;) {
+            const now = Date.now();
+            if (inflight === 0 && now - lastActivity >= QUIET) break;
+            if (now - start > TIMEOUT) throw new Error('the network never went quiet');
+            await page.waitForTimeout(50);
+        }
+        if (process.env.EDITOR_BENCH_SHOT) {
+            await page.screenshot({ path: `${process.env.EDITOR_BENCH_SHOT}/${cmd.kind}.png` });
+        }
         const list = await Promise.all(requests);
         const idle = lastResponse - start;
         const bad = list.filter((r) => r.status >= 400);
@@ -90,6 +121,7 @@ async function load(browser, cmd) {
             idle_ms: idle,
             requests: list.length,
             failed,
+            external,
             errors: bad.length,
             body_bytes: list.reduce((s, r) => s + Math.max(0, r.body), 0),
             header_bytes: list.reduce((s, r) => s + Math.max(0, r.headers), 0),

@@ -63,24 +63,37 @@ const BUDGET_SESSIONS_RSS_KIB: u64 = 32 * 1024;
 
 /// The requests of one scripted editor session, as the editor makes them
 /// on a cold load (Node-RED 4, `EDITOR_BENCH_DEBUG=1` of the browser script
-/// lists them), relative to the editor's root, with their `Accept`.
+/// lists them; the icons and type definitions left out), relative to the editor's root, with their `Accept`.
 const SESSION_REQUESTS: &[(&str, &str)] = &[
     ("", "text/html"),
+    ("vendor/jquery/css/base/jquery-ui.min.css", "text/css"),
+    ("vendor/font-awesome/css/font-awesome.min.css", "text/css"),
     ("red/style.min.css", "text/css"),
+    ("vendor/monaco/style.css", "text/css"),
+    ("vendor/monaco/monaco-bootstrap.js", "*/*"),
+    ("red/main.min.js", "*/*"),
     ("vendor/vendor.js", "*/*"),
     ("red/red.min.js", "*/*"),
-    ("red/main.min.js", "*/*"),
+    ("vendor/monaco/dist/editor.js", "*/*"),
     ("theme", "application/json"),
-    ("settings", "application/json"),
-    ("settings/user", "application/json"),
     ("locales/editor?lng=en-US", "application/json"),
     ("locales/node-red?lng=en-US", "application/json"),
+    ("locales/jsonata?lng=en-US", "application/json"),
+    ("locales/infotips?lng=en-US", "application/json"),
+    ("settings", "application/json"),
+    ("settings/user", "application/json"),
+    ("red/keymap.json", "application/json"),
     ("plugins", "application/json"),
-    ("plugins", "text/html"),
+    ("plugins/messages?lng=en-US", "application/json"),
     ("nodes", "application/json"),
-    ("nodes", "text/html"),
+    ("nodes/messages?lng=en-US", "application/json"),
     ("icons", "application/json"),
+    ("nodes", "text/html"),
     ("flows", "application/json"),
+    (
+        "vendor/font-awesome/fonts/fontawesome-webfont.woff2?v=4.7.0",
+        "*/*",
+    ),
 ];
 
 #[derive(Debug, Parser)]
@@ -444,7 +457,7 @@ async fn load(args: LoadArgs) -> Result<()> {
             }
         }
         eprintln!(
-            "round {}/{}: direct {:.0} ms, tunnel {:.0} ms (network idle)",
+            "round {}/{}: direct {:.0} ms, tunnel {:.0} ms (last response)",
             round + 1,
             args.loads,
             direct.last().map_or(0.0, |l| l.idle_ms),
@@ -457,7 +470,7 @@ async fn load(args: LoadArgs) -> Result<()> {
         args.loads
     );
     println!(
-        "| contender | palette rendered p50 | p90 | last response (network idle) p50 | p90 | requests | response bodies | response headers | comms WebSockets |"
+        "| contender | palette rendered p50 | p90 | last response (all requests) p50 | p90 | requests | response bodies | response headers | comms WebSockets |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let summary = |loads: &[Loaded]| {
@@ -533,11 +546,7 @@ type Conn = SendRequest<Full<Bytes>>;
 
 impl Client {
     fn new(platform: &Platform) -> Result<Client> {
-        let addr: SocketAddr = platform
-            .url()
-            .trim_start_matches("https://")
-            .parse()
-            .context("the platform's address")?;
+        let addr: SocketAddr = platform.local_addr();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(
@@ -660,7 +669,10 @@ async fn session(
                 Bytes::new(),
             )
             .await?;
-        ensure!(status == StatusCode::OK, "GET {prefix}{path} answered {status}");
+        ensure!(
+            status == StatusCode::OK,
+            "GET {prefix}{path} answered {status}"
+        );
         result.bytes += size;
     }
     result.load = began.elapsed();
@@ -673,11 +685,16 @@ async fn session(
         .insert(header::ORIGIN, format!("https://{}", client.host).parse()?);
     let (mut ws, _) = tokio_tungstenite::client_async(request, client.tls().await?).await?;
     // What the editor sends once comms is up.
-    ws.send(Message::text(r#"{"subscribe":"notification/#"}"#))
-        .await?;
-    ws.send(Message::text(r#"{"subscribe":"status/#"}"#))
-        .await?;
-    ws.send(Message::text(r#"{"subscribe":"debug"}"#)).await?;
+    for topic in [
+        "notification/#",
+        "status/#",
+        "debug",
+        "event-log/#",
+        "notification/runtime-deploy",
+    ] {
+        ws.send(Message::text(format!(r#"{{"subscribe":"{topic}"}}"#)))
+            .await?;
+    }
     result.ws_open = began.elapsed();
     let _ = loaded.send(result);
     loop {
@@ -925,7 +942,10 @@ async fn sessions(args: SessionsArgs) -> Result<()> {
             mib(m.hwm)
         );
     }
-    println!("\ntetherd's peak VmRSS (sampled every 20 ms, and VmHWM): {}\n", mib(peak));
+    println!(
+        "\ntetherd's peak VmRSS (sampled every 20 ms, and VmHWM): {}\n",
+        mib(peak)
+    );
     verdict(
         peak < BUDGET_SESSIONS_RSS_KIB,
         format!(
