@@ -143,6 +143,7 @@ impl Shared {
             .tunnel
             .max_stream_window
             .unwrap_or(DEVICE_MAX_STREAM_WINDOW);
+        proto.max_send_buffer = DEVICE_MAX_SEND_BUFFER;
         if let Some(k) = self.config.tunnel.keepalive_interval {
             proto.keepalive_interval = k;
         }
@@ -163,6 +164,12 @@ impl Shared {
 /// (`docs/benchmarks.md`). It still allows 40 Mbit/s per stream on a 100 ms
 /// path; links that are both fast and long can raise it.
 const DEVICE_MAX_STREAM_WINDOW: u32 = 512 * 1024;
+
+/// The most the device's streams may have written and not yet sent, all
+/// together (tether-proto's default is 8 MiB). Each stream still buffers up
+/// to 256 KiB, so one bulk stream runs as before; many at once (50 editors
+/// loading) wait for the tunnel instead of filling the gateway's memory.
+const DEVICE_MAX_SEND_BUFFER: usize = 2 * 1024 * 1024;
 
 /// What the agent is started with besides its config.
 #[derive(Clone, Debug)]

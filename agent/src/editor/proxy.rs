@@ -327,6 +327,12 @@ fn to_node_red(
     Ok(Request::from_parts(parts, body))
 }
 
+/// hyper's read buffer per connection to Node-RED. It also bounds the body
+/// chunks handed to the stream's side, whose write buffer grows to hold one
+/// chunk: with hyper's default (about 400 KiB) 50 editors loading at once
+/// held 48 MiB in these two buffers (`docs/benchmarks.md`, "Editor").
+const UPSTREAM_BUF: usize = 32 * 1024;
+
 /// Sends one request on a new connection to Node-RED. The connection's task
 /// is aborted if this future is dropped before the answer's headers arrive
 /// (the timeout); after that it lives as long as the answer's body (or the
@@ -339,7 +345,9 @@ async fn send(
         .await
         .map_err(UpstreamError::Connect)?;
     let _ = tcp.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(UPSTREAM_BUF)
+        .handshake(TokioIo::new(tcp))
         .await
         .map_err(UpstreamError::Http)?;
     let mut task = AbortOnDrop(Some(tokio::spawn(async move {
