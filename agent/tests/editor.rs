@@ -286,7 +286,8 @@ async fn send(client: &mut Client, method: Method, path: &str, body: Bytes) -> A
     let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "device");
+        .header("host", "device")
+        .header("accept", "application/json");
     for (k, v) in FORWARDED_BY_MISTAKE {
         req = req.header(*k, *v);
     }

@@ -146,7 +146,7 @@ async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<Body>
     let protection = session.editor.protection.enabled();
     if let Access::Deny(reason) = policy::decide(session.role, protection, &method, &path) {
         session.refused(reason.clone(), &method, &path);
-        return reply::forbidden(&reason);
+        return reply::forbidden(&reason, req.headers().get(http::header::ACCEPT));
     }
     let response = if headers::is_websocket_upgrade(req.headers()) {
         websocket(session, req, protection).await

@@ -1,9 +1,10 @@
 //! The answers the agent itself gives on an editor stream: a short HTML page
 //! for a refused grant or an unreachable Node-RED (the engineer sees it in
-//! the browser), and Node-RED's own error shape, JSON with a `message`, for
-//! a request the role may not make (the editor shows it for a failed
-//! deploy). Every text is escaped; nothing here echoes a grant, a token or
-//! a header.
+//! the browser), and for a request the role may not make, Node-RED's own
+//! error shape (JSON with a `message`) to clients that ask for JSON, and the
+//! bare sentence to everyone else: the editor's deploy asks for `*/*` and
+//! shows the answer's text verbatim ("Deploy failed: ..."). Every text is
+//! escaped; nothing here echoes a grant, a token or a header.
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -24,8 +25,20 @@ pub(super) fn page(status: StatusCode, title: &str, message: &str) -> Response<B
     with_body(status, "text/html; charset=utf-8", html.into())
 }
 
-/// `403` with `{"error": "forbidden", "message": message}`.
-pub(super) fn forbidden(message: &str) -> Response<Body> {
+/// `403` with `{"error": "forbidden", "message": message}` when the client
+/// accepts JSON by name (`accept` is its `Accept` header), else with the
+/// message alone as plain text.
+pub(super) fn forbidden(message: &str, accept: Option<&header::HeaderValue>) -> Response<Body> {
+    let wants_json = accept
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"));
+    if !wants_json {
+        return with_body(
+            StatusCode::FORBIDDEN,
+            "text/plain; charset=utf-8",
+            Bytes::from(message.to_owned()),
+        );
+    }
     let json = serde_json::json!({"error": "forbidden", "message": message});
     with_body(
         StatusCode::FORBIDDEN,
@@ -99,11 +112,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_denial_is_node_red_shaped_json() {
-        let response = forbidden("no \"deploy\"");
+    async fn a_denial_is_node_red_shaped_json_for_json_clients() {
+        let accept = header::HeaderValue::from_static("application/json, text/plain, */*");
+        let response = forbidden("no \"deploy\"", Some(&accept));
         assert_eq!(response.status(), StatusCode::FORBIDDEN);
         let json: serde_json::Value = serde_json::from_str(&text(response).await).unwrap();
         assert_eq!(json["error"], "forbidden");
         assert_eq!(json["message"], "no \"deploy\"");
+    }
+
+    #[tokio::test]
+    async fn a_denial_is_the_bare_sentence_for_the_editors_deploy() {
+        let any = header::HeaderValue::from_static("*/*");
+        for accept in [Some(&any), None] {
+            let response = forbidden("your role (viewer) may not deploy", accept);
+            assert_eq!(response.status(), StatusCode::FORBIDDEN);
+            assert_eq!(
+                response.headers()["content-type"],
+                "text/plain; charset=utf-8"
+            );
+            assert_eq!(text(response).await, "your role (viewer) may not deploy");
+        }
     }
 }
