@@ -1,4 +1,10 @@
 //! Home of Tether's end-to-end tests: they start the real `tetherd` and the
-//! reference platform (`tests/platform`, arriving with the identity work) on
-//! 127.0.0.1 and check what a user would see. The protocol's own tests live
-//! in `tunnel-proto`.
+//! reference platform (`tests/platform`) on 127.0.0.1 and check what a user
+//! would see. The protocol's own tests live in `tunnel-proto`.
+//!
+//! The library holds what the tests and the benchmark binaries share:
+//! [`bench`] (figures from `/proc`, verdict lines) and [`tools`] (where
+//! Node-RED, playwright-core and chromium are).
+
+pub mod bench;
+pub mod tools;

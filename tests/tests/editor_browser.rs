@@ -14,33 +14,20 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use tether_agent::config::{NodeRedConfig, NodeRedMode};
 use tether_agent::{Agent, TunnelState};
+use tether_e2e::bench::free_port;
+use tether_e2e::tools;
 use tether_proto::api::Secret;
 use tether_proto::grant::Role;
 
 const OWNER: (&str, &str) = ("olga", "owner-password-for-the-test");
 const VIEWER: (&str, &str) = ("vic", "viewer-password-for-the-test");
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-fn cache() -> PathBuf {
-    std::env::var_os("TETHER_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/tether")
-        })
-}
 
 /// What the browser test needs, or why it cannot run.
 struct Tools {
@@ -49,44 +36,22 @@ struct Tools {
     chromium: PathBuf,
 }
 
-fn tools() -> Result<Tools, String> {
-    let node_red = std::env::var_os("TETHER_NODE_RED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("node-red/node_modules/.bin/node-red"));
-    let playwright = std::env::var_os("PLAYWRIGHT_CORE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("browser/node_modules/playwright-core"));
-    let chromium = std::env::var_os("CHROMIUM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    let missing: Vec<String> = [
-        (&node_red, "Node-RED: run `bash tests/nodered/install.sh`"),
-        (
-            &playwright,
-            "playwright-core: run `bash tests/browser/install.sh`",
-        ),
-        (&chromium, "chromium: run `bash tests/browser/install.sh`"),
+fn find_tools() -> Result<Tools, String> {
+    let found = [
+        tools::node_red(),
+        tools::playwright_core(),
+        tools::chromium(),
     ]
-    .into_iter()
-    .filter(|(path, _)| !path.exists())
-    .map(|(path, how)| format!("{} is missing ({how})", path.display()))
-    .collect();
-    if missing.is_empty() {
-        Ok(Tools {
+    .map(|t| t.find());
+    let missing: Vec<String> = found.iter().filter_map(|f| f.clone().err()).collect();
+    match found {
+        [Ok(node_red), Ok(playwright), Ok(chromium)] => Ok(Tools {
             node_red,
             playwright,
             chromium,
-        })
-    } else {
-        Err(missing.join("; "))
+        }),
+        _ => Err(missing.join("; ")),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// One HTTP/1.1 GET on 127.0.0.1, without any credentials: the status code.
@@ -109,8 +74,8 @@ async fn bare_status(port: u16, path: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
-    let tools = match tools() {
-        Ok(tools) => tools,
+    let peers = match find_tools() {
+        Ok(peers) => peers,
         Err(why) if std::env::var_os("CI").is_some() => {
             panic!("{why} (CI is set: this test may not be skipped)")
         }
@@ -129,11 +94,11 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
     }
     let state = dir.path().join("device");
     enrolled(&platform, &state).await;
-    let node_red_port = free_port();
+    let node_red_port = free_port().expect("a free port");
     let mut config = agent_config(&state);
     config.node_red = NodeRedConfig {
         mode: NodeRedMode::Launch,
-        command: tools.node_red.display().to_string(),
+        command: peers.node_red.display().to_string(),
         user_dir: None,
         port: node_red_port,
     };
@@ -152,10 +117,10 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
         assert_eq!(bare_status(node_red_port, path).await, 401, "GET {path}");
     }
 
-    let shots = workspace().join("target/editor-e2e");
+    let shots = tools::workspace().join("target/editor-e2e");
     std::fs::create_dir_all(&shots).unwrap();
     let browser = tokio::process::Command::new("node")
-        .arg(workspace().join("tests/browser/editor.cjs"))
+        .arg(tools::workspace().join("tests/browser/editor.cjs"))
         .env("TETHER_URL", platform.url())
         .env("TETHER_DEVICE", &device)
         .env("OWNER", OWNER.0)
@@ -167,8 +132,8 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
             format!("http://127.0.0.1:{node_red_port}"),
         )
         .env("SCREENSHOT_DIR", &shots)
-        .env("PLAYWRIGHT_CORE", &tools.playwright)
-        .env("CHROMIUM", &tools.chromium)
+        .env("PLAYWRIGHT_CORE", &peers.playwright)
+        .env("CHROMIUM", &peers.chromium)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

@@ -26,7 +26,7 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +37,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tether_agent::config::{Config as AgentConfig, ReconnectConfig};
 use tether_agent::enroll::{EnrollOptions, enroll};
 use tether_agent::{Agent, Clock, TunnelState};
+use tether_e2e::bench::{Memory, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict};
 use tether_platform::admin::CreateTokenRequest;
 use tether_platform::client::AdminClient;
 use tether_platform::{Platform, PlatformConfig, TokenSpec};
@@ -156,19 +157,6 @@ async fn main() -> Result<()> {
 }
 
 // --- shared -----------------------------------------------------------------
-
-/// A binary built next to this one (target/release).
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let dir = exe.parent().context("this executable has no directory")?;
-    let path = dir.join(name);
-    ensure!(
-        path.is_file(),
-        "{} is missing; help: cargo build --release -p tether-agent -p tether-platform",
-        path.display()
-    );
-    Ok(path)
-}
 
 /// In-process services on 127.0.0.1 for `tetherd` to bridge to: an echo and
 /// a sink that counts what it discards.
@@ -342,64 +330,6 @@ async fn signal(pid: u32, name: &str) -> Result<()> {
         .context("cannot run kill")?;
     ensure!(status.success(), "kill -{name} {pid} failed");
     Ok(())
-}
-
-/// `VmRSS`, `VmHWM`, `RssAnon`, `RssFile` of a process, KiB.
-#[derive(Clone, Copy, Debug, Default)]
-struct Memory {
-    rss: u64,
-    hwm: u64,
-    anon: u64,
-    file: u64,
-}
-
-fn memory(pid: u32) -> Result<Memory> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok(Memory {
-        rss: field("VmRSS:"),
-        hwm: field("VmHWM:"),
-        anon: field("RssAnon:"),
-        file: field("RssFile:"),
-    })
-}
-
-/// User plus system CPU time of a process, seconds.
-fn cpu_secs(pid: u32, ticks_per_sec: f64) -> Result<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // After the command name: state is field 3, utime 14 and stime 15.
-    Ok((tick(11) + tick(12)) / ticks_per_sec)
-}
-
-async fn clock_ticks() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().await;
-    out.ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.2} MiB", kib as f64 / 1024.0)
-}
-
-fn verdict(met: bool, text: String) {
-    println!("{} {text}", if met { "PASS" } else { "MISS" });
 }
 
 // --- latency ------------------------------------------------------------------
@@ -810,11 +740,6 @@ fn open_file_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
-}
-
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 fn spawn_platform(bin: &Path, data: &Path, port: u16, agents: u32, log: &Path) -> Result<Child> {

@@ -25,7 +25,7 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,8 @@ use tether_agent::editor::EditorTarget;
 use tether_agent::enroll::{EnrollOptions, enroll};
 use tether_agent::node_red::{NodeRed, Permissions};
 use tether_agent::{Agent, AgentOptions, TunnelState};
+use tether_e2e::bench::{Memory, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict};
+use tether_e2e::tools;
 use tether_platform::{Platform, PlatformConfig, RateLimit, TokenSpec};
 use tether_proto::api::Secret;
 use tether_proto::grant::Role;
@@ -145,53 +147,6 @@ async fn main() -> Result<()> {
 
 // --- shared -----------------------------------------------------------------
 
-fn cache() -> PathBuf {
-    std::env::var_os("TETHER_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/tether")
-        })
-}
-
-fn tool(var: &str, default: PathBuf, how: &str) -> Result<PathBuf> {
-    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
-    ensure!(path.exists(), "{} is missing ({how})", path.display());
-    Ok(path)
-}
-
-fn node_red_bin() -> Result<PathBuf> {
-    tool(
-        "TETHER_NODE_RED",
-        cache().join("node-red/node_modules/.bin/node-red"),
-        "run `bash tests/nodered/install.sh`",
-    )
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-/// A binary built next to this one (target/release).
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let dir = exe.parent().context("this executable has no directory")?;
-    let path = dir.join(name);
-    ensure!(
-        path.is_file(),
-        "{} is missing; help: cargo build --release -p tether-e2e -p tether-agent --bins",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// An in-process platform whose login rate limit does not get in the way,
 /// with `users` owners of team `default` (password: their name twice).
 async fn start_platform(dir: &Path, users: u32) -> Result<Platform> {
@@ -216,63 +171,6 @@ fn user_name(i: u32) -> String {
 
 fn password(name: &str) -> String {
     format!("{name}-{name}-password")
-}
-
-/// `VmRSS`, `VmHWM`, `RssAnon`, `RssFile` of a process, KiB.
-#[derive(Clone, Copy, Debug, Default)]
-struct Memory {
-    rss: u64,
-    hwm: u64,
-    anon: u64,
-    file: u64,
-}
-
-fn memory(pid: u32) -> Result<Memory> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok(Memory {
-        rss: field("VmRSS:"),
-        hwm: field("VmHWM:"),
-        anon: field("RssAnon:"),
-        file: field("RssFile:"),
-    })
-}
-
-/// User plus system CPU time of a process, seconds.
-fn cpu_secs(pid: u32, ticks_per_sec: f64) -> Result<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    Ok((tick(11) + tick(12)) / ticks_per_sec)
-}
-
-async fn clock_ticks() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().await;
-    out.ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.2} MiB", kib as f64 / 1024.0)
-}
-
-fn verdict(met: bool, text: String) {
-    println!("{} {text}", if met { "PASS" } else { "MISS" });
 }
 
 /// The value at quantile `q` of `values` (sorted here), nearest rank.
@@ -308,18 +206,12 @@ struct Browser {
 
 impl Browser {
     async fn start() -> Result<Browser> {
-        let playwright = tool(
-            "PLAYWRIGHT_CORE",
-            cache().join("browser/node_modules/playwright-core"),
-            "run `bash tests/browser/install.sh`",
-        )?;
-        let chromium = tool(
-            "CHROMIUM",
-            PathBuf::from("/usr/bin/chromium"),
-            "run `bash tests/browser/install.sh`",
-        )?;
+        let playwright = tools::playwright_core()
+            .find()
+            .map_err(anyhow::Error::msg)?;
+        let chromium = tools::chromium().find().map_err(anyhow::Error::msg)?;
         let mut child = Command::new("node")
-            .arg(workspace().join("tests/bench/editor-load.cjs"))
+            .arg(tools::workspace().join("tests/bench/editor-load.cjs"))
             .env("PLAYWRIGHT_CORE", playwright)
             .env("CHROMIUM", chromium)
             .stdin(Stdio::piped())
@@ -368,7 +260,7 @@ impl Browser {
 }
 
 async fn load(args: LoadArgs) -> Result<()> {
-    let node_red_bin = node_red_bin()?;
+    let node_red_bin = tools::node_red().find().map_err(anyhow::Error::msg)?;
     let mut browser = Browser::start().await?;
     let dir = tempfile::tempdir()?;
     let platform = start_platform(dir.path(), 1).await?;
@@ -722,7 +614,7 @@ fn first_child(pid: u32) -> Option<u32> {
 }
 
 async fn sessions(args: SessionsArgs) -> Result<()> {
-    let node_red_bin = node_red_bin()?;
+    let node_red_bin = tools::node_red().find().map_err(anyhow::Error::msg)?;
     let tetherd = sibling("tetherd")?;
     let ticks = clock_ticks().await;
     let dir = tempfile::tempdir()?;
