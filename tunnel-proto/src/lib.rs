@@ -28,6 +28,8 @@ pub mod config;
 pub mod connection;
 #[cfg(feature = "api")]
 pub mod control;
+#[cfg(feature = "grant")]
+pub mod editor_headers;
 pub mod frame;
 #[cfg(feature = "grant")]
 pub mod grant;

@@ -4,58 +4,25 @@
 //! platform might carry (`Authorization`, `Cookie`, `Proxy-Authorization`),
 //! every `X-Tether-*` header (only the agent sets those), the hop-by-hop
 //! headers of RFC 9110 §7.6.1 with any header `Connection` names, `Host`
-//! and `Expect`; then it sets `Host` and the agent's own token header. A
+//! and `Expect` (the rules both ends share: `tether_proto::editor_headers`);
+//! then it sets `Host` and the agent's own token header. A
 //! WebSocket upgrade keeps its `Upgrade: websocket` and gets a fresh
 //! `Connection: upgrade`. Answers lose their hop-by-hop headers, except a
 //! `101`, which needs them. This module only edits header maps; it never
 //! logs a header value.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use tether_proto::editor_headers::{strip_hop_by_hop, strip_request, strip_tether_headers};
 
-/// The header that carries the agent's local token to Node-RED.
-pub const TOKEN_HEADER: &str = "x-tether-token";
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the old `Keep-Alive` and
-/// `Proxy-Connection`).
-const HOP_BY_HOP: &[HeaderName] = &[
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-const KEEP_ALIVE: &str = "keep-alive";
-const PROXY_CONNECTION: &str = "proxy-connection";
-
-/// True if the request asks for a WebSocket upgrade.
-pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let upgrade = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .any(|v| has_token(v, "websocket"));
-    let connection = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v, "upgrade"));
-    upgrade && connection
-}
+pub use crate::node_red::TOKEN_HEADER;
+pub use tether_proto::editor_headers::is_websocket_upgrade;
 
 /// Prepares a request's headers for Node-RED at `host`, with `token` (if the
 /// local Node-RED is locked down) in [`TOKEN_HEADER`].
 pub fn to_node_red(headers: &mut HeaderMap, host: &str, token: Option<HeaderValue>) {
     let websocket = is_websocket_upgrade(headers);
-    remove_hop_by_hop(headers);
-    for name in [
-        header::AUTHORIZATION,
-        header::COOKIE,
-        header::HOST,
-        header::EXPECT,
-    ] {
-        headers.remove(name);
-    }
-    remove_tether_headers(headers);
+    strip_request(headers);
+    headers.remove(header::HOST);
     if let Ok(host) = HeaderValue::from_str(host) {
         headers.insert(header::HOST, host);
     }
@@ -72,44 +39,9 @@ pub fn to_node_red(headers: &mut HeaderMap, host: &str, token: Option<HeaderValu
 /// Prepares an answer's headers for the platform. A `101` keeps them all.
 pub fn from_node_red(headers: &mut HeaderMap, switching_protocols: bool) {
     if !switching_protocols {
-        remove_hop_by_hop(headers);
+        strip_hop_by_hop(headers);
     }
-    remove_tether_headers(headers);
-}
-
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Names listed in `Connection` are hop-by-hop for this message too.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed.iter().chain(HOP_BY_HOP) {
-        headers.remove(name);
-    }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-}
-
-fn remove_tether_headers(headers: &mut HeaderMap) {
-    let tether: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("x-tether-"))
-        .cloned()
-        .collect();
-    for name in tether {
-        headers.remove(name);
-    }
-}
-
-/// True if the comma-separated header value holds `token` (any case).
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        .unwrap_or(false)
+    strip_tether_headers(headers);
 }
 
 #[cfg(test)]

@@ -30,12 +30,13 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::header;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self as client, SendRequest};
 use hyper_util::rt::TokioIo;
+use tether_proto::editor_headers::{strip_hop_by_hop, strip_request};
 use tether_proto::grant::{GRANT_METADATA_KEY, Grant, MAX_LIFETIME_SECS};
 use tether_proto::tokio_io::TunnelStream;
 use tether_proto::{OpenError, Service, ServiceHeader};
@@ -59,19 +60,6 @@ pub const REUSE_MARGIN_SECS: u64 = 30;
 const WEBSOCKET_BUFFER: usize = 16 * 1024;
 /// Largest response head read from a device.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1, and
-/// the older `Keep-Alive` and `Proxy-Connection`).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
 
 /// The editor stream a browser connection uses, kept between its requests.
 #[derive(Debug, Default)]
@@ -540,7 +528,7 @@ fn upstream_request(req: Request<Incoming>, uri: Uri, websocket: bool) -> Reques
     parts.extensions = http::Extensions::new();
     let upgrade = parts.headers.get(header::UPGRADE).cloned();
     let host = parts.headers.get(header::HOST).cloned();
-    strip_request_headers(&mut parts.headers);
+    strip_request(&mut parts.headers);
     if let Some(host) = host {
         parts.headers.insert(header::HOST, host);
     }
@@ -551,45 +539,6 @@ fn upstream_request(req: Request<Incoming>, uri: Uri, websocket: bool) -> Reques
         parts.headers.insert(header::UPGRADE, upgrade);
     }
     Request::from_parts(parts, body.boxed())
-}
-
-/// Removes what a device must never see: credentials, the platform's
-/// cookies, hop-by-hop headers, `Expect` and `X-Tether-*`.
-fn strip_request_headers(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::COOKIE);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    // hyper's client sends the body at once; an interim `100 Continue` is
-    // the platform's business with the browser, not the device's.
-    headers.remove(header::EXPECT);
-    let tether: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("x-tether-"))
-        .cloned()
-        .collect();
-    for name in tether {
-        headers.remove(name);
-    }
-}
-
-/// Removes hop-by-hop headers, those named in `Connection` included, and
-/// `Upgrade` (re-added only for a WebSocket).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
 }
 
 /// The device's answer as the browser gets it: the body streamed, without
@@ -628,33 +577,5 @@ mod tests {
         assert_eq!(split_path("/devices/dev_1/editorx"), None);
         assert_eq!(split_path("/devices/dev_1/protection"), None);
         assert_eq!(split_path("/devices/dev_1"), None);
-    }
-
-    #[test]
-    fn credentials_and_hop_by_hop_headers_never_cross() {
-        let mut headers = HeaderMap::new();
-        for (name, value) in [
-            ("cookie", "tether_session=abc"),
-            ("authorization", "Basic x"),
-            ("proxy-authorization", "Basic y"),
-            ("connection", "keep-alive, x-custom-hop"),
-            ("x-custom-hop", "1"),
-            ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
-            ("x-tether-token", "forged"),
-            ("X-Tether-User", "root"),
-            ("upgrade", "h2c"),
-            ("accept", "text/html"),
-            ("host", "platform:8443"),
-        ] {
-            headers.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_static(value),
-            );
-        }
-        strip_request_headers(&mut headers);
-        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["accept", "host"]);
     }
 }
