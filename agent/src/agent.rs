@@ -137,21 +137,23 @@ impl Shared {
 
     /// The tunnel settings, with the config's keepalive overrides.
     pub(crate) fn proto_config(&self) -> tether_proto::Config {
-        let mut proto = tether_proto::Config::new(tether_proto::Role::Device);
-        proto.max_stream_window = self
-            .config
-            .tunnel
-            .max_stream_window
-            .unwrap_or(DEVICE_MAX_STREAM_WINDOW);
-        proto.max_send_buffer = DEVICE_MAX_SEND_BUFFER;
-        if let Some(k) = self.config.tunnel.keepalive_interval {
-            proto.keepalive_interval = k;
-        }
-        if let Some(i) = self.config.tunnel.idle_timeout {
-            proto.idle_timeout = i;
-        }
-        proto
+        proto_config(&self.config.tunnel)
     }
+}
+
+/// tether-proto's device settings with the device's own limits and the
+/// config's `[tunnel]` overrides.
+fn proto_config(tunnel: &crate::config::TunnelConfig) -> tether_proto::Config {
+    let mut proto = tether_proto::Config::new(tether_proto::Role::Device);
+    proto.max_stream_window = tunnel.max_stream_window.unwrap_or(DEVICE_MAX_STREAM_WINDOW);
+    proto.max_send_buffer = DEVICE_MAX_SEND_BUFFER;
+    if let Some(k) = tunnel.keepalive_interval {
+        proto.keepalive_interval = k;
+    }
+    if let Some(i) = tunnel.idle_timeout {
+        proto.idle_timeout = i;
+    }
+    proto
 }
 
 /// The largest receive window one stream on the device may grow to, unless
@@ -477,6 +479,26 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, TunnelConfig};
+
+    #[test]
+    fn the_device_limits_and_the_tunnel_overrides_reach_tether_proto() {
+        let default = proto_config(&TunnelConfig::default());
+        assert_eq!(default.max_stream_window, 512 * 1024);
+        assert_eq!(default.max_send_buffer, 2 * 1024 * 1024);
+        assert_eq!(default.validate(), Ok(()));
+        // Both ends of `max_stream_window_kib`'s range are valid settings.
+        for kib in [256, 8192] {
+            let config =
+                Config::from_toml_str(&format!("[tunnel]\nmax_stream_window_kib = {kib}\nkeepalive_interval = \"5s\"\nidle_timeout = \"20s\""))
+                    .unwrap();
+            let proto = proto_config(&config.tunnel);
+            assert_eq!(proto.max_stream_window, kib * 1024);
+            assert_eq!(proto.keepalive_interval, std::time::Duration::from_secs(5));
+            assert_eq!(proto.idle_timeout, std::time::Duration::from_secs(20));
+            assert_eq!(proto.validate(), Ok(()), "{kib} KiB");
+        }
+    }
 
     #[test]
     fn watchers_hear_of_a_status_change_only_when_something_changed() {

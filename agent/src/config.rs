@@ -77,8 +77,15 @@ pub struct TunnelConfig {
 }
 
 /// Bounds of `tunnel.max_stream_window_kib`: from tether-proto's initial
-/// stream window to half its connection window.
-const STREAM_WINDOW_KIB: (i64, i64) = (64, 8 * 1024);
+/// stream window to half its connection window (what
+/// `tether_proto::Config::validate` accepts).
+fn stream_window_kib() -> (i64, i64) {
+    let settings = tether_proto::Settings::DEFAULT;
+    (
+        i64::from(settings.initial_stream_window / 1024),
+        i64::from(settings.connection_window / 2 / 1024),
+    )
+}
 
 /// `[reconnect]`: exponential backoff with full jitter between `min_delay`
 /// and `max_delay`, reset after a session that stayed up `stable_after`;
@@ -578,7 +585,7 @@ impl Checker {
     }
 
     fn stream_window(&mut self, key: &str, v: &Value) -> Option<u32> {
-        let (min, max) = STREAM_WINDOW_KIB;
+        let (min, max) = stream_window_kib();
         match v.as_integer() {
             Some(kib) if (min..=max).contains(&kib) => u32::try_from(kib * 1024).ok(),
             _ => {
@@ -872,12 +879,12 @@ mod tests {
 
     #[test]
     fn stream_window_must_be_a_bounded_whole_number_of_kib() {
-        for bad in ["32", "8193", "\"1MiB\"", "512.5"] {
+        for bad in ["255", "8193", "\"1MiB\"", "512.5"] {
             let err = Config::from_toml_str(&format!("[tunnel]\nmax_stream_window_kib = {bad}"))
                 .unwrap_err();
             assert!(
                 err.problems()[0].starts_with(
-                    "'tunnel.max_stream_window_kib': expected a whole number of KiB from 64 to 8192"
+                    "'tunnel.max_stream_window_kib': expected a whole number of KiB from 256 to 8192"
                 ),
                 "{bad}: {err}"
             );
