@@ -346,42 +346,32 @@ impl Store {
 
     /// Every device, ordered by id.
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let db = self.db()?;
-        let txn = db_err!(db.begin_read())?;
-        let table = db_err!(txn.open_table(DEVICES))?;
-        let mut out = Vec::new();
-        for entry in db_err!(table.iter())? {
-            let (_, value) = db_err!(entry)?;
-            out.push(serde_json::from_slice(value.value())?);
-        }
-        Ok(out)
+        self.read_all(DEVICES)
     }
 
     /// Marks a device revoked. Revoking twice is not an error.
     pub fn revoke(&self, id: &str) -> Result<DeviceRecord, StoreError> {
-        let db = self.db()?;
-        let txn = db_err!(db.begin_write())?;
-        let device = {
-            let mut devices = db_err!(txn.open_table(DEVICES))?;
-            let mut device: DeviceRecord =
-                get(&devices, id)?.ok_or_else(|| StoreError::NoDevice(id.to_string()))?;
-            device.revoked = true;
-            put(&mut devices, id, &device)?;
-            device
-        };
-        db_err!(txn.commit())?;
-        Ok(device)
+        self.update_device(id, |device| device.revoked = true)
     }
 
     /// Sets a device's protection mode; returns the device as stored.
     pub fn set_protected(&self, id: &str, enabled: bool) -> Result<DeviceRecord, StoreError> {
+        self.update_device(id, |device| device.protected = enabled)
+    }
+
+    /// Changes one device in one transaction; returns it as stored.
+    fn update_device(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<DeviceRecord, StoreError> {
         let db = self.db()?;
         let txn = db_err!(db.begin_write())?;
         let device = {
             let mut devices = db_err!(txn.open_table(DEVICES))?;
             let mut device: DeviceRecord =
                 get(&devices, id)?.ok_or_else(|| StoreError::NoDevice(id.to_string()))?;
-            device.protected = enabled;
+            change(&mut device);
             put(&mut devices, id, &device)?;
             device
         };
@@ -410,15 +400,7 @@ impl Store {
 
     /// Every user, ordered by name.
     pub fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        let db = self.db()?;
-        let txn = db_err!(db.begin_read())?;
-        let table = db_err!(txn.open_table(USERS))?;
-        let mut out = Vec::new();
-        for entry in db_err!(table.iter())? {
-            let (_, value) = db_err!(entry)?;
-            out.push(serde_json::from_slice(value.value())?);
-        }
-        Ok(out)
+        self.read_all(USERS)
     }
 
     /// Removes a user and, in the same transaction, every session of theirs.
@@ -515,6 +497,22 @@ impl Store {
         let removed = db_err!(db_err!(txn.open_table(SESSIONS))?.remove(hash))?.is_some();
         db_err!(txn.commit())?;
         Ok(removed)
+    }
+
+    /// Every record of `table`, in key order.
+    fn read_all<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_read())?;
+        let table = db_err!(txn.open_table(table))?;
+        let mut out = Vec::new();
+        for entry in db_err!(table.iter())? {
+            let (_, value) = db_err!(entry)?;
+            out.push(serde_json::from_slice(value.value())?);
+        }
+        Ok(out)
     }
 
     fn read_one<T: DeserializeOwned>(
