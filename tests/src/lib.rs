@@ -3,7 +3,7 @@
 //! would see. The protocol's own tests live in `tunnel-proto`.
 //!
 //! The library holds what the tests and the benchmark binaries share:
-//! [`bench`] (figures from `/proc`, verdict lines) and [`tools`] (where
+//! [`bench`](mod@bench) (figures from `/proc`, verdict lines) and [`tools`] (where
 //! Node-RED, playwright-core and chromium are).
 
 pub mod bench;
