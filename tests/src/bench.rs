@@ -1,12 +1,17 @@
 //! What the benchmark binaries (`tether-bench`, `tether-editor-bench`) share:
 //! a process's memory and CPU from `/proc`, binaries built beside them, free
-//! ports on 127.0.0.1, and the PASS/MISS verdict lines `docs/benchmarks.md`
-//! quotes. Linux only, as the benchmarks are.
+//! ports on 127.0.0.1, an enrolled `tetherd` process ([`Tetherd`]), and the
+//! PASS/MISS verdict lines `docs/benchmarks.md` quotes. Linux only, as the
+//! benchmarks are.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
-use tokio::process::Command;
+use anyhow::{Context, Result, bail, ensure};
+use tether_platform::{Platform, TokenSpec};
+use tokio::process::{Child, Command};
 
 /// `VmRSS`, `VmHWM`, `RssAnon`, `RssFile` of a process, KiB.
 #[derive(Clone, Copy, Debug, Default)]
@@ -89,6 +94,133 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
 pub fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Sends signal `name` (`TERM`, `KILL`, ...) to `pid`.
+pub async fn signal(pid: u32, name: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .await
+        .context("cannot run kill")?;
+    ensure!(status.success(), "kill -{name} {pid} failed");
+    Ok(())
+}
+
+/// A `tetherd` process, enrolled with a platform of this process and
+/// connected to it.
+#[derive(Debug)]
+pub struct Tetherd {
+    pub child: Child,
+    pub pid: u32,
+    pub device: String,
+    /// Its standard output and error.
+    pub log: PathBuf,
+}
+
+impl Tetherd {
+    /// Enrolls `tetherd` (the binary) into `dir/agent` with a fresh token
+    /// from `platform`, writes `dir/tetherd.toml` (that state directory,
+    /// `log_level = "warn"`, then `extra`), runs it, and waits up to 20 s
+    /// for its tunnel to be up.
+    pub async fn start(
+        tetherd: &Path,
+        platform: &Platform,
+        dir: &Path,
+        extra: &str,
+    ) -> Result<Tetherd> {
+        let state = dir.join("agent");
+        enroll(tetherd, platform, &state).await?;
+        let config_path = dir.join("tetherd.toml");
+        let config = format!(
+            "state_dir = {:?}\nlog_level = \"warn\"\n\n{extra}",
+            state.display().to_string()
+        );
+        std::fs::write(&config_path, config)?;
+        let log = dir.join("tetherd.log");
+        let log_file = File::create(&log)?;
+        let mut child = Command::new(tetherd)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start tetherd")?;
+        let pid = child.id().context("tetherd exited at once")?;
+        let device = wait_connected(&mut child, platform, &log).await?;
+        Ok(Tetherd {
+            child,
+            pid,
+            device,
+            log,
+        })
+    }
+
+    /// SIGTERM, then SIGKILL if it has not ended within `grace`.
+    pub async fn stop(mut self, grace: Duration) -> Result<()> {
+        signal(self.pid, "TERM").await?;
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            self.child.kill().await?;
+        }
+        Ok(())
+    }
+}
+
+async fn enroll(tetherd: &Path, platform: &Platform, state: &Path) -> Result<()> {
+    let token = platform.create_token(TokenSpec::default()).await?;
+    let out = Command::new(tetherd)
+        .arg("enroll")
+        .arg("--platform")
+        .arg(platform.url())
+        .arg("--ca")
+        .arg(platform.ca_path())
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--name", "bench"])
+        .env("TETHERD_TOKEN", token.expose())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("cannot run tetherd enroll")?;
+    ensure!(
+        out.status.success(),
+        "tetherd enroll failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Waits until a device's tunnel is up on `platform`; its id.
+async fn wait_connected(child: &mut Child, platform: &Platform, log: &Path) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "tetherd exited ({status}): {}",
+                std::fs::read_to_string(log).unwrap_or_default().trim()
+            );
+        }
+        let online = platform.devices().await?.into_iter().find(|d| d.online);
+        if let Some(device) = online
+            && let Some(tunnel) = platform.tunnel(&device.id)
+            && tunnel.connected().await.is_ok()
+        {
+            return Ok(device.id);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the tunnel did not come up within 20 s; tetherd's log: {}",
+            std::fs::read_to_string(log).unwrap_or_default().trim()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[cfg(test)]

@@ -37,10 +37,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tether_agent::config::{Config as AgentConfig, ReconnectConfig};
 use tether_agent::enroll::{EnrollOptions, enroll};
 use tether_agent::{Agent, Clock, TunnelState};
-use tether_e2e::bench::{Memory, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict};
+use tether_e2e::bench::{
+    Memory, Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, sibling, signal, verdict,
+};
 use tether_platform::admin::CreateTokenRequest;
 use tether_platform::client::AdminClient;
-use tether_platform::{Platform, PlatformConfig, TokenSpec};
+use tether_platform::{Platform, PlatformConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
@@ -219,7 +221,7 @@ struct Tether {
     dir: tempfile::TempDir,
     platform: Platform,
     services: Services,
-    agent: Child,
+    agent: Tetherd,
     pid: u32,
     device: String,
 }
@@ -230,106 +232,29 @@ async fn start_tether() -> Result<Tether> {
     let dir = tempfile::tempdir()?;
     let config = PlatformConfig::new(dir.path().join("platform"), "127.0.0.1:0".parse()?);
     let platform = Platform::start(config).await?;
-    let token = platform.create_token(TokenSpec::default()).await?;
-    let state = dir.path().join("agent");
-    let out = Command::new(&tetherd)
-        .arg("enroll")
-        .arg("--platform")
-        .arg(platform.url())
-        .arg("--ca")
-        .arg(platform.ca_path())
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--name", "bench"])
-        .env("TETHERD_TOKEN", token.expose())
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("cannot run tetherd enroll")?;
-    ensure!(
-        out.status.success(),
-        "tetherd enroll failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let config_path = dir.path().join("tetherd.toml");
-    let config = format!(
-        "state_dir = {:?}\nlog_level = \"warn\"\n\n\
-         [[service]]\nname = \"echo\"\ntarget = \"{}\"\n\n\
+    let extra = format!(
+        "[[service]]\nname = \"echo\"\ntarget = \"{}\"\n\n\
          [[service]]\nname = \"sink\"\ntarget = \"{}\"\n",
-        state.display().to_string(),
-        services.echo,
-        services.sink,
+        services.echo, services.sink,
     );
-    std::fs::write(&config_path, config)?;
-    let log = dir.path().join("tetherd.log");
-    let log_file = File::create(&log)?;
-    let mut agent = Command::new(&tetherd)
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start tetherd")?;
-    let pid = agent.id().context("tetherd exited at once")?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let device = loop {
-        if let Some(status) = agent.try_wait()? {
-            bail!(
-                "tetherd exited ({status}): {}",
-                std::fs::read_to_string(&log).unwrap_or_default().trim()
-            );
-        }
-        let online = platform.devices().await?.into_iter().find(|d| d.online);
-        if let Some(device) = online
-            && let Some(tunnel) = platform.tunnel(&device.id)
-            && tunnel.connected().await.is_ok()
-        {
-            break device.id;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the tunnel did not come up within 20 s; tetherd's log: {}",
-            std::fs::read_to_string(&log).unwrap_or_default().trim()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let agent = Tetherd::start(&tetherd, &platform, dir.path(), &extra).await?;
     Ok(Tether {
         dir,
         platform,
         services,
+        pid: agent.pid,
+        device: agent.device.clone(),
         agent,
-        pid,
-        device,
     })
 }
 
 impl Tether {
-    async fn stop(mut self) -> Result<()> {
-        signal(self.pid, "TERM").await?;
-        if tokio::time::timeout(Duration::from_secs(5), self.agent.wait())
-            .await
-            .is_err()
-        {
-            self.agent.kill().await?;
-        }
+    async fn stop(self) -> Result<()> {
+        self.agent.stop(Duration::from_secs(5)).await?;
         self.platform.shutdown().await;
         drop(self.dir);
         Ok(())
     }
-}
-
-async fn signal(pid: u32, name: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .await
-        .context("cannot run kill")?;
-    ensure!(status.success(), "kill -{name} {pid} failed");
-    Ok(())
 }
 
 // --- latency ------------------------------------------------------------------

@@ -23,7 +23,6 @@
 //! variables as `tests/tests/editor_browser.rs` override where they are.
 //! Everything listens on 127.0.0.1 and lives in temporary directories.
 
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
@@ -45,7 +44,9 @@ use tether_agent::editor::EditorTarget;
 use tether_agent::enroll::{EnrollOptions, enroll};
 use tether_agent::node_red::{NodeRed, Permissions};
 use tether_agent::{Agent, AgentOptions, TunnelState};
-use tether_e2e::bench::{Memory, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict};
+use tether_e2e::bench::{
+    Memory, Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict,
+};
 use tether_e2e::tools;
 use tether_platform::{Platform, PlatformConfig, RateLimit, TokenSpec};
 use tether_proto::api::Secret;
@@ -619,73 +620,13 @@ async fn sessions(args: SessionsArgs) -> Result<()> {
     let ticks = clock_ticks().await;
     let dir = tempfile::tempdir()?;
     let platform = start_platform(dir.path(), args.users).await?;
-    let token = platform.create_token(TokenSpec::default()).await?;
-    let state = dir.path().join("agent");
-    let out = Command::new(&tetherd)
-        .arg("enroll")
-        .arg("--platform")
-        .arg(platform.url())
-        .arg("--ca")
-        .arg(platform.ca_path())
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--name", "bench"])
-        .env("TETHERD_TOKEN", token.expose())
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("cannot run tetherd enroll")?;
-    ensure!(
-        out.status.success(),
-        "tetherd enroll failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
     let port = free_port()?;
-    let config_path = dir.path().join("tetherd.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "state_dir = {:?}\nlog_level = \"warn\"\n\n\
-             [node_red]\nmode = \"launch\"\ncommand = {:?}\nport = {port}\n",
-            state.display().to_string(),
-            node_red_bin.display().to_string(),
-        ),
-    )?;
-    let log = dir.path().join("tetherd.log");
-    let log_file = File::create(&log)?;
-    let mut agent = Command::new(&tetherd)
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start tetherd")?;
-    let pid = agent.id().context("tetherd exited at once")?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let device = loop {
-        if let Some(status) = agent.try_wait()? {
-            bail!(
-                "tetherd exited ({status}): {}",
-                std::fs::read_to_string(&log).unwrap_or_default().trim()
-            );
-        }
-        let online = platform.devices().await?.into_iter().find(|d| d.online);
-        if let Some(device) = online
-            && let Some(tunnel) = platform.tunnel(&device.id)
-            && tunnel.connected().await.is_ok()
-        {
-            break device.id;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the tunnel did not come up within 20 s; tetherd's log: {}",
-            std::fs::read_to_string(&log).unwrap_or_default().trim()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let extra = format!(
+        "[node_red]\nmode = \"launch\"\ncommand = {:?}\nport = {port}\n",
+        node_red_bin.display().to_string(),
+    );
+    let agent = Tetherd::start(&tetherd, &platform, dir.path(), &extra).await?;
+    let (pid, device) = (agent.pid, agent.device.clone());
     tether_agent::node_red::wait_ready(([127, 0, 0, 1], port).into(), Duration::from_secs(60))
         .await
         .context("Node-RED did not come up")?;
@@ -847,18 +788,7 @@ async fn sessions(args: SessionsArgs) -> Result<()> {
         ),
     );
 
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .await?;
-    ensure!(status.success(), "kill -TERM {pid} failed");
-    if tokio::time::timeout(Duration::from_secs(15), agent.wait())
-        .await
-        .is_err()
-    {
-        agent.kill().await?;
-    }
+    agent.stop(Duration::from_secs(15)).await?;
     platform.shutdown().await;
     Ok(())
 }
