@@ -66,6 +66,13 @@ pub struct PlatformConfig {
     /// How long the editor proxy waits for a device's response headers
     /// after sending a request; then the browser gets 504.
     pub editor_timeout: Duration,
+    /// The DNS domain under which each device's editor has an origin of its
+    /// own, `https://dev-<hex>.DOMAIN:PORT` (`crate::origin`). `None`: the
+    /// default, `devices.` and the public host, when that is a DNS name.
+    /// The server certificate covers `*.DOMAIN`; `DOMAIN` must resolve (a
+    /// wildcard DNS record; browsers resolve every `*.localhost` name to
+    /// loopback on their own).
+    pub editor_domain: Option<String>,
 }
 
 impl PlatformConfig {
@@ -92,6 +99,7 @@ impl PlatformConfig {
             login_failure_rate: RateLimit::LOGIN_FAILURES,
             password_cost: PasswordCost::DEFAULT,
             editor_timeout: Duration::from_secs(30),
+            editor_domain: None,
         }
     }
 
@@ -110,6 +118,29 @@ impl PlatformConfig {
         self.names.first().map_or("localhost", String::as_str)
     }
 
+    /// The domain of the device editor origins, if there is one (see
+    /// [`PlatformConfig::editor_domain`]).
+    pub fn editor_domain(&self) -> Option<String> {
+        match &self.editor_domain {
+            Some(domain) => Some(domain.trim_matches('.').to_ascii_lowercase()),
+            None => {
+                let host = self.public_host();
+                (host.parse::<std::net::IpAddr>().is_err())
+                    .then(|| format!("devices.{}", host.to_ascii_lowercase()))
+            }
+        }
+    }
+
+    /// Names in the server certificate: the configured ones and
+    /// `*.EDITOR_DOMAIN`.
+    pub fn certificate_names(&self) -> Vec<String> {
+        let mut names = self.names.clone();
+        if let Some(domain) = self.editor_domain() {
+            names.push(format!("*.{domain}"));
+        }
+        names
+    }
+
     /// Checks what would otherwise fail later, with a message that says what
     /// to change.
     pub fn validate(&self) -> Result<(), String> {
@@ -124,6 +155,23 @@ impl PlatformConfig {
             return Err(format!(
                 "'{bad}' is not a valid --name (a DNS name or an IP address)"
             ));
+        }
+        if let Some(domain) = &self.editor_domain {
+            let d = domain.trim_matches('.');
+            let valid = !d.is_empty()
+                && d.parse::<std::net::IpAddr>().is_err()
+                && d.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !valid {
+                return Err(format!(
+                    "'{domain}' is not a valid editor domain: give a DNS name such as devices.example.com, under which dev-<id>.DOMAIN resolves to the platform"
+                ));
+            }
         }
         if self.tunnel.role != Role::Platform {
             return Err("the tunnel configuration's role must be Role::Platform".into());

@@ -1,37 +1,54 @@
-//! The editor proxy: `https://PLATFORM/devices/{id}/editor/...` carried to
-//! the device's Node-RED editor over `editor` streams of its tunnel
-//! (`docs/protocol.md` §16).
+//! The editor proxy: each device's Node-RED editor, served from the
+//! device's own origin `https://dev-<hex>.EDITOR_DOMAIN:PORT/`
+//! ([`crate::origin`]) and carried to the device over `editor` streams of
+//! its tunnel (`docs/protocol.md` §16).
 //!
-//! For each request this module checks, in order: the path (a device id,
-//! then `/editor` alone is redirected to `/editor/`), the session cookie
-//! (none or stale: 303 to the login page), the device (unknown: 404), the
-//! user's team (another team's device: 403), revocation (403), a live tunnel
-//! (none: 503 at once). Then it opens an `editor` stream whose OPEN header
-//! carries a fresh access grant (user, role, team, device, five minutes,
-//! a 128-bit nonce) signed with the platform's grant key, and speaks
-//! HTTP/1.1 to the device over it as a client. One stream serves one browser
-//! connection for as long as its grant has more than [`REUSE_MARGIN_SECS`]
-//! left; a WebSocket upgrade gets a stream of its own, and after the
-//! device's `101` the bytes are copied both ways untouched. Bodies stream
-//! both ways; nothing buffers a whole body. Every stream counts against its
-//! session ([`crate::sessions::LiveStreams`]), so logging out closes it.
+//! On the platform's origin, `GET /devices/{id}/editor/...` only checks the
+//! session (none or stale: 303 to the login page), the device (unknown:
+//! 404), the user's team (another team's device: 403) and revocation
+//! (403), then hands the browser over to the device's origin with a
+//! single-use code ([`crate::handoff`]). The platform's session cookie never
+//! reaches a device origin.
 //!
-//! It owns what crosses to the device: the path without the
-//! `/devices/{id}/editor` prefix (the query kept) and the browser's headers
-//! minus `Cookie`, `Authorization`, `Proxy-Authorization`, hop-by-hop
-//! headers and `X-Tether-*`; and what comes back: the device's answer minus
-//! hop-by-hop headers and `Set-Cookie` (a device must not set cookies on the
-//! platform's origin), with a local `Location` put back under the prefix.
+//! On a device origin, every request passes, in order: the fetch-metadata
+//! and `Origin` rules ([`crate::origin::check_request`]: other origins may
+//! only navigate here, never post, fetch or open a WebSocket); no service
+//! worker script (`Service-Worker: script` is refused, so no page a device
+//! serves can install one); the handoff path, or else the editor cookie,
+//! bound to this device, its user and a platform session that is still
+//! alive (none: a navigation goes back to the platform for a new handoff,
+//! anything else gets 401); the device, team and revocation again; a live
+//! tunnel (none: 503 at once). Then it opens an `editor` stream whose OPEN
+//! header carries a fresh access grant (user, role, team, device, the
+//! device's protection mode, five minutes, a 128-bit nonce) signed with the
+//! platform's grant key, and speaks HTTP/1.1 to the device over it as a
+//! client. One stream serves one browser connection for as long as its
+//! grant has more than [`REUSE_MARGIN_SECS`] left; a WebSocket upgrade gets
+//! a stream of its own, and after the device's `101` the bytes are copied
+//! both ways untouched. Bodies stream both ways; nothing buffers a whole
+//! body. Every stream counts against its platform session
+//! ([`crate::sessions::LiveStreams`]), so logging out closes it.
+//!
+//! It owns what crosses to the device: the path and query as the browser
+//! sent them, and the browser's headers minus `Cookie`, `Authorization`,
+//! `Proxy-Authorization`, hop-by-hop headers and `X-Tether-*`; and what
+//! comes back, which is data, never instructions to the browser: the
+//! device's answer minus hop-by-hop headers, `Set-Cookie`,
+//! `Service-Worker-Allowed`, `Clear-Site-Data`, `Refresh`, CORS grants, its
+//! own Content-Security-Policy and any `Location` that leaves the origin;
+//! plus the platform's [`DEVICE_CSP`], `X-Content-Type-Options: nosniff`
+//! and a same-origin `Referrer-Policy`.
 //!
 //! It never forwards the platform's cookies or a browser's credentials to a
-//! device, never logs headers, cookies or grants, and never decides what a
-//! role may do on the device: the device enforces that with the grant.
+//! device, never logs headers, cookies, codes or grants, and never decides
+//! what a role may do on the device: the device enforces that with the
+//! grant.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::header;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self as client, SendRequest};
@@ -43,9 +60,11 @@ use tether_proto::{OpenError, Service, ServiceHeader};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
+use crate::handoff::{self, Bound, HANDOFF_PATH, HandoffError};
 use crate::html;
 use crate::http::{self as reply, Body};
 use crate::keys::{self, KeyError};
+use crate::origin;
 use crate::platform::{State, unix_now};
 use crate::server::ConnInfo;
 use crate::sessions::{self, LiveGuard, Session};
@@ -141,8 +160,9 @@ impl ProxyError {
     }
 }
 
-/// The device id and the rest of an editor path: `("dev_1", "/x")` for
-/// `/devices/dev_1/editor/x`, `("dev_1", "")` for `/devices/dev_1/editor`.
+/// The device id and the rest of an editor path on the platform's origin:
+/// `("dev_1", "/x")` for `/devices/dev_1/editor/x`, `("dev_1", "")` for
+/// `/devices/dev_1/editor`.
 pub fn split_path(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix("/devices/")?;
     let (id, rest) = rest.split_once('/')?;
@@ -150,20 +170,130 @@ pub fn split_path(path: &str) -> Option<(&str, &str)> {
     (rest.is_empty() || rest.starts_with('/')).then_some((id, rest))
 }
 
-/// Handles one request under `/devices/{id}/editor`, and logs it (method,
-/// path, status, user; never headers).
+/// `GET /devices/{id}/editor/...` on the platform's origin: checks who is
+/// asking for which device, then sends the browser to the device's editor
+/// origin with a handoff code.
+pub async fn start(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let Some((device_id, rest)) = split_path(req.uri().path()) else {
+        return reply::not_found();
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return html::message(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+            "The editor is served from the device's own address; this one only leads there.",
+        );
+    }
+    if !tether_proto::api::is_device_id(device_id) {
+        return crate::web::no_device(device_id);
+    }
+    let Some(domain) = state.config.editor_domain() else {
+        return html::message(
+            StatusCode::NOT_FOUND,
+            "Editor access not configured",
+            "This platform has no editor domain: start it with a DNS name as its first --name, or set --editor-domain.",
+        );
+    };
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let here = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_string();
+    let session = match sessions::current(&state, req.headers()).await {
+        Ok(Some(session)) => session,
+        Ok(None) => return html::see_other(&crate::web::login_location(&here)),
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot read sessions");
+            return html::internal();
+        }
+    };
+    if let Err(page) = allowed_device(&state, &session, device_id).await {
+        return page;
+    }
+    let bound = Bound {
+        session: session.hash.clone(),
+        user: session.user.name.clone(),
+        device: device_id.to_string(),
+        expires_at: session.expires_at,
+    };
+    let code = match state
+        .handoffs
+        .issue(bound, &format!("{rest}{query}"), unix_now())
+    {
+        Ok(code) => code,
+        Err(HandoffError::Full) => {
+            return html::message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Busy",
+                &HandoffError::Full.to_string(),
+            );
+        }
+        Err(HandoffError::Random(e)) => {
+            tracing::warn!(cause = %e, "cannot make a handoff code");
+            return html::internal();
+        }
+    };
+    let port = origin::request_host(req.headers()).and_then(|(_, port)| port);
+    let target = origin::device_origin(&domain, device_id, port);
+    debug!(user = %session.user.name, device = %device_id, "editor handoff");
+    html::see_other(&format!("{target}{HANDOFF_PATH}?code={}", code.expose()))
+}
+
+/// The device record if `session`'s user may open its editor, else the
+/// page to answer with (404, 403 for another team or a revoked device).
+async fn allowed_device(
+    state: &State,
+    session: &Session,
+    device_id: &str,
+) -> Result<DeviceRecord, Response<Body>> {
+    let id = device_id.to_string();
+    let device = match state.store.blocking(move |s| s.device(&id)).await {
+        Ok(Some(device)) => device,
+        Ok(None) => return Err(crate::web::no_device(device_id)),
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot read devices");
+            return Err(html::internal());
+        }
+    };
+    if device.team != session.user.team {
+        return Err(html::message(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("Device {device_id} belongs to another team than yours."),
+        ));
+    }
+    if device.revoked {
+        return Err(html::message(
+            StatusCode::FORBIDDEN,
+            "Device revoked",
+            &format!("Device {device_id} was revoked by a fleet manager."),
+        ));
+    }
+    Ok(device)
+}
+
+/// Handles one request to device `device_id`'s editor origin, and logs it
+/// (method, path, status, user; never headers).
 pub async fn handle(
     state: Arc<State>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
+    device_id: String,
 ) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mut user = None;
-    let response = proxy(&state, &conn, req, &mut user).await;
+    let response = proxy(&state, &conn, req, &device_id, &mut user).await;
     debug!(
         %method,
         %path,
+        device = %device_id,
         status = response.status().as_u16(),
         user = user.as_deref().unwrap_or("-"),
         "editor request"
@@ -175,82 +305,85 @@ async fn proxy(
     state: &Arc<State>,
     conn: &ConnInfo,
     req: Request<Incoming>,
+    device_id: &str,
     user: &mut Option<String>,
 ) -> Response<Body> {
-    let Some((device_id, rest)) = split_path(req.uri().path()) else {
+    let port = origin::request_host(req.headers()).and_then(|(_, port)| port);
+    let Some(domain) = state.config.editor_domain() else {
         return reply::not_found();
     };
-    if !tether_proto::api::is_device_id(device_id) {
-        return crate::web::no_device(device_id);
+    let own = origin::device_origin(&domain, device_id, port);
+    let websocket = reply::wants_upgrade(req.headers(), "websocket");
+    if let Err(refused) = origin::check_request(req.headers(), req.method(), websocket, &own) {
+        return html::message(StatusCode::FORBIDDEN, "Forbidden", refused.message());
     }
-    let device_id = device_id.to_string();
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    if rest.is_empty() {
-        let location = format!("/devices/{device_id}/editor/{query}");
-        return html::redirect(StatusCode::PERMANENT_REDIRECT, &location);
+    if req
+        .headers()
+        .get("service-worker")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"script"))
+    {
+        return html::message(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "A device's editor may not install a service worker.",
+        );
     }
-    let upstream_uri = match Uri::try_from(format!("{rest}{query}")) {
-        Ok(uri) => uri,
-        Err(_) => {
-            return html::message(StatusCode::BAD_REQUEST, "Bad request", "Invalid path.");
-        }
-    };
-    let here = req
+    let platform = origin::https_origin(state.config.public_host(), port);
+    let now = unix_now();
+    if req.uri().path() == HANDOFF_PATH {
+        return take_handoff(state, &req, device_id, &platform, now);
+    }
+    let upstream_uri = match req
         .uri()
         .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_string();
-    let to_login = || html::see_other(&crate::web::login_location(&here));
-    let Some(hash) = sessions::cookie_hash(req.headers()) else {
-        return to_login();
+        .map(|pq| Uri::try_from(pq.as_str()))
+    {
+        Some(Ok(uri)) => uri,
+        _ => Uri::from_static("/"),
+    };
+    let safe = req.method() == Method::GET || req.method() == Method::HEAD;
+    let back = || {
+        if safe && !websocket {
+            let here = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            html::see_other(&format!("{platform}/devices/{device_id}/editor{here}"))
+        } else {
+            html::message(
+                StatusCode::UNAUTHORIZED,
+                "Editor session ended",
+                "Your editor session on this device ended; reload the page to open it again.",
+            )
+        }
+    };
+    let Some(bound) = state.editor_sessions.resolve(req.headers(), device_id, now) else {
+        return back();
     };
     // Counted before the session is read: a logout that lands after the
     // read still finds this stream and closes it.
-    let Some(guard) = state.live.register(&hash) else {
+    let Some(guard) = state.live.register(&bound.session) else {
         return too_many_streams();
     };
-    let session = match sessions::by_hash(state, hash).await {
-        Ok(Some(session)) => session,
-        Ok(None) => return to_login(),
+    let session = match sessions::by_hash(state, bound.session.clone()).await {
+        Ok(Some(session)) if session.user.name == bound.user => session,
+        Ok(_) => {
+            state.editor_sessions.end_session(&bound.session);
+            return back();
+        }
         Err(e) => {
             tracing::warn!(cause = %e, "cannot read sessions");
             return html::internal();
         }
     };
     *user = Some(session.user.name.clone());
-    let id = device_id.clone();
-    let device = match state.store.blocking(move |s| s.device(&id)).await {
-        Ok(Some(device)) => device,
-        Ok(None) => return crate::web::no_device(&device_id),
-        Err(e) => {
-            tracing::warn!(cause = %e, "cannot read devices");
-            return html::internal();
-        }
+    let device = match allowed_device(state, &session, device_id).await {
+        Ok(device) => device,
+        Err(page) => return page,
     };
-    if device.team != session.user.team {
-        return html::message(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            &format!("Device {device_id} belongs to another team than yours."),
-        );
-    }
-    if device.revoked {
-        return html::message(
-            StatusCode::FORBIDDEN,
-            "Device revoked",
-            &format!("Device {device_id} was revoked by a fleet manager."),
-        );
-    }
     let Some(live) = state
         .registry
-        .get(&device_id)
+        .get(device_id)
         .filter(|live| !live.tunnel.is_closed())
     else {
-        return ProxyError::Offline(device_id).page();
+        return ProxyError::Offline(device_id.to_string()).page();
     };
     let target = Target {
         state,
@@ -258,11 +391,57 @@ async fn proxy(
         device: &device,
         live: &live,
     };
-    if reply::wants_upgrade(req.headers(), "websocket") {
-        websocket(target, req, upstream_uri, guard).await
+    if websocket {
+        websocket_proxy(target, req, upstream_uri, guard).await
     } else {
         http(target, conn, req, upstream_uri, guard).await
     }
+}
+
+/// `GET /__tether/handoff?code=...` on a device origin: spends the code
+/// and sets the editor cookie, then goes where the engineer was going.
+fn take_handoff(
+    state: &State,
+    req: &Request<Incoming>,
+    device_id: &str,
+    platform: &str,
+    now: u64,
+) -> Response<Body> {
+    let code = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(key, _)| key == "code")
+            .map(|(_, value)| value.into_owned())
+    });
+    let redeemed = (req.method() == Method::GET)
+        .then_some(code)
+        .flatten()
+        .and_then(|code| state.handoffs.redeem(&code, device_id, now));
+    let Some((bound, next)) = redeemed else {
+        return html::page(
+            StatusCode::FORBIDDEN,
+            "Editor link expired",
+            &format!(
+                "<h1>Editor link expired</h1>\n<p>This link to the editor was used already or is too old. \
+Open the editor again from <a href=\"{}/\">the device list</a>.</p>",
+                html::escape(platform)
+            ),
+        );
+    };
+    let user = bound.user.clone();
+    let value = match state.editor_sessions.start(bound, now) {
+        Ok(value) => value,
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot start an editor session");
+            return html::message(StatusCode::SERVICE_UNAVAILABLE, "Busy", &e.to_string());
+        }
+    };
+    let Some(cookie) = handoff::set_editor_cookie(&value) else {
+        return html::internal();
+    };
+    debug!(%user, device = %device_id, "editor session started");
+    let mut response = html::see_other(&next);
+    response.headers_mut().insert(header::SET_COOKIE, cookie);
+    response
 }
 
 fn too_many_streams() -> Response<Body> {
@@ -406,7 +585,7 @@ async fn http(
                 Err(_) => return target.timeout().page(),
                 Ok(Ok(response)) => {
                     conn.editor.put(upstream);
-                    return downstream(response, &target.device.id);
+                    return downstream(response);
                 }
                 Ok(Err(mut e)) => match e.take_message() {
                     // Never sent: the stream was closed in the meantime.
@@ -433,7 +612,7 @@ async fn http(
     match tokio::time::timeout(wait, upstream.sender.send_request(request)).await {
         Ok(Ok(response)) => {
             conn.editor.put(upstream);
-            downstream(response, &target.device.id)
+            downstream(response)
         }
         Ok(Err(e)) => target.http_error(e).page(),
         // Dropping the upstream closes the stream: an HTTP/1.1 request
@@ -445,7 +624,7 @@ async fn http(
 /// A WebSocket: a stream of its own, the upgrade forwarded, and after the
 /// device's 101 the bytes copied both ways until either side ends or the
 /// session does.
-async fn websocket(
+async fn websocket_proxy(
     target: Target<'_>,
     mut req: Request<Incoming>,
     uri: Uri,
@@ -477,7 +656,7 @@ async fn websocket(
         Err(_) => return target.timeout().page(),
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return downstream(response, &target.device.id);
+        return downstream(response);
     }
     let device_side = hyper::upgrade::on(&mut response);
     let upgrade = response.headers().get(header::UPGRADE).cloned();
@@ -507,8 +686,7 @@ async fn websocket(
         }
     });
     let (mut parts, _) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::SET_COOKIE);
+    device_headers(&mut parts.headers);
     parts
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -541,25 +719,86 @@ fn upstream_request(req: Request<Incoming>, uri: Uri, websocket: bool) -> Reques
     Request::from_parts(parts, body.boxed())
 }
 
-/// The device's answer as the browser gets it: the body streamed, without
-/// hop-by-hop headers or `Set-Cookie`, a local `Location` under the prefix.
-fn downstream(response: Response<Incoming>, device_id: &str) -> Response<Body> {
+/// The device's answer as the browser gets it: the body streamed, the
+/// headers through [`device_headers`].
+fn downstream(response: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::SET_COOKIE);
-    let location = parts
-        .headers
-        .get(header::LOCATION)
-        .and_then(|value| value.to_str().ok())
-        .filter(|location| location.starts_with('/') && !location.starts_with("//"))
-        .and_then(|location| {
-            HeaderValue::from_str(&format!("/devices/{device_id}/editor{location}")).ok()
-        });
-    if let Some(location) = location {
-        parts.headers.insert(header::LOCATION, location);
-    }
+    device_headers(&mut parts.headers);
     parts.extensions = http::Extensions::new();
     Response::from_parts(parts, body.boxed())
+}
+
+/// The Content-Security-Policy of every answer from a device: scripts and
+/// styles as Node-RED's editor needs them (inline, and eval for the node
+/// editors), but nothing fetched, posted, framed or connected to outside
+/// the device's own origin.
+pub const DEVICE_CSP: &str = "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; \
+style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; \
+worker-src 'self' blob:; frame-src 'self'; frame-ancestors 'self'; form-action 'self'; base-uri 'self'; \
+object-src 'none'";
+
+/// Headers a device's answer may not carry to the browser: they would set
+/// state in it or tell it what to trust.
+const DROPPED_FROM_DEVICE: &[&str] = &[
+    "set-cookie",
+    "service-worker-allowed",
+    "clear-site-data",
+    "refresh",
+    "content-security-policy",
+    "content-security-policy-report-only",
+    "access-control-allow-origin",
+    "access-control-allow-credentials",
+    "access-control-allow-methods",
+    "access-control-allow-headers",
+    "access-control-expose-headers",
+    "access-control-allow-private-network",
+    "cross-origin-embedder-policy",
+    "cross-origin-opener-policy",
+    "cross-origin-resource-policy",
+    "permissions-policy",
+    "strict-transport-security",
+    "alt-svc",
+    "origin-agent-cluster",
+    "nel",
+    "report-to",
+    "reporting-endpoints",
+    "x-frame-options",
+    "referrer-policy",
+    "x-content-type-options",
+    "link",
+];
+
+/// What a device's answer keeps: no hop-by-hop headers, nothing from
+/// [`DROPPED_FROM_DEVICE`], a `Location` only if it is a path on the same
+/// origin; and the platform's own policy headers.
+pub fn device_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    for name in DROPPED_FROM_DEVICE {
+        headers.remove(*name);
+    }
+    let local = headers
+        .get(header::LOCATION)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|location| handoff::local_path(location).is_some());
+    if !local {
+        headers.remove(header::LOCATION);
+    }
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(DEVICE_CSP),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("same-origin"),
+    );
 }
 
 #[cfg(test)]
@@ -577,5 +816,55 @@ mod tests {
         assert_eq!(split_path("/devices/dev_1/editorx"), None);
         assert_eq!(split_path("/devices/dev_1/protection"), None);
         assert_eq!(split_path("/devices/dev_1"), None);
+    }
+
+    #[test]
+    fn a_devices_answer_keeps_no_instruction_to_the_browser() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("set-cookie", "__Host-tether_session=x; Path=/; Secure"),
+            ("service-worker-allowed", "/"),
+            ("clear-site-data", "\"*\""),
+            ("refresh", "0; url=https://evil.example/"),
+            ("content-security-policy", "default-src *"),
+            ("access-control-allow-origin", "https://localhost"),
+            ("access-control-allow-credentials", "true"),
+            ("connection", "close"),
+            ("content-type", "text/html"),
+            ("x-node-red", "kept"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        headers.insert(
+            header::LOCATION,
+            HeaderValue::from_static("//evil.example/"),
+        );
+        device_headers(&mut headers);
+        let mut names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "content-security-policy",
+                "content-type",
+                "cross-origin-resource-policy",
+                "referrer-policy",
+                "x-content-type-options",
+                "x-node-red",
+            ]
+        );
+        assert_eq!(headers[header::CONTENT_SECURITY_POLICY], DEVICE_CSP);
+        for (location, kept) in [
+            ("/red/main.js", true),
+            ("https://evil.example/", false),
+            ("//evil.example", false),
+            ("/\\evil.example", false),
+            ("flows", false),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::LOCATION, HeaderValue::from_str(location).unwrap());
+            device_headers(&mut headers);
+            assert_eq!(headers.contains_key(header::LOCATION), kept, "{location}");
+        }
     }
 }

@@ -26,7 +26,9 @@ use tracing::{info, warn};
 
 use crate::ca::{Ca, CaError, SERVER_CERT_FILE};
 use crate::config::PlatformConfig;
+use crate::csrf::CsrfKey;
 use crate::files::{self, FileError, PUBLIC_MODE};
+use crate::handoff::{EditorSessions, Handoffs};
 use crate::keys::{self, KeyError, SigningKeys};
 use crate::listen::Listeners;
 use crate::rate_limit::RateLimiter;
@@ -192,6 +194,12 @@ pub struct State {
     pub passwords: Passwords,
     /// Live editor streams by session.
     pub live: LiveStreams,
+    /// Makes and checks the platform forms' CSRF tokens.
+    pub csrf: CsrfKey,
+    /// Handoff codes from the platform's origin to device editor origins.
+    pub handoffs: Handoffs,
+    /// Editor cookies of the device editor origins.
+    pub editor_sessions: EditorSessions,
     events: broadcast::Sender<PlatformEvent>,
 }
 
@@ -222,7 +230,7 @@ impl Platform {
         config.validate().map_err(PlatformError::Config)?;
         let (dir, names, cost) = (
             config.data_dir.clone(),
-            config.names.clone(),
+            config.certificate_names(),
             config.password_cost,
         );
         let loaded = tokio::task::spawn_blocking(move || load(&dir, &names, cost))
@@ -263,6 +271,9 @@ impl Platform {
             keys: loaded.keys,
             passwords: loaded.passwords,
             live: LiveStreams::default(),
+            csrf: CsrfKey::generate()?,
+            handoffs: Handoffs::default(),
+            editor_sessions: EditorSessions::default(),
             events: broadcast::channel(EVENT_BACKLOG).0,
             config,
         });
@@ -559,6 +570,7 @@ impl State {
             Err(e) => return Err(e.into()),
         };
         for hash in &sessions {
+            self.editor_sessions.end_session(hash);
             self.live.close_session(hash);
         }
         info!(user = %name, sessions = sessions.len(), "user removed");

@@ -1,14 +1,16 @@
 //! The HTTPS listener: TCP accept, TLS with optional client certificates,
 //! HTTP/1.1 with hyper, and routing to the endpoints: devices (`/v1/enroll`,
 //! `/v1/tunnel`), fleet managers (`/v1/admin/`) and people in a browser
-//! (`/`, `/login`, `/logout`, `/devices/...`).
+//! (`/`, `/login`, `/logout`, `/devices/...`); a request whose `Host` is a
+//! device's editor origin (`crate::origin`) goes to that editor, whatever
+//! its path.
 //!
 //! This module owns the connection-level limits a fleet needs: a bound on
 //! concurrent connections (a semaphore permit per connection, held by a
 //! tunnel for its whole life), a bound on the TLS handshake and on reading
 //! request headers (a silent client cannot hold a slot), and a bounded
-//! header buffer. It never looks inside a request beyond its method and
-//! path, and never logs headers.
+//! header buffer. It never looks inside a request beyond its method, path
+//! and `Host`, and never logs headers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -165,14 +167,20 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 async fn route(state: Arc<State>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+    // A device's editor origin serves that editor and nothing else.
+    let host = crate::origin::request_host(req.headers());
+    let device = host.as_ref().and_then(|(host, _)| {
+        let domain = state.config.editor_domain()?;
+        crate::origin::device_of_host(host, &domain)
+    });
+    if let Some(device) = device {
+        return crate::editor::handle(state, conn, req, device).await;
+    }
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::POST, ENROLL_PATH) => crate::enroll::handle(state, conn, req.into_body()).await,
         (&Method::GET, TUNNEL_PATH) => crate::tunnels::handle(state, conn, req).await,
         (_, p) if p.starts_with("/v1/admin/") => crate::admin::handle(state, conn, req).await,
-        (_, p) if crate::editor::split_path(p).is_some() => {
-            crate::editor::handle(state, conn, req).await
-        }
         (_, "/" | "/login" | "/logout") => crate::web::handle(state, conn, req).await,
         (_, p) if p.starts_with("/devices/") => crate::web::handle(state, conn, req).await,
         _ => reply::not_found(),

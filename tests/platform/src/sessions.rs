@@ -1,8 +1,8 @@
-//! Web sessions: the `tether_session` cookie, the session a request
+//! Web sessions: the `__Host-tether_session` cookie, the session a request
 //! belongs to, and the live editor streams of each session.
 //!
 //! A session is 256 random bits, sent to the browser once as the cookie's
-//! value (HttpOnly, Secure, SameSite=Strict, 14 days) and stored by
+//! value (HttpOnly, Secure, SameSite=Lax, host-only, 14 days) and stored by
 //! [`crate::store`] only as its SHA-256, with the user and the expiry. So the
 //! store never holds a value that would let anyone act as the user, and
 //! logging out (or removing the user) deletes the record: the cookie is
@@ -11,6 +11,13 @@
 //! [`LiveStreams`] knows which editor streams each session has open, bounded
 //! per session, so that ending a session closes them at once instead of
 //! letting an open editor carry on.
+//!
+//! `SameSite=Lax`, not `Strict`: a device's editor origin is another site
+//! than a platform on `localhost`, and an engineer sent back to the
+//! platform from there (an editor cookie that expired) should arrive logged
+//! in. Lax keeps the cookie off other sites' form posts and fetches; what
+//! protects the platform's forms from device pages, which may be on the same
+//! site, is [`crate::csrf`] and [`crate::origin`], not the cookie.
 //!
 //! This module never logs a cookie, a session value or its hash, and never
 //! decides who may log in ([`crate::web`] does) or what a user may reach
@@ -29,8 +36,10 @@ use crate::keys::{self, KeyError};
 use crate::platform::{State, unix_now};
 use crate::store::{SessionRecord, StoreError, UserRecord};
 
-/// The session cookie's name.
-pub const COOKIE_NAME: &str = "tether_session";
+/// The session cookie's name. `__Host-`: the browser takes it only
+/// `Secure`, with `Path=/` and without `Domain`, so no device origin (a
+/// subdomain) can set or shadow it.
+pub const COOKIE_NAME: &str = "__Host-tether_session";
 /// How long a session lasts from login (14 days).
 pub const SESSION_TTL: Duration = Duration::from_secs(14 * 24 * 3600);
 /// Sessions one user holds at once; a new login beyond that ends the oldest.
@@ -38,8 +47,9 @@ pub const MAX_SESSIONS_PER_USER: usize = 16;
 /// Live editor streams (HTTP connections and WebSockets) one session holds
 /// at once.
 pub const MAX_LIVE_STREAMS_PER_SESSION: usize = 64;
-/// Bytes of randomness in a session value.
-const SESSION_BYTES: usize = 32;
+/// Bytes of randomness in a session value (and in every other cookie the
+/// platform sets).
+pub const COOKIE_BYTES: usize = 32;
 
 /// A logged-in request's session.
 #[derive(Clone, Debug)]
@@ -54,22 +64,28 @@ pub struct Session {
 
 /// Makes a session value: 256 random bits, hex.
 pub fn new_value() -> Result<Secret, KeyError> {
-    Ok(Secret::new(keys::random_hex(SESSION_BYTES)?))
+    Ok(Secret::new(keys::random_hex(COOKIE_BYTES)?))
 }
 
-/// The `tether_session` value of a request's `Cookie` headers, if it has the
-/// right syntax (64 lowercase hex digits).
+/// The session cookie's value in a request's `Cookie` headers, if it has
+/// the right syntax (64 lowercase hex digits).
 pub fn cookie_value(headers: &HeaderMap) -> Option<Secret> {
+    cookie(headers, COOKIE_NAME)
+}
+
+/// The value of cookie `name` in a request, if it is 64 lowercase hex
+/// digits (every cookie the platform sets is).
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<Secret> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE_NAME)
+        .find(|(key, _)| *key == name)
         .map(|(_, value)| value.trim().trim_matches('"'))
         .filter(|value| {
-            value.len() == SESSION_BYTES * 2
+            value.len() == COOKIE_BYTES * 2
                 && value
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -80,7 +96,7 @@ pub fn cookie_value(headers: &HeaderMap) -> Option<Secret> {
 /// The `Set-Cookie` value that starts a session.
 pub fn set_cookie(value: &Secret) -> Option<HeaderValue> {
     let cookie = format!(
-        "{COOKIE_NAME}={}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={}",
+        "{COOKIE_NAME}={}; HttpOnly; Secure; SameSite=Lax; Path=/; Max-Age={}",
         value.expose(),
         SESSION_TTL.as_secs()
     );
@@ -90,7 +106,7 @@ pub fn set_cookie(value: &Secret) -> Option<HeaderValue> {
 /// The `Set-Cookie` value that makes the browser forget the session.
 pub fn clear_cookie() -> HeaderValue {
     HeaderValue::from_static(
-        "tether_session=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0",
+        "__Host-tether_session=; HttpOnly; Secure; SameSite=Lax; Path=/; Max-Age=0",
     )
 }
 
@@ -136,6 +152,7 @@ pub async fn start(state: &State, user: &str) -> Result<Secret, SessionError> {
         .blocking(move |s| s.insert_session(&hash, &record, now, MAX_SESSIONS_PER_USER))
         .await?;
     for hash in evicted {
+        state.editor_sessions.end_session(&hash);
         state.live.close_session(&hash);
     }
     Ok(value)
@@ -149,6 +166,7 @@ pub async fn end(state: &State, hash: &str) -> Result<(), StoreError> {
         .store
         .blocking(move |s| s.remove_session(&key))
         .await?;
+    state.editor_sessions.end_session(hash);
     state.live.close_session(hash);
     Ok(())
 }
@@ -284,9 +302,15 @@ mod tests {
         let both = format!("x=y; {COOKIE_NAME}={value}");
         headers.append(header::COOKIE, HeaderValue::from_str(&both).unwrap());
         assert_eq!(cookie_value(&headers).unwrap().expose(), value);
-        for bad in ["tether_session=abc", "tether_session=", "other=1"] {
+        let old = format!("tether_session={value}");
+        for bad in [
+            "__Host-tether_session=abc",
+            "__Host-tether_session=",
+            "other=1",
+            &old,
+        ] {
             let mut headers = HeaderMap::new();
-            headers.insert(header::COOKIE, HeaderValue::from_static(bad));
+            headers.insert(header::COOKIE, HeaderValue::from_str(bad).unwrap());
             assert!(cookie_value(&headers).is_none(), "{bad}");
         }
         let upper = format!("{COOKIE_NAME}={}", "AB".repeat(32));
@@ -300,11 +324,12 @@ mod tests {
         let value = new_value().unwrap();
         let cookie = set_cookie(&value).unwrap();
         let cookie = cookie.to_str().unwrap();
-        assert!(cookie.starts_with(&format!("tether_session={}", value.expose())));
+        assert!(cookie.starts_with(&format!("__Host-tether_session={}", value.expose())));
+        assert!(!cookie.contains("Domain"), "host-only");
         for attribute in [
             "HttpOnly",
             "Secure",
-            "SameSite=Strict",
+            "SameSite=Lax",
             "Path=/",
             "Max-Age=1209600",
         ] {

@@ -13,8 +13,12 @@
 //!
 //! It never logs a password, a cookie or a session value, nor the name
 //! typed into a failed login (people type passwords there), and never
-//! changes state on a GET. State-changing forms are POSTs that the cookie's
-//! `SameSite=Strict` and an `Origin` check both keep to this origin.
+//! changes state on a GET. Every request passes the fetch-metadata and
+//! `Origin` rules of [`crate::origin`] first (other origins, device editor
+//! origins included, may only navigate here), and every form carries a
+//! CSRF token ([`crate::csrf`]) that is checked before the form is acted on.
+//! `GET /devices/{id}/editor/...` goes to [`crate::editor::start`], which
+//! hands the browser over to the device's editor origin.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +31,7 @@ use tether_proto::api::Secret;
 use tether_proto::grant::Role;
 use tracing::{info, warn};
 
+use crate::csrf;
 use crate::html::{self, escape};
 use crate::http::Body;
 use crate::platform::{PlatformError, State};
@@ -49,6 +54,16 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
+    let own = match crate::origin::request_host(req.headers()) {
+        Some((host, port)) => crate::origin::https_origin(&host, port),
+        None => String::new(),
+    };
+    if let Err(refused) = crate::origin::check_request(req.headers(), req.method(), false, &own) {
+        return html::message(StatusCode::FORBIDDEN, "Forbidden", refused.message());
+    }
+    if crate::editor::split_path(&path).is_some() {
+        return crate::editor::start(state, req).await;
+    }
     let protection = path
         .strip_prefix("/devices/")
         .and_then(|rest| rest.strip_suffix("/protection"))
@@ -58,7 +73,7 @@ pub async fn handle(
         (&Method::GET | &Method::HEAD, "/", _) => index(&state, req.headers()).await,
         (&Method::GET | &Method::HEAD, "/login", _) => {
             let next = query_param(req.uri().query(), "next").and_then(|n| local_next(&n));
-            login_page(StatusCode::OK, next.as_deref(), None)
+            login_page(&state, StatusCode::OK, next.as_deref(), None)
         }
         (&Method::POST, "/login", _) => login(&state, &conn, req).await,
         (&Method::POST, "/logout", _) => logout(&state, req).await,
@@ -94,30 +109,11 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// False if the request says it comes from another origin: an `Origin`
-/// that is not `https://<Host>`, or `Sec-Fetch-Site: cross-site`.
-pub fn same_origin(headers: &HeaderMap) -> bool {
-    let cross_site = headers
-        .get("sec-fetch-site")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
-    if cross_site {
-        return false;
-    }
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return true;
-    };
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    match (origin.to_str(), host) {
-        (Ok(origin), Some(host)) => origin.eq_ignore_ascii_case(&format!("https://{host}")),
-        _ => false,
-    }
-}
-
-fn cross_origin() -> Response<Body> {
+fn form_expired() -> Response<Body> {
     html::message(
         StatusCode::FORBIDDEN,
-        "Forbidden",
-        "This form may only be sent from the platform's own pages.",
+        "Form expired",
+        "This form expired or did not come from the platform's own page: go back, reload the page and send it again.",
     )
 }
 
@@ -143,7 +139,16 @@ fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, value)| value.as_str())
 }
 
-fn login_page(status: StatusCode, next: Option<&str>, error: Option<&str>) -> Response<Body> {
+/// The login form, with a fresh login cookie and its CSRF token.
+fn login_page(
+    state: &State,
+    status: StatusCode,
+    next: Option<&str>,
+    error: Option<&str>,
+) -> Response<Body> {
+    let Ok((cookie, token)) = state.csrf.login_pair() else {
+        return html::internal();
+    };
     let error = error.map_or(String::new(), |e| {
         format!("<p class=\"error\" role=\"alert\">{}</p>\n", escape(e))
     });
@@ -155,17 +160,23 @@ fn login_page(status: StatusCode, next: Option<&str>, error: Option<&str>) -> Re
     });
     let body = format!(
         "<h1>Log in to Tether</h1>\n{error}<form method=\"post\" action=\"/login\">\n{next}\
+<input type=\"hidden\" name=\"{}\" value=\"{token}\">\n\
 <label>User name <input name=\"user\" autocomplete=\"username\" maxlength=\"{MAX_USER_NAME}\" required autofocus></label>\n\
 <label>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\" maxlength=\"{MAX_PASSWORD_LEN}\" required></label>\n\
-<button type=\"submit\">Log in</button>\n</form>"
+<button type=\"submit\">Log in</button>\n</form>",
+        csrf::FIELD
     );
-    html::page(status, "Log in", &body)
+    let mut response = html::page(status, "Log in", &body);
+    match csrf::set_login_cookie(&cookie) {
+        Some(value) => {
+            response.headers_mut().insert(header::SET_COOKIE, value);
+            response
+        }
+        None => html::internal(),
+    }
 }
 
 async fn login(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
-    if !same_origin(req.headers()) {
-        return cross_origin();
-    }
     let now = Instant::now();
     if let Err(wait) = state.login_limiter.take(conn.peer.ip(), now) {
         warn!(peer = %conn.peer, "login attempts from this address are rate limited");
@@ -174,10 +185,18 @@ async fn login(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respon
             "Too many login attempts from this address. Wait a little, then try again.",
         );
     }
-    let form = match read_form(req.into_body()).await {
+    let (parts, body) = req.into_parts();
+    let form = match read_form(body).await {
         Ok(form) => form,
         Err(response) => return response,
     };
+    if !state
+        .csrf
+        .check_login(&parts.headers, field(&form, csrf::FIELD))
+    {
+        warn!(peer = %conn.peer, "login form without a valid CSRF token");
+        return form_expired();
+    }
     let next = field(&form, "next").and_then(local_next);
     let name = field(&form, "user").unwrap_or_default();
     let password = Secret::new(field(&form, "password").unwrap_or_default());
@@ -216,6 +235,7 @@ async fn login(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respon
         let _ = state.login_failures.take(name_key, Instant::now());
         warn!(peer = %conn.peer, "failed login");
         return login_page(
+            state,
             StatusCode::UNAUTHORIZED,
             next.as_deref(),
             Some(BAD_CREDENTIALS),
@@ -240,11 +260,19 @@ async fn login(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respon
 }
 
 async fn logout(state: &State, req: Request<Incoming>) -> Response<Body> {
-    if !same_origin(req.headers()) {
-        return cross_origin();
-    }
-    match sessions::current(state, req.headers()).await {
+    let (parts, body) = req.into_parts();
+    let form = match read_form(body).await {
+        Ok(form) => form,
+        Err(response) => return response,
+    };
+    match sessions::current(state, &parts.headers).await {
         Ok(Some(session)) => {
+            if !state
+                .csrf
+                .check_session(&session.hash, field(&form, csrf::FIELD))
+            {
+                return form_expired();
+            }
             if let Err(e) = sessions::end(state, &session.hash).await {
                 warn!(cause = %e, "cannot end a session");
                 return html::internal();
@@ -291,6 +319,11 @@ async fn index(state: &State, headers: &HeaderMap) -> Response<Body> {
         }
     };
     let owner = user.role == Role::Owner;
+    let token = format!(
+        "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+        csrf::FIELD,
+        state.csrf.for_session(&session.hash)
+    );
     let mut rows = String::new();
     for d in devices.iter().filter(|d| d.team == user.team) {
         let id = escape(&d.id);
@@ -313,7 +346,7 @@ async fn index(state: &State, headers: &HeaderMap) -> Response<Body> {
             };
             format!(
                 " <form class=\"inline\" method=\"post\" action=\"/devices/{id}/protection\">\
-<input type=\"hidden\" name=\"enabled\" value=\"{value}\"><button type=\"submit\">{label}</button></form>"
+{token}<input type=\"hidden\" name=\"enabled\" value=\"{value}\"><button type=\"submit\">{label}</button></form>"
             )
         } else {
             String::new()
@@ -328,7 +361,7 @@ async fn index(state: &State, headers: &HeaderMap) -> Response<Body> {
     }
     let body = format!(
         "<h1>Tether</h1>\n<p>Logged in as <strong>{}</strong>, {} of team <strong>{}</strong>. \
-<form class=\"inline\" method=\"post\" action=\"/logout\"><button type=\"submit\">Log out</button></form></p>\n\
+<form class=\"inline\" method=\"post\" action=\"/logout\">{token}<button type=\"submit\">Log out</button></form></p>\n\
 <table>\n<tr><th>Name</th><th>Device</th><th>Status</th><th>Protection</th><th></th></tr>\n{rows}</table>",
         escape(&user.name),
         user.role,
@@ -338,9 +371,6 @@ async fn index(state: &State, headers: &HeaderMap) -> Response<Body> {
 }
 
 async fn set_protection(state: &State, req: Request<Incoming>, device_id: &str) -> Response<Body> {
-    if !same_origin(req.headers()) {
-        return cross_origin();
-    }
     let session = match require_session(state, req.headers()).await {
         Ok(session) => session,
         Err(response) => return response,
@@ -349,6 +379,13 @@ async fn set_protection(state: &State, req: Request<Incoming>, device_id: &str) 
         Ok(form) => form,
         Err(response) => return response,
     };
+    if !state
+        .csrf
+        .check_session(&session.hash, field(&form, csrf::FIELD))
+    {
+        warn!(user = %session.user.name, %device_id, "protection form without a valid CSRF token");
+        return form_expired();
+    }
     let enabled = match field(&form, "enabled") {
         Some("on") => true,
         Some("off") => false,
@@ -416,7 +453,6 @@ pub fn login_location(path_and_query: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn only_local_device_paths_are_followed_after_login() {
@@ -440,25 +476,5 @@ mod tests {
             "/login?next=%2Fdevices%2Fdev_1%2Feditor%2F%3Fx%3D1%26y%3D2"
         );
         assert_eq!(login_location("//evil"), "/login");
-    }
-
-    #[test]
-    fn a_foreign_origin_is_refused() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8443"));
-        assert!(same_origin(&headers), "no Origin: not a browser form");
-        headers.insert(
-            header::ORIGIN,
-            HeaderValue::from_static("https://127.0.0.1:8443"),
-        );
-        assert!(same_origin(&headers));
-        headers.insert(
-            header::ORIGIN,
-            HeaderValue::from_static("https://evil.example"),
-        );
-        assert!(!same_origin(&headers));
-        headers.remove(header::ORIGIN);
-        headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
-        assert!(!same_origin(&headers));
     }
 }

@@ -1,7 +1,8 @@
-//! The editor proxy, `/devices/{id}/editor/...`, over real TLS with a
-//! device played by the test (`common::web::FakeDevice`): who gets through,
-//! the grant each stream carries, what crosses to the device and back,
-//! streaming bodies, the WebSocket, timeouts, an offline device, and
+//! The editor proxy over real TLS with a device played by the test
+//! (`common::web::FakeDevice`): the handoff from the platform's
+//! `/devices/{id}/editor/...` to the device's own editor origin, who gets
+//! through, the grant each stream carries, what crosses to the device and
+//! back, streaming bodies, the WebSocket, timeouts, an offline device, and
 //! logout closing live streams.
 
 mod common;
@@ -24,18 +25,32 @@ fn editor(device: &FakeDevice, rest: &str) -> String {
     format!("/devices/{}/editor{rest}", device.id())
 }
 
+/// A connection to `device`'s editor origin for the session `cookie`.
+async fn editor_browser(platform: &Platform, cookie: &str, device: &FakeDevice) -> Browser {
+    open_editor(platform, cookie, device.id(), "/").await.0
+}
+
 #[tokio::test]
 async fn requests_reach_the_device_with_a_fresh_grant_and_without_credentials() {
     let (platform, _dir) = start_web().await;
     let device = fake_device(&platform, "line-3").await;
     let cookie = login_as(&platform, "alice", "line-3", Role::Member).await;
 
-    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let (mut browser, next) =
+        open_editor(&platform, &cookie, device.id(), "/red/settings?x=1&y=%2F").await;
+    assert_eq!(
+        next, "/red/settings?x=1&y=%2F",
+        "the handoff keeps the path"
+    );
+    assert!(
+        device.seen().is_empty(),
+        "the handoff itself reaches no device"
+    );
     let before = unix_now();
     let response = browser
         .send(
             Method::GET,
-            &editor(&device, "/red/settings?x=1&y=%2F"),
+            &next,
             &[
                 ("authorization", "Basic YWxpY2U6cHc="),
                 ("proxy-authorization", "Basic eA=="),
@@ -58,7 +73,7 @@ async fn requests_reach_the_device_with_a_fresh_grant_and_without_credentials() 
     assert_eq!(request.method, Method::GET);
     assert_eq!(
         request.uri, "/red/settings?x=1&y=%2F",
-        "prefix stripped, query kept"
+        "path and query as sent"
     );
     for name in [
         "cookie",
@@ -89,14 +104,11 @@ async fn requests_reach_the_device_with_a_fresh_grant_and_without_credentials() 
     );
 
     // The same browser connection reuses its stream (one grant) ...
-    let again = browser.get(&editor(&device, "/again")).await;
+    let again = browser.get("/again").await;
     assert_eq!(again.status, StatusCode::OK);
     // ... another connection gets a stream and a grant of its own.
-    let mut second = Browser::connect(&platform, Some(&cookie)).await;
-    assert_eq!(
-        second.get(&editor(&device, "/other")).await.status,
-        StatusCode::OK
-    );
+    let mut second = Browser::connect_to(&platform, &browser.host, browser.cookie.as_deref()).await;
+    assert_eq!(second.get("/other").await.status, StatusCode::OK);
     let seen = device.seen();
     assert_eq!(seen.len(), 3);
     assert_eq!(seen[1].grant.nonce, seen[0].grant.nonce);
@@ -110,11 +122,8 @@ async fn the_grant_carries_the_users_role() {
     let device = fake_device(&platform, "t").await;
     for (name, role) in [("vic", Role::Viewer), ("olga", Role::Owner)] {
         let cookie = login_as(&platform, name, "t", role).await;
-        let mut browser = Browser::connect(&platform, Some(&cookie)).await;
-        assert_eq!(
-            browser.get(&editor(&device, "/")).await.status,
-            StatusCode::OK
-        );
+        let mut browser = editor_browser(&platform, &cookie, &device).await;
+        assert_eq!(browser.get("/").await.status, StatusCode::OK);
     }
     let roles: Vec<(String, Role)> = device
         .seen()
@@ -148,7 +157,7 @@ async fn without_a_session_the_browser_is_sent_to_log_in_and_back() {
     // A stale or forged cookie is no better.
     let mut forged = Browser::connect(
         &platform,
-        Some(&format!("tether_session={}", "ab".repeat(32))),
+        Some(&format!("__Host-tether_session={}", "ab".repeat(32))),
     )
     .await;
     assert_eq!(
@@ -170,13 +179,139 @@ async fn without_a_session_the_browser_is_sent_to_log_in_and_back() {
     let login = post_login(&platform, "alice", "pw", Some(&next)).await;
     assert_eq!(login.location(), Some(next.as_str()));
 
-    // `/editor` without the slash goes to `/editor/`, query kept.
+    // `/editor` without the slash leads to the editor's `/`, query kept.
     let cookie = session_cookie(&login);
-    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
-    let bare = browser.get(&editor(&device, "?q=1")).await;
-    assert_eq!(bare.status, StatusCode::PERMANENT_REDIRECT);
-    assert_eq!(bare.location(), Some(editor(&device, "/?q=1").as_str()));
+    let (_, next) = open_editor(&platform, &cookie, device.id(), "?q=1").await;
+    assert_eq!(next, "/?q=1");
     assert!(device.seen().is_empty(), "nothing reached the device");
+
+    // On the device's origin, a navigation without an editor cookie goes
+    // back to the platform for a handoff; anything else gets 401.
+    let mut bare = Browser::connect_to(&platform, &device_host(device.id()), None).await;
+    let back = bare.get("/flows?a=b").await;
+    assert_eq!(back.status, StatusCode::SEE_OTHER);
+    let expected = format!("https://localhost/devices/{}/editor/flows?a=b", device.id());
+    assert_eq!(back.location(), Some(expected.as_str()));
+    let post = bare.post_form("/flows", &[]).await;
+    assert_eq!(post.status, StatusCode::UNAUTHORIZED);
+    // The platform's session cookie is worth nothing there.
+    let mut with_session =
+        Browser::connect_to(&platform, &device_host(device.id()), Some(&cookie)).await;
+    assert_eq!(with_session.get("/").await.status, StatusCode::SEE_OTHER);
+    assert!(device.seen().is_empty(), "nothing reached the device");
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_handoff_code_is_spent_once_and_only_on_its_own_devices_origin() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    let other = fake_device(&platform, "t").await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let handoff = |answer: &Answer| {
+        let location = answer.location().unwrap().to_string();
+        location[location.find("/__tether/").unwrap()..].to_string()
+    };
+    let mut platform_page = Browser::connect(&platform, Some(&cookie)).await;
+    let first = platform_page.get(&editor(&device, "/")).await;
+    let path = handoff(&first);
+    // On another device's origin the code is refused, and so spent.
+    let mut elsewhere = Browser::connect_to(&platform, &device_host(other.id()), None).await;
+    let refused = elsewhere.get(&path).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(set_cookie_pair(&refused, "__Host-tether_editor"), None);
+    let mut own = Browser::connect_to(&platform, &device_host(device.id()), None).await;
+    assert_eq!(own.get(&path).await.status, StatusCode::FORBIDDEN, "spent");
+    // A fresh one works once.
+    let path = handoff(&platform_page.get(&editor(&device, "/")).await);
+    let taken = own.get(&path).await;
+    assert_eq!(taken.status, StatusCode::SEE_OTHER);
+    let set = taken.headers["set-cookie"].to_str().unwrap();
+    assert!(set.starts_with("__Host-tether_editor="), "{set}");
+    for attribute in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/"] {
+        assert!(set.contains(attribute), "{attribute} in {set}");
+    }
+    assert!(!set.contains("Domain"), "host-only: {set}");
+    assert_eq!(own.get(&path).await.status, StatusCode::FORBIDDEN, "spent");
+    // The editor cookie opens this device's origin and no other.
+    let editor_cookie = set_cookie_pair(&taken, "__Host-tether_editor").unwrap();
+    let mut on_other =
+        Browser::connect_to(&platform, &device_host(other.id()), Some(&editor_cookie)).await;
+    assert_eq!(on_other.get("/").await.status, StatusCode::SEE_OTHER);
+    assert!(other.seen().is_empty());
+    let mut on_own =
+        Browser::connect_to(&platform, &device_host(device.id()), Some(&editor_cookie)).await;
+    assert_eq!(on_own.get("/").await.status, StatusCode::OK);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn other_origins_may_only_navigate_to_a_devices_editor() {
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    let other = fake_device(&platform, "t").await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let mut browser = editor_browser(&platform, &cookie, &device).await;
+    let other_origin = format!("https://{}", device_host(other.id()));
+    // Another device's page (same site) fetching, posting, opening a
+    // WebSocket, or asking for a service worker script: refused, and
+    // nothing reaches the device.
+    let cases: [(Method, &str, Vec<(&str, &str)>); 4] = [
+        (
+            Method::GET,
+            "/flows",
+            vec![("sec-fetch-site", "same-site"), ("sec-fetch-mode", "cors")],
+        ),
+        (
+            Method::POST,
+            "/inject/n1",
+            vec![
+                ("origin", other_origin.as_str()),
+                ("sec-fetch-site", "same-site"),
+            ],
+        ),
+        (
+            Method::GET,
+            "/comms",
+            vec![
+                ("origin", other_origin.as_str()),
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+        ),
+        (
+            Method::GET,
+            "/sw.js",
+            vec![
+                ("service-worker", "script"),
+                ("sec-fetch-site", "same-origin"),
+            ],
+        ),
+    ];
+    for (method, path, headers) in cases {
+        let answer = collect(browser.send(method.clone(), path, &headers, empty()).await).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{method} {path}");
+    }
+    assert!(device.seen().is_empty(), "{:?}", device.seen().len());
+    // A navigation from elsewhere, and the editor's own requests, pass.
+    let nav = [
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-mode", "navigate"),
+    ];
+    let answer = collect(browser.send(Method::GET, "/", &nav, empty()).await).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let own = browser.origin();
+    let post = [("origin", own.as_str()), ("sec-fetch-site", "same-origin")];
+    let answer = collect(
+        browser
+            .send(Method::POST, "/inject/n1", &post, empty())
+            .await,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(device.seen().len(), 2);
     platform.shutdown().await;
 }
 
@@ -194,6 +329,7 @@ async fn every_role_of_another_team_is_refused_with_403() {
         let answer = browser.get(&editor(&device, "/")).await;
         assert_eq!(answer.status, StatusCode::FORBIDDEN, "{name}");
         assert!(answer.text().contains("another team"), "{}", answer.text());
+        // A code made for a device of their own team does not open this one.
         let ws = browser
             .send(
                 Method::GET,
@@ -218,11 +354,9 @@ async fn an_offline_device_gets_a_503_page_at_once_and_an_unknown_one_404() {
     let (platform, _dir) = start_web().await;
     let device = enroll_in(&platform, "t").await;
     let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
-    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let (mut browser, _) = open_editor(&platform, &cookie, &device.id, "/").await;
     let started = Instant::now();
-    let answer = browser
-        .get(&format!("/devices/{}/editor/", device.id))
-        .await;
+    let answer = browser.get("/").await;
     assert!(started.elapsed() < Duration::from_secs(2), "no hang");
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
@@ -239,7 +373,8 @@ async fn an_offline_device_gets_a_503_page_at_once_and_an_unknown_one_404() {
         answer.text()
     );
 
-    let unknown = browser
+    let mut platform_page = Browser::connect(&platform, Some(&cookie)).await;
+    let unknown = platform_page
         .get("/devices/dev_00000000000000000000/editor/")
         .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
@@ -251,7 +386,7 @@ async fn bodies_stream_both_ways_without_waiting_for_the_whole_body() {
     let (platform, _dir) = start_web().await;
     let device = fake_device(&platform, "t").await;
     let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
-    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let mut browser = editor_browser(&platform, &cookie, &device).await;
 
     // The device echoes the upload as it arrives. Each piece must come back
     // before the next is sent: a proxy that buffered a whole body, either
@@ -259,7 +394,7 @@ async fn bodies_stream_both_ways_without_waiting_for_the_whole_body() {
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
     tx.send_data(Bytes::from_static(b"piece 0;")).await.unwrap();
     let response = browser
-        .send(Method::POST, &editor(&device, "/upload"), &[], body.boxed())
+        .send(Method::POST, "/upload", &[], body.boxed())
         .await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
@@ -295,12 +430,7 @@ async fn bodies_stream_both_ways_without_waiting_for_the_whole_body() {
     // And a large body round-trips intact.
     let big: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let response = browser
-        .send(
-            Method::POST,
-            &editor(&device, "/upload"),
-            &[],
-            bytes(big.clone()),
-        )
+        .send(Method::POST, "/upload", &[], bytes(big.clone()))
         .await;
     let answer = collect(response).await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -309,34 +439,51 @@ async fn bodies_stream_both_ways_without_waiting_for_the_whole_body() {
 }
 
 #[tokio::test]
-async fn a_device_cannot_set_cookies_and_its_redirects_stay_under_the_prefix() {
+async fn a_devices_answer_is_data_it_sets_nothing_in_the_browser_and_cannot_leave_its_origin() {
     let (platform, _dir) = start_web().await;
     let device = fake_device(&platform, "t").await;
     let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
-    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
-    let answer = browser.get(&editor(&device, "/redirect")).await;
+    let mut browser = editor_browser(&platform, &cookie, &device).await;
+    let answer = browser.get("/redirect").await;
     assert_eq!(answer.status, StatusCode::FOUND);
     assert!(!answer.headers.contains_key("set-cookie"));
-    assert_eq!(answer.location(), Some(editor(&device, "/target").as_str()));
+    assert_eq!(answer.location(), Some("/target"));
+
+    let hostile = browser.get("/hostile").await;
+    assert_eq!(hostile.status, StatusCode::FOUND);
+    assert_eq!(hostile.text(), "hostile", "the body is passed on as data");
+    for dropped in [
+        "location",
+        "set-cookie",
+        "service-worker-allowed",
+        "clear-site-data",
+        "refresh",
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+    ] {
+        assert!(!hostile.headers.contains_key(dropped), "{dropped}");
+    }
+    let csp = hostile.headers["content-security-policy"].to_str().unwrap();
+    assert_eq!(csp, tether_platform::editor::DEVICE_CSP);
+    assert!(csp.contains("connect-src 'self'") && csp.contains("form-action 'self'"));
+    assert_eq!(hostile.headers["x-content-type-options"], "nosniff");
     platform.shutdown().await;
 }
 
-/// Opens the editor's WebSocket through the platform with `cookie`.
+/// Opens the editor's WebSocket on the device's editor origin for the
+/// session `cookie`, as the editor's page does.
 async fn open_comms(
     platform: &Platform,
     device: &FakeDevice,
     cookie: &str,
 ) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let browser = editor_browser(platform, cookie, device).await;
     let tls = tls(platform, None).await.unwrap();
-    let url = format!(
-        "wss://localhost:{}{}",
-        platform.local_addr().port(),
-        editor(device, "/comms")
-    );
+    let url = format!("wss://{}/comms", browser.host);
     let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("cookie", cookie.parse().unwrap());
+    let headers = request.headers_mut();
+    headers.insert("cookie", browser.cookie.clone().unwrap().parse().unwrap());
+    headers.insert("origin", browser.origin().parse().unwrap());
     let (ws, response) = tokio::time::timeout(
         Duration::from_secs(5),
         tokio_tungstenite::client_async(request, tls),
@@ -388,9 +535,9 @@ async fn a_device_that_does_not_answer_in_time_gets_a_504_page() {
     let platform = Platform::start(config).await.unwrap();
     let device = fake_device(&platform, "t").await;
     let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
-    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let mut browser = editor_browser(&platform, &cookie, &device).await;
     let started = Instant::now();
-    let answer = browser.get(&editor(&device, "/slow")).await;
+    let answer = browser.get("/slow").await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(
@@ -399,7 +546,7 @@ async fn a_device_that_does_not_answer_in_time_gets_a_504_page() {
         answer.text()
     );
     // The connection goes on, on a new stream.
-    let after = browser.get(&editor(&device, "/fine")).await;
+    let after = browser.get("/fine").await;
     assert_eq!(after.status, StatusCode::OK);
     let seen = device.seen();
     assert_ne!(seen[0].grant.nonce, seen[1].grant.nonce);
@@ -414,16 +561,17 @@ async fn logout_closes_the_sessions_live_editor_streams() {
     let other = login_as(&platform, "bob", "t", Role::Owner).await;
     let mut ws = open_comms(&platform, &device, &cookie).await;
     let mut bobs = open_comms(&platform, &device, &other).await;
-    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
-    assert_eq!(
-        browser.get(&editor(&device, "/")).await.status,
-        StatusCode::OK
-    );
+    let mut browser = editor_browser(&platform, &cookie, &device).await;
+    assert_eq!(browser.get("/").await.status, StatusCode::OK);
     assert_eq!(platform.live_editor_streams(), 3);
 
+    let csrf = session_csrf(&platform, &cookie).await;
     let mut session = Browser::connect(&platform, Some(&cookie)).await;
     assert_eq!(
-        session.post_form("/logout", &[]).await.status,
+        session
+            .post_form("/logout", &[("csrf", &csrf)])
+            .await
+            .status,
         StatusCode::SEE_OTHER
     );
     let ended = tokio::time::timeout(Duration::from_secs(2), ws.next())
@@ -435,11 +583,18 @@ async fn logout_closes_the_sessions_live_editor_streams() {
         assert!(Instant::now() < deadline, "alice's streams close");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // The same browser connection now goes to the login page.
-    assert_eq!(
-        browser.get(&editor(&device, "/")).await.status,
-        StatusCode::SEE_OTHER
+    // The editor cookie is worthless now: the device's origin sends the
+    // browser back to the platform, which wants a login.
+    let back = browser.get("/").await;
+    assert_eq!(back.status, StatusCode::SEE_OTHER);
+    assert!(
+        back.location()
+            .unwrap()
+            .starts_with("https://localhost/devices/")
     );
+    let mut platform_page = Browser::connect(&platform, Some(&cookie)).await;
+    let login = platform_page.get(&editor(&device, "/")).await;
+    assert!(login.location().unwrap().starts_with("/login"));
     // Bob's session is untouched.
     bobs.send(Message::text("still here")).await.unwrap();
     let echoed = bobs.next().await.unwrap().unwrap();

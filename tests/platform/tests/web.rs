@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::Answer;
 use common::web::*;
 use http::{Method, StatusCode};
 use tether_platform::{Platform, RateLimit};
@@ -25,7 +26,7 @@ async fn start_with(
 }
 
 #[tokio::test]
-async fn login_sets_a_strict_session_cookie_and_the_index_shows_the_teams_devices() {
+async fn login_sets_a_host_only_session_cookie_and_the_index_shows_the_teams_devices() {
     let (platform, _dir) = start_web().await;
     let ours = enroll_in(&platform, "line-3").await;
     let theirs = enroll_in(&platform, "line-4").await;
@@ -42,16 +43,21 @@ async fn login_sets_a_strict_session_cookie_and_the_index_shows_the_teams_device
     let login = post_login(&platform, "alice", "correct horse", None).await;
     assert_eq!(login.status, StatusCode::SEE_OTHER);
     assert_eq!(login.location(), Some("/"));
+    assert_eq!(login.headers.get_all("set-cookie").iter().count(), 1);
     let set_cookie = login.headers["set-cookie"].to_str().unwrap();
     let (pair, attributes) = set_cookie.split_once(';').unwrap();
-    let value = pair.strip_prefix("tether_session=").unwrap();
+    let value = pair.strip_prefix("__Host-tether_session=").unwrap();
     assert_eq!(value.len(), 64, "256 random bits, hex");
     assert!(value.bytes().all(|b| b.is_ascii_hexdigit()));
     let attributes: Vec<&str> = attributes.split(';').map(str::trim).collect();
+    assert!(
+        !attributes.iter().any(|a| a.starts_with("Domain")),
+        "host-only: never sent to a device's editor origin"
+    );
     for wanted in [
         "HttpOnly",
         "Secure",
-        "SameSite=Strict",
+        "SameSite=Lax",
         "Path=/",
         "Max-Age=1209600",
     ] {
@@ -104,13 +110,15 @@ async fn a_wrong_password_and_an_unknown_user_get_the_same_answer() {
     let wrong = post_login(&platform, "alice", "wrong horse", None).await;
     let unknown = post_login(&platform, "mallory", "wrong horse", None).await;
     let invalid = post_login(&platform, "not a valid name!", "x", None).await;
+    // The pages differ only in the new form's CSRF token.
+    let page = |answer: &Answer| answer.text().replace(&csrf_of(&answer.text()), "TOKEN");
     for answer in [&wrong, &unknown, &invalid] {
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
         assert!(answer.text().contains("wrong user name or password"));
-        assert!(!answer.headers.contains_key("set-cookie"));
+        assert_eq!(set_cookie_pair(answer, "__Host-tether_session"), None);
     }
-    assert_eq!(wrong.body, unknown.body, "nothing tells the two apart");
-    assert_eq!(wrong.body, invalid.body);
+    assert_eq!(page(&wrong), page(&unknown), "nothing tells the two apart");
+    assert_eq!(page(&wrong), page(&invalid));
     platform.shutdown().await;
 }
 
@@ -170,12 +178,19 @@ async fn logout_revokes_the_session_on_the_server() {
     let mut browser = Browser::connect(&platform, Some(&cookie)).await;
     assert_eq!(browser.get("/").await.status, StatusCode::OK);
 
-    let logout = browser.post_form("/logout", &[]).await;
+    // Without the page's CSRF token, nothing happens.
+    let forged = browser.post_form("/logout", &[]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN, "{}", forged.text());
+    assert!(forged.text().contains("Form expired"));
+    assert_eq!(browser.get("/").await.status, StatusCode::OK);
+
+    let csrf = session_csrf(&platform, &cookie).await;
+    let logout = browser.post_form("/logout", &[("csrf", &csrf)]).await;
     assert_eq!(logout.status, StatusCode::SEE_OTHER);
     assert_eq!(logout.location(), Some("/login"));
     let cleared = logout.headers["set-cookie"].to_str().unwrap();
     assert!(
-        cleared.starts_with("tether_session=;") && cleared.contains("Max-Age=0"),
+        cleared.starts_with("__Host-tether_session=;") && cleared.contains("Max-Age=0"),
         "{cleared}"
     );
 
@@ -226,7 +241,7 @@ async fn after_login_the_browser_goes_only_to_a_local_device_path() {
 }
 
 #[tokio::test]
-async fn a_login_form_from_another_origin_is_refused() {
+async fn a_login_form_from_another_origin_or_without_its_token_is_refused() {
     let (platform, _dir) = start_web().await;
     platform
         .add_user("alice", "t", Role::Owner, &Secret::new("pw"))
@@ -248,6 +263,59 @@ async fn a_login_form_from_another_origin_is_refused() {
     let answer = collect(response).await;
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
     assert!(!answer.headers.contains_key("set-cookie"));
+    // Nor from a device's editor origin (the same site as the platform),
+    // even with a login page's token and cookie.
+    let mut page = Browser::connect(&platform, None).await;
+    let form_page = page.get("/login").await;
+    let login_cookie = set_cookie_pair(&form_page, "__Host-tether_login").unwrap();
+    let csrf = csrf_of(&form_page.text());
+    let device_origin = format!("https://{}", device_host("dev_00000000000000000001"));
+    let form = encode_form(&[("user", "alice"), ("password", "pw"), ("csrf", &csrf)]);
+    let mut browser = Browser::connect(&platform, Some(&login_cookie)).await;
+    let response = browser
+        .send(
+            Method::POST,
+            "/login",
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &device_origin),
+                ("sec-fetch-site", "same-site"),
+                ("sec-fetch-mode", "navigate"),
+            ],
+            bytes(form.into_bytes()),
+        )
+        .await;
+    let answer = collect(response).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert_eq!(set_cookie_pair(&answer, "__Host-tether_session"), None);
+    // From the platform's origin without the token, or with a token that
+    // is not this browser's, it is refused too.
+    let mut own = Browser::connect(&platform, Some(&login_cookie)).await;
+    let missing = own
+        .post_form("/login", &[("user", "alice"), ("password", "pw")])
+        .await;
+    assert_eq!(missing.status, StatusCode::FORBIDDEN);
+    assert!(missing.text().contains("Form expired"));
+    let mut stranger = Browser::connect(&platform, None).await;
+    let borrowed = stranger
+        .post_form(
+            "/login",
+            &[("user", "alice"), ("password", "pw"), ("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(
+        borrowed.status,
+        StatusCode::FORBIDDEN,
+        "a token needs its cookie"
+    );
+    // With both, the same form logs in.
+    let good = own
+        .post_form(
+            "/login",
+            &[("user", "alice"), ("password", "pw"), ("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(good.status, StatusCode::SEE_OTHER, "{}", good.text());
     // An oversized form is refused before any password check.
     let big = "a".repeat(9 * 1024);
     let answer = browser.post_form("/login", &[("user", &big)]).await;
@@ -267,7 +335,30 @@ async fn protection_mode_is_pushed_on_connect_and_on_every_change_and_only_owner
     let owner = login_as(&platform, "olga", "line-3", Role::Owner).await;
     let path = format!("/devices/{}/protection", device.id());
     let mut browser = Browser::connect(&platform, Some(&owner)).await;
-    let set = browser.post_form(&path, &[("enabled", "on")]).await;
+    let csrf = session_csrf(&platform, &owner).await;
+    // A form without the page's token, or posted from a device's editor
+    // origin, changes nothing.
+    let forged = browser.post_form(&path, &[("enabled", "on")]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let mut from_device = Browser::connect(&platform, Some(&owner)).await;
+    let form = encode_form(&[("enabled", "on"), ("csrf", &csrf)]);
+    let device_origin = format!("https://{}", device_host(device.id()));
+    let response = from_device
+        .send(
+            Method::POST,
+            &path,
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &device_origin),
+            ],
+            bytes(form.into_bytes()),
+        )
+        .await;
+    assert_eq!(collect(response).await.status, StatusCode::FORBIDDEN);
+    assert!(!platform.devices().await.unwrap()[0].protected);
+    let set = browser
+        .post_form(&path, &[("enabled", "on"), ("csrf", &csrf)])
+        .await;
     assert_eq!(set.status, StatusCode::SEE_OTHER, "{}", set.text());
     assert!(device.next_protection().await, "pushed on at once");
     let listed = platform.devices().await.unwrap();
@@ -281,15 +372,21 @@ async fn protection_mode_is_pushed_on_connect_and_on_every_change_and_only_owner
         ("otto", "line-4", Role::Owner),
     ] {
         let cookie = login_as(&platform, name, team, role).await;
+        let csrf = session_csrf(&platform, &cookie).await;
         let mut other = Browser::connect(&platform, Some(&cookie)).await;
-        let refused = other.post_form(&path, &[("enabled", "off")]).await;
+        let refused = other
+            .post_form(&path, &[("enabled", "off"), ("csrf", &csrf)])
+            .await;
         assert_eq!(refused.status, StatusCode::FORBIDDEN, "{name}");
+        assert!(refused.text().contains("Only an owner"), "{name}");
     }
     // Nor may anyone without a session, or with a bad value.
     let mut anonymous = Browser::connect(&platform, None).await;
     let refused = anonymous.post_form(&path, &[("enabled", "off")]).await;
     assert_eq!(refused.status, StatusCode::SEE_OTHER);
-    let bad = browser.post_form(&path, &[("enabled", "maybe")]).await;
+    let bad = browser
+        .post_form(&path, &[("enabled", "maybe"), ("csrf", &csrf)])
+        .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert!(platform.devices().await.unwrap()[0].protected);
 

@@ -59,18 +59,31 @@ pub fn bytes(data: impl Into<Bytes>) -> ReqBody {
     Full::new(data.into()).boxed()
 }
 
-/// The `Host` the browser sends, and the matching `Origin`.
+/// The `Host` the browser sends to the platform, and the matching `Origin`.
 pub const HOST: &str = "localhost";
 pub const ORIGIN: &str = "https://localhost";
 
-/// One browser connection (keep-alive), with an optional cookie.
+/// One browser connection (keep-alive) to one origin, with an optional
+/// cookie.
 pub struct Browser {
     sender: SendRequest<ReqBody>,
     pub cookie: Option<String>,
+    /// The `Host` it sends: [`HOST`], or a device's editor origin.
+    pub host: String,
+}
+
+/// The host of device `id`'s editor origin (as [`HOST`], without a port).
+pub fn device_host(id: &str) -> String {
+    format!("dev-{}.devices.{HOST}", id.strip_prefix("dev_").unwrap())
 }
 
 impl Browser {
     pub async fn connect(platform: &Platform, cookie: Option<&str>) -> Browser {
+        Browser::connect_to(platform, HOST, cookie).await
+    }
+
+    /// A connection that sends `Host: host`.
+    pub async fn connect_to(platform: &Platform, host: &str, cookie: Option<&str>) -> Browser {
         let tls = tls(platform, None).await.expect("TLS to the platform");
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
@@ -79,7 +92,13 @@ impl Browser {
         Browser {
             sender,
             cookie: cookie.map(str::to_string),
+            host: host.to_string(),
         }
+    }
+
+    /// `https://HOST`, this connection's origin.
+    pub fn origin(&self) -> String {
+        format!("https://{}", self.host)
     }
 
     /// Sends a request and returns the response head with its body unread.
@@ -94,7 +113,7 @@ impl Browser {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, HOST);
+            .header(header::HOST, &self.host);
         if let Some(cookie) = &self.cookie {
             request = request.header(header::COOKIE, cookie);
         }
@@ -116,9 +135,10 @@ impl Browser {
     /// POST of a form, body read whole.
     pub async fn post_form(&mut self, path: &str, pairs: &[(&str, &str)]) -> Answer {
         let form = encode_form(pairs);
+        let origin = self.origin();
         let headers = [
             ("content-type", "application/x-www-form-urlencoded"),
-            ("origin", ORIGIN),
+            ("origin", origin.as_str()),
         ];
         collect(
             self.send(Method::POST, path, &headers, bytes(form.into_bytes()))
@@ -164,32 +184,85 @@ impl Answer {
     }
 }
 
-/// `POST /login` on a fresh connection.
+/// The value of the form field `csrf` in a page.
+pub fn csrf_of(page: &str) -> String {
+    let at = page
+        .find("name=\"csrf\" value=\"")
+        .unwrap_or_else(|| panic!("no csrf field in {page}"));
+    let rest = &page[at + "name=\"csrf\" value=\"".len()..];
+    rest[..rest.find('"').unwrap()].to_string()
+}
+
+/// The `NAME=value` pair of the cookie `name` an answer sets.
+pub fn set_cookie_pair(answer: &Answer, name: &str) -> Option<String> {
+    answer
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap().to_string())
+        .find(|pair| pair.starts_with(&format!("{name}=")))
+}
+
+/// `GET /login` then `POST /login` on a fresh connection, as a browser
+/// does: the form's CSRF token and its cookie come from the page.
 pub async fn post_login(
     platform: &Platform,
     user: &str,
     password: &str,
     next: Option<&str>,
 ) -> Answer {
-    let mut pairs = vec![("user", user), ("password", password)];
+    let mut browser = Browser::connect(platform, None).await;
+    let page = browser.get("/login").await;
+    assert_eq!(page.status, StatusCode::OK);
+    browser.cookie = set_cookie_pair(&page, "__Host-tether_login");
+    let csrf = csrf_of(&page.text());
+    let mut pairs = vec![("user", user), ("password", password), ("csrf", &csrf)];
     if let Some(next) = next {
         pairs.push(("next", next));
     }
-    Browser::connect(platform, None)
-        .await
-        .post_form("/login", &pairs)
-        .await
+    browser.post_form("/login", &pairs).await
 }
 
-/// The `tether_session=...` pair a login answer sets.
+/// The `__Host-tether_session=...` pair a login answer sets.
 pub fn session_cookie(answer: &Answer) -> String {
-    let set = answer
-        .headers
-        .get(header::SET_COOKIE)
-        .expect("a Set-Cookie header")
-        .to_str()
-        .unwrap();
-    set.split(';').next().unwrap().to_string()
+    set_cookie_pair(answer, "__Host-tether_session").expect("a session cookie")
+}
+
+/// The CSRF token of a session's forms, read from the device list.
+pub async fn session_csrf(platform: &Platform, cookie: &str) -> String {
+    let index = Browser::connect(platform, Some(cookie))
+        .await
+        .get("/")
+        .await;
+    assert_eq!(index.status, StatusCode::OK, "{}", index.text());
+    csrf_of(&index.text())
+}
+
+/// Follows the platform's handoff into device `id`'s editor origin, as a
+/// browser does: `GET /devices/ID/editor{rest}` on the platform, then the
+/// handoff on the device's origin. Returns a connection to that origin
+/// with its editor cookie, and the path the handoff sent it to.
+pub async fn open_editor(
+    platform: &Platform,
+    cookie: &str,
+    id: &str,
+    rest: &str,
+) -> (Browser, String) {
+    let mut browser = Browser::connect(platform, Some(cookie)).await;
+    let answer = browser.get(&format!("/devices/{id}/editor{rest}")).await;
+    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.text());
+    let location = answer.location().expect("a handoff location").to_string();
+    let prefix = format!("https://{}/__tether/handoff?code=", device_host(id));
+    assert!(location.starts_with(&prefix), "{location}");
+    let path = &location[format!("https://{}", device_host(id)).len()..];
+    let mut editor = Browser::connect_to(platform, &device_host(id), None).await;
+    let taken = editor.get(path).await;
+    assert_eq!(taken.status, StatusCode::SEE_OTHER, "{}", taken.text());
+    editor.cookie =
+        Some(set_cookie_pair(&taken, "__Host-tether_editor").expect("an editor cookie"));
+    let next = taken.location().expect("where to go").to_string();
+    (editor, next)
 }
 
 /// The password `login_as` gives a user.
@@ -415,8 +488,24 @@ async fn editor(
         "/redirect" => Response::builder()
             .status(StatusCode::FOUND)
             .header(header::LOCATION, "/target")
-            .header(header::SET_COOKIE, "tether_session=planted; Path=/")
+            .header(
+                header::SET_COOKIE,
+                "__Host-tether_session=planted; Path=/; Secure",
+            )
             .body(full(""))
+            .unwrap(),
+        // What a compromised device might answer.
+        "/hostile" => Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, "//evil.example/")
+            .header(header::SET_COOKIE, "planted=1; Domain=localhost; Path=/")
+            .header("service-worker-allowed", "/")
+            .header("clear-site-data", "\"cookies\"")
+            .header("refresh", "0; url=https://evil.example/")
+            .header("content-security-policy", "default-src *")
+            .header("access-control-allow-origin", "https://localhost")
+            .header("access-control-allow-credentials", "true")
+            .body(full("hostile"))
             .unwrap(),
         "/comms" => {
             let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
