@@ -256,7 +256,8 @@ async fn other_origins_may_only_navigate_to_a_devices_editor() {
     // Another device's page (same site) fetching, posting, opening a
     // WebSocket, or asking for a service worker script: refused, and
     // nothing reaches the device.
-    let cases: [(Method, &str, Vec<(&str, &str)>); 4] = [
+    type Case<'a> = (Method, &'a str, Vec<(&'a str, &'a str)>);
+    let cases: [Case; 4] = [
         (
             Method::GET,
             "/flows",
