@@ -5,8 +5,10 @@
 // this script with the environment below. Each step prints one line; the
 // first failure prints why and exits 1.
 //
-//   TETHER_URL        https://127.0.0.1:PORT (the platform)
+//   TETHER_URL        https://localhost:PORT (the platform)
 //   TETHER_DEVICE     the device id
+//   HOSTILE_DEVICE    a device whose editor answers with a hostile page
+//                     (tests/browser/hostile.html): a compromised device
 //   OWNER, OWNER_PASSWORD, VIEWER, VIEWER_PASSWORD
 //   NODE_RED_LOCAL    http://127.0.0.1:PORT (the device's Node-RED, direct)
 //   SCREENSHOT_DIR    where the screenshots go
@@ -25,6 +27,10 @@ const env = (name) => {
 const BASE = env('TETHER_URL');
 const DEVICE = env('TETHER_DEVICE');
 const EDITOR = `${BASE}/devices/${DEVICE}/editor/`;
+const HOSTILE = env('HOSTILE_DEVICE');
+// Each device's editor has an origin of its own: dev-<hex>.devices.HOST.
+const deviceOrigin = (id) => `https://dev-${id.slice(4)}.devices.${new URL(BASE).host}`;
+const EDITOR_ORIGIN = deviceOrigin(DEVICE);
 const LOCAL = env('NODE_RED_LOCAL');
 const SHOTS = env('SCREENSHOT_DIR');
 const STEP_TIMEOUT = 30000;
@@ -50,11 +56,12 @@ async function login(browser, user, password) {
     await page.fill('input[name=user]', user);
     await page.fill('input[name=password]', password);
     await Promise.all([page.waitForNavigation(), page.click('button[type=submit], input[type=submit]')]);
-    if (page.url() !== EDITOR) {
+    await page.waitForURL(`${EDITOR_ORIGIN}/`);
+    if (page.url() !== `${EDITOR_ORIGIN}/`) {
         const text = (await page.textContent('body')).replace(/\s+/g, ' ').trim();
         throw new Error(`after logging in as ${user} the browser is at ${page.url()}: ${text.slice(0, 300)}`);
     }
-    step(`${user} logged in and was sent to the editor`);
+    step(`${user} logged in and was handed over to the editor's own origin ${EDITOR_ORIGIN}`);
     return { context, page };
 }
 
@@ -113,6 +120,16 @@ async function owner(browser) {
     const body = await localHello();
     if (body !== 'deployed through tether') throw new Error(`/hello answered ${JSON.stringify(body)}`);
     step('owner: deployed an HTTP endpoint from the editor; it answers locally on the device');
+    // A flow's endpoint is not part of the editor: remote editor access
+    // does not reach it (a service meant for engineers is a [[service]]).
+    const viaEditor = await page.evaluate(async () => {
+        const res = await fetch('hello');
+        return { status: res.status, text: await res.text() };
+    });
+    if (viaEditor.status !== 403 || viaEditor.text.includes('deployed through tether')) {
+        throw new Error(`the flow's /hello answered ${viaEditor.status} through the editor: ${viaEditor.text.slice(0, 200)}`);
+    }
+    step(`owner: the flow's /hello is not reachable through the editor (${viaEditor.status})`);
     await page.waitForFunction(() => !RED.nodes.dirty());
     await page.waitForTimeout(1500); // let the "Successfully deployed" notice settle
     await page.screenshot({ path: path.join(SHOTS, 'editor-owner.png') });
@@ -137,18 +154,62 @@ async function viewer(browser) {
     await context.close();
 }
 
-async function protection(page) {
-    const status = await page.evaluate(async (device) => {
-        const res = await fetch(`/devices/${device}/protection`, {
-            method: 'POST',
-            headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
-            body: 'enabled=on',
-            redirect: 'manual',
-        });
-        return res.status;
-    }, DEVICE);
-    if (status >= 400) throw new Error(`turning protection mode on answered ${status}`);
-    step('owner: turned instance protection mode on');
+// The protection mode shown for `device` on the platform's device list.
+async function listedProtection(context, device) {
+    const list = await context.newPage();
+    await list.goto(`${BASE}/`);
+    const cell = await list.textContent(`tr:has(code:text-is("${device}")) td:nth-child(4)`);
+    const user = await list.textContent('body');
+    await list.close();
+    return { on: cell.trim().startsWith('on'), loggedIn: user.includes('Logged in as') };
+}
+
+// A compromised device's editor origin serves a page that attacks the
+// platform with the engineer's browser (tests/browser/hostile.html). Every
+// attempt must fail, and the engineer's session and every device's
+// protection mode must be as they were.
+async function hostile(context) {
+    const before = await listedProtection(context, HOSTILE);
+    const page = await context.newPage();
+    page.setDefaultTimeout(STEP_TIMEOUT);
+    await page.goto(`${BASE}/devices/${HOSTILE}/editor/`);
+    const origin = deviceOrigin(HOSTILE);
+    if (!page.url().startsWith(`${origin}/`)) throw new Error(`the hostile device's editor is at ${page.url()}, not on ${origin}`);
+    await page.waitForFunction(() => window.__done === true, null, { timeout: STEP_TIMEOUT });
+    const results = await page.evaluate(() => window.__results);
+    console.log(`  hostile page results: ${JSON.stringify(results)}`);
+    const failed = Object.entries(results).filter(([, r]) => r.succeeded);
+    if (failed.length) throw new Error(`hostile attempts succeeded: ${JSON.stringify(failed)}`);
+    for (const name of ['serviceWorker', 'platformServiceWorker', 'readPlatformPage', 'postProtection', 'postForm', 'framePlatform', 'plantCookie']) {
+        if (!(name in results)) throw new Error(`the hostile page did not try ${name}`);
+    }
+    const registrations = await page.evaluate(async () => (await navigator.serviceWorker.getRegistrations()).length);
+    if (registrations !== 0) throw new Error(`${registrations} service worker(s) registered on the device origin`);
+    step(`hostile device: ${Object.keys(results).length} attacks on the platform from its editor origin all failed`);
+    // A redirect the device answers with //elsewhere goes nowhere.
+    const answer = await page.goto(`${origin}/red/go-elsewhere`);
+    if (!page.url().startsWith(`${origin}/`)) throw new Error(`the device's redirect took the browser to ${page.url()}`);
+    if (answer.headers()['location']) throw new Error(`a device's off-origin Location reached the browser: ${answer.headers()['location']}`);
+    step(`hostile device: its redirect to //evil.example was dropped (status ${answer.status()}, still on ${origin})`);
+    await page.close();
+    const after = await listedProtection(context, HOSTILE);
+    if (!after.loggedIn) throw new Error('the engineer is no longer logged in to the platform');
+    if (after.on !== before.on) throw new Error(`the hostile device's protection changed: ${before.on} -> ${after.on}`);
+    const real = await listedProtection(context, DEVICE);
+    if (real.on) throw new Error('the other device\'s protection changed');
+    step('hostile device: the engineer is still logged in and no protection mode changed');
+}
+
+async function protection(context, page) {
+    const list = await context.newPage();
+    await list.goto(`${BASE}/`);
+    await Promise.all([
+        list.waitForNavigation(),
+        list.click(`form[action="/devices/${DEVICE}/protection"] button`),
+    ]);
+    await list.close();
+    if (!(await listedProtection(context, DEVICE)).on) throw new Error('protection mode did not turn on');
+    step('owner: turned instance protection mode on from the platform\'s device list');
     let answer;
     for (let i = 0; i < 50; i++) {
         answer = await postFlows(page);
@@ -182,7 +243,8 @@ async function protection(page) {
     try {
         const { context, page } = await owner(browser);
         await viewer(browser);
-        await protection(page);
+        await hostile(context);
+        await protection(context, page);
         await context.close();
     } finally {
         await browser.close();

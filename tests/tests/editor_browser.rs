@@ -3,8 +3,11 @@
 //! reference platform, loads the device's real Node-RED editor through the
 //! platform, the mutual-TLS tunnel and `tetherd`, deploys a flow, and meets
 //! the viewer role and protection mode (`tests/browser/editor.cjs` has the
-//! browser's steps). Then, without the browser: Node-RED's admin API on its
-//! own port refuses anyone without the agent's token.
+//! browser's steps). A second, compromised device answers its editor with
+//! a hostile page (`tests/browser/hostile.html`) that tries to act on the
+//! platform with the engineer's browser; every attempt must fail. Then,
+//! without the browser: Node-RED's admin API on its own port refuses anyone
+//! without the agent's token.
 //!
 //! Needs Node-RED (`tests/nodered/install.sh`), chromium and playwright-core
 //! (`tests/browser/install.sh`); `.ci/run` installs all three. Missing, the
@@ -52,6 +55,56 @@ fn find_tools() -> Result<Tools, String> {
         }),
         _ => Err(missing.join("; ")),
     }
+}
+
+/// A compromised device's "Node-RED": the hostile page, a service worker
+/// script that claims the whole origin, and a redirect off the origin.
+async fn hostile_editor() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let page = std::fs::read_to_string(tools::workspace().join("tests/browser/hostile.html"))
+        .expect("tests/browser/hostile.html");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let path = head.split(' ').nth(1).unwrap_or("/");
+                let (status, headers, body) = match path {
+                    "/" => ("200 OK", "Content-Type: text/html\r\n", page),
+                    "/red/sw.js" => (
+                        "200 OK",
+                        "Content-Type: text/javascript\r\nService-Worker-Allowed: /\r\n",
+                        "self.addEventListener('fetch', (e) => e.respondWith(new Response('owned')));".into(),
+                    ),
+                    "/red/go-elsewhere" => (
+                        "302 Found",
+                        "Location: //evil.example/\r\nRefresh: 0; url=https://evil.example/\r\n",
+                        "moved".into(),
+                    ),
+                    _ => ("404 Not Found", "", "no".into()),
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\n{headers}Set-Cookie: planted=1; Path=/\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
 }
 
 /// One HTTP/1.1 GET on 127.0.0.1, without any credentials: the status code.
@@ -112,6 +165,21 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
     .await
     .expect("Node-RED came up locked down");
 
+    // A second device of the team, compromised: its editor is a hostile page.
+    let hostile_state = dir.path().join("hostile-device");
+    enrolled(&platform, &hostile_state).await;
+    let options = tether_agent::AgentOptions {
+        editor: Some(tether_agent::editor::EditorTarget {
+            addr: hostile_editor().await,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let hostile = Agent::start_with(agent_config(&hostile_state), options)
+        .await
+        .expect("hostile agent starts");
+    wait_status(&hostile, "connected", |s| s.state == TunnelState::Connected).await;
+
     // Direct access to the device's Node-RED, without the agent: refused.
     for path in ["/flows", "/settings", "/nodes"] {
         assert_eq!(bare_status(node_red_port, path).await, 401, "GET {path}");
@@ -123,6 +191,7 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
         .arg(tools::workspace().join("tests/browser/editor.cjs"))
         .env("TETHER_URL", platform.url())
         .env("TETHER_DEVICE", &device)
+        .env("HOSTILE_DEVICE", hostile.device_id())
         .env("OWNER", OWNER.0)
         .env("OWNER_PASSWORD", OWNER.1)
         .env("VIEWER", VIEWER.0)
@@ -151,8 +220,11 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
     assert!(output.status.success(), "browser steps failed:\n{said}");
     assert!(shots.join("editor-owner.png").is_file());
 
-    // Protection mode reached the device over its control stream.
+    // Protection mode reached the device over its control stream; the
+    // hostile page changed nothing.
     assert!(agent.protection(), "protection mode reached the device");
+    assert!(!hostile.protection(), "the hostile page did not change it");
+    hostile.shutdown().await;
     agent.shutdown().await;
     platform.shutdown().await;
 }

@@ -167,6 +167,19 @@ fn login_page(
         csrf::FIELD
     );
     let mut response = html::page(status, "Log in", &body);
+    // A login on the way to an editor ends on the device's editor origin,
+    // and a form's redirects are held to its form-action too.
+    if let Some(domain) = state.config.editor_domain() {
+        let csp = html::CSP.replace(
+            "form-action 'self'",
+            &format!("form-action 'self' https://*.{domain}:*"),
+        );
+        if let Ok(value) = http::HeaderValue::from_str(&csp) {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_SECURITY_POLICY, value);
+        }
+    }
     match csrf::set_login_cookie(&cookie) {
         Some(value) => {
             response.headers_mut().insert(header::SET_COOKIE, value);
