@@ -163,18 +163,29 @@ for _ in $(seq 1 300); do
 done
 [ "$node_red_up" = 1 ] || fail "Node-RED did not come up locked down on 127.0.0.1:$NODE_RED_PORT"
 echo "   Node-RED on 127.0.0.1:$NODE_RED_PORT without the agent: GET /settings -> 401 (locked down)"
+# The editor, as a browser reaches it: the login form (its CSRF token and
+# cookie come with the page), then the platform hands the browser over to
+# the device's own editor origin https://dev-<id>.devices.localhost:PORT/
+# (browsers resolve *.localhost themselves; curl is told with --resolve).
 JAR="$WORK/cookies"
-"${CURL[@]}" -o /dev/null -c "$JAR" -H "Origin: https://localhost:$PLATFORM_PORT" \
-    --data-urlencode "user=olga" --data-urlencode "password=$OWNER_PASSWORD" \
+EDITOR_HOST="dev-${DEVICE#dev_}.devices.localhost"
+CURL+=(--resolve "$EDITOR_HOST:$PLATFORM_PORT:127.0.0.1")
+LOGIN_PAGE=$("${CURL[@]}" -c "$JAR" "https://localhost:$PLATFORM_PORT/login") || fail "the login page did not load"
+CSRF=$(sed -n 's/.*name="csrf" value="\([0-9a-f]*\)".*/\1/p' <<<"$LOGIN_PAGE" | head -n1)
+[ -n "$CSRF" ] || fail "the login page has no CSRF token"
+"${CURL[@]}" -o /dev/null -b "$JAR" -c "$JAR" -H "Origin: https://localhost:$PLATFORM_PORT" \
+    --data-urlencode "user=olga" --data-urlencode "password=$OWNER_PASSWORD" --data-urlencode "csrf=$CSRF" \
     "https://localhost:$PLATFORM_PORT/login" || fail "login failed"
+grep -q "__Host-tether_session" "$JAR" || fail "the login did not start a session"
 SETTINGS=""
 for _ in $(seq 1 50); do
-    SETTINGS=$("${CURL[@]}" -b "$JAR" "${EDITOR}settings" || true)
+    SETTINGS=$("${CURL[@]}" -L -b "$JAR" -c "$JAR" "${EDITOR}settings" || true)
     grep -q '"username":"olga"' <<<"$SETTINGS" && break
     sleep 0.2
 done
 grep -q '"username":"olga"' <<<"$SETTINGS" || fail "the editor did not answer through the tunnel: ${SETTINGS:0:300}"
-echo "   Logged in as olga (owner): ${EDITOR}settings answered through the tunnel, as olga"
+echo "   Logged in as olga (owner): ${EDITOR}settings led to https://$EDITOR_HOST:$PLATFORM_PORT/settings,"
+echo "   which answered through the tunnel, as olga"
 
 if [ "${DEMO_CHECK:-0}" = 1 ]; then
     say "Demo checked: enrollment, tunnel, service access and the editor all work."
@@ -186,8 +197,12 @@ cat <<EOF
    $EDITOR
      owner:  olga / $OWNER_PASSWORD    (may deploy)
      viewer: vic  / $VIEWER_PASSWORD    (read-only)
+   After the login the platform hands the browser over to the device's own
+   editor origin, https://$EDITOR_HOST:$PLATFORM_PORT/ (Chromium and Firefox
+   resolve every *.localhost name to this machine).
    The browser will warn about the certificate: the demo platform made its own
-   CA ($PLATFORM_DIR/ca.crt). Accept it for this demo, or import that file.
+   CA ($PLATFORM_DIR/ca.crt). Accept it for this demo (once for localhost and
+   once for the editor's origin), or import that file.
 
 Try it yourself:
    curl http://127.0.0.1:$ENGINEER_PORT/                      # the device's service, through the tunnel

@@ -102,6 +102,12 @@ pub struct ServeArgs {
     /// How long the editor proxy waits for a device's answer to a request (then 504).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub editor_timeout: Duration,
+    /// The DNS domain of the device editor origins: each device's editor is
+    /// served at https://dev-<id>.DOMAIN:PORT/. Default: devices.<first --name>.
+    /// It needs a wildcard DNS record to this platform (browsers resolve
+    /// *.localhost on their own).
+    #[arg(long, value_name = "DOMAIN")]
+    pub editor_domain: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

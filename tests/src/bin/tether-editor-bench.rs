@@ -322,6 +322,7 @@ async fn load(args: LoadArgs) -> Result<()> {
         "kind": "tunnel",
         "url": format!("{base}/devices/{device}/editor/"),
         "base": base,
+        "editor_origin": format!("https://{}", editor_host(&device, platform.local_addr().port())),
         "user": user,
         "password": password(&user),
     });
@@ -437,6 +438,12 @@ struct Client {
 
 type Conn = SendRequest<Full<Bytes>>;
 
+/// The `Host` of device `device`'s editor origin.
+fn editor_host(device: &str, port: u16) -> String {
+    let label = device.strip_prefix("dev_").unwrap_or(device);
+    format!("dev-{label}.devices.localhost:{port}")
+}
+
 impl Client {
     fn new(platform: &Platform) -> Result<Client> {
         let addr: SocketAddr = platform.local_addr();
@@ -472,63 +479,142 @@ impl Client {
         Ok(sender)
     }
 
-    /// A request on `conn`; the status, the `Set-Cookie` and the body size.
+    /// A request on `conn` to `host`; the status, the `Set-Cookie` pair,
+    /// the `Location` and the body.
     async fn send(
         &self,
         conn: &mut Conn,
+        host: &str,
         method: Method,
         path: &str,
         headers: &[(&str, &str)],
         body: Bytes,
-    ) -> Result<(StatusCode, Option<String>, u64)> {
+    ) -> Result<Answer> {
         conn.ready().await?;
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, &self.host);
+            .header(header::HOST, host);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
         let response = conn.send_request(request.body(Full::new(body))?).await?;
         let status = response.status();
-        let cookie = response
-            .headers()
-            .get(header::SET_COOKIE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .map(str::to_string);
+        let header_text = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let cookie =
+            header_text(header::SET_COOKIE).and_then(|v| v.split(';').next().map(str::to_string));
+        let location = header_text(header::LOCATION);
         let mut body = response.into_body();
+        let mut bytes = Vec::new();
         let mut size = 0u64;
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
                 size += data.len() as u64;
+                if bytes.len() < 64 * 1024 {
+                    bytes.extend_from_slice(&data);
+                }
             }
         }
-        Ok((status, cookie, size))
+        Ok(Answer {
+            status,
+            cookie,
+            location,
+            size,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        })
     }
 
-    /// Logs `user` in on a fresh connection; the session cookie pair.
+    /// Logs `user` in on a fresh connection, as a browser does (the login
+    /// page first, for its CSRF token and cookie); the session cookie pair.
     async fn login(&self, user: &str) -> Result<String> {
         let mut conn = self.connect().await?;
+        let page = self
+            .send(
+                &mut conn,
+                &self.host,
+                Method::GET,
+                "/login",
+                &[],
+                Bytes::new(),
+            )
+            .await?;
+        let login_cookie = page.cookie.context("the login page set no cookie")?;
+        let csrf = page
+            .text
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .context("the login page has no CSRF token")?
+            .to_string();
         let mut form = form_urlencoded::Serializer::new(String::new());
         form.append_pair("user", user);
         form.append_pair("password", &password(user));
+        form.append_pair("csrf", &csrf);
         let origin = format!("https://{}", self.host);
-        let (status, cookie, _) = self
+        let answer = self
             .send(
                 &mut conn,
+                &self.host,
                 Method::POST,
                 "/login",
                 &[
                     ("content-type", "application/x-www-form-urlencoded"),
                     ("origin", &origin),
+                    ("cookie", &login_cookie),
                 ],
                 Bytes::from(form.finish()),
             )
             .await?;
-        ensure!(status == StatusCode::SEE_OTHER, "login answered {status}");
-        cookie.context("the login set no cookie")
+        ensure!(
+            answer.status == StatusCode::SEE_OTHER,
+            "login answered {}",
+            answer.status
+        );
+        answer.cookie.context("the login set no cookie")
     }
+
+    /// The handoff into `device`'s editor origin for the session `cookie`:
+    /// the editor cookie pair.
+    async fn editor_cookie(&self, cookie: &str, device: &str) -> Result<String> {
+        let mut conn = self.connect().await?;
+        let path = format!("/devices/{device}/editor/");
+        let answer = self
+            .send(
+                &mut conn,
+                &self.host,
+                Method::GET,
+                &path,
+                &[("cookie", cookie)],
+                Bytes::new(),
+            )
+            .await?;
+        let location = answer.location.context("the platform did not hand over")?;
+        let editor = editor_host(device, self.addr.port());
+        let handoff = location
+            .strip_prefix(&format!("https://{editor}"))
+            .context("the handoff leads elsewhere")?
+            .to_string();
+        let mut conn = self.connect().await?;
+        let taken = self
+            .send(&mut conn, &editor, Method::GET, &handoff, &[], Bytes::new())
+            .await?;
+        taken.cookie.context("the handoff set no editor cookie")
+    }
+}
+
+/// One answer, read whole (its first 64 KiB kept as text).
+struct Answer {
+    status: StatusCode,
+    cookie: Option<String>,
+    location: Option<String>,
+    size: u64,
+    text: String,
 }
 
 /// What one session did.
@@ -542,7 +628,7 @@ struct Session {
 
 async fn session(
     client: Client,
-    prefix: String,
+    host: String,
     cookie: String,
     start: Arc<Barrier>,
     mut hold: watch::Receiver<bool>,
@@ -553,29 +639,31 @@ async fn session(
     let mut conn = client.connect().await?;
     let mut result = Session::default();
     for (path, accept) in SESSION_REQUESTS {
-        let (status, _, size) = client
+        let answer = client
             .send(
                 &mut conn,
+                &host,
                 Method::GET,
-                &format!("{prefix}{path}"),
+                &format!("/{path}"),
                 &[("cookie", &cookie), ("accept", accept)],
                 Bytes::new(),
             )
             .await?;
         ensure!(
-            status == StatusCode::OK,
-            "GET {prefix}{path} answered {status}"
+            answer.status == StatusCode::OK,
+            "GET /{path} answered {}",
+            answer.status
         );
-        result.bytes += size;
+        result.bytes += answer.size;
     }
     result.load = began.elapsed();
-    let mut request = format!("wss://{}{prefix}comms", client.host).into_client_request()?;
+    let mut request = format!("wss://{host}/comms").into_client_request()?;
     request
         .headers_mut()
         .insert(header::COOKIE, cookie.parse()?);
     request
         .headers_mut()
-        .insert(header::ORIGIN, format!("https://{}", client.host).parse()?);
+        .insert(header::ORIGIN, format!("https://{host}").parse()?);
     let (mut ws, _) = tokio_tungstenite::client_async(request, client.tls().await?).await?;
     // What the editor sends once comms is up.
     for topic in [
@@ -636,11 +724,12 @@ async fn sessions(args: SessionsArgs) -> Result<()> {
     let cpu_idle = cpu_secs(pid, ticks)?;
 
     let client = Client::new(&platform)?;
-    let prefix = format!("/devices/{device}/editor/");
+    let host = editor_host(&device, platform.local_addr().port());
     eprintln!("logging in {} sessions", args.sessions);
     let mut cookies = Vec::new();
     for i in 0..args.sessions {
-        cookies.push(client.login(&user_name(i % args.users)).await?);
+        let session = client.login(&user_name(i % args.users)).await?;
+        cookies.push(client.editor_cookie(&session, &device).await?);
     }
 
     // A sampler for the peak between two reads of VmHWM.
@@ -666,7 +755,7 @@ async fn sessions(args: SessionsArgs) -> Result<()> {
     for cookie in cookies {
         set.spawn(session(
             client.clone(),
-            prefix.clone(),
+            host.clone(),
             cookie,
             start.clone(),
             hold.clone(),
