@@ -3,7 +3,8 @@
 //!
 //! This module owns the headers every such page carries: `text/html`,
 //! `Cache-Control: no-store`, a Content-Security-Policy that allows no
-//! script and no external asset, `X-Frame-Options: DENY` and
+//! script and no external asset, `X-Frame-Options: DENY`, same-origin
+//! `Cross-Origin-Opener-Policy` and `Cross-Origin-Resource-Policy`, and
 //! `Referrer-Policy: same-origin` (browsers send `Origin: null` on a form post
 //! from a `no-referrer` page, which the login form's origin check must refuse).
 //! Every value put into a page goes through
@@ -66,6 +67,16 @@ pub fn page(status: StatusCode, title: &str, body: &str) -> Response<Body> {
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
+    );
+    // No other origin (a device's editor included) may hold a window
+    // reference to these pages or embed them as a resource.
+    headers.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("same-origin"),
     );
     response
 }

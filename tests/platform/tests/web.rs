@@ -68,6 +68,20 @@ async fn login_sets_a_host_only_session_cookie_and_the_index_shows_the_teams_dev
     let index = browser.get("/").await;
     assert_eq!(index.status, StatusCode::OK);
     assert_eq!(index.headers["content-type"], "text/html; charset=utf-8");
+    let csp = index.headers["content-security-policy"].to_str().unwrap();
+    for directive in [
+        "default-src 'none'",
+        "frame-ancestors 'none'",
+        "form-action 'self'",
+    ] {
+        assert!(csp.contains(directive), "{directive} in {csp}");
+    }
+    assert!(
+        !csp.contains("script-src"),
+        "no script on the platform's pages"
+    );
+    assert_eq!(index.headers["cross-origin-opener-policy"], "same-origin");
+    assert_eq!(index.headers["x-frame-options"], "DENY");
     let page = index.text();
     assert!(page.contains("alice") && page.contains("line-3"), "{page}");
     assert!(
