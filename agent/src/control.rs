@@ -1,5 +1,6 @@
 //! The control stream: heartbeats every `heartbeat_interval`, renewal of
-//! the device certificate when it has less than `renewal.before` left, and
+//! the device certificate when it has less than `renewal.before` left or
+//! when the platform asks (`RenewNow`), and
 //! the platform's instance protection mode (kept by the editor, stored in
 //! the state directory).
 //!
@@ -96,18 +97,8 @@ async fn drive(
                     renew_after = Some(Instant::now() + RENEW_RETRY);
                 }
                 if pending.is_none() && renew_after.is_none_or(|t| Instant::now() >= t) && needs_renewal(shared) {
-                    match renewal_request(next_id) {
-                        Ok((message, key)) => {
-                            info!(id = next_id, "certificate expires soon: requesting a new one");
-                            send(&mut wr, &message).await?;
-                            pending = Some(Pending { id: next_id, key, sent: Instant::now() });
-                            next_id += 1;
-                        }
-                        Err(e) => {
-                            warn!(cause = %e, "cannot make a renewal request");
-                            renew_after = Some(Instant::now() + RENEW_RETRY);
-                        }
-                    }
+                    info!(id = next_id, "certificate expires soon: requesting a new one");
+                    request_renewal(&mut wr, &mut next_id, &mut pending, &mut renew_after).await?;
                 }
             }
             read = rd.read(&mut buf) => {
@@ -116,12 +107,46 @@ async fn drive(
                     return Ok(());
                 }
                 decoder.push(&buf[..n]);
+                let mut asked = false;
                 while let Some(message) = decoder.next_message()? {
+                    if message == ControlMessage::RenewNow {
+                        asked = true;
+                        continue;
+                    }
                     handle(shared, message, &mut pending, &mut renew_after).await;
+                }
+                if asked && pending.is_none() {
+                    info!(id = next_id, "the platform asks for a new certificate: requesting one");
+                    request_renewal(&mut wr, &mut next_id, &mut pending, &mut renew_after).await?;
                 }
             }
         }
     }
+}
+
+/// Sends a renewal request with a fresh key and notes it in flight.
+async fn request_renewal<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    next_id: &mut u64,
+    pending: &mut Option<Pending>,
+    renew_after: &mut Option<Instant>,
+) -> Result<(), ControlError> {
+    match renewal_request(*next_id) {
+        Ok((message, key)) => {
+            send(wr, &message).await?;
+            *pending = Some(Pending {
+                id: *next_id,
+                key,
+                sent: Instant::now(),
+            });
+            *next_id += 1;
+        }
+        Err(e) => {
+            warn!(cause = %e, "cannot make a renewal request");
+            *renew_after = Some(Instant::now() + RENEW_RETRY);
+        }
+    }
+    Ok(())
 }
 
 async fn send<W: tokio::io::AsyncWrite + Unpin>(
@@ -197,6 +222,7 @@ async fn handle(
         ControlMessage::Protection { enabled } => set_protection(shared, enabled).await,
         ControlMessage::Heartbeat(_)
         | ControlMessage::RenewRequest { .. }
+        | ControlMessage::RenewNow
         | ControlMessage::Unknown => {
             debug!("control message ignored");
         }

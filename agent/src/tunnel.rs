@@ -48,6 +48,10 @@ pub enum ConnectError {
         "the platform does not know this device's certificate; help: re-enroll it ('tetherd enroll --force')"
     )]
     UnknownDevice,
+    #[error(
+        "the platform refused this device's certificate: {reason}; help: if this is the device's only copy, re-enroll it ('tetherd enroll --force'); if the state directory was copied to another machine, only one of them may keep this identity"
+    )]
+    CertificateRefused { reason: String },
     #[error("the device certificate expired at {}; help: re-enroll it with a new token ('tetherd enroll --force')", clock::rfc3339(*not_after))]
     CertificateExpired { not_after: u64 },
     #[error(
@@ -76,6 +80,7 @@ impl ConnectError {
         match self {
             ConnectError::Revoked
             | ConnectError::UnknownDevice
+            | ConnectError::CertificateRefused { .. }
             | ConnectError::CertificateExpired { .. }
             | ConnectError::Untrusted { .. }
             | ConnectError::Rejected { .. }
@@ -186,6 +191,13 @@ fn classify_ws(err: tungstenite::Error, target: &str, clock: Clock) -> ConnectEr
             match api.as_ref().map(|a| a.error) {
                 Some(ErrorCode::DeviceRevoked) => ConnectError::Revoked,
                 Some(ErrorCode::DeviceUnknown) => ConnectError::UnknownDevice,
+                Some(ErrorCode::CertificateRevoked | ErrorCode::CertificateSuperseded) => {
+                    ConnectError::CertificateRefused {
+                        reason: api
+                            .map(|a| crate::enroll::one_line(&a.message))
+                            .unwrap_or_default(),
+                    }
+                }
                 _ => ConnectError::Http {
                     status,
                     detail: api.map(|a| crate::enroll::one_line(&a.message)),

@@ -189,17 +189,20 @@ async fn the_platform_sees_the_device_and_services_are_allow_listed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_renewal_switches_the_certificate_and_the_next_connection_uses_it() {
+async fn a_renewal_the_platform_asks_for_switches_the_certificate_and_the_next_connection_uses_it()
+{
     let dir = tempfile::tempdir().unwrap();
     let platform = platform(dir.path()).await;
     let state = dir.path().join("state");
     let first = enrolled(&platform, &state).await.identity;
     let mut events = platform.events();
-    let mut config = config(&state);
-    // Certificates last 30 days: renew at once.
-    config.renewal.before = Duration::from_secs(365 * 86_400);
+    let config = config(&state);
     let agent = Agent::start(config.clone()).await.unwrap();
     connected(&agent).await;
+    online(&platform, &first.device_id).await;
+    // Thirty days left: outside the renewal window, so the device renews
+    // only because the platform asks it to.
+    assert!(platform.request_renewal(&first.device_id).await.unwrap());
     let mut status = agent.status();
     tokio::time::timeout(patience(), status.wait_for(|s| s.renewals == 1))
         .await
@@ -236,6 +239,78 @@ async fn a_renewal_switches_the_certificate_and_the_next_connection_uses_it() {
     assert_eq!(fingerprint, creds.cert.fingerprint);
     agent.shutdown().await;
     platform.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_state_directory_is_reported_and_refused_once_the_real_device_renews() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let real = dir.path().join("real");
+    let id = enrolled(&platform, &real).await.identity.device_id;
+    let copy = dir.path().join("copy");
+    copy_dir(&real, &copy);
+    let mut events = platform.events();
+
+    // Two machines with one identity keep taking the tunnel from each
+    // other; the platform says so.
+    let a = Agent::start(config(&real)).await.unwrap();
+    let b = Agent::start(config(&copy)).await.unwrap();
+    let reported = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let PlatformEvent::IdentityConflict {
+                device_id, reason, ..
+            } = events.recv().await.unwrap()
+            {
+                return (device_id, reason);
+            }
+        }
+    })
+    .await
+    .expect("the platform reports two holders of one identity");
+    assert_eq!(reported.0, id);
+    b.shutdown().await;
+
+    // The operator has the real device renew; once it connects with the
+    // new certificate, the copy's certificate is superseded.
+    connected(&a).await;
+    online(&platform, &id).await;
+    platform.request_renewal(&id).await.unwrap();
+    let mut status = a.status();
+    tokio::time::timeout(patience(), status.wait_for(|s| s.renewals == 1))
+        .await
+        .expect("renewed in time")
+        .unwrap();
+    a.shutdown().await;
+    let a = Agent::start(config(&real)).await.unwrap();
+    connected(&a).await;
+
+    let mut config_b = config(&copy);
+    config_b.reconnect.slow_delay = Duration::from_secs(3600);
+    let b = Agent::start(config_b).await.unwrap();
+    let s = reaches(&b, TunnelState::Backoff).await;
+    let error = s.last_error.unwrap_or_default();
+    assert!(error.contains("superseded"), "{error}");
+    assert!(error.contains("state directory was copied"), "{error}");
+    // The real device was not disturbed.
+    assert_eq!(a.status().borrow().state, TunnelState::Connected);
+    let listed = platform.devices().await.unwrap();
+    assert!(listed[0].superseded_seen_at.is_some());
+    b.shutdown().await;
+    a.shutdown().await;
+    platform.shutdown().await;
+}
+
+/// Copies a state directory, as someone cloning a gateway's disk would.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "tetherd.lock" || !entry.file_type().unwrap().is_file() {
+            continue;
+        }
+        std::fs::copy(entry.path(), to.join(name)).unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,6 +200,11 @@ pub enum ErrorCode {
     Overloaded,
     /// A fault inside the platform.
     Internal,
+    /// This one certificate of the device was revoked (the device was not).
+    CertificateRevoked,
+    /// The device renewed its certificate since this one was current: an
+    /// older copy of the device's identity (a copied state directory).
+    CertificateSuperseded,
     #[serde(other)]
     Other,
 }

@@ -41,6 +41,11 @@ pub enum ControlMessage {
     /// read-only in the editor for every role; changes arrive only as signed
     /// snapshots. The device keeps the last value across restarts.
     Protection { enabled: bool },
+    /// Platform → device: renew the certificate now, inside the renewal
+    /// window or not (an operator asked, for example after a copy of the
+    /// device's identity was found). The device answers with a
+    /// `RenewRequest` as it does when its certificate nears expiry.
+    RenewNow,
     /// Either direction: a request failed. `id` names the request.
     Error {
         id: Option<u64>,
@@ -152,6 +157,7 @@ mod tests {
     fn messages_survive_any_split() {
         let messages = [
             renew(),
+            ControlMessage::RenewNow,
             ControlMessage::Heartbeat(Heartbeat {
                 seq: 1,
                 uptime_secs: 5,

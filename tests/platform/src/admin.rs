@@ -83,6 +83,23 @@ pub struct ProtectionResponse {
     pub pushed: bool,
 }
 
+/// `POST /v1/admin/devices/{id}/renew` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RenewResponse {
+    pub device_id: String,
+    /// True if the device is online and its control stream was told.
+    pub pushed: bool,
+}
+
+/// `POST /v1/admin/devices/{id}/certificates/{fingerprint}/revoke` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RevokeCertificateResponse {
+    pub device_id: String,
+    pub fingerprint: String,
+    /// True if a live tunnel authenticated with it was closed.
+    pub disconnected: bool,
+}
+
 /// `POST /v1/admin/users` body.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +134,10 @@ pub async fn handle(
         (&Method::POST, ["tokens"]) => create_token(&state, req.into_body()).await,
         (&Method::GET, ["devices"]) => list_devices(&state).await,
         (&Method::POST, ["devices", id, "revoke"]) => revoke(&state, id).await,
+        (&Method::POST, ["devices", id, "renew"]) => renew(&state, id).await,
+        (&Method::POST, ["devices", id, "certificates", fp, "revoke"]) => {
+            revoke_certificate(&state, id, fp).await
+        }
         (&Method::POST, ["devices", id, "protection"]) => {
             let id = id.to_string();
             protect(&state, &id, req.into_body()).await
@@ -241,6 +262,44 @@ async fn revoke(state: &State, id: &str) -> Response<Body> {
         Err(PlatformError::NoDevice(_)) => no_device(id),
         Err(e) => {
             warn!(cause = %e, "cannot revoke a device");
+            reply::internal()
+        }
+    }
+}
+
+async fn renew(state: &State, id: &str) -> Response<Body> {
+    match state.request_renewal(id).await {
+        Ok(pushed) => reply::json(
+            StatusCode::OK,
+            &RenewResponse {
+                device_id: id.to_string(),
+                pushed,
+            },
+        ),
+        Err(PlatformError::NoDevice(_)) => no_device(id),
+        Err(e) => {
+            warn!(cause = %e, "cannot request a renewal");
+            reply::internal()
+        }
+    }
+}
+
+async fn revoke_certificate(state: &State, id: &str, fingerprint: &str) -> Response<Body> {
+    match state.revoke_certificate(id, fingerprint).await {
+        Ok(disconnected) => reply::json(
+            StatusCode::OK,
+            &RevokeCertificateResponse {
+                device_id: id.to_string(),
+                fingerprint: fingerprint.to_ascii_lowercase(),
+                disconnected,
+            },
+        ),
+        Err(PlatformError::NoDevice(_)) => no_device(id),
+        Err(e @ PlatformError::NoCertificate(_)) => {
+            reply::error(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
+        }
+        Err(e) => {
+            warn!(cause = %e, "cannot revoke a certificate");
             reply::internal()
         }
     }

@@ -140,6 +140,21 @@ pub enum DeviceCommand {
     /// Turn instance protection mode on or off: flows become read-only in the editor for
     /// every role, and changes arrive only as signed snapshots.
     Protect(DeviceProtectArgs),
+    /// Ask a device to renew its certificate now (its previous one is then refused once the
+    /// device uses the new one): after a copy of its identity was found, say.
+    Renew(DeviceRevokeArgs),
+    /// Revoke one certificate of a device (by its SHA-256 fingerprint), not the device.
+    RevokeCert(DeviceRevokeCertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceRevokeCertArgs {
+    /// The device id (`dev_...`).
+    pub id: String,
+    /// The certificate's SHA-256 fingerprint, hex.
+    pub fingerprint: String,
+    #[command(flatten)]
+    pub data: DataDir,
 }
 
 #[derive(Debug, Args)]
@@ -404,6 +419,8 @@ mod tests {
             cert_not_after: 100 + 86_400 * 29,
             rtt_micros: Some(1500),
             protected: true,
+            current_certificate: None,
+            superseded_seen_at: None,
         };
         let table = device_table(&[device], 100);
         let lines: Vec<&str> = table.lines().collect();

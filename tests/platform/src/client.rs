@@ -26,7 +26,8 @@ use tokio_rustls::TlsConnector;
 
 use crate::admin::{
     CreateTokenRequest, CreateTokenResponse, CreateUserRequest, ProtectionRequest,
-    ProtectionResponse, RemoveUserResponse, RevokeResponse, TCP_UPGRADE,
+    ProtectionResponse, RemoveUserResponse, RenewResponse, RevokeCertificateResponse,
+    RevokeResponse, TCP_UPGRADE,
 };
 use crate::ca::CA_CERT_FILE;
 use crate::files;
@@ -166,6 +167,22 @@ impl AdminClient {
     /// `POST /v1/admin/devices/{id}/revoke`.
     pub async fn revoke(&self, device_id: &str) -> Result<RevokeResponse, ClientError> {
         let path = format!("/v1/admin/devices/{device_id}/revoke");
+        self.json(Method::POST, &path, Some(Vec::new())).await
+    }
+
+    /// `POST /v1/admin/devices/{id}/renew`.
+    pub async fn request_renewal(&self, device_id: &str) -> Result<RenewResponse, ClientError> {
+        let path = format!("/v1/admin/devices/{device_id}/renew");
+        self.json(Method::POST, &path, Some(Vec::new())).await
+    }
+
+    /// `POST /v1/admin/devices/{id}/certificates/{fingerprint}/revoke`.
+    pub async fn revoke_certificate(
+        &self,
+        device_id: &str,
+        fingerprint: &str,
+    ) -> Result<RevokeCertificateResponse, ClientError> {
+        let path = format!("/v1/admin/devices/{device_id}/certificates/{fingerprint}/revoke");
         self.json(Method::POST, &path, Some(Vec::new())).await
     }
 

@@ -28,6 +28,15 @@ pub struct PlatformConfig {
     pub names: Vec<String>,
     /// How long device certificates are valid (enrollment and renewal).
     pub cert_validity: Duration,
+    /// A device may renew when its certificate has at most this long left
+    /// (or whenever the platform asked it to).
+    pub renewal_window: Duration,
+    /// Renewals per device in any hour.
+    pub max_renewals_per_hour: usize,
+    /// How long a device's previous certificate stays accepted after a
+    /// renewal, at most: it ends sooner, when the device first connects
+    /// with the new one.
+    pub cert_grace: Duration,
     /// Enrollment attempts per source address.
     pub enroll_rate: RateLimit,
     /// Failed admin authentications per source address.
@@ -83,6 +92,9 @@ impl PlatformConfig {
             listen,
             names: vec!["localhost".to_string(), "127.0.0.1".to_string()],
             cert_validity: Duration::from_secs(30 * 24 * 3600),
+            renewal_window: Duration::from_secs(15 * 24 * 3600),
+            max_renewals_per_hour: 3,
+            cert_grace: Duration::from_secs(24 * 3600),
             enroll_rate: RateLimit::ENROLL,
             admin_failure_rate: RateLimit::ADMIN_FAILURES,
             handshake_timeout: Duration::from_secs(10),
@@ -116,6 +128,15 @@ impl PlatformConfig {
     /// The public host: the first name.
     pub fn public_host(&self) -> &str {
         self.names.first().map_or("localhost", String::as_str)
+    }
+
+    /// The certificate rules of [`crate::certs`].
+    pub fn cert_policy(&self) -> crate::certs::CertPolicy {
+        crate::certs::CertPolicy {
+            window: self.renewal_window.as_secs(),
+            max_per_hour: self.max_renewals_per_hour,
+            grace: self.cert_grace.as_secs(),
+        }
     }
 
     /// The domain of the device editor origins, if there is one (see
@@ -185,6 +206,9 @@ impl PlatformConfig {
         }
         if self.ws_read_buffer < 1024 || self.ws_write_buffer < 1024 {
             return Err("WebSocket buffers must be at least 1024 bytes".into());
+        }
+        if self.max_renewals_per_hour == 0 {
+            return Err("max_renewals_per_hour must be at least 1".into());
         }
         if self.cert_validity < Duration::from_secs(60) {
             return Err("cert_validity must be at least 60 s".into());

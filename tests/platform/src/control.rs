@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::ca::{self, Issued};
-use crate::platform::{PlatformEvent, State};
+use crate::platform::{PlatformEvent, State, unix_now};
 use crate::store::StoreError;
 
 /// Bytes read from the stream at a time. Heartbeats are ~200 bytes, renewal
@@ -34,6 +34,7 @@ const READ_CHUNK: usize = 2048;
 pub async fn serve(
     state: Arc<State>,
     device_id: String,
+    fingerprint: String,
     generation: u64,
     mut stream: TunnelStream,
 ) {
@@ -71,7 +72,12 @@ pub async fn serve(
                     return;
                 }
             };
-            let Some(answer) = handle(&state, &device_id, generation, message).await else {
+            let tunnel = Tunnel {
+                device_id: &device_id,
+                fingerprint: &fingerprint,
+                generation,
+            };
+            let Some(answer) = handle(&state, tunnel, message).await else {
                 continue;
             };
             if let Err(e) = send(&mut stream, &answer).await {
@@ -81,13 +87,26 @@ pub async fn serve(
     }
 }
 
+/// The tunnel a control stream belongs to.
+#[derive(Clone, Copy)]
+struct Tunnel<'a> {
+    device_id: &'a str,
+    /// Of the certificate the tunnel was authenticated with.
+    fingerprint: &'a str,
+    generation: u64,
+}
+
 /// Acts on one message; returns the answer to send, if any.
 async fn handle(
     state: &Arc<State>,
-    device_id: &str,
-    generation: u64,
+    tunnel: Tunnel<'_>,
     message: ControlMessage,
 ) -> Option<ControlMessage> {
+    let Tunnel {
+        device_id,
+        generation,
+        ..
+    } = tunnel;
     match message {
         ControlMessage::Heartbeat(beat) => {
             debug!(seq = beat.seq, rtt_micros = ?beat.rtt_micros, "heartbeat");
@@ -98,7 +117,7 @@ async fn handle(
             });
             None
         }
-        ControlMessage::RenewRequest { id, csr } => Some(renew(state, device_id, id, &csr).await),
+        ControlMessage::RenewRequest { id, csr } => Some(renew(state, tunnel, id, &csr).await),
         ControlMessage::Error { id, code, message } => {
             warn!(?id, %code, %message, "the device reported an error");
             None
@@ -106,6 +125,7 @@ async fn handle(
         // A device does not send these; ignore them as unknown types are.
         ControlMessage::RenewResponse { .. }
         | ControlMessage::Protection { .. }
+        | ControlMessage::RenewNow
         | ControlMessage::Unknown => None,
     }
 }
@@ -123,27 +143,66 @@ async fn protection_changed(changes: &mut Option<watch::Receiver<()>>) {
     }
 }
 
-/// Reads the device's protection mode from the store and sends it.
+/// Reads the device's record from the store and sends its protection
+/// mode, and `RenewNow` while a renewal is requested.
 async fn push_protection(
     state: &Arc<State>,
     device_id: &str,
     stream: &mut TunnelStream,
 ) -> std::io::Result<()> {
     let id = device_id.to_string();
-    let enabled = match state.store.blocking(move |s| s.device(&id)).await {
-        Ok(Some(device)) => device.protected,
+    let device = match state.store.blocking(move |s| s.device(&id)).await {
+        Ok(Some(device)) => device,
         Ok(None) => return Ok(()),
         Err(e) => {
             warn!(cause = %e, "cannot read the protection mode; not pushed");
             return Ok(());
         }
     };
+    let enabled = device.protected;
     debug!(enabled, "pushing the protection mode");
-    send(stream, &ControlMessage::Protection { enabled }).await
+    send(stream, &ControlMessage::Protection { enabled }).await?;
+    if device.certs.renew_requested {
+        debug!("asking the device to renew its certificate");
+        send(stream, &ControlMessage::RenewNow).await?;
+    }
+    Ok(())
 }
 
-/// Issues a certificate for `device_id` (the tunnel's) with the CSR's key.
-async fn renew(state: &Arc<State>, device_id: &str, id: u64, csr: &str) -> ControlMessage {
+/// Issues a certificate for the tunnel's device with the CSR's key, if it
+/// may renew now: inside the renewal window or asked to, a few times an
+/// hour at most, over its current certificate (`crate::certs`). Checked
+/// before the CSR is parsed or anything is signed.
+async fn renew(state: &Arc<State>, tunnel: Tunnel<'_>, id: u64, csr: &str) -> ControlMessage {
+    let device_id = tunnel.device_id;
+    let policy = state.config.cert_policy();
+    let (device, fp, now) = (
+        device_id.to_string(),
+        tunnel.fingerprint.to_string(),
+        unix_now(),
+    );
+    match state
+        .store
+        .blocking(move |s| s.check_renewal(&device, &fp, &policy, now))
+        .await
+    {
+        Ok(()) => {}
+        Err(StoreError::Renewal(refusal)) => {
+            info!(cause = %refusal, "renewal refused");
+            return error(id, "renewal_refused", refusal.to_string());
+        }
+        Err(StoreError::Revoked(_)) => {
+            return error(id, "device_revoked", "this device is revoked".into());
+        }
+        Err(e) => {
+            warn!(cause = %e, "cannot check a renewal");
+            return error(
+                id,
+                "internal",
+                "the platform could not check the renewal".into(),
+            );
+        }
+    }
     let key = match ca::parse_csr(csr) {
         Ok(key) => key,
         Err(e) => return error(id, "bad_csr", e.to_string()),
@@ -167,10 +226,14 @@ async fn renew(state: &Arc<State>, device_id: &str, id: u64, csr: &str) -> Contr
         fingerprint,
         not_after,
     } = issued;
-    let (device, fp) = (device_id.to_string(), fingerprint.clone());
+    let (device, old, fp) = (
+        device_id.to_string(),
+        tunnel.fingerprint.to_string(),
+        fingerprint.clone(),
+    );
     let stored = state
         .store
-        .blocking(move |s| s.add_certificate(&device, &fp, not_after))
+        .blocking(move |s| s.renew_certificate(&device, &old, &fp, not_after, &policy, now))
         .await;
     match stored {
         Ok(()) => {
@@ -186,6 +249,7 @@ async fn renew(state: &Arc<State>, device_id: &str, id: u64, csr: &str) -> Contr
             }
         }
         Err(StoreError::Revoked(_)) => error(id, "device_revoked", "this device is revoked".into()),
+        Err(StoreError::Renewal(refusal)) => error(id, "renewal_refused", refusal.to_string()),
         Err(e) => {
             warn!(cause = %e, "cannot record a renewed certificate");
             error(

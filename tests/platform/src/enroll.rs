@@ -69,6 +69,7 @@ async fn enroll(state: &State, request: EnrollRequest) -> Result<EnrollResponse,
         cert_not_after: issued.not_after,
         facts: request.facts,
         protected: false,
+        certs: Default::default(),
     };
     let token_hash = keys::sha256_hex(request.token.expose().as_bytes());
     let fingerprint = issued.fingerprint.clone();

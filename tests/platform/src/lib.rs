@@ -35,6 +35,7 @@
 pub mod admin;
 mod bridge;
 pub mod ca;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;

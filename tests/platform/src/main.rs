@@ -92,6 +92,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("revoked {}{live}", revoked.device_id);
             Ok(())
         }
+        Command::Device(DeviceCommand::Renew(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let renew = client.request_renewal(&args.id).await?;
+            let pushed = if renew.pushed {
+                "; the device was told"
+            } else {
+                "; the device is offline and is told when it connects"
+            };
+            println!("renewal requested for {}{pushed}", renew.device_id);
+            Ok(())
+        }
+        Command::Device(DeviceCommand::RevokeCert(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let revoked = client
+                .revoke_certificate(&args.id, &args.fingerprint)
+                .await?;
+            let live = if revoked.disconnected {
+                "; the tunnel using it was closed"
+            } else {
+                ""
+            };
+            println!(
+                "revoked certificate {} of {}{live}",
+                revoked.fingerprint, revoked.device_id
+            );
+            Ok(())
+        }
         Command::Device(DeviceCommand::Protect(args)) => {
             let client = AdminClient::from_data_dir(&args.data.data_dir)?;
             let set = client.set_protection(&args.id, args.on).await?;

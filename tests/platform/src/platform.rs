@@ -67,6 +67,10 @@ pub enum PlatformError {
     BadTokenSpec(String),
     #[error("no device '{0}'")]
     NoDevice(String),
+    #[error(
+        "{0}; help: 'tether-platform device list --json' shows each device's current certificate"
+    )]
+    NoCertificate(String),
     #[error("a start-up task failed: {0}")]
     Task(String),
     #[error(transparent)]
@@ -136,6 +140,13 @@ pub struct DeviceInfo {
     /// Instance protection mode (`docs/protocol.md` §16.3).
     #[serde(default)]
     pub protected: bool,
+    /// SHA-256 fingerprint of the device's current certificate.
+    #[serde(default)]
+    pub current_certificate: Option<String>,
+    /// When a superseded certificate of the device was last presented
+    /// (Unix seconds): another copy of its identity may exist.
+    #[serde(default)]
+    pub superseded_seen_at: Option<u64>,
 }
 
 /// Something that happened, for tests and dashboards.
@@ -159,6 +170,13 @@ pub enum PlatformEvent {
     Renewed {
         device_id: String,
         not_after: u64,
+    },
+    /// Two holders of one identity: a superseded certificate presented, or
+    /// two connections taking the tunnel from each other.
+    IdentityConflict {
+        device_id: String,
+        fingerprint: String,
+        reason: String,
     },
 }
 
@@ -391,6 +409,24 @@ impl Platform {
         self.state.set_protection(device_id, enabled).await
     }
 
+    /// Asks a device to renew its certificate now, inside the renewal
+    /// window or not: stored, and pushed (`RenewNow`) to its control stream
+    /// if it is online, or at its next connection. True if pushed now.
+    pub async fn request_renewal(&self, device_id: &str) -> Result<bool, PlatformError> {
+        self.state.request_renewal(device_id).await
+    }
+
+    /// Revokes one certificate of a device (by SHA-256 fingerprint, hex),
+    /// not the device; a live tunnel authenticated with it is closed.
+    /// True if one was.
+    pub async fn revoke_certificate(
+        &self,
+        device_id: &str,
+        fingerprint: &str,
+    ) -> Result<bool, PlatformError> {
+        self.state.revoke_certificate(device_id, fingerprint).await
+    }
+
     /// The public keys devices pin at enrollment.
     pub fn pinned_keys(&self) -> PinnedKeys {
         self.state.pinned.clone()
@@ -498,6 +534,8 @@ impl State {
                         .as_ref()
                         .and_then(|l| l.tunnel.rtt())
                         .map(|rtt| u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX)),
+                    current_certificate: d.certs.current.clone(),
+                    superseded_seen_at: d.certs.superseded_seen.as_ref().map(|(at, _)| *at),
                     id: d.id,
                     name: d.name,
                     team: d.team,
@@ -516,6 +554,9 @@ impl State {
         match self.store.blocking(move |s| s.revoke(&id)).await {
             Ok(_) => {}
             Err(StoreError::NoDevice(id)) => return Err(PlatformError::NoDevice(id)),
+            Err(e @ StoreError::NoCertificate { .. }) => {
+                return Err(PlatformError::NoCertificate(e.to_string()));
+            }
             Err(e) => return Err(e.into()),
         }
         let closed = self.registry.close(
@@ -575,6 +616,55 @@ impl State {
         }
         info!(user = %name, sessions = sessions.len(), "user removed");
         Ok(sessions.len())
+    }
+
+    /// Asks a device to renew its certificate now, inside the renewal
+    /// window or not: stored, and pushed (`RenewNow`) to its control stream
+    /// if it is online, or at its next connection. True if pushed now.
+    pub async fn request_renewal(&self, device_id: &str) -> Result<bool, PlatformError> {
+        let id = device_id.to_string();
+        match self.store.blocking(move |s| s.request_renewal(&id)).await {
+            Ok(_) => {}
+            Err(StoreError::NoDevice(id)) => return Err(PlatformError::NoDevice(id)),
+            Err(e) => return Err(e.into()),
+        }
+        let pushed = self.registry.protection_changed(device_id);
+        info!(%device_id, pushed, "certificate renewal requested");
+        Ok(pushed)
+    }
+
+    /// Revokes one certificate of a device (by SHA-256 fingerprint, hex),
+    /// not the device; a live tunnel authenticated with it is closed.
+    /// True if one was.
+    pub async fn revoke_certificate(
+        &self,
+        device_id: &str,
+        fingerprint: &str,
+    ) -> Result<bool, PlatformError> {
+        let (id, fp) = (device_id.to_string(), fingerprint.to_ascii_lowercase());
+        let fp2 = fp.clone();
+        match self
+            .store
+            .blocking(move |s| s.revoke_certificate(&id, &fp2))
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::NoDevice(id)) => return Err(PlatformError::NoDevice(id)),
+            Err(e @ StoreError::NoCertificate { .. }) => {
+                return Err(PlatformError::NoCertificate(e.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let closed = match self.registry.get(device_id) {
+            Some(live) if live.fingerprint == fp => self.registry.close(
+                device_id,
+                CloseCode::REVOKED,
+                "this certificate of the device was revoked",
+            ),
+            _ => false,
+        };
+        info!(%device_id, fingerprint = %fp, closed, "certificate revoked");
+        Ok(closed)
     }
 
     /// Stores the device's protection mode, then tells its live control

@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use tether_proto::api::Facts;
 use tether_proto::grant::Role;
 
+use crate::certs::{self, Admission, CertPolicy, CertState, RenewRefusal};
+
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "platform.redb";
 
@@ -70,6 +72,9 @@ pub struct DeviceRecord {
     /// role. Records written before the flag existed load as `false`.
     #[serde(default)]
     pub protected: bool,
+    /// Its certificates: current, previous, renewals (`crate::certs`).
+    #[serde(default)]
+    pub certs: CertState,
 }
 
 /// A platform user as stored.
@@ -111,6 +116,22 @@ pub struct SessionRecord {
 pub struct CertRecord {
     pub device_id: String,
     pub not_after: u64,
+    /// Revoked on its own (the device may still have others).
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// What the tunnel endpoint decided about a client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TunnelAdmission {
+    Accepted(DeviceRecord),
+    /// No device of this platform has this certificate.
+    Unknown,
+    DeviceRevoked(DeviceRecord),
+    /// This one certificate was revoked.
+    CertRevoked(DeviceRecord),
+    /// The device has renewed since: an older copy of its identity.
+    Superseded(DeviceRecord),
 }
 
 /// Why a provisioning token cannot enroll a device.
@@ -149,6 +170,10 @@ pub enum StoreError {
     UserExists(String),
     #[error("no user '{0}'")]
     NoUser(String),
+    #[error(transparent)]
+    Renewal(#[from] RenewRefusal),
+    #[error("device '{device}' has no certificate with fingerprint {fingerprint}")]
+    NoCertificate { device: String, fingerprint: String },
 }
 
 macro_rules! db_err {
@@ -287,9 +312,11 @@ impl Store {
             token.uses_left -= 1;
             put(&mut tokens, token_hash, &token)?;
             device.team = token.team;
+            device.certs = CertState::enrolled(fingerprint);
             let cert = CertRecord {
                 device_id: device.id.clone(),
                 not_after: device.cert_not_after,
+                revoked: false,
             };
             put(&mut db_err!(txn.open_table(DEVICES))?, &device.id, &device)?;
             put(&mut db_err!(txn.open_table(CERTS))?, fingerprint, &cert)?;
@@ -300,30 +327,167 @@ impl Store {
         Ok(device)
     }
 
-    /// Records a renewed certificate for a device that exists and is not
-    /// revoked. Older certificates stay valid until their own expiry.
-    pub fn add_certificate(
+    /// Whether `device_id`, over a tunnel with `tunnel_fingerprint`, may
+    /// renew now (checked before any signing; [`Store::renew_certificate`]
+    /// checks again in its transaction).
+    pub fn check_renewal(
         &self,
         device_id: &str,
+        tunnel_fingerprint: &str,
+        policy: &CertPolicy,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let device = self
+            .device(device_id)?
+            .ok_or_else(|| StoreError::NoDevice(device_id.to_string()))?;
+        if device.revoked {
+            return Err(StoreError::Revoked(device_id.to_string()));
+        }
+        let not_after = self
+            .read_one::<CertRecord>(CERTS, tunnel_fingerprint)?
+            .map_or(device.cert_not_after, |c| c.not_after);
+        Ok(certs::may_renew(
+            &device.certs,
+            tunnel_fingerprint,
+            not_after,
+            policy,
+            now,
+        )?)
+    }
+
+    /// Records a renewed certificate for a device that exists, is not
+    /// revoked and may renew now: the new one becomes current, the one
+    /// before it previous (for the grace period), and records of the
+    /// device's expired certificates are pruned. One transaction.
+    pub fn renew_certificate(
+        &self,
+        device_id: &str,
+        tunnel_fingerprint: &str,
         fingerprint: &str,
         not_after: u64,
+        policy: &CertPolicy,
+        now: u64,
     ) -> Result<(), StoreError> {
         let db = self.db()?;
         let txn = db_err!(db.begin_write())?;
         {
             let mut devices = db_err!(txn.open_table(DEVICES))?;
+            let mut certs_table = db_err!(txn.open_table(CERTS))?;
             let mut device: DeviceRecord = get(&devices, device_id)?
                 .ok_or_else(|| StoreError::NoDevice(device_id.to_string()))?;
             if device.revoked {
                 return Err(StoreError::Revoked(device_id.to_string()));
             }
+            let tunnel_not_after = get::<CertRecord>(&certs_table, tunnel_fingerprint)?
+                .map_or(device.cert_not_after, |c| c.not_after);
+            certs::may_renew(
+                &device.certs,
+                tunnel_fingerprint,
+                tunnel_not_after,
+                policy,
+                now,
+            )?;
+            let mut state =
+                certs::renewed(&device.certs, tunnel_fingerprint, fingerprint, policy, now);
+            // Prune the records of expired certificates that are neither
+            // current nor previous.
+            let mut kept = Vec::with_capacity(state.issued.len());
+            for fp in std::mem::take(&mut state.issued) {
+                let live =
+                    Some(&fp) == state.current.as_ref() || Some(&fp) == state.previous.as_ref();
+                let expired =
+                    get::<CertRecord>(&certs_table, &fp)?.is_none_or(|c| c.not_after <= now);
+                if live || !expired {
+                    kept.push(fp);
+                } else {
+                    db_err!(certs_table.remove(fp.as_str()))?;
+                }
+            }
+            state.issued = kept;
+            device.certs = state;
             device.cert_not_after = device.cert_not_after.max(not_after);
             put(&mut devices, device_id, &device)?;
             let cert = CertRecord {
                 device_id: device_id.to_string(),
                 not_after,
+                revoked: false,
             };
-            put(&mut db_err!(txn.open_table(CERTS))?, fingerprint, &cert)?;
+            put(&mut certs_table, fingerprint, &cert)?;
+        }
+        db_err!(txn.commit())
+    }
+
+    /// What the tunnel endpoint does with a client certificate at `now`.
+    /// Reads only, unless the device's record must change (a legacy record's
+    /// certificate made current, a previous one retired, a superseded one
+    /// noted).
+    pub fn admit_certificate(
+        &self,
+        fingerprint: &str,
+        now: u64,
+    ) -> Result<TunnelAdmission, StoreError> {
+        let Some(cert) = self.read_one::<CertRecord>(CERTS, fingerprint)? else {
+            return Ok(TunnelAdmission::Unknown);
+        };
+        let Some(device) = self.device(&cert.device_id)? else {
+            return Ok(TunnelAdmission::Unknown);
+        };
+        if device.revoked {
+            return Ok(TunnelAdmission::DeviceRevoked(device));
+        }
+        match certs::admit(&device.certs, fingerprint, cert.revoked, now) {
+            Admission::Accept(None) => Ok(TunnelAdmission::Accepted(device)),
+            Admission::Revoked => Ok(TunnelAdmission::CertRevoked(device)),
+            Admission::Accept(Some(_)) | Admission::Superseded(_) => {
+                // Decide again inside a write transaction: the record may
+                // have changed since the read.
+                let db = self.db()?;
+                let txn = db_err!(db.begin_write())?;
+                let admission = {
+                    let mut devices = db_err!(txn.open_table(DEVICES))?;
+                    let mut device: DeviceRecord = get(&devices, &cert.device_id)?
+                        .ok_or_else(|| StoreError::NoDevice(cert.device_id.clone()))?;
+                    match certs::admit(&device.certs, fingerprint, cert.revoked, now) {
+                        Admission::Accept(Some(state)) => {
+                            device.certs = state;
+                            put(&mut devices, &cert.device_id, &device)?;
+                            TunnelAdmission::Accepted(device)
+                        }
+                        Admission::Accept(None) => TunnelAdmission::Accepted(device),
+                        Admission::Revoked => TunnelAdmission::CertRevoked(device),
+                        Admission::Superseded(state) => {
+                            device.certs = state;
+                            put(&mut devices, &cert.device_id, &device)?;
+                            TunnelAdmission::Superseded(device)
+                        }
+                    }
+                };
+                db_err!(txn.commit())?;
+                Ok(admission)
+            }
+        }
+    }
+
+    /// Asks a device to renew at its next chance, inside the renewal window
+    /// or not.
+    pub fn request_renewal(&self, id: &str) -> Result<DeviceRecord, StoreError> {
+        self.update_device(id, |device| device.certs.renew_requested = true)
+    }
+
+    /// Revokes one certificate of a device (by fingerprint), not the device.
+    pub fn revoke_certificate(&self, id: &str, fingerprint: &str) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        {
+            let mut certs_table = db_err!(txn.open_table(CERTS))?;
+            let mut cert: CertRecord = get(&certs_table, fingerprint)?
+                .filter(|c: &CertRecord| c.device_id == id)
+                .ok_or_else(|| StoreError::NoCertificate {
+                    device: id.to_string(),
+                    fingerprint: fingerprint.to_string(),
+                })?;
+            cert.revoked = true;
+            put(&mut certs_table, fingerprint, &cert)?;
         }
         db_err!(txn.commit())
     }
@@ -574,6 +738,7 @@ mod tests {
             cert_not_after: 100,
             facts: Facts::default(),
             protected: false,
+            certs: CertState::default(),
         }
     }
 

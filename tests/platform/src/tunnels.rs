@@ -12,6 +12,7 @@
 //! the validity before a request reaches here.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -29,9 +30,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::http::{self as reply, Body};
-use crate::platform::{PlatformEvent, State};
+use crate::platform::{PlatformEvent, State, unix_now};
 use crate::server::ConnInfo;
-use crate::store::DeviceRecord;
+use crate::store::{DeviceRecord, TunnelAdmission};
 
 /// What the registry knows about one live tunnel.
 #[derive(Clone, Debug)]
@@ -52,7 +53,18 @@ pub struct LiveTunnel {
 pub struct Registry {
     live: Mutex<HashMap<String, LiveTunnel>>,
     next_generation: AtomicU64,
+    /// Per device, recent times a new tunnel replaced one that was still
+    /// up: two holders of one identity keep taking the tunnel from each
+    /// other.
+    takeovers: Mutex<HashMap<String, Vec<std::time::Instant>>>,
 }
+
+/// Takeovers of a live tunnel within [`TAKEOVER_WINDOW`] that make an
+/// identity conflict: a device whose connection broke replaces its stale
+/// tunnel once; two copies of one identity do it again and again.
+pub const TAKEOVERS_FOR_CONFLICT: usize = 3;
+/// See [`TAKEOVERS_FOR_CONFLICT`].
+pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(120);
 
 impl Registry {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, LiveTunnel>> {
@@ -60,8 +72,10 @@ impl Registry {
     }
 
     /// Registers `tunnel` as the device's live tunnel and returns its
-    /// generation. An older tunnel of the same device is closed.
-    pub fn insert(&self, device_id: &str, tunnel: Tunnel, fingerprint: &str) -> u64 {
+    /// generation, and whether the device now looks held twice (see
+    /// [`TAKEOVERS_FOR_CONFLICT`]). An older tunnel of the same device is
+    /// closed.
+    pub fn insert(&self, device_id: &str, tunnel: Tunnel, fingerprint: &str) -> (u64, bool) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let entry = LiveTunnel {
             tunnel,
@@ -71,13 +85,37 @@ impl Registry {
             last_heartbeat: None,
             protection: watch::channel(()).0,
         };
-        if let Some(old) = self.lock().insert(device_id.to_string(), entry) {
+        let replaced = self.lock().insert(device_id.to_string(), entry);
+        let mut conflict = false;
+        if let Some(old) = replaced {
+            if !old.tunnel.is_closed() {
+                conflict = self.took_over(device_id);
+            }
             old.tunnel.close(
                 CloseCode::NO_ERROR,
                 "replaced by a newer tunnel from this device",
             );
         }
-        generation
+        (generation, conflict)
+    }
+
+    /// Notes that a live tunnel of the device was taken over; true once
+    /// that happened [`TAKEOVERS_FOR_CONFLICT`] times within
+    /// [`TAKEOVER_WINDOW`].
+    fn took_over(&self, device_id: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut all = self
+            .takeovers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Bounded by the number of devices; drop quiet ones first.
+        all.retain(|_, times| {
+            times.retain(|t| now.duration_since(*t) < TAKEOVER_WINDOW);
+            !times.is_empty()
+        });
+        let times = all.entry(device_id.to_string()).or_default();
+        times.push(now);
+        times.len() >= TAKEOVERS_FOR_CONFLICT
     }
 
     /// Forgets the tunnel, if it is still generation `generation`.
@@ -180,7 +218,7 @@ pub async fn handle(
             "the tunnel needs the device's client certificate; enroll the device first",
         );
     };
-    let device = match lookup(&state, &fingerprint).await {
+    let device = match lookup(&state, &fingerprint, conn.peer).await {
         Ok(device) => device,
         Err(response) => return response,
     };
@@ -212,21 +250,54 @@ pub async fn handle(
     response
 }
 
-/// The device behind a certificate fingerprint, or the answer refusing it.
-async fn lookup(state: &State, fingerprint: &str) -> Result<DeviceRecord, Response<Body>> {
+/// The device behind a certificate fingerprint, or the answer refusing it
+/// (`crate::certs`: only the device's current certificate, or the previous
+/// one in its grace period, opens a tunnel).
+async fn lookup(
+    state: &State,
+    fingerprint: &str,
+    peer: SocketAddr,
+) -> Result<DeviceRecord, Response<Body>> {
     let fp = fingerprint.to_string();
+    let now = unix_now();
     match state
         .store
-        .blocking(move |s| s.device_by_fingerprint(&fp))
+        .blocking(move |s| s.admit_certificate(&fp, now))
         .await
     {
-        Ok(Some(device)) if device.revoked => Err(reply::error(
+        Ok(TunnelAdmission::Accepted(device)) => Ok(device),
+        Ok(TunnelAdmission::DeviceRevoked(_)) => Err(reply::error(
             StatusCode::FORBIDDEN,
             ErrorCode::DeviceRevoked,
             "this device was revoked by a fleet manager; it must be enrolled again with a new provisioning token",
         )),
-        Ok(Some(device)) => Ok(device),
-        Ok(None) => Err(reply::error(
+        Ok(TunnelAdmission::CertRevoked(device)) => {
+            warn!(device_id = %device.id, %peer, "a revoked certificate of the device was presented");
+            Err(reply::error(
+                StatusCode::FORBIDDEN,
+                ErrorCode::CertificateRevoked,
+                "this certificate of the device was revoked by a fleet manager",
+            ))
+        }
+        Ok(TunnelAdmission::Superseded(device)) => {
+            warn!(
+                device_id = %device.id,
+                %peer,
+                fingerprint = %fingerprint,
+                "a superseded certificate of the device was presented: another copy of its identity (a copied state directory) may exist"
+            );
+            state.emit(PlatformEvent::IdentityConflict {
+                device_id: device.id.clone(),
+                fingerprint: fingerprint.to_string(),
+                reason: "a superseded certificate was presented".into(),
+            });
+            Err(reply::error(
+                StatusCode::FORBIDDEN,
+                ErrorCode::CertificateSuperseded,
+                "this certificate was superseded when the device renewed: this is an older copy of the device's identity",
+            ))
+        }
+        Ok(TunnelAdmission::Unknown) => Err(reply::error(
             StatusCode::FORBIDDEN,
             ErrorCode::DeviceUnknown,
             "this certificate was not issued to any device of this platform; enroll the device",
@@ -267,9 +338,20 @@ async fn run(
     };
     // Registered before the driver runs, so the tunnel is known before the
     // device can see the handshake complete.
-    let generation = state
+    let (generation, conflict) = state
         .registry
         .insert(&device_id, tunnel.clone(), &fingerprint);
+    if conflict {
+        warn!(
+            peer = %conn.peer,
+            "this device's tunnel keeps being taken over by another connection with the same certificate: two machines hold one identity (a copied state directory?); renew the real device ('tether-platform device renew') and revoke the other certificate"
+        );
+        state.emit(PlatformEvent::IdentityConflict {
+            device_id: device_id.clone(),
+            fingerprint: fingerprint.clone(),
+            reason: "two connections keep taking the tunnel from each other".into(),
+        });
+    }
     let driver = tokio::spawn(driver);
     // A revocation between the lookup above and the insert would have found
     // no tunnel to close: look again now that the tunnel is registered.
@@ -285,7 +367,7 @@ async fn run(
                 device_id: device_id.clone(),
                 fingerprint: fingerprint.clone(),
             });
-            accept_streams(&state, &device_id, generation, &tunnel).await;
+            accept_streams(&state, &device_id, &fingerprint, generation, &tunnel).await;
         }
         Err(e) => debug!(cause = %e, "tunnel handshake failed"),
     }
@@ -310,7 +392,13 @@ async fn is_revoked(state: &State, device_id: &str) -> bool {
 
 /// Accepts the device's control streams until the tunnel closes; refuses
 /// every other service.
-async fn accept_streams(state: &Arc<State>, device_id: &str, generation: u64, tunnel: &Tunnel) {
+async fn accept_streams(
+    state: &Arc<State>,
+    device_id: &str,
+    fingerprint: &str,
+    generation: u64,
+    tunnel: &Tunnel,
+) {
     let only_control = |header: &ServiceHeader| match header.service {
         Service::Control => Ok(()),
         ref other => Err((
@@ -320,7 +408,10 @@ async fn accept_streams(state: &Arc<State>, device_id: &str, generation: u64, tu
     };
     while let Some((stream, _)) = tunnel.accept_filtered(only_control).await {
         let state = state.clone();
-        let device_id = device_id.to_string();
-        tokio::spawn(crate::control::serve(state, device_id, generation, stream).in_current_span());
+        let (device_id, fingerprint) = (device_id.to_string(), fingerprint.to_string());
+        tokio::spawn(
+            crate::control::serve(state, device_id, fingerprint, generation, stream)
+                .in_current_span(),
+        );
     }
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
-use tether_platform::{ConnectError, PlatformEvent};
+use rcgen::KeyPair;
+use tether_platform::{ConnectError, Platform, PlatformEvent};
 use tether_proto::api::ErrorCode;
 use tether_proto::control::{ControlDecoder, ControlMessage, Heartbeat, encode};
 use tether_proto::tokio_io::TunnelStream;
@@ -185,9 +186,35 @@ async fn read_message(stream: &mut TunnelStream) -> ControlMessage {
     }
 }
 
+/// Sends a renewal request with a fresh key; returns the key and the
+/// answer.
+async fn renew(stream: &mut TunnelStream, id: u64) -> (KeyPair, ControlMessage) {
+    let key = new_key();
+    let request = ControlMessage::RenewRequest { id, csr: csr(&key) };
+    stream.write_all(&encode(&request).unwrap()).await.unwrap();
+    (key, read_message(stream).await)
+}
+
+/// The SHA-256 fingerprint (hex) of a PEM certificate, as the platform
+/// names certificates.
+fn fingerprint_of(pem: &str) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    tether_platform::keys::sha256_hex(der.as_ref())
+}
+
+fn refused(answer: &ControlMessage) -> Option<&str> {
+    match answer {
+        ControlMessage::Error { code, message, .. } if code == "renewal_refused" => {
+            Some(message.as_str())
+        }
+        _ => None,
+    }
+}
+
 #[tokio::test]
-async fn renewal_over_the_control_stream_issues_a_working_certificate_and_the_old_one_still_works()
-{
+async fn renewal_happens_in_its_window_or_on_request_and_retires_the_old_certificate() {
     let (platform, _dir) = start().await;
     let mut events = platform.events();
     let device = enroll_new(&platform).await;
@@ -215,13 +242,31 @@ async fn renewal_over_the_control_stream_issues_a_working_certificate_and_the_ol
             .is_some()
     );
 
-    let new_key = new_key();
-    let request = ControlMessage::RenewRequest {
-        id: 7,
-        csr: csr(&new_key),
+    // Thirty days left, the window is fifteen: too early, and nothing is
+    // signed for it.
+    let (_, early) = renew(&mut stream, 6).await;
+    let message = refused(&early).unwrap_or_else(|| panic!("refused: {early:?}"));
+    assert!(message.contains("renewal window"), "{message}");
+
+    // The operator asks; the device is told at once.
+    assert!(platform.request_renewal(&device.id).await.unwrap());
+    assert_eq!(read_message(&mut stream).await, ControlMessage::RenewNow);
+    // A bad CSR gets an Error answer, and the stream goes on.
+    let bad = ControlMessage::RenewRequest {
+        id: 5,
+        csr: "junk".into(),
     };
-    stream.write_all(&encode(&request).unwrap()).await.unwrap();
-    let (certificate, not_after) = match read_message(&mut stream).await {
+    stream.write_all(&encode(&bad).unwrap()).await.unwrap();
+    match read_message(&mut stream).await {
+        ControlMessage::Error { id, code, .. } => {
+            assert_eq!(id, Some(5));
+            assert_eq!(code, "bad_csr");
+        }
+        other => panic!("expected an Error, got {other:?}"),
+    }
+
+    let (new_key, answer) = renew(&mut stream, 7).await;
+    let (certificate, not_after) = match answer {
         ControlMessage::RenewResponse {
             id,
             certificate,
@@ -243,34 +288,98 @@ async fn renewal_over_the_control_stream_issues_a_working_certificate_and_the_ol
     .await;
     assert_eq!(renewed, not_after);
 
-    // A bad CSR gets an Error answer, and the stream goes on.
-    let bad = ControlMessage::RenewRequest {
-        id: 8,
-        csr: "junk".into(),
-    };
-    stream.write_all(&encode(&bad).unwrap()).await.unwrap();
-    match read_message(&mut stream).await {
-        ControlMessage::Error { id, code, .. } => {
-            assert_eq!(id, Some(8));
-            assert_eq!(code, "bad_csr");
-        }
-        other => panic!("expected an Error, got {other:?}"),
-    }
-
-    // The new certificate with the new key opens a tunnel (TLS proves the
-    // key matches), for the same device.
+    // Until the device uses the new certificate, the old one still opens a
+    // tunnel (a renewal answer may have been lost on the way) ...
+    let old = open_tunnel(&platform, Some((&device.certificate, &device.key))).await;
+    assert!(old.is_ok(), "{:?}", old.err());
+    // ... the new one, with the new key, does (TLS proves the key) ...
+    let fingerprint = fingerprint_of(&certificate);
     let mut events = platform.events();
     let renewed_tunnel = open_tunnel(&platform, Some((&certificate, &new_key))).await;
     assert!(renewed_tunnel.is_ok(), "{:?}", renewed_tunnel.err());
-    let id = next_event(&mut events, |e| match e {
-        PlatformEvent::TunnelUp { device_id, .. } => Some(device_id.clone()),
+    next_event(&mut events, |e| match e {
+        PlatformEvent::TunnelUp {
+            device_id,
+            fingerprint: fp,
+        } if *device_id == device.id && *fp == fingerprint => Some(()),
         _ => None,
     })
     .await;
-    assert_eq!(id, device.id);
-    // The old certificate still works until its own expiry.
+    let listed = platform.devices().await.unwrap();
+    assert_eq!(
+        listed[0].current_certificate.as_deref(),
+        Some(fingerprint.as_str())
+    );
+    // ... and from then on the old one is a superseded copy: refused, and
+    // reported.
     let old = open_tunnel(&platform, Some((&device.certificate, &device.key))).await;
-    assert!(old.is_ok(), "{:?}", old.err());
+    match old.err().expect("the old certificate is refused") {
+        TunnelRefused::Http(status, error) => {
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert_eq!(error.error, ErrorCode::CertificateSuperseded);
+            assert!(error.message.contains("superseded"), "{}", error.message);
+        }
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+    let reported = next_event(&mut events, |e| match e {
+        PlatformEvent::IdentityConflict { device_id, .. } => Some(device_id.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reported, device.id);
+    assert!(
+        platform.devices().await.unwrap()[0]
+            .superseded_seen_at
+            .is_some()
+    );
+
+    // One certificate can be revoked without the device: its tunnel closes
+    // and it opens no other; the device is not revoked.
+    assert!(
+        platform
+            .revoke_certificate(&device.id, &fingerprint)
+            .await
+            .unwrap()
+    );
+    let again = open_tunnel(&platform, Some((&certificate, &new_key))).await;
+    match again.err().expect("the revoked certificate is refused") {
+        TunnelRefused::Http(_, error) => assert_eq!(error.error, ErrorCode::CertificateRevoked),
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+    assert!(!platform.devices().await.unwrap()[0].revoked);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_thousand_renewals_in_a_loop_get_three_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    // Always inside the window: only the hourly limit stops a loop.
+    config.renewal_window = config.cert_validity;
+    let platform = Platform::start(config).await.unwrap();
+    let device = enroll_new(&platform).await;
+    let tunnel = open_tunnel(&platform, Some((&device.certificate, &device.key)))
+        .await
+        .unwrap();
+    let mut stream = control(&tunnel).await;
+    let mut issued = 0;
+    let mut refusals = 0;
+    for id in 0..1000 {
+        let request = ControlMessage::RenewRequest {
+            id,
+            csr: csr(&device.key),
+        };
+        stream.write_all(&encode(&request).unwrap()).await.unwrap();
+        match read_message(&mut stream).await {
+            ControlMessage::RenewResponse { .. } => issued += 1,
+            answer => {
+                let message = refused(&answer).unwrap_or_else(|| panic!("{answer:?}"));
+                assert!(message.contains("times in the last hour"), "{message}");
+                refusals += 1;
+            }
+        }
+    }
+    assert_eq!((issued, refusals), (3, 997));
     platform.shutdown().await;
 }
 
