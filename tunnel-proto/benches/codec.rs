@@ -67,7 +67,7 @@ fn connected_pair(now: Instant) -> (Connection, Connection, StreamId, StreamId) 
     exchange(&mut device, &mut platform, now);
     exchange(&mut platform, &mut device, now);
     let sent = device
-        .open(ServiceHeader::new(Service::Tcp("bench".into())))
+        .open(now, ServiceHeader::new(Service::Tcp("bench".into())))
         .expect("open");
     exchange(&mut device, &mut platform, now);
     let (received, _) = platform.accept().expect("incoming stream");

@@ -353,3 +353,35 @@ async fn tune_socket_sets_nodelay_and_the_notsent_low_water_mark() {
         );
     }
 }
+
+/// The first stream after an idle tunnel: in real time, with nothing sent
+/// either way for longer than the open timeout (the keepalive interval is
+/// longer still), the platform opens a stream and the device accepts it.
+/// Before `open` took the time of the call, the stream was already past its
+/// deadline at the driver's next turn and was reset at once.
+#[tokio::test]
+async fn a_stream_opened_after_an_idle_gap_longer_than_the_open_timeout_is_accepted() {
+    let (mut device, mut platform) = common::configs();
+    for config in [&mut device, &mut platform] {
+        config.open_timeout = Duration::from_millis(300);
+        config.keepalive_interval = Duration::from_secs(30);
+        config.idle_timeout = Duration::from_secs(90);
+    }
+    let (device, platform, _drivers) = common::tunnel_pair(device, platform).await;
+    let _server = spawn_echo_server(device.clone());
+    for gap in [900, 1200] {
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        let mut stream = platform
+            .open(ServiceHeader::new(Service::Tcp("echo".into())))
+            .expect("open");
+        stream
+            .accepted()
+            .await
+            .unwrap_or_else(|e| panic!("not accepted after {gap} ms idle: {e}"));
+        stream.write_all(b"after the gap").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"after the gap");
+    }
+}

@@ -105,7 +105,6 @@ impl Connection {
 
     /// Fires whatever timers are due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.now = now;
         if self.state == State::Closed {
             return;
         }
@@ -138,10 +137,11 @@ impl Connection {
         self.expire_opens(now);
     }
 
-    /// Starts a PING now (if none is in flight) to refresh the RTT figure.
-    pub fn ping(&mut self) {
+    /// Starts a PING at `now` (if none is in flight) to refresh the RTT
+    /// figure.
+    pub fn ping(&mut self, now: Instant) {
         if self.state == State::Open {
-            let ping = self.keepalive.start_ping(self.now);
+            let ping = self.keepalive.start_ping(now);
             self.control.extend(ping);
         }
     }

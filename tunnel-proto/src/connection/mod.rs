@@ -40,8 +40,6 @@ use stream::{Opening, RecvState, SendState, Stream};
 pub struct Connection {
     config: Config,
     state: State,
-    /// The latest time handed in by the shell.
-    now: Instant,
     /// The peer's HELLO, once received.
     peer: Option<Hello>,
     /// Every stream not yet both finished and released. A `BTreeMap` keeps
@@ -242,7 +240,6 @@ impl Connection {
             keepalive: keepalive::Keepalive::new(&config, now),
             config,
             state: State::Handshaking,
-            now,
             peer: None,
             streams: BTreeMap::new(),
             highest_peer: 0,
@@ -336,9 +333,10 @@ impl Connection {
         self.events.pop_front()
     }
 
-    /// Opens a stream to `header`'s service on the peer. Data may be written
-    /// at once; the peer's ACCEPT raises [`Event::Accepted`].
-    pub fn open(&mut self, header: ServiceHeader) -> Result<StreamId, OpenError> {
+    /// Opens a stream to `header`'s service on the peer at time `now` (its
+    /// open timeout runs from `now`). Data may be written at once; the
+    /// peer's ACCEPT raises [`Event::Accepted`].
+    pub fn open(&mut self, now: Instant, header: ServiceHeader) -> Result<StreamId, OpenError> {
         match self.state {
             State::Handshaking => return Err(OpenError::Handshaking),
             State::Closed => return Err(OpenError::Closed),
@@ -371,12 +369,12 @@ impl Connection {
         }
         let id = StreamId(self.next_local.ok_or(OpenError::IdsExhausted)?);
         self.next_local = id.0.checked_add(2);
-        let deadline = self.now + self.config.open_timeout;
+        let deadline = now + self.config.open_timeout;
         let stream = Stream::new(
             Opening::AwaitingAccept { deadline },
             peer.initial_stream_window,
             self.config.settings.initial_stream_window,
-            self.now,
+            now,
         );
         self.streams.insert(id, stream);
         self.pending_opens.push_back(id);

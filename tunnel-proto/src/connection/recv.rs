@@ -31,7 +31,6 @@ fn violation(code: CloseCode, reason: impl Into<String>) -> Violation {
 impl Connection {
     /// Handles one message (one frame) from the peer.
     pub fn handle_message(&mut self, now: Instant, msg: Bytes) {
-        self.now = now;
         if self.state == State::Closed {
             return;
         }
@@ -39,14 +38,14 @@ impl Connection {
         self.stats.frames_received += 1;
         self.stats.bytes_received += msg.len() as u64;
         if let Err(v) = self
-            .dispatch(msg)
+            .dispatch(now, msg)
             .and_then(|()| self.check_control_backlog())
         {
             self.fail(v.code, v.reason);
         }
     }
 
-    fn dispatch(&mut self, msg: Bytes) -> Result<(), Violation> {
+    fn dispatch(&mut self, now: Instant, msg: Bytes) -> Result<(), Violation> {
         // "A frame larger than the receiver's max_frame_payload is a
         // FRAME_SIZE_ERROR" (protocol.md, Limits).
         let limit = self.config.settings.max_frame_payload as usize;
@@ -78,7 +77,9 @@ impl Connection {
         }
         match frame {
             Frame::Hello(_) => Err(violation(CloseCode::PROTOCOL_ERROR, "second HELLO")),
-            Frame::Open { stream, header } => self.on_open(stream, header, msg.len() - HEADER_LEN),
+            Frame::Open { stream, header } => {
+                self.on_open(now, stream, header, msg.len() - HEADER_LEN)
+            }
             Frame::Accept { stream } => self.on_accept(stream),
             Frame::Data {
                 stream,
@@ -91,7 +92,7 @@ impl Connection {
                 code,
                 reason,
             } => self.on_reset(stream, code, reason),
-            Frame::Ping { ack, opaque } => self.on_ping(ack, opaque),
+            Frame::Ping { ack, opaque } => self.on_ping(now, ack, opaque),
             Frame::GoAway {
                 last_stream,
                 code,
@@ -145,6 +146,7 @@ impl Connection {
 
     fn on_open(
         &mut self,
+        now: Instant,
         id: StreamId,
         header: ServiceHeader,
         size: usize,
@@ -178,7 +180,7 @@ impl Connection {
             Opening::Incoming,
             self.peer_settings().initial_stream_window,
             self.config.settings.initial_stream_window,
-            self.now,
+            now,
         );
         stream.header = Some(header);
         self.streams.insert(id, stream);
@@ -384,9 +386,9 @@ impl Connection {
         Ok(())
     }
 
-    fn on_ping(&mut self, ack: bool, opaque: u64) -> Result<(), Violation> {
+    fn on_ping(&mut self, now: Instant, ack: bool, opaque: u64) -> Result<(), Violation> {
         if ack {
-            self.keepalive.on_pong(opaque, self.now);
+            self.keepalive.on_pong(opaque, now);
             return Ok(());
         }
         self.control.push_back(Frame::Ping { ack: true, opaque });

@@ -19,7 +19,6 @@ impl Connection {
     /// now. Call again after every `handle_*` call and application call until
     /// it returns `None`.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
-        self.now = now;
         let bytes = if self.state == State::Closed {
             Bytes::from(self.final_frame.take()?)
         } else if let Some(frame) = self.control.pop_front() {

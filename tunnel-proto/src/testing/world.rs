@@ -234,7 +234,8 @@ impl World {
         match op {
             Op::Open(side) => {
                 let header = ServiceHeader::new(Service::Tcp("svc".into()));
-                if let Ok(id) = self.link.conn_mut(side).open(header) {
+                let now = self.link.now;
+                if let Ok(id) = self.link.conn_mut(side).open(now, header) {
                     ensure!(self.stream_index(id).is_none(), "stream id {id} reused");
                     self.streams.push(Tracked {
                         id,
@@ -332,7 +333,10 @@ impl World {
                 self.link.deliver(to, count);
             }
             Op::Advance(duration) => self.link.advance(duration)?,
-            Op::Ping(side) => self.link.conn_mut(side).ping(),
+            Op::Ping(side) => {
+                let now = self.link.now;
+                self.link.conn_mut(side).ping(now)
+            }
             Op::Shutdown(side) => self
                 .link
                 .conn_mut(side)

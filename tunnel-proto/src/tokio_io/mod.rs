@@ -211,7 +211,7 @@ impl Tunnel {
     /// the first read or write.
     pub fn open(&self, header: ServiceHeader) -> Result<TunnelStream, OpenError> {
         let mut inner = self.shared.lock();
-        let id = inner.conn.open(header)?;
+        let id = inner.conn.open(now(), header)?;
         inner.dispatch();
         Ok(TunnelStream::new(id, self.shared.clone()))
     }

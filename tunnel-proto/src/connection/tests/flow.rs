@@ -398,7 +398,7 @@ fn buffered_bytes_stay_within_the_connection_window_plus_the_send_buffer() {
     // The platform floods ten streams; the device's application never reads
     // and keeps writing to all of them.
     let ids: Vec<StreamId> = (0..10)
-        .map(|_| pair.conn(Platform).open(tcp()).unwrap())
+        .map(|_| pair.open(Platform, tcp()).unwrap())
         .collect();
     pair.drive();
     while pair.conn(Device).accept().is_some() {}

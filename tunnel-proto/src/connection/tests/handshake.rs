@@ -16,7 +16,7 @@ fn the_handshake_completes_and_both_sides_see_connected() {
     let (device, platform) = configs();
     let mut pair = Pair::new(device, platform);
     assert!(!pair.conn(Device).is_connected());
-    assert_eq!(pair.conn(Device).open(tcp()), Err(OpenError::Handshaking));
+    assert_eq!(pair.open(Device, tcp()), Err(OpenError::Handshaking));
     let start = pair.link.now;
 
     pair.drive();
@@ -134,7 +134,7 @@ fn a_peer_closing_ends_the_tunnel_on_both_sides() {
     assert_eq!(pair.conn(Device).close_reason(), Some(&local));
     assert_eq!(pair.conn(Platform).close_reason(), Some(&remote));
     assert_eq!(pair.events(Platform), [Event::Closed]);
-    assert_eq!(pair.conn(Platform).open(tcp()), Err(OpenError::Closed));
+    assert_eq!(pair.open(Platform, tcp()), Err(OpenError::Closed));
 }
 
 #[test]

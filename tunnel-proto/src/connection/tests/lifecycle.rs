@@ -90,12 +90,9 @@ fn shutdown_refuses_new_streams_lets_open_ones_finish_then_closes() {
 
     pair.conn(Platform)
         .shutdown(CloseCode::NO_ERROR, "maintenance");
-    assert_eq!(
-        pair.conn(Platform).open(tcp()),
-        Err(OpenError::ShuttingDown)
-    );
+    assert_eq!(pair.open(Platform, tcp()), Err(OpenError::ShuttingDown));
     // This open crosses the GOAWAY on the wire.
-    let racing = pair.conn(Device).open(tcp()).unwrap();
+    let racing = pair.open(Device, tcp()).unwrap();
     pair.drive();
 
     let events = pair.events(Device);
@@ -117,7 +114,7 @@ fn shutdown_refuses_new_streams_lets_open_ones_finish_then_closes() {
         pair.events(Platform).is_empty(),
         "the racing open is refused, not announced"
     );
-    assert_eq!(pair.conn(Device).open(tcp()), Err(OpenError::PeerGoingAway));
+    assert_eq!(pair.open(Device, tcp()), Err(OpenError::PeerGoingAway));
     pair.conn(Device).release(racing);
 
     // The stream that was open keeps working both ways.
@@ -167,7 +164,7 @@ fn shutdown_refuses_new_streams_lets_open_ones_finish_then_closes() {
 fn shutdown_with_no_open_stream_closes_at_once() {
     let mut pair = Pair::connected();
     pair.conn(Device).shutdown(CloseCode::NO_ERROR, "bye");
-    assert_eq!(pair.conn(Device).open(tcp()), Err(OpenError::ShuttingDown));
+    assert_eq!(pair.open(Device, tcp()), Err(OpenError::ShuttingDown));
     pair.transmit(Device);
     assert!(
         pair.conn(Device).is_closed(),

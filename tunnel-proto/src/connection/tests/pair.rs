@@ -162,9 +162,25 @@ impl Pair {
         }
     }
 
+    /// Opens a stream from `who` at the link's current time.
+    pub(super) fn open(
+        &mut self,
+        who: Side,
+        header: ServiceHeader,
+    ) -> Result<StreamId, crate::connection::OpenError> {
+        let now = self.link.now;
+        self.conn(who).open(now, header)
+    }
+
+    /// Starts a PING from `who` at the link's current time.
+    pub(super) fn ping(&mut self, who: Side) {
+        let now = self.link.now;
+        self.conn(who).ping(now);
+    }
+
     /// Opens a stream from `who` and has the peer accept it.
     pub(super) fn open_accepted(&mut self, who: Side, header: ServiceHeader) -> StreamId {
-        let id = self.conn(who).open(header.clone()).expect("open");
+        let id = self.open(who, header.clone()).expect("open");
         self.drive();
         assert_eq!(self.events(who.other()), [Event::Incoming]);
         let (accepted, got) = self.conn(who.other()).accept().expect("an incoming stream");

@@ -16,7 +16,7 @@ fn open_and_accept_deliver_the_service_header_and_its_metadata() {
         .with("user", "alice")
         .with("role", "admin");
 
-    let id = pair.conn(Device).open(header.clone()).unwrap();
+    let id = pair.open(Device, header.clone()).unwrap();
     assert_eq!(id, StreamId(1), "the device opens odd ids");
     pair.drive();
     assert_eq!(pair.events(Platform), [Event::Incoming]);
@@ -62,7 +62,7 @@ fn data_flows_both_ways_in_order() {
 #[test]
 fn data_written_before_the_accept_arrives_is_delivered() {
     let mut pair = Pair::connected();
-    let id = pair.conn(Device).open(tcp()).unwrap();
+    let id = pair.open(Device, tcp()).unwrap();
     pair.write_some(Device, id, b"early bytes");
     pair.conn(Device).finish(id).unwrap();
     pair.drive();
@@ -262,7 +262,7 @@ fn opens_beyond_max_concurrent_streams_are_refused_and_the_connection_survives()
 
     let first = pair.open_accepted(Device, tcp());
     assert_eq!(
-        pair.conn(Device).open(tcp()),
+        pair.open(Device, tcp()),
         Err(OpenError::StreamLimit { limit: 1 })
     );
 
@@ -274,7 +274,7 @@ fn opens_beyond_max_concurrent_streams_are_refused_and_the_connection_survives()
     assert_eq!(pair.read_available(Platform, first), (vec![], true));
     assert_eq!(pair.conn(Device).stream_count(), 0);
     assert_eq!(pair.conn(Platform).stream_count(), 1);
-    let second = pair.conn(Device).open(tcp()).unwrap();
+    let second = pair.open(Device, tcp()).unwrap();
     pair.drive();
     let reason = "stream limit reached".to_string();
     assert_eq!(
@@ -303,9 +303,7 @@ fn opens_beyond_the_accept_backlog_are_refused_with_stream_limit() {
     platform.accept_backlog = 2;
     let mut pair = Pair::connected_with(device, platform);
 
-    let ids: Vec<StreamId> = (0..3)
-        .map(|_| pair.conn(Device).open(tcp()).unwrap())
-        .collect();
+    let ids: Vec<StreamId> = (0..3).map(|_| pair.open(Device, tcp()).unwrap()).collect();
     pair.drive();
 
     assert_eq!(pair.events(Platform), [Event::Incoming, Event::Incoming]);
@@ -334,7 +332,7 @@ fn an_open_nobody_accepts_is_reset_with_open_timeout() {
     let timeout = device.open_timeout;
     let mut pair = Pair::connected_with(device, platform);
     let opened = pair.link.now;
-    let id = pair.conn(Device).open(tcp()).unwrap();
+    let id = pair.open(Device, tcp()).unwrap();
     pair.write_some(Device, id, b"hello?");
     pair.drive();
     assert_eq!(pair.events(Platform), [Event::Incoming]);
@@ -395,11 +393,13 @@ fn an_accepted_open_does_not_time_out() {
 fn an_unknown_service_is_refused_and_the_connection_survives() {
     let mut pair = Pair::connected();
     let id = pair
-        .conn(Device)
-        .open(ServiceHeader::new(Service::Other {
-            kind: 0x42,
-            name: String::new(),
-        }))
+        .open(
+            Device,
+            ServiceHeader::new(Service::Other {
+                kind: 0x42,
+                name: String::new(),
+            }),
+        )
         .unwrap();
     pair.drive();
     let reason = "unknown service".to_string();
@@ -418,7 +418,7 @@ fn an_unknown_service_is_refused_and_the_connection_survives() {
 #[test]
 fn a_reset_crossing_an_accept_on_the_wire_is_harmless() {
     let mut pair = Pair::connected();
-    let id = pair.conn(Device).open(tcp()).unwrap();
+    let id = pair.open(Device, tcp()).unwrap();
     pair.transmit(Device);
     assert!(matches!(
         pair.deliver_one(Platform),
@@ -458,7 +458,7 @@ fn a_reset_crossing_an_accept_on_the_wire_is_harmless() {
 #[test]
 fn writing_on_an_incoming_stream_before_accepting_it_is_refused() {
     let mut pair = Pair::connected();
-    let id = pair.conn(Device).open(tcp()).expect("open");
+    let id = pair.open(Device, tcp()).expect("open");
     pair.drive();
     assert_eq!(
         pair.conn(Platform).write(id, b"early"),
@@ -470,4 +470,41 @@ fn writing_on_an_incoming_stream_before_accepting_it_is_refused() {
     );
     pair.conn(Platform).accept().expect("incoming");
     assert_eq!(pair.conn(Platform).write(id, b"now"), Ok(3));
+}
+
+/// The first editor request after an idle tunnel failed at once with "open
+/// timed out": the open deadline was taken from the last time the
+/// connection was told, not from the call.
+#[test]
+fn a_stream_opened_after_an_idle_gap_gets_its_whole_open_timeout() {
+    let (device, platform) = configs();
+    let timeout = platform.open_timeout;
+    let mut pair = Pair::connected_with(device, platform);
+    // Time passes with nothing for either side to do: no message, no timer
+    // due (the keepalive interval is longer than the gap).
+    pair.link.now += timeout + Duration::from_secs(1);
+    let id = pair.open(Platform, tcp()).unwrap();
+    pair.drive();
+    assert_eq!(pair.events(Device), [Event::Incoming]);
+    // The device takes a moment to accept: well within the open timeout
+    // counted from the call.
+    pair.advance(timeout / 2);
+    let (accepted, _) = pair.conn(Device).accept().expect("an incoming stream");
+    assert_eq!(accepted, id);
+    pair.drive();
+    assert_eq!(pair.events(Platform), [Event::Accepted(id)]);
+}
+
+/// The same class of bug for PING: an RTT sample must start at the call.
+#[test]
+fn a_ping_after_an_idle_gap_measures_the_round_trip_not_the_gap() {
+    let mut pair = Pair::connected();
+    pair.link.now += Duration::from_secs(5);
+    pair.ping(Device);
+    pair.drive();
+    let rtt = pair.conn(Device).rtt().expect("an RTT sample");
+    assert!(
+        rtt < Duration::from_millis(100),
+        "RTT {rtt:?} includes the idle gap"
+    );
 }

@@ -22,7 +22,7 @@ fn victim(streams: usize) -> (Pair, Vec<StreamId>) {
     platform.max_pending_control = 16;
     let mut pair = Pair::connected_with(device, platform);
     let ids = (0..streams)
-        .map(|_| pair.conn(Device).open(tcp()).unwrap())
+        .map(|_| pair.open(Device, tcp()).unwrap())
         .collect();
     pair.drive();
     pair.events(Platform);
