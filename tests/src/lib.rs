@@ -4,7 +4,9 @@
 //!
 //! The library holds what the tests and the benchmark binaries share:
 //! [`bench`](mod@bench) (figures from `/proc`, verdict lines) and [`tools`] (where
-//! Node-RED, playwright-core and chromium are).
+//! Node-RED, playwright-core and chromium are) and [`web`] (a browser's side
+//! of the platform's pages and editor origins).
 
 pub mod bench;
 pub mod tools;
+pub mod web;

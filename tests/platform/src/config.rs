@@ -82,6 +82,10 @@ pub struct PlatformConfig {
     /// wildcard DNS record; browsers resolve every `*.localhost` name to
     /// loopback on their own).
     pub editor_domain: Option<String>,
+    /// Lifetime of the editor access grants the platform signs; at most
+    /// `tether_proto::grant::MAX_LIFETIME_SECS` (five minutes, the
+    /// default). Shorter in tests of what outlives a grant.
+    pub grant_lifetime: Duration,
 }
 
 impl PlatformConfig {
@@ -112,6 +116,7 @@ impl PlatformConfig {
             password_cost: PasswordCost::DEFAULT,
             editor_timeout: Duration::from_secs(30),
             editor_domain: None,
+            grant_lifetime: Duration::from_secs(tether_proto::grant::MAX_LIFETIME_SECS),
         }
     }
 
@@ -206,6 +211,14 @@ impl PlatformConfig {
         }
         if self.ws_read_buffer < 1024 || self.ws_write_buffer < 1024 {
             return Err("WebSocket buffers must be at least 1024 bytes".into());
+        }
+        if self.grant_lifetime < Duration::from_secs(1)
+            || self.grant_lifetime.as_secs() > tether_proto::grant::MAX_LIFETIME_SECS
+        {
+            return Err(format!(
+                "grant_lifetime must be 1 s to {} s",
+                tether_proto::grant::MAX_LIFETIME_SECS
+            ));
         }
         if self.max_renewals_per_hour == 0 {
             return Err("max_renewals_per_hour must be at least 1".into());

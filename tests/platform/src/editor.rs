@@ -473,7 +473,13 @@ impl Target<'_> {
             team: self.device.team.clone(),
             device: device.clone(),
             issued_at: now,
-            expires_at: now + MAX_LIFETIME_SECS,
+            expires_at: now
+                + self
+                    .state
+                    .config
+                    .grant_lifetime
+                    .as_secs()
+                    .min(MAX_LIFETIME_SECS),
             nonce: keys::random_hex(16)?,
         };
         let header = ServiceHeader::new(Service::Editor)
