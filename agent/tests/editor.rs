@@ -441,6 +441,24 @@ async fn each_role_reaches_exactly_its_routes_with_its_own_token() {
         ("vic", Role::Viewer, Method::POST, "/flows", false),
         ("vic", Role::Viewer, Method::POST, "/inject/n1", false),
         ("vic", Role::Viewer, Method::DELETE, "/flow/f1", false),
+        (
+            "vic",
+            Role::Viewer,
+            Method::GET,
+            "/credentials/mqtt-broker/b1",
+            false,
+        ),
+        ("vic", Role::Viewer, Method::GET, "/diagnostics", false),
+        (
+            "mia",
+            Role::Member,
+            Method::GET,
+            "/credentials/mqtt-broker/b1",
+            true,
+        ),
+        // A flow's own endpoint is not part of the editor, for anyone.
+        ("olga", Role::Owner, Method::GET, "/hello", false),
+        ("olga", Role::Owner, Method::POST, "/hello", false),
         ("mia", Role::Member, Method::POST, "/flows", true),
         ("mia", Role::Member, Method::POST, "/inject/n1", true),
         ("mia", Role::Member, Method::POST, "/nodes", false),
@@ -507,7 +525,7 @@ async fn a_stream_carries_many_requests_and_bodies_stream_both_ways() {
     let mut client = rig.client(Some(&rig.signed("mia", Role::Member))).await;
     let answer = get(&mut client, "/settings?x=1").await;
     assert_eq!(answer.status, StatusCode::OK);
-    let big = get(&mut client, "/big").await;
+    let big = get(&mut client, "/vendor/big").await;
     assert_eq!(big.body.len(), 4 * 1024 * 1024);
     let upload = Bytes::from(vec![1u8; 3 * 1024 * 1024]);
     let answer = send(
@@ -538,7 +556,7 @@ async fn a_stream_carries_many_requests_and_bodies_stream_both_ways() {
         uris,
         [
             "/red/settings?x=1",
-            "/red/big",
+            "/red/vendor/big",
             "/red/library/local/flows/upload",
             "/red/flows"
         ]
@@ -636,7 +654,7 @@ async fn a_silent_node_red_is_504_and_a_stopped_one_502() {
     let rig = rig(target).await;
     let mut client = rig.client(Some(&rig.signed("mia", Role::Member))).await;
     let started = std::time::Instant::now();
-    let answer = get(&mut client, "/slow").await;
+    let answer = get(&mut client, "/red/slow").await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(
         started.elapsed() < Duration::from_secs(5),

@@ -134,10 +134,21 @@ async fn settings_user(addr: SocketAddr, token: &str) -> serde_json::Value {
     json["user"].clone()
 }
 
-/// A tab with `GET /hello` answering "hello from flows".
+/// A tab with `GET /hello` answering "hello from flows", `GET /headers`
+/// answering the request headers the flow sees, and a `websocket in` on
+/// `/ws/flow`.
 fn hello_flow() -> serde_json::Value {
     serde_json::json!([
         {"id": "t1", "type": "tab", "label": "tether test"},
+        {"id": "in2", "type": "http in", "z": "t1", "url": "/headers", "method": "get",
+         "wires": [["chg2"]]},
+        {"id": "chg2", "type": "change", "z": "t1",
+         "rules": [{"t": "set", "p": "payload", "pt": "msg", "to": "req.headers", "tot": "msg"}],
+         "wires": [["out2"]]},
+        {"id": "out2", "type": "http response", "z": "t1", "statusCode": "200", "wires": []},
+        {"id": "wsl", "type": "websocket-listener", "path": "/ws/flow", "wholemsg": "false"},
+        {"id": "wsin", "type": "websocket in", "z": "t1", "server": "wsl", "client": "",
+         "wires": [[]]},
         {"id": "in1", "type": "http in", "z": "t1", "url": "/hello", "method": "get",
          "wires": [["tpl1"]]},
         {"id": "tpl1", "type": "template", "z": "t1", "field": "payload", "fieldType": "msg",
@@ -145,6 +156,51 @@ fn hello_flow() -> serde_json::Value {
          "wires": [["out1"]]},
         {"id": "out1", "type": "http response", "z": "t1", "statusCode": "200", "wires": []}
     ])
+}
+
+/// The headers the `/headers` flow saw for a request with `headers`.
+async fn headers_seen_by_flow(addr: SocketAddr, headers: &[(&str, &str)]) -> serde_json::Value {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .uri("/headers")
+        .header("host", addr.to_string());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let response = sender
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// The status code of a WebSocket upgrade to `path`, with or without the
+/// agent's token header.
+async fn upgrade_status(addr: SocketAddr, path: &str, token: Option<&str>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let token = token.map_or(String::new(), |t| format!("{TOKEN_HEADER}: {t}\r\n"));
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{token}\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("an answer to the upgrade")
+        .unwrap();
+    let line = String::from_utf8_lossy(&buf[..n]);
+    line.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {line}"))
 }
 
 async fn flows_json(addr: SocketAddr, token: &str) -> serde_json::Value {
@@ -263,6 +319,25 @@ async fn a_launched_node_red_answers_only_the_agents_tokens() {
     })
     .await;
     assert_eq!(&body[..], b"hello from flows");
+
+    // No flow sees the agent's token: a request to a flow's endpoint that
+    // carries it (as everything the agent proxies does) is answered before
+    // the flow runs; any other x-tether-* header is removed.
+    let (status, body) = get(addr, "/headers", Some(&owner)).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(!String::from_utf8_lossy(&body).contains(&owner));
+    assert!(String::from_utf8_lossy(&body).contains("not reachable through remote editor access"));
+    let seen = headers_seen_by_flow(addr, &[("x-tether-user", "root"), ("x-other", "kept")]).await;
+    assert_eq!(seen["x-other"], "kept", "{seen}");
+    assert!(seen.get("x-tether-user").is_none(), "{seen}");
+    // The same for a flow's WebSocket.
+    assert_eq!(upgrade_status(addr, "/ws/flow", Some(&owner)).await, 401);
+    assert_eq!(upgrade_status(addr, "/ws/flow", None).await, 101);
 
     // Rotation: the file changes, new tokens work, the previous key's work
     // until it is retired.

@@ -2,15 +2,24 @@
 //! §16.3 as one pure function, [`decide`], and the Node-RED permissions a
 //! role is presented with, [`permissions`].
 //!
-//! This module owns the mapping from (role, protection mode, method, path)
-//! to allow or deny. It never sees headers or bodies and never does I/O; the
-//! proxy asks it once per request, before anything reaches Node-RED.
+//! This module owns the mapping from (role, protection mode, method, path,
+//! WebSocket or not) to allow or deny. It never sees headers or bodies and
+//! never does I/O; the proxy asks it once per request, before anything
+//! reaches Node-RED, and mints the local token only for what it allowed.
+//!
+//! Remote editor access carries **Node-RED's editor and admin API only**:
+//! every route is on an explicit allow-list of Node-RED 4's own routes (the
+//! editor's static files, its read routes, and the write routes of the role
+//! table). Anything else is refused for every role, `GET` included, so
+//! flows' own `http in` and `websocket in` endpoints are not reachable
+//! through it (a device service engineers should reach is a `[[service]]`).
+//! The only WebSocket is the editor's `/comms`. A viewer gets the read
+//! routes but `/credentials/...` and `/diagnostics`.
 //!
 //! Paths are matched the way Node-RED's router (Express) matches them:
-//! case-insensitively and with one trailing slash ignored. Everything that
-//! is not a `GET` or `HEAD` and not named in the table is denied, so an odd
-//! spelling of a write route fails closed. Paths with `.` or `..` segments
-//! are denied for every method.
+//! case-insensitively and with one trailing slash ignored; an odd spelling
+//! fails closed. Paths with empty, `.` or `..` segments are denied for every
+//! method.
 
 use http::Method;
 use tether_proto::grant::Role;
@@ -26,8 +35,11 @@ pub enum Access {
 /// The rows of the table in `docs/protocol.md` §16.3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
-    /// `GET` or `HEAD` of anything, the `/comms` WebSocket included.
+    /// `GET` or `HEAD` of the editor's own read routes, and the `/comms`
+    /// WebSocket.
     Read,
+    /// `GET` of `/credentials/...` and `/diagnostics`: member and owner.
+    SensitiveRead,
     /// `POST /flows`, `POST /flow`, `PUT`/`DELETE /flow/:id`.
     Deploy,
     /// Library writes, inject buttons, debug toggles, context deletes, user
@@ -35,7 +47,7 @@ pub enum Route {
     Edit,
     /// `POST /nodes`, `PUT`/`DELETE /nodes/...`, `POST /flows/state`.
     Palette,
-    /// Anything else: denied to every role.
+    /// Anything else: not part of the editor, denied to every role.
     Other,
 }
 
@@ -72,15 +84,26 @@ pub fn permissions(role: Role, protection: bool) -> &'static [&'static str] {
     }
 }
 
-/// Decides whether `role` may send `method path` now.
-pub fn decide(role: Role, protection: bool, method: &Method, path: &str) -> Access {
-    let route = classify(method, path);
+/// Decides whether `role` may send `method path` now (`websocket`: as a
+/// WebSocket upgrade).
+pub fn decide(
+    role: Role,
+    protection: bool,
+    method: &Method,
+    path: &str,
+    websocket: bool,
+) -> Access {
+    let route = if websocket {
+        classify_websocket(method, path)
+    } else {
+        classify(method, path)
+    };
     if protection && matches!(route, Route::Deploy | Route::Palette) {
         return Access::Deny(PROTECTED_MESSAGE.into());
     }
     let allowed = match route {
         Route::Read => true,
-        Route::Deploy | Route::Edit => role != Role::Viewer,
+        Route::SensitiveRead | Route::Deploy | Route::Edit => role != Role::Viewer,
         Route::Palette => role == Role::Owner,
         Route::Other => false,
     };
@@ -107,20 +130,38 @@ fn denial(route: Route, role: Role, method: &Method, path: &str) -> String {
             "your role ({role}) may not change the palette or start and stop flows on this \
              device; that needs owner"
         ),
-        Route::Read | Route::Other => {
-            format!("{method} {path} is not allowed through remote editor access")
-        }
+        Route::SensitiveRead => format!(
+            "your role ({role}) may not read credentials or diagnostics on this device; that \
+             needs member or owner"
+        ),
+        Route::Read | Route::Other => format!(
+            "{method} {path} is not part of the Node-RED editor, so remote editor access does \
+             not carry it (flows' own HTTP and WebSocket endpoints are not reachable this way; \
+             a device service engineers should reach is a [[service]] in tetherd.toml)"
+        ),
     }
 }
 
-/// The row of the table a request falls in.
+/// The row of a WebSocket upgrade: only the editor's `/comms` is one.
+pub fn classify_websocket(method: &Method, path: &str) -> Route {
+    match canonical(path).as_deref() {
+        Some("/comms") if *method == Method::GET => Route::Read,
+        _ => Route::Other,
+    }
+}
+
+/// The row of the table a (non-WebSocket) request falls in.
 pub fn classify(method: &Method, path: &str) -> Route {
     let Some(lower) = canonical(path) else {
         return Route::Other;
     };
-    let segments: Vec<&str> = lower.split('/').skip(1).collect();
+    let segments: Vec<&str> = if lower == "/" {
+        Vec::new()
+    } else {
+        lower.split('/').skip(1).collect()
+    };
     if *method == Method::GET || *method == Method::HEAD {
-        return Route::Read;
+        return read_route(&segments);
     }
     let m = method.as_str();
     match (m, segments.as_slice()) {
@@ -134,6 +175,32 @@ pub fn classify(method: &Method, path: &str) -> Route {
         | ("POST", ["settings", "user"])
         | ("DELETE", ["context", "global", _, ..])
         | ("DELETE", ["context", "node" | "flow", _, _, ..]) => Route::Edit,
+        _ => Route::Other,
+    }
+}
+
+/// The row of a `GET` or `HEAD`: Node-RED 4's editor and admin read routes
+/// (`@node-red/editor-api`: `admin/index.js`, `editor/index.js`, the
+/// editor client's static folders, and the core nodes' admin routes).
+fn read_route(segments: &[&str]) -> Route {
+    match segments {
+        // The editor page and its static files.
+        [] | ["favicon.ico"] => Route::Read,
+        ["red" | "vendor" | "types", _, ..] => Route::Read,
+        ["icons"] | ["icons", _, _] | ["icons", _, _, _] => Route::Read,
+        ["resources", _, _, ..] => Route::Read,
+        ["locales", _, ..] => Route::Read,
+        ["theme", ..] => Route::Read,
+        // The admin API's reads.
+        ["settings"] | ["settings", "user"] => Route::Read,
+        ["flows"] | ["flows", "state"] | ["flow", _] => Route::Read,
+        ["nodes", ..] | ["plugins", ..] => Route::Read,
+        ["context", "global", ..] | ["context", "node" | "flow", _, ..] => Route::Read,
+        ["library", _, _, ..] => Route::Read,
+        ["auth", "login"] => Route::Read,
+        // Core nodes: the debug sidebar's pop-out, the UDP node's ports.
+        ["debug", "view", _, ..] | ["udp-ports", _] => Route::Read,
+        ["credentials", _, _] | ["diagnostics"] => Route::SensitiveRead,
         _ => Route::Other,
     }
 }
@@ -170,7 +237,7 @@ mod tests {
 
     fn allowed(role: Role, protection: bool, method: &str, path: &str) -> bool {
         let method = Method::from_bytes(method.as_bytes()).unwrap();
-        decide(role, protection, &method, path) == Access::Allow
+        decide(role, protection, &method, path, false) == Access::Allow
     }
 
     /// (method, path, viewer, member, owner) without protection mode.
@@ -178,8 +245,28 @@ mod tests {
         ("GET", "/", true, true, true),
         ("GET", "/flows", true, true, true),
         ("HEAD", "/settings", true, true, true),
-        ("GET", "/comms", true, true, true),
         ("GET", "/nodes", true, true, true),
+        ("GET", "/red/main.min.js", true, true, true),
+        ("GET", "/vendor/monaco/dist/editor.js", true, true, true),
+        ("GET", "/locales/editor?lng=en-US", true, true, true),
+        ("GET", "/icons/node-red/inject.svg", true, true, true),
+        ("GET", "/theme", true, true, true),
+        ("GET", "/settings/user", true, true, true),
+        ("GET", "/flow/f1", true, true, true),
+        ("GET", "/context/global", true, true, true),
+        ("GET", "/context/flow/f1/counter", true, true, true),
+        ("GET", "/library/local/flows/", true, true, true),
+        ("GET", "/debug/view/view.html", true, true, true),
+        // Reads a viewer does not get.
+        ("GET", "/credentials/mqtt-broker/b1", false, true, true),
+        ("GET", "/diagnostics", false, true, true),
+        // Not part of the editor: flows' own endpoints, odd paths.
+        ("GET", "/hello", false, false, false),
+        ("GET", "/api/data", false, false, false),
+        ("GET", "/comms", false, false, false),
+        ("GET", "/red", false, false, false),
+        ("GET", "/projects", false, false, false),
+        ("GET", "/settings/user/keys", false, false, false),
         // Deploy.
         ("POST", "/flows", false, true, true),
         ("POST", "/flow", false, true, true),
@@ -233,6 +320,18 @@ mod tests {
     }
 
     #[test]
+    fn only_the_comms_websocket_is_carried() {
+        for role in [V, M, O] {
+            let ws = |path| decide(role, false, &Method::GET, path, true);
+            assert_eq!(ws("/comms"), Access::Allow);
+            assert_eq!(ws("/COMMS/"), Access::Allow);
+            for other in ["/ws/commands", "/flows", "/", "/comms/x"] {
+                assert!(matches!(ws(other), Access::Deny(_)), "{role} {other}");
+            }
+        }
+    }
+
+    #[test]
     fn protection_mode_removes_deploy_and_palette_from_every_role() {
         for &(method, path, viewer, member, owner) in TABLE {
             let route = classify(&Method::from_bytes(method.as_bytes()).unwrap(), path);
@@ -250,7 +349,7 @@ mod tests {
     #[test]
     fn denials_say_why() {
         let deny = |role, protection, method: Method, path| match decide(
-            role, protection, &method, path,
+            role, protection, &method, path, false,
         ) {
             Access::Deny(reason) => reason,
             Access::Allow => panic!("allowed: {role} {method} {path}"),
@@ -263,10 +362,13 @@ mod tests {
         let protected = deny(O, true, Method::POST, "/flows");
         assert!(protected.contains("read-only"), "{protected}");
         assert!(protected.contains("signed snapshots"), "{protected}");
-        assert_eq!(
-            deny(O, false, Method::PUT, "/flows"),
-            "PUT /flows is not allowed through remote editor access"
+        let other = deny(O, false, Method::PUT, "/flows");
+        assert!(
+            other.starts_with("PUT /flows is not part of the Node-RED editor"),
+            "{other}"
         );
+        assert!(deny(O, false, Method::GET, "/hello").contains("[[service]]"));
+        assert!(deny(V, false, Method::GET, "/credentials/t/i").contains("needs member"));
     }
 
     #[test]

@@ -144,11 +144,13 @@ async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<Body>
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let protection = session.editor.protection.enabled();
-    if let Access::Deny(reason) = policy::decide(session.role, protection, &method, &path) {
+    let upgrade = headers::is_websocket_upgrade(req.headers());
+    if let Access::Deny(reason) = policy::decide(session.role, protection, &method, &path, upgrade)
+    {
         session.refused(reason.clone(), &method, &path);
         return reply::forbidden(&reason, req.headers().get(http::header::ACCEPT));
     }
-    let response = if headers::is_websocket_upgrade(req.headers()) {
+    let response = if upgrade {
         websocket(session, req, protection).await
     } else {
         proxy(session, req, protection, &method, &path).await

@@ -7,7 +7,12 @@
 //! changes) and verifies each token with Node's own crypto. There is no
 //! default user and no user list, so a request without a valid token is
 //! answered 401 and no login exists. Flows' own HTTP endpoints
-//! (`httpNodeRoot`, `/`) stay open, as without the agent.
+//! (`httpNodeRoot`, `/`) stay open to local clients, as without the agent,
+//! but never to a request the agent proxied: `httpNodeMiddleware` answers
+//! 404 to any request to a flow's `http in` that carries the agent's token
+//! header (and removes every `x-tether-*` header from the others), and
+//! `webSocketNodeVerifyClient` refuses such a WebSocket upgrade to a flow's
+//! `websocket in`. So no flow ever reads a token the agent minted.
 //!
 //! This module only renders text; `super` writes it.
 
@@ -39,6 +44,33 @@ const CONTEXT = Buffer.from("tether-editor-v1\n");
 const MAX_LIFETIME = 125; // seconds: 120 and a little clock slack
 const MAX_CACHED = 256;
 const B64URL = /^[A-Za-z0-9_-]+$/;
+const NOT_FOR_FLOWS = "flows' own endpoints are not reachable through remote editor access\n";
+
+// True if a request came through the agent (it carries the agent's token).
+function fromAgent(headers) {
+    return Object.prototype.hasOwnProperty.call(headers, "@HEADER@");
+}
+
+// Flows never see the agent's headers, and never a request the agent
+// proxied (belt and braces: the agent carries the editor's routes only).
+function flowsMiddleware(req, res, next) {
+    if (fromAgent(req.headers)) {
+        res.status(404).set("Content-Type", "text/plain").send(NOT_FOR_FLOWS);
+        return;
+    }
+    for (const name of Object.keys(req.headers)) {
+        if (name.startsWith("x-tether-")) delete req.headers[name];
+    }
+    next();
+}
+
+function flowsWebSocket(info) {
+    if (fromAgent(info.req.headers)) return false;
+    for (const name of Object.keys(info.req.headers)) {
+        if (name.startsWith("x-tether-")) delete info.req.headers[name];
+    }
+    return true;
+}
 
 let keys = [];
 let keysVersion = null;
@@ -135,6 +167,8 @@ module.exports = {
         tokenHeader: "@HEADER@",
         tokens: tokens,
     },
+    httpNodeMiddleware: flowsMiddleware,
+    webSocketNodeVerifyClient: flowsWebSocket,
     logging: {
         console: { level: "info", metrics: false, audit: true },
     },
