@@ -206,6 +206,7 @@ impl Rig {
             issued_at: now - 5,
             expires_at: now + 120,
             nonce: nonce(),
+            protected: false,
         }
     }
 
@@ -778,4 +779,102 @@ async fn a_stream_stops_serving_when_its_grant_runs_out() {
     assert!(closed >= Duration::from_secs(2), "{closed:?}");
     rig.stop().await;
     node_red.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stricter_of_the_grants_and_the_stored_protection_mode_applies() {
+    let node_red = NodeRed::start().await;
+    let rig = rig(target(node_red.addr)).await;
+    assert!(!rig.agent.protection(), "off on the device");
+    // The platform signed "protected" (its control message may be late or
+    // lost): the owner's deploy is refused.
+    let protected = Grant {
+        protected: true,
+        ..rig.grant("olga", Role::Owner)
+    };
+    let mut client = rig.client(Some(&protected.sign(&rig.key))).await;
+    let answer = send(
+        &mut client,
+        Method::POST,
+        "/flows",
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert!(
+        answer.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("read-only")
+    );
+    assert!(node_red.seen().is_empty());
+    // And the other way round: stored on, a grant that says off changes
+    // nothing.
+    rig.platform
+        .set_protection(&rig.device, true)
+        .await
+        .unwrap();
+    eventually("protection mode on the device", || async {
+        rig.agent.protection().then_some(())
+    })
+    .await;
+    let unprotected = Grant {
+        protected: false,
+        ..rig.grant("olga", Role::Owner)
+    };
+    let mut client = rig.client(Some(&unprotected.sign(&rig.key))).await;
+    let answer = send(
+        &mut client,
+        Method::POST,
+        "/flows",
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert!(node_red.seen().is_empty());
+    rig.stop().await;
+    node_red.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_ends_when_its_grant_does() {
+    let (echo, _) = comms_echo().await;
+    // The device clock runs 28 s ahead: a grant that expires in 1 s is
+    // accepted within the 30 s skew and runs out about 3 s later.
+    let rig = rig_with(target(echo), |config, _| {
+        config.clock = tether_agent::Clock::with_offset(28);
+    })
+    .await;
+    let now = unix_now();
+    let grant = Grant {
+        issued_at: now - 299,
+        expires_at: now + 1,
+        ..rig.grant("vic", Role::Viewer)
+    };
+    let stream = rig.open(Some(&grant.sign(&rig.key))).await;
+    let request = "ws://device/comms".into_client_request().unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("the WebSocket handshake through the tunnel");
+    ws.send(Message::text("before")).await.unwrap();
+    let echoed = tokio::time::timeout(patience(), ws.next()).await.unwrap();
+    assert!(matches!(echoed, Some(Ok(Message::Text(_)))), "{echoed:?}");
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => continue,
+                other => return other.map(|r| r.is_ok()),
+            }
+        }
+    })
+    .await
+    .expect("the WebSocket ends within 10 s, with its grant");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = ended;
+    rig.stop().await;
 }

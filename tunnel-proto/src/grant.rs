@@ -91,6 +91,12 @@ pub struct Grant {
     pub expires_at: u64,
     /// 128 random bits as 32 lowercase hex digits; each is accepted once.
     pub nonce: String,
+    /// The device's instance protection mode as the platform has it when it
+    /// signs. The device applies the stricter of this and the value its
+    /// control stream last set, so a control message lost or late never
+    /// makes the flows writable. Absent (older platforms): `false`.
+    #[serde(default)]
+    pub protected: bool,
 }
 
 /// Why a grant was refused. Each says what was wrong; none echoes the grant.
@@ -279,6 +285,7 @@ mod tests {
             issued_at: NOW,
             expires_at: NOW + 300,
             nonce: format!("{nonce:032x}"),
+            protected: false,
         }
     }
 

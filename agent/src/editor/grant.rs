@@ -128,6 +128,7 @@ mod tests {
             issued_at: NOW,
             expires_at: NOW + 60,
             nonce: "0123456789abcdef0123456789abcdef".into(),
+            protected: false,
         }
     }
 

@@ -52,6 +52,12 @@ struct Session {
     editor: Arc<Editor>,
     user: String,
     role: Role,
+    /// Protection mode as the grant says: the stricter of this and the
+    /// stored value applies.
+    protected: bool,
+    /// When the grant can no longer verify (expiry plus the clock-skew
+    /// allowance): no request is served and no WebSocket lives beyond it.
+    deadline: Instant,
     opened: Instant,
 }
 
@@ -103,7 +109,7 @@ pub(super) async fn session(
     stream_id: u64,
     now: u64,
 ) {
-    let (user, role) = (grant.user, grant.role);
+    let (user, role, protected) = (grant.user, grant.role, grant.protected);
     editor.audit.record(AuditEvent::EditorSessionOpened {
         user: user.clone(),
         role,
@@ -115,6 +121,8 @@ pub(super) async fn session(
         editor,
         user,
         role,
+        protected,
+        deadline,
         opened: Instant::now(),
     });
     let service = service_fn(move |req| {
@@ -143,7 +151,9 @@ async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<Body>
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let protection = session.editor.protection.enabled();
+    // The stricter of what the platform signed and what the control stream
+    // last said: a lost or late control message never makes flows writable.
+    let protection = session.editor.protection.enabled() || session.protected;
     let upgrade = headers::is_websocket_upgrade(req.headers());
     if let Access::Deny(reason) = policy::decide(session.role, protection, &method, &path, upgrade)
     {
@@ -246,7 +256,8 @@ fn revision(answer: &[u8]) -> Option<String> {
 }
 
 /// Proxies a WebSocket upgrade; after both `101`s the bytes are copied both
-/// ways in a task of their own that keeps the session open.
+/// ways in a task of their own that keeps the session open, until either
+/// side ends or the grant's lifetime is over.
 async fn websocket(
     session: Arc<Session>,
     mut req: Request<Incoming>,
@@ -283,11 +294,17 @@ async fn splice(session: Arc<Session>, platform: OnUpgrade, node_red: OnUpgrade)
         Err(_) => return debug!("WebSocket upgrade did not complete in time"),
     };
     let (mut platform, mut node_red) = (TokioIo::new(platform), TokioIo::new(node_red));
-    match tokio::io::copy_bidirectional(&mut platform, &mut node_red).await {
-        Ok((to_node_red, to_platform)) => {
+    // A WebSocket lives no longer than its grant: at the deadline both ends
+    // are dropped; the editor reconnects through a fresh grant.
+    let copy = tokio::io::copy_bidirectional(&mut platform, &mut node_red);
+    match tokio::time::timeout_at(session.deadline, copy).await {
+        Ok(Ok((to_node_red, to_platform))) => {
             debug!(user = %session.user, to_node_red, to_platform, "editor WebSocket closed")
         }
-        Err(e) => debug!(user = %session.user, cause = %e, "editor WebSocket ended"),
+        Ok(Err(e)) => debug!(user = %session.user, cause = %e, "editor WebSocket ended"),
+        Err(_) => {
+            debug!(user = %session.user, "the grant's lifetime is over: editor WebSocket closed")
+        }
     }
 }
 

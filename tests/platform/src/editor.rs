@@ -481,6 +481,7 @@ impl Target<'_> {
                     .as_secs()
                     .min(MAX_LIFETIME_SECS),
             nonce: keys::random_hex(16)?,
+            protected: self.device.protected,
         };
         let header = ServiceHeader::new(Service::Editor)
             .with(GRANT_METADATA_KEY, self.state.keys.sign_grant(&grant));

@@ -168,6 +168,7 @@ mod tests {
             issued_at: 1000,
             expires_at: 1300,
             nonce: "0".repeat(32),
+            protected: false,
         };
         let wire = keys.sign_grant(&grant);
         let unhex = |text: &str| -> Vec<u8> {

@@ -137,6 +137,13 @@ async fn the_grant_carries_the_users_role() {
             ("olga".to_string(), Role::Owner)
         ]
     );
+    assert!(device.seen().iter().all(|s| !s.grant.protected));
+    // The grant also carries the device's protection mode.
+    platform.set_protection(device.id(), true).await.unwrap();
+    let cookie = login_as(&platform, "otto", "t", Role::Owner).await;
+    let mut browser = editor_browser(&platform, &cookie, &device).await;
+    assert_eq!(browser.get("/").await.status, StatusCode::OK);
+    assert!(device.seen().last().unwrap().grant.protected);
     platform.shutdown().await;
 }
 
