@@ -1,7 +1,10 @@
 //! One tunnel session, from the completed handshake to the close: opens the
 //! control stream and runs it, serves the platform's TCP streams, keeps the
 //! status's RTT fresh, and on shutdown closes the tunnel gracefully within
-//! [`SHUTDOWN_GRACE`].
+//! [`SHUTDOWN_GRACE`]. A session never runs without its control stream
+//! (protection mode, renewal and heartbeats travel on it): if it cannot be
+//! opened or it ends while the tunnel is up, the tunnel is closed and the
+//! reconnect loop dials again.
 //!
 //! This module owns the session's tasks and their end; it never reconnects
 //! (`reconnect` does) and never reads the configuration files.
@@ -43,16 +46,20 @@ pub(crate) async fn run(
     let span = info_span!("tunnel", device = %shared.device_id());
     let mut tasks = JoinSet::new();
     let (stop_control, stop) = watch::channel(false);
-    let mut control = None;
-    match tunnel.open(ServiceHeader::new(Service::Control)) {
-        Ok(stream) => {
-            control = Some(tokio::spawn(
-                crate::control::run(shared.clone(), tunnel.clone(), stream, stop)
-                    .instrument(span.clone()),
-            ));
+    let mut control = match tunnel.open(ServiceHeader::new(Service::Control)) {
+        Ok(stream) => Some(tokio::spawn(
+            crate::control::run(shared.clone(), tunnel.clone(), stream, stop)
+                .instrument(span.clone()),
+        )),
+        Err(e) => {
+            warn!(parent: &span, cause = %e, "cannot open the control stream; reconnecting");
+            tunnel.close(
+                CloseCode::NO_ERROR,
+                "the device could not open its control stream",
+            );
+            None
         }
-        Err(e) => warn!(parent: &span, cause = %e, "cannot open the control stream"),
-    }
+    };
     tasks.spawn(crate::services::serve(shared.clone(), tunnel.clone()).instrument(span.clone()));
 
     let mut rtt = tokio::time::interval(RTT_REFRESH);
@@ -71,6 +78,17 @@ pub(crate) async fn run(
                 }
                 close_gracefully(&tunnel).await;
                 break SessionEnd::Shutdown;
+            }
+            _ = async { control.as_mut().expect("checked").await }, if control.is_some() => {
+                // Not while stopping (handled above): the platform ended the
+                // control stream, or it failed. The device does not run
+                // without it.
+                control = None;
+                warn!(parent: &span, "the control stream ended while the tunnel was up; closing the tunnel to connect again");
+                tunnel.close(CloseCode::NO_ERROR, "the device's control stream ended");
+                let reason = tunnel.closed().await;
+                debug!(parent: &span, %reason, "tunnel closed after the control stream ended");
+                break SessionEnd::Lost("the control stream ended; reconnecting".into());
             }
             _ = rtt.tick() => {
                 let now_rtt = tunnel.rtt();

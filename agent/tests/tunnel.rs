@@ -314,6 +314,44 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_does_not_run_without_its_control_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    let id = enrolled(&platform, &state).await.identity.device_id;
+    let mut events = platform.events();
+    let agent = Agent::start(config(&state)).await.unwrap();
+    connected(&agent).await;
+    online(&platform, &id).await;
+    let first = agent.status().borrow().connects;
+    assert!(platform.reset_control_stream(&id));
+    // The device closes the tunnel and connects again, with a new control
+    // stream (heartbeats flow on the new tunnel).
+    let mut status = agent.status();
+    tokio::time::timeout(
+        patience(),
+        status.wait_for(|s| s.connects > first && s.state == TunnelState::Connected),
+    )
+    .await
+    .expect("reconnected after the control stream ended")
+    .unwrap();
+    tokio::time::timeout(patience(), async {
+        loop {
+            if let PlatformEvent::Heartbeat { device_id, .. } = events.recv().await.unwrap()
+                && device_id == id
+                && platform.devices().await.unwrap()[0].online
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("heartbeats on the new tunnel");
+    agent.shutdown().await;
+    platform.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_device_is_told_so_and_retries_slowly() {
     let dir = tempfile::tempdir().unwrap();
     let platform = platform(dir.path()).await;

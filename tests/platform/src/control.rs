@@ -43,12 +43,25 @@ pub async fn serve(
     // Subscribed before the first read of the store: a change after that
     // read is signalled, one before it is read.
     let mut changes = state.registry.protection_changes(&device_id, generation);
+    let reset = state.registry.control_reset(&device_id, generation);
+    let reset = async {
+        match reset {
+            Some(notify) => notify.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(reset);
     if let Err(e) = push_protection(&state, &device_id, &mut stream).await {
         return debug!(cause = %e, "cannot push the protection mode");
     }
     loop {
         let read = tokio::select! {
             read = stream.read(&mut buf) => read,
+            () = &mut reset => {
+                info!("ending the control stream");
+                stream.reset(ResetCode::CANCEL, "control stream ended by the platform");
+                return;
+            }
             () = protection_changed(&mut changes) => {
                 if let Err(e) = push_protection(&state, &device_id, &mut stream).await {
                     return debug!(cause = %e, "cannot push the protection mode");

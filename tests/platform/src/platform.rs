@@ -427,6 +427,13 @@ impl Platform {
         self.state.revoke_certificate(device_id, fingerprint).await
     }
 
+    /// Ends the control stream of a device's live tunnel; a device does
+    /// not run without one, so it closes the tunnel and connects again.
+    /// True if the device was online.
+    pub fn reset_control_stream(&self, device_id: &str) -> bool {
+        self.state.registry.reset_control(device_id)
+    }
+
     /// The public keys devices pin at enrollment.
     pub fn pinned_keys(&self) -> PinnedKeys {
         self.state.pinned.clone()

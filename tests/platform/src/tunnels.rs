@@ -46,6 +46,8 @@ pub struct LiveTunnel {
     /// Signalled after the device's protection mode changed in the store;
     /// the control stream reads the store again and pushes the value.
     protection: watch::Sender<()>,
+    /// Signalled to end the device's control stream.
+    control_reset: Arc<tokio::sync::Notify>,
 }
 
 /// Live tunnels by device id.
@@ -84,6 +86,7 @@ impl Registry {
             connected_since: SystemTime::now(),
             last_heartbeat: None,
             protection: watch::channel(()).0,
+            control_reset: Arc::new(tokio::sync::Notify::new()),
         };
         let replaced = self.lock().insert(device_id.to_string(), entry);
         let mut conflict = false;
@@ -153,6 +156,31 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// Ends the control stream of the device's live tunnel (the device
+    /// then closes the tunnel and connects again). True if there was one.
+    pub fn reset_control(&self, device_id: &str) -> bool {
+        match self.lock().get(device_id) {
+            Some(t) => {
+                t.control_reset.notify_waiters();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// What ends the control stream of the device's tunnel of generation
+    /// `generation`, if it is still live.
+    pub fn control_reset(
+        &self,
+        device_id: &str,
+        generation: u64,
+    ) -> Option<Arc<tokio::sync::Notify>> {
+        self.lock()
+            .get(device_id)
+            .filter(|t| t.generation == generation)
+            .map(|t| t.control_reset.clone())
     }
 
     /// A receiver of protection mode changes of the device's tunnel of
