@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     /// Editor access; `None` when it is off.
     pub(crate) editor: Option<Arc<Editor>>,
     current: Mutex<Current>,
+    /// The platform grant keys trusted now (`editor::keys`).
+    grant_keys: Mutex<editor::TrustedKeys>,
     status: watch::Sender<Status>,
     /// When the agent started, for heartbeat uptime.
     pub(crate) started: tokio::time::Instant,
@@ -98,13 +100,39 @@ impl Shared {
     }
 
     /// What editor grants are checked against: this device and the grant
-    /// key it pinned at enrollment.
+    /// keys it trusts now (pinned at enrollment, or rotated to since).
     pub(crate) fn editor_device(&self) -> editor::Device {
-        let current = self.current();
+        let id = self.current().identity.device_id.clone();
+        let now = self.config.clock.now_unix();
         editor::Device {
-            id: current.identity.device_id.clone(),
-            grant_key: current.identity.keys.grant.clone(),
+            id,
+            grant_keys: self.trusted_keys().accepted(now),
         }
+    }
+
+    fn trusted_keys(&self) -> MutexGuard<'_, editor::TrustedKeys> {
+        self.grant_keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Follows the platform's grant key rotations and stores the result.
+    /// Returns the new current key if it changed.
+    pub(crate) fn follow_grant_keys(
+        &self,
+        rotations: &[tether_proto::grant::KeyRotation],
+    ) -> Result<Option<String>, crate::files::FileError> {
+        let now = self.config.clock.now_unix();
+        let mut keys = self.trusted_keys();
+        let before = keys.clone();
+        if keys.follow(rotations, now) == 0 && keys.retired == before.retired {
+            return Ok(None);
+        }
+        if let Err(e) = keys.store(&self.state) {
+            *keys = before;
+            return Err(e);
+        }
+        Ok(Some(keys.current.clone()))
     }
 
     /// Switches to a renewed identity (already stored on disk).
@@ -307,7 +335,9 @@ impl Agent {
             info!(node_red = %target.addr, protection = protection.enabled(), "editor access on");
             Arc::new(Editor::new(target, protection, options.audit, config.clock))
         });
+        let grant_keys = Mutex::new(editor::TrustedKeys::load(&state, &identity.keys.grant));
         let shared = Arc::new(Shared {
+            grant_keys,
             services: Services::new(&config.services, editor.is_some()),
             editor,
             config,

@@ -220,6 +220,19 @@ async fn handle(
             }
         }
         ControlMessage::Protection { enabled } => set_protection(shared, enabled).await,
+        ControlMessage::GrantKeys { rotations } => {
+            let shared = shared.clone();
+            match tokio::task::spawn_blocking(move || shared.follow_grant_keys(&rotations)).await {
+                Ok(Ok(Some(key))) => {
+                    info!(grant_key = %key, "the platform rotated its grant key; editor grants are now checked against the new key")
+                }
+                Ok(Ok(None)) => debug!("grant key rotations: nothing new"),
+                Ok(Err(e)) => {
+                    warn!(cause = %e, "cannot store the rotated grant key; keeping the old one")
+                }
+                Err(e) => warn!(cause = %e, "following the grant key rotations failed"),
+            }
+        }
         ControlMessage::Heartbeat(_)
         | ControlMessage::RenewRequest { .. }
         | ControlMessage::RenewNow

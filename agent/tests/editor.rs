@@ -878,3 +878,45 @@ async fn a_websocket_ends_when_its_grant_does() {
     let _ = ended;
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_grant_key_reaches_the_device_without_enrolling_again() {
+    let node_red = NodeRed::start().await;
+    let rig = rig(target(node_red.addr)).await;
+    let old_grant = rig.grant("mia", Role::Member).sign(&rig.key);
+    let new_public = rig.platform.rotate_grant_key().await.unwrap();
+    let pk8 = std::fs::read(grant_key_path(rig.dir.path())).unwrap();
+    let new_key = Ed25519KeyPair::from_pkcs8(&pk8).unwrap();
+    // The device learns the new key over its control stream and stores it.
+    let stored = rig.dir.path().join("state").join("grant-keys.json");
+    eventually("the rotated key on the device", || async {
+        let text = std::fs::read_to_string(&stored).ok()?;
+        text.contains(&new_public).then_some(())
+    })
+    .await;
+    let fresh = Grant {
+        nonce: "1".repeat(32),
+        ..rig.grant("mia", Role::Member)
+    };
+    let mut client = rig.client(Some(&fresh.sign(&new_key))).await;
+    assert_eq!(get(&mut client, "/settings").await.status, StatusCode::OK);
+    // A grant the old key signed just before the rotation still works for
+    // the few minutes such grants live ...
+    let mut client = rig.client(Some(&old_grant)).await;
+    assert_eq!(get(&mut client, "/settings").await.status, StatusCode::OK);
+    // ... a key nobody rotated to never does.
+    let stranger = {
+        let pk8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        Ed25519KeyPair::from_pkcs8(pk8.as_ref()).unwrap()
+    };
+    let forged = Grant {
+        nonce: "2".repeat(32),
+        ..rig.grant("mia", Role::Owner)
+    };
+    let mut client = rig.client(Some(&forged.sign(&stranger))).await;
+    let answer = get(&mut client, "/settings").await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert!(answer.body.contains("signature"), "{}", answer.body);
+    rig.stop().await;
+    node_red.stop().await;
+}

@@ -46,6 +46,11 @@ pub enum ControlMessage {
     /// device's identity was found). The device answers with a
     /// `RenewRequest` as it does when its certificate nears expiry.
     RenewNow,
+    /// Platform → device, after each handshake when there are any: the
+    /// grant key's rotations, oldest first (at most
+    /// `tether_proto::grant::MAX_ROTATIONS`). The device follows them from
+    /// the key it trusts, each step signed by the key before it.
+    GrantKeys { rotations: Vec<KeyRotation> },
     /// Either direction: a request failed. `id` names the request.
     Error {
         id: Option<u64>,
@@ -55,6 +60,22 @@ pub enum ControlMessage {
     /// A type this version does not know; ignore it.
     #[serde(other)]
     Unknown,
+}
+
+/// One step of the grant key's history: the platform's grant key `from`
+/// (64 lowercase hex digits) hands over to `to`, signed by `from`'s private
+/// key, so a device that trusts `from` can trust `to` without enrolling
+/// again (`docs/protocol.md` §16.2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRotation {
+    pub from: String,
+    pub to: String,
+    /// Unix seconds.
+    pub at: u64,
+    /// Ed25519 by `from` over `tether_proto::grant::ROTATION_CONTEXT` and `from`, `to` and
+    /// `at` (decimal), each followed by `\n`; base64url without padding.
+    pub signature: String,
 }
 
 /// Health figures a device reports.

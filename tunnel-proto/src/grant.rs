@@ -22,7 +22,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
 /// The OPEN metadata key that carries the grant.
@@ -195,6 +195,90 @@ pub fn verify(wire: &str, key: &[u8], device: &str, now: u64) -> Result<Grant, G
         });
     }
     Ok(grant)
+}
+
+/// Prefix of every signed grant key rotation.
+pub const ROTATION_CONTEXT: &[u8] = b"tether-grant-key-rotation-v1\n";
+/// Rotations a platform sends at most (the newest); a device more than this
+/// many rotations behind must be enrolled again.
+pub const MAX_ROTATIONS: usize = 16;
+/// How long a device keeps accepting grants signed by the key a rotation
+/// retired: the longest a grant signed just before it can still verify.
+pub const RETIRED_KEY_GRACE_SECS: u64 = MAX_LIFETIME_SECS + CLOCK_SKEW_SECS;
+
+pub use crate::control::KeyRotation;
+
+impl KeyRotation {
+    /// The rotation from `old` (the private key of `from`) to `to` at `at`.
+    pub fn sign(old: &Ed25519KeyPair, to: &str, at: u64) -> KeyRotation {
+        let from = hex(old.public_key().as_ref());
+        let signature = old.sign(&rotation_message(&from, to, at));
+        KeyRotation {
+            from,
+            to: to.to_string(),
+            at,
+            signature: URL_SAFE_NO_PAD.encode(signature.as_ref()),
+        }
+    }
+
+    /// True if `from` signed this rotation and `to` is a key.
+    pub fn verifies(&self) -> bool {
+        let (Some(from), true) = (unhex32(&self.from), unhex32(&self.to).is_some()) else {
+            return false;
+        };
+        let Ok(signature) = URL_SAFE_NO_PAD.decode(&self.signature) else {
+            return false;
+        };
+        UnparsedPublicKey::new(&ED25519, from)
+            .verify(&rotation_message(&self.from, &self.to, self.at), &signature)
+            .is_ok()
+    }
+}
+
+fn rotation_message(from: &str, to: &str, at: u64) -> Vec<u8> {
+    let mut message = ROTATION_CONTEXT.to_vec();
+    message.extend_from_slice(format!("{from}\n{to}\n{at}\n").as_bytes());
+    message
+}
+
+/// Follows `chain` (oldest first) from the trusted key `trusted`: the keys
+/// it leads to, in order, each signed by the one before. Rotations before
+/// `trusted` are skipped; a step whose signature does not verify ends the
+/// walk (nothing after a forged step is trusted). Empty if `trusted` is
+/// already the newest or does not appear in the chain.
+pub fn follow(trusted: &str, chain: &[KeyRotation]) -> Vec<KeyRotation> {
+    let mut current = trusted.to_string();
+    let mut steps = Vec::new();
+    for rotation in chain {
+        if rotation.from != current {
+            continue;
+        }
+        if !rotation.verifies() {
+            break;
+        }
+        current = rotation.to.clone();
+        steps.push(rotation.clone());
+    }
+    steps
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn is_nonce(nonce: &str) -> bool {
@@ -456,5 +540,39 @@ mod tests {
                 .unwrap_err()
                 .contains("owner, member or viewer")
         );
+    }
+
+    fn public(key: &Ed25519KeyPair) -> String {
+        hex(key.public_key().as_ref())
+    }
+
+    #[test]
+    fn a_device_follows_a_signed_chain_of_rotations_and_nothing_else() {
+        let (k1, k2, k3) = (new_key(), new_key(), new_key());
+        let r12 = KeyRotation::sign(&k1, &public(&k2), 10);
+        let r23 = KeyRotation::sign(&k2, &public(&k3), 20);
+        let chain = [r12.clone(), r23.clone()];
+        // 1 -> 2 -> 3, from 1; from 2 only the last step; from 3 nothing.
+        assert_eq!(follow(&public(&k1), &chain), [r12.clone(), r23.clone()]);
+        assert_eq!(follow(&public(&k2), &chain), std::slice::from_ref(&r23));
+        assert!(follow(&public(&k3), &chain).is_empty());
+        // A skipped step leads nowhere: 1 does not know 3.
+        assert!(follow(&public(&k1), std::slice::from_ref(&r23)).is_empty());
+        // A rotation not signed by its `from` stops the walk.
+        let forged = KeyRotation {
+            to: public(&new_key()),
+            ..r12.clone()
+        };
+        assert!(!forged.verifies());
+        assert!(follow(&public(&k1), &[forged, r23.clone()]).is_empty());
+        // Signed by the right key but claiming another `from`.
+        let evil = new_key();
+        let mut claimed = KeyRotation::sign(&evil, &public(&new_key()), 30);
+        claimed.from = public(&k1);
+        assert!(follow(&public(&k1), &[claimed]).is_empty());
+        // A changed time breaks the signature too.
+        let mut moved = r12;
+        moved.at = 11;
+        assert!(!moved.verifies());
     }
 }

@@ -1,5 +1,6 @@
 //! Admission of an editor stream: the access grant in its OPEN header,
-//! verified against the grant key pinned at enrollment, this device's id
+//! verified against the grant keys the device trusts (the one pinned at
+//! enrollment or the ones it rotated to, `super::keys`), this device's id
 //! and the agent's clock, then admitted once by the replay guard
 //! (`docs/protocol.md` §16.2).
 //!
@@ -21,8 +22,9 @@ pub const REPLAY_CAPACITY: usize = 4096;
 pub struct Device {
     /// The device id the grant must name.
     pub id: String,
-    /// The pinned grant key, 64 lowercase hex digits (`PinnedKeys.grant`).
-    pub grant_key: String,
+    /// The grant keys accepted now, newest first, each 64 lowercase hex
+    /// digits (`PinnedKeys.grant`, then `super::keys::TrustedKeys`).
+    pub grant_keys: Vec<String>,
 }
 
 /// Why a stream was refused.
@@ -77,8 +79,24 @@ pub fn admit(
     now: u64,
 ) -> Result<Grant, Refusal> {
     let wire = header.get(GRANT_METADATA_KEY).ok_or(GrantError::Missing)?;
-    let key = decode_key(&device.grant_key).ok_or(Refusal::NoGrantKey)?;
-    let grant = grant::verify(wire, &key, &device.id, now)?;
+    let keys: Vec<[u8; 32]> = device
+        .grant_keys
+        .iter()
+        .filter_map(|k| decode_key(k))
+        .collect();
+    if keys.is_empty() {
+        return Err(Refusal::NoGrantKey);
+    }
+    // The first key whose signature verifies decides; a grant no trusted
+    // key signed is a bad signature.
+    let mut verified = Err(GrantError::BadSignature);
+    for key in &keys {
+        verified = grant::verify(wire, key, &device.id, now);
+        if verified != Err(GrantError::BadSignature) {
+            break;
+        }
+    }
+    let grant = verified?;
     let admitted = guard
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -135,7 +153,7 @@ mod tests {
     fn device(key: &Ed25519KeyPair) -> Device {
         Device {
             id: "dev_1".into(),
-            grant_key: crate::identity::hex(key.public_key().as_ref()),
+            grant_keys: vec![crate::identity::hex(key.public_key().as_ref())],
         }
     }
 
@@ -172,7 +190,7 @@ mod tests {
         let full = admit(&header(&grant().sign(&key)), &device(&key), &guard, NOW).unwrap_err();
         assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
         let broken = Device {
-            grant_key: "zz".into(),
+            grant_keys: vec!["zz".into()],
             ..device(&key)
         };
         let no_key = admit(&header(&grant().sign(&key)), &broken, &guard, NOW).unwrap_err();

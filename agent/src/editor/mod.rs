@@ -23,6 +23,7 @@
 pub mod audit;
 pub mod grant;
 pub mod headers;
+pub mod keys;
 pub mod policy;
 pub mod protection;
 mod proxy;
@@ -47,6 +48,7 @@ use tracing::debug;
 
 pub use audit::{AUDIT_MEMORY, Audit, AuditEvent, AuditLog};
 pub use grant::{Device, REPLAY_CAPACITY, Refusal};
+pub use keys::TrustedKeys;
 pub use policy::{Access, Route, decide, permissions};
 pub use protection::Protection;
 

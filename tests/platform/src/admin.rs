@@ -110,6 +110,15 @@ pub struct CreateUserRequest {
     pub password: Secret,
 }
 
+/// `POST /v1/admin/keys/grant/rotate` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RotateGrantKeyResponse {
+    /// The new grant key (Ed25519 public key, hex).
+    pub grant_key: String,
+    /// Rotations on record (sent to every device on its control stream).
+    pub rotations: usize,
+}
+
 /// `DELETE /v1/admin/users/{name}` answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RemoveUserResponse {
@@ -135,6 +144,19 @@ pub async fn handle(
         (&Method::GET, ["devices"]) => list_devices(&state).await,
         (&Method::POST, ["devices", id, "revoke"]) => revoke(&state, id).await,
         (&Method::POST, ["devices", id, "renew"]) => renew(&state, id).await,
+        (&Method::POST, ["keys", "grant", "rotate"]) => match state.rotate_grant_key().await {
+            Ok(grant_key) => reply::json(
+                StatusCode::OK,
+                &RotateGrantKeyResponse {
+                    grant_key,
+                    rotations: state.keys.rotations().len(),
+                },
+            ),
+            Err(e) => {
+                warn!(cause = %e, "cannot rotate the grant key");
+                reply::internal()
+            }
+        },
         (&Method::POST, ["devices", id, "certificates", fp, "revoke"]) => {
             revoke_certificate(&state, id, fp).await
         }

@@ -41,6 +41,9 @@ pub enum Command {
     /// Platform users: who may log in to the web pages and open device editors.
     #[command(subcommand)]
     User(UserCommand),
+    /// The platform's signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Reach a TCP service on a device through its tunnel.
     ///
     /// By default the running platform listens on --listen itself, on its own host, and
@@ -129,6 +132,14 @@ pub struct TokenCreateArgs {
     /// The team its devices belong to.
     #[arg(long, default_value = "default")]
     pub team: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Replace the editor grant key: devices learn the new one over their control stream,
+    /// signed by the old one, without enrolling again; grants signed by the old key are
+    /// refused once the grants signed before the rotation have expired.
+    RotateGrant(DataDir),
 }
 
 #[derive(Debug, Subcommand)]

@@ -27,7 +27,7 @@ use tokio_rustls::TlsConnector;
 use crate::admin::{
     CreateTokenRequest, CreateTokenResponse, CreateUserRequest, ProtectionRequest,
     ProtectionResponse, RemoveUserResponse, RenewResponse, RevokeCertificateResponse,
-    RevokeResponse, TCP_UPGRADE,
+    RevokeResponse, RotateGrantKeyResponse, TCP_UPGRADE,
 };
 use crate::ca::CA_CERT_FILE;
 use crate::files;
@@ -168,6 +168,16 @@ impl AdminClient {
     pub async fn revoke(&self, device_id: &str) -> Result<RevokeResponse, ClientError> {
         let path = format!("/v1/admin/devices/{device_id}/revoke");
         self.json(Method::POST, &path, Some(Vec::new())).await
+    }
+
+    /// `POST /v1/admin/keys/grant/rotate`.
+    pub async fn rotate_grant_key(&self) -> Result<RotateGrantKeyResponse, ClientError> {
+        self.json(
+            Method::POST,
+            "/v1/admin/keys/grant/rotate",
+            Some(Vec::new()),
+        )
+        .await
     }
 
     /// `POST /v1/admin/devices/{id}/renew`.

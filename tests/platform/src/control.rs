@@ -139,6 +139,7 @@ async fn handle(
         ControlMessage::RenewResponse { .. }
         | ControlMessage::Protection { .. }
         | ControlMessage::RenewNow
+        | ControlMessage::GrantKeys { .. }
         | ControlMessage::Unknown => None,
     }
 }
@@ -157,7 +158,8 @@ async fn protection_changed(changes: &mut Option<watch::Receiver<()>>) {
 }
 
 /// Reads the device's record from the store and sends its protection
-/// mode, and `RenewNow` while a renewal is requested.
+/// mode, the grant key's rotations (if any), and `RenewNow` while a renewal
+/// is requested.
 async fn push_protection(
     state: &Arc<State>,
     device_id: &str,
@@ -175,6 +177,10 @@ async fn push_protection(
     let enabled = device.protected;
     debug!(enabled, "pushing the protection mode");
     send(stream, &ControlMessage::Protection { enabled }).await?;
+    let rotations = state.keys.rotations();
+    if !rotations.is_empty() {
+        send(stream, &ControlMessage::GrantKeys { rotations }).await?;
+    }
     if device.certs.renew_requested {
         debug!("asking the device to renew its certificate");
         send(stream, &ControlMessage::RenewNow).await?;

@@ -88,7 +88,7 @@ async fn enroll(state: &State, request: EnrollRequest) -> Result<EnrollResponse,
         ca: state.ca.cert_pem().to_string(),
         tunnel_url: state.tunnel_url.clone(),
         platform_time: unix_now(),
-        keys: state.pinned.clone(),
+        keys: state.keys.pinned(),
     })
 }
 

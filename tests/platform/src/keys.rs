@@ -1,6 +1,14 @@
 //! The platform's own secrets besides the CA: the Ed25519 keys that sign
 //! snapshots and editor access grants, and the admin token.
 //!
+//! The grant key can be rotated without enrolling the fleet again
+//! ([`SigningKeys::rotate_grant_key`]): the old key signs a
+//! [`KeyRotation`] naming the new one, the rotation is kept (the last
+//! [`MAX_ROTATIONS`] of them, in `grant-key-rotations.json`, public) and
+//! sent to every device on its control stream, and the old private key is
+//! deleted. A crash in the middle leaves either the old key or the new one
+//! with its rotation recorded, never a key devices cannot follow to.
+//!
 //! This module owns making them (from `ring::rand::SystemRandom`), storing
 //! them (PKCS#8 or text, 0600, through [`crate::files`]) and loading them on
 //! restart. Only public keys, hashes and signatures leave it: the private
@@ -8,19 +16,24 @@
 //! [`SigningKeys::sign_grant`]), and the admin token is handed out once, to
 //! the token file the admin CLI reads. It never logs a key or a token.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tether_proto::api::{PinnedKeys, Secret};
-use tether_proto::grant::Grant;
+use tether_proto::grant::{Grant, KeyRotation, MAX_ROTATIONS};
 
-use crate::files::{self, FileError, SECRET_MODE};
+use crate::files::{self, FileError, PUBLIC_MODE, SECRET_MODE};
 
 /// File of the snapshot signing key (PKCS#8 DER).
 pub const SNAPSHOT_KEY_FILE: &str = "snapshot-key.pk8";
 /// File of the grant signing key (PKCS#8 DER).
 pub const GRANT_KEY_FILE: &str = "grant-key.pk8";
+/// The next grant key while a rotation is being written.
+const GRANT_KEY_NEXT_FILE: &str = "grant-key.next.pk8";
+/// The grant key's rotations, oldest first (public: JSON).
+pub const GRANT_ROTATIONS_FILE: &str = "grant-key-rotations.json";
 /// File of the admin token, read by the admin CLI.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// Every admin token starts with this, so a leaked one is recognisable.
@@ -37,36 +50,117 @@ pub enum KeyError {
     BadKey(String),
     #[error("the system random number generator failed")]
     Random,
+    #[error("'{0}' is not a valid list of grant key rotations; help: restore it from a backup")]
+    BadRotations(String),
 }
 
 /// The Ed25519 keys whose public halves devices pin at enrollment.
 #[derive(Debug)]
 pub struct SigningKeys {
     snapshot: Ed25519KeyPair,
-    grant: Ed25519KeyPair,
+    grant: RwLock<Ed25519KeyPair>,
+    rotations: RwLock<Vec<KeyRotation>>,
+    dir: PathBuf,
 }
 
 impl SigningKeys {
-    /// Loads both keys from `dir`, creating any that is missing.
+    /// Loads both keys from `dir`, creating any that is missing, and
+    /// finishes a grant key rotation a crash interrupted.
     pub fn load_or_create(dir: &Path) -> Result<SigningKeys, KeyError> {
+        let rotations = load_rotations(dir)?;
+        let next = dir.join(GRANT_KEY_NEXT_FILE);
+        if let Ok(pkcs8) = files::read(&next) {
+            let recorded = Ed25519KeyPair::from_pkcs8(&pkcs8).ok().is_some_and(|key| {
+                rotations.last().map(|r| r.to.as_str()) == Some(&hex(key.public_key().as_ref()))
+            });
+            if recorded {
+                // The rotation was recorded: the new key is the key.
+                files::write_atomic(&dir.join(GRANT_KEY_FILE), &pkcs8, SECRET_MODE)?;
+            }
+            let _ = std::fs::remove_file(&next);
+        }
         Ok(SigningKeys {
             snapshot: load_or_create_ed25519(&dir.join(SNAPSHOT_KEY_FILE))?,
-            grant: load_or_create_ed25519(&dir.join(GRANT_KEY_FILE))?,
+            grant: RwLock::new(load_or_create_ed25519(&dir.join(GRANT_KEY_FILE))?),
+            rotations: RwLock::new(rotations),
+            dir: dir.to_path_buf(),
         })
     }
 
-    /// The public keys as `EnrollResponse.keys` carries them.
+    /// The public keys as `EnrollResponse.keys` carries them (the current
+    /// grant key).
     pub fn pinned(&self) -> PinnedKeys {
         PinnedKeys {
             snapshot: hex(self.snapshot.public_key().as_ref()),
-            grant: hex(self.grant.public_key().as_ref()),
+            grant: hex(self.grant_key().public_key().as_ref()),
         }
+    }
+
+    fn grant_key(&self) -> std::sync::RwLockReadGuard<'_, Ed25519KeyPair> {
+        self.grant.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Signs an editor access grant with the grant key: the wire form the
     /// `editor` stream's OPEN header carries (`docs/protocol.md` §16.2).
     pub fn sign_grant(&self, grant: &Grant) -> String {
-        grant.sign(&self.grant)
+        grant.sign(&self.grant_key())
+    }
+
+    /// The grant key's rotations, oldest first.
+    pub fn rotations(&self) -> Vec<KeyRotation> {
+        self.rotations
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the grant key with a new one at `now` (Unix seconds): the
+    /// new key is written aside, the rotation signed by the old key is
+    /// recorded, then the new key takes the old one's place (the old private
+    /// key is gone). Returns the rotation.
+    pub fn rotate_grant_key(&self, now: u64) -> Result<KeyRotation, KeyError> {
+        let mut grant = self.grant.write().unwrap_or_else(PoisonError::into_inner);
+        let document =
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Random)?;
+        let next = Ed25519KeyPair::from_pkcs8(document.as_ref())
+            .map_err(|_| KeyError::BadKey(GRANT_KEY_NEXT_FILE.into()))?;
+        files::write_atomic(
+            &self.dir.join(GRANT_KEY_NEXT_FILE),
+            document.as_ref(),
+            SECRET_MODE,
+        )?;
+        let rotation = KeyRotation::sign(&grant, &hex(next.public_key().as_ref()), now);
+        let mut rotations = self
+            .rotations
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut kept = rotations.clone();
+        kept.push(rotation.clone());
+        let excess = kept.len().saturating_sub(MAX_ROTATIONS);
+        kept.drain(..excess);
+        let json = serde_json::to_vec_pretty(&kept).unwrap_or_default();
+        files::write_atomic(&self.dir.join(GRANT_ROTATIONS_FILE), &json, PUBLIC_MODE)?;
+        // The commit point is the rotations file: from here on a crash
+        // finishes the rotation at the next start.
+        files::write_atomic(
+            &self.dir.join(GRANT_KEY_FILE),
+            document.as_ref(),
+            SECRET_MODE,
+        )?;
+        let _ = std::fs::remove_file(self.dir.join(GRANT_KEY_NEXT_FILE));
+        *rotations = kept;
+        *grant = next;
+        Ok(rotation)
+    }
+}
+
+fn load_rotations(dir: &Path) -> Result<Vec<KeyRotation>, KeyError> {
+    let path = dir.join(GRANT_ROTATIONS_FILE);
+    match files::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|_| KeyError::BadRotations(path.display().to_string())),
+        Err(e) if e.is_not_found() => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -145,6 +239,32 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotated_grant_key_is_signed_by_the_old_one_and_survives_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = SigningKeys::load_or_create(dir.path()).unwrap();
+        let first = keys.pinned().grant;
+        let rotation = keys.rotate_grant_key(100).unwrap();
+        assert_eq!(rotation.from, first);
+        assert_eq!(rotation.to, keys.pinned().grant);
+        assert!(rotation.verifies());
+        let second = keys.rotate_grant_key(200).unwrap();
+        assert_eq!(
+            tether_proto::grant::follow(&first, &keys.rotations()).len(),
+            2
+        );
+        let reloaded = SigningKeys::load_or_create(dir.path()).unwrap();
+        assert_eq!(reloaded.pinned().grant, second.to);
+        assert_eq!(reloaded.rotations(), [rotation, second]);
+        assert!(!dir.path().join(GRANT_KEY_NEXT_FILE).exists());
+        // A crash after the new key was written aside but before the
+        // rotation was recorded: the old key stays.
+        std::fs::write(dir.path().join(GRANT_KEY_NEXT_FILE), b"junk").unwrap();
+        let again = SigningKeys::load_or_create(dir.path()).unwrap();
+        assert_eq!(again.pinned().grant, reloaded.pinned().grant);
+        assert!(!dir.path().join(GRANT_KEY_NEXT_FILE).exists());
+    }
 
     #[test]
     fn keys_survive_a_reload() {

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use tether_platform::cli::{
-    Cli, Command, ConnectArgs, DeviceCommand, ServeArgs, TokenCommand, UserAddArgs, UserCommand,
+    Cli, Command, ConnectArgs, DeviceCommand, KeysCommand, ServeArgs, TokenCommand, UserAddArgs,
+    UserCommand,
 };
 use tether_platform::client::AdminClient;
 use tether_platform::connect::Proxy;
@@ -90,6 +91,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ""
             };
             println!("revoked {}{live}", revoked.device_id);
+            Ok(())
+        }
+        Command::Keys(KeysCommand::RotateGrant(data)) => {
+            let client = AdminClient::from_data_dir(&data.data_dir)?;
+            let rotated = client.rotate_grant_key().await?;
+            println!(
+                "grant key rotated; new key {} ({} rotations on record, sent to every device on its control stream)",
+                rotated.grant_key, rotated.rotations
+            );
             Ok(())
         }
         Command::Device(DeviceCommand::Renew(args)) => {

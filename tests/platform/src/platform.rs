@@ -196,7 +196,6 @@ pub struct State {
     pub config: PlatformConfig,
     pub store: Store,
     pub ca: Ca,
-    pub pinned: PinnedKeys,
     pub admin_hash: [u8; 32],
     pub tunnel_url: String,
     pub registry: Registry,
@@ -277,7 +276,6 @@ impl Platform {
         let state = Arc::new(State {
             store: loaded.store,
             ca: loaded.ca,
-            pinned: loaded.keys.pinned(),
             admin_hash: keys::sha256(loaded.admin_token.expose().as_bytes()),
             tunnel_url: format!("wss://{host}:{port}{}", tether_proto::api::TUNNEL_PATH),
             registry: Registry::default(),
@@ -427,6 +425,13 @@ impl Platform {
         self.state.revoke_certificate(device_id, fingerprint).await
     }
 
+    /// Rotates the editor grant key (`keys::SigningKeys::rotate_grant_key`)
+    /// and tells every live device; devices offline now learn it when they
+    /// connect. Returns the new public key (hex).
+    pub async fn rotate_grant_key(&self) -> Result<String, PlatformError> {
+        self.state.rotate_grant_key().await
+    }
+
     /// Ends the control stream of a device's live tunnel; a device does
     /// not run without one, so it closes the tunnel and connects again.
     /// True if the device was online.
@@ -436,7 +441,7 @@ impl Platform {
 
     /// The public keys devices pin at enrollment.
     pub fn pinned_keys(&self) -> PinnedKeys {
-        self.state.pinned.clone()
+        self.state.keys.pinned()
     }
 
     /// Live editor streams (HTTP connections and WebSockets) of all
@@ -672,6 +677,17 @@ impl State {
         };
         info!(%device_id, fingerprint = %fp, closed, "certificate revoked");
         Ok(closed)
+    }
+
+    /// Rotates the grant key and pushes the rotations to every live device.
+    pub async fn rotate_grant_key(self: &Arc<Self>) -> Result<String, PlatformError> {
+        let state = self.clone();
+        let rotation = tokio::task::spawn_blocking(move || state.keys.rotate_grant_key(unix_now()))
+            .await
+            .map_err(|e| PlatformError::Task(e.to_string()))??;
+        let told = self.registry.signal_all();
+        info!(new_key = %rotation.to, devices_told = told, "grant key rotated");
+        Ok(rotation.to)
     }
 
     /// Stores the device's protection mode, then tells its live control

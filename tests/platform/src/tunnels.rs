@@ -158,12 +158,23 @@ impl Registry {
         }
     }
 
+    /// Signals every live tunnel's control stream to push the device's
+    /// settings again (after a grant key rotation). Returns how many.
+    pub fn signal_all(&self) -> usize {
+        let live = self.lock();
+        for t in live.values() {
+            t.protection.send_replace(());
+        }
+        live.len()
+    }
+
     /// Ends the control stream of the device's live tunnel (the device
     /// then closes the tunnel and connects again). True if there was one.
     pub fn reset_control(&self, device_id: &str) -> bool {
         match self.lock().get(device_id) {
             Some(t) => {
-                t.control_reset.notify_waiters();
+                // A permit, so a control stream not yet waiting still sees it.
+                t.control_reset.notify_one();
                 true
             }
             None => false,
