@@ -100,6 +100,22 @@ if "$BIN/tetherd" enroll --platform "https://localhost:$PLATFORM_PORT" --token "
     fail "a used token was accepted"
 fi
 
+# Node-RED never runs with the agent's rights. Run as root (CI, a gateway),
+# tetherd starts it as an unprivileged system user of its own, as the
+# package does; the demo creates that user if it is missing. Run as anyone
+# else, Node-RED runs as that user and tetherd says what that means.
+NODE_RED_USER_LINE=""
+if [ "$(id -u)" = 0 ]; then
+    if ! id tether-nodered >/dev/null 2>&1; then
+        echo "   \$ useradd --system --no-create-home --shell /usr/sbin/nologin tether-nodered"
+        useradd --system --no-create-home --shell /usr/sbin/nologin tether-nodered ||
+            fail "cannot create the tether-nodered user"
+    fi
+    NODE_RED_USER_LINE='user = "tether-nodered"'
+    # Its user directory sits beside the state directory, in $WORK.
+    chmod 711 "$WORK"
+fi
+
 say "4. Running tetherd with one allow-listed service: web -> $SERVICE_ADDR"
 cat >"$WORK/tetherd.toml" <<EOF
 state_dir = "$STATE_DIR"
@@ -113,6 +129,7 @@ target = "$SERVICE_ADDR"
 mode = "launch"
 command = "$NODE_RED"
 port = $NODE_RED_PORT
+$NODE_RED_USER_LINE
 EOF
 "$BIN/tetherd" run --config "$WORK/tetherd.toml" >"$WORK/tetherd.log" 2>&1 &
 PIDS+=($!)

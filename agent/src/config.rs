@@ -132,18 +132,34 @@ pub struct NodeRedConfig {
     /// The program to start in launch mode: a name looked up in `PATH` or an
     /// absolute path. Arguments are the agent's (`-u DIR -s SETTINGS`).
     pub command: String,
-    /// Node-RED's user directory; `STATE_DIR/node-red` when `None`.
+    /// Node-RED's user directory; when `None`, `STATE_DIR/node-red`, or
+    /// with [`NodeRedConfig::user`] `STATE_DIR-node-red` beside the state
+    /// directory (which Node-RED's user must not enter).
     pub user_dir: Option<PathBuf>,
     /// The port Node-RED listens on, on 127.0.0.1 only.
     pub port: u16,
+    /// The system user launch mode runs Node-RED as (`node_red::user`);
+    /// needed when the agent runs as root, so that flows never run with the
+    /// agent's rights.
+    pub user: Option<String>,
 }
 
 impl NodeRedConfig {
-    /// The user directory: the configured one, or `node-red` in `state_dir`.
+    /// The user directory: the configured one; or, when Node-RED runs as a
+    /// user of its own, `STATE_DIR-node-red` beside the state directory;
+    /// else `node-red` in `state_dir`.
     pub fn user_dir_in(&self, state_dir: &Path) -> PathBuf {
-        self.user_dir
-            .clone()
-            .unwrap_or_else(|| state_dir.join("node-red"))
+        if let Some(dir) = &self.user_dir {
+            return dir.clone();
+        }
+        match (&self.user, state_dir.file_name()) {
+            (Some(_), Some(name)) => {
+                let mut sibling = name.to_os_string();
+                sibling.push("-node-red");
+                state_dir.with_file_name(sibling)
+            }
+            _ => state_dir.join("node-red"),
+        }
     }
 
     /// Where Node-RED answers: `127.0.0.1:port`.
@@ -159,6 +175,7 @@ impl Default for NodeRedConfig {
             command: "node-red".into(),
             user_dir: None,
             port: 1880,
+            user: None,
         }
     }
 }
@@ -646,7 +663,19 @@ impl Checker {
                 }
                 "user_dir" => out.user_dir = self.absolute_dir(&full, v),
                 "port" => out.port = self.port(&full, v).unwrap_or(out.port),
-                _ => self.unknown(&full, "mode, command, user_dir, port"),
+                "user" => {
+                    if let Some(name) = self.string(&full, v) {
+                        if crate::node_red::user::is_user_name(name) {
+                            out.user = Some(name.to_owned());
+                        } else {
+                            self.problem(
+                                &full,
+                                &format!("'{name}' is not a user name (letters, digits, '_', '-', '.', at most 32)"),
+                            );
+                        }
+                    }
+                }
+                _ => self.unknown(&full, "mode, command, user_dir, port, user"),
             }
         }
         if !t.contains_key("mode") {

@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tether_agent::config::{NodeRedConfig, NodeRedMode};
+use tether_agent::node_red::user::{effective_uid, lookup_in};
 use tether_agent::node_red::{
     Claims, KEYS_FILE, LocalAuth, NodeRed, Permissions, SETTINGS_FILE, TOKEN_HEADER, for_role,
 };
@@ -37,7 +38,12 @@ fn node_red_binary() -> Option<PathBuf> {
             let cache = std::env::var_os("TETHER_CACHE")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| {
-                    Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/tether")
+                    if tether_agent::node_red::user::effective_uid() == Some(0) {
+                        PathBuf::from("/var/cache/tether")
+                    } else {
+                        Path::new(&std::env::var_os("HOME").unwrap_or_default())
+                            .join(".cache/tether")
+                    }
                 });
             cache.join("node-red/node_modules/.bin/node-red")
         });
@@ -76,7 +82,44 @@ fn config(mode: NodeRedMode, command: &Path, user_dir: &Path) -> NodeRedConfig {
         command: command.to_str().unwrap().to_owned(),
         user_dir: Some(user_dir.to_owned()),
         port: free_port(),
+        user: (mode == NodeRedMode::Launch).then(test_user).flatten(),
     }
+}
+
+/// As root (CI), the user a launched Node-RED runs as: `tether-nodered`,
+/// created if missing, and the test's temporary directory made
+/// traversable. `None` when not root.
+fn test_user() -> Option<String> {
+    if effective_uid() != Some(0) {
+        return None;
+    }
+    let name = "tether-nodered";
+    if lookup_in(Path::new("/etc/passwd"), name).is_none() {
+        let status = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ])
+            .status()
+            .expect("useradd runs");
+        assert!(
+            status.success() || lookup_in(Path::new("/etc/passwd"), name).is_some(),
+            "useradd {name} failed"
+        );
+    }
+    Some(name.to_string())
+}
+
+/// A temporary directory others may pass through (0711), so that a
+/// Node-RED running as its own user reaches its user directory inside.
+fn tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    dir
 }
 
 fn unix_now() -> u64 {
@@ -213,7 +256,7 @@ async fn flows_json(addr: SocketAddr, token: &str) -> serde_json::Value {
 async fn a_launched_node_red_answers_only_the_agents_tokens() {
     let Some(bin) = node_red_binary() else { return };
     log_to_test_output();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir();
     let user_dir = dir.path().join("node-red");
     // A login session from an earlier configuration must not survive.
     std::fs::create_dir_all(&user_dir).unwrap();
@@ -385,7 +428,7 @@ async fn a_launched_node_red_answers_only_the_agents_tokens() {
 async fn an_operator_started_node_red_with_the_written_settings_is_locked_down() {
     let Some(bin) = node_red_binary() else { return };
     log_to_test_output();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir();
     let user_dir = dir.path().join("nr");
     let mut config = config(NodeRedMode::External, &bin, &user_dir);
     config.command = "node-red".into();
@@ -472,4 +515,125 @@ fn assert_no_private_key(user_dir: &Path) {
     }
     let settings = std::fs::read_to_string(user_dir.join(SETTINGS_FILE)).unwrap();
     assert!(!settings.contains("PRIVATE"), "{settings}");
+}
+
+/// A flow whose `exec` node, at `GET /attack`, tries what a member with a
+/// grudge would: read the device's key, append to `identity.json`, write and
+/// replace the editor key file. It answers one line per attempt, then its
+/// uid.
+fn attack_flow(
+    key: &Path,
+    identity: &Path,
+    keys_file: &Path,
+    user_dir: &Path,
+) -> serde_json::Value {
+    let (key, identity, keys_file, user_dir) = (
+        key.display(),
+        identity.display(),
+        keys_file.display(),
+        user_dir.display(),
+    );
+    let script = format!(
+        "cat {key} >/dev/null 2>&1 && echo read-key:ok || echo read-key:refused; \
+         echo x >> {identity} 2>/dev/null && echo write-identity:ok || echo write-identity:refused; \
+         echo x > {keys_file} 2>/dev/null && echo write-keys:ok || echo write-keys:refused; \
+         echo x > {user_dir}/evil.json && mv -f {user_dir}/evil.json {keys_file} 2>/dev/null && echo replace-keys:ok || echo replace-keys:refused; \
+         id -u"
+    );
+    serde_json::json!([
+        {"id": "t1", "type": "tab", "label": "attack"},
+        {"id": "in1", "type": "http in", "z": "t1", "url": "/attack", "method": "get",
+         "wires": [["ex1"]]},
+        {"id": "ex1", "type": "exec", "z": "t1", "command": script, "addpay": "",
+         "append": "", "useSpawn": "false", "timer": "", "winHide": false, "oldrc": false,
+         "wires": [["out1"], [], []]},
+        {"id": "out1", "type": "http response", "z": "t1", "statusCode": "200", "wires": []}
+    ])
+}
+
+/// Run as root (CI runs as root; with CI set, a non-root run fails instead
+/// of skipping): Node-RED runs as its own user, and a flow cannot read the
+/// agent's key nor change its identity or the editor key file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_cannot_read_the_agents_key_or_rewrite_its_files() {
+    if effective_uid() != Some(0) {
+        let why = "this test starts Node-RED as another user and needs root";
+        if std::env::var_os("CI").is_some() {
+            panic!("{why} (CI is set: this test may not be skipped)");
+        }
+        let _ = writeln!(std::io::stderr(), "\n!!!!!!!! SKIPPED: {why} !!!!!!!!\n");
+        return;
+    }
+    let Some(bin) = node_red_binary() else { return };
+    log_to_test_output();
+    let dir = tempdir();
+    // The agent's state directory, as enrollment leaves it.
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let key = state.join("device-1.key");
+    let identity = state.join("identity.json");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nsecret\n").unwrap();
+    std::fs::write(&identity, "{}").unwrap();
+    let mut config = config(NodeRedMode::Launch, &bin, &state);
+    config.user_dir = None;
+    let user = config.user.clone().expect("a Node-RED user as root");
+    let run_as = lookup_in(Path::new("/etc/passwd"), &user).unwrap();
+    let nr = NodeRed::start(&config, &state)
+        .unwrap()
+        .expect("launch mode");
+    let user_dir = nr.user_dir().to_owned();
+    assert!(
+        !user_dir.starts_with(&state),
+        "the user directory is outside the state directory"
+    );
+    nr.ready(START).await.expect("node-red ready");
+    let pid = nr.pid().expect("running");
+    let uid_line = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    let uids: Vec<u32> = uid_line
+        .split_whitespace()
+        .skip(1)
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(
+        uids.iter().all(|u| *u == run_as.uid),
+        "Node-RED runs as {uid_line}"
+    );
+
+    let keys_file = user_dir.join(KEYS_FILE);
+    let keys_before = std::fs::read(&keys_file).unwrap();
+    let owner = nr.auth().token("owner-olga", &for_role(Role::Owner, false));
+    let flow = attack_flow(&key, &identity, &keys_file, &user_dir);
+    let (status, body) = request(nr.addr(), Method::POST, "/flows", Some(&owner), Some(flow)).await;
+    assert!(
+        status.is_success(),
+        "deploy: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    let answer = eventually("GET /attack to answer", || async {
+        let (status, body) = get(nr.addr(), "/attack", None).await;
+        (status == StatusCode::OK).then(|| String::from_utf8_lossy(&body).into_owned())
+    })
+    .await;
+    for attempt in ["read-key", "write-identity", "write-keys", "replace-keys"] {
+        assert!(
+            answer.contains(&format!("{attempt}:refused")),
+            "{attempt}: {answer}"
+        );
+    }
+    assert!(
+        answer.trim_end().ends_with(&run_as.uid.to_string()),
+        "{answer}"
+    );
+    assert_eq!(std::fs::read(&keys_file).unwrap(), keys_before);
+    assert_eq!(std::fs::read_to_string(&identity).unwrap(), "{}");
+    nr.shutdown().await;
 }

@@ -7,7 +7,10 @@
 #   bash tests/browser/install.sh
 set -euo pipefail
 
-CACHE=${TETHER_CACHE:-$HOME/.cache/tether}/browser
+# As root, a folder other users can read: Node-RED is then started as its
+# own unprivileged user and must be able to run what is installed here.
+if [ "$(id -u)" = 0 ]; then DEFAULT_CACHE=/var/cache/tether; else DEFAULT_CACHE=$HOME/.cache/tether; fi
+CACHE=${TETHER_CACHE:-$DEFAULT_CACHE}/browser
 # The version the script was written against; minor updates keep the API.
 PLAYWRIGHT=playwright-core@1.65
 

@@ -7,10 +7,14 @@
 #   bash tests/nodered/install.sh
 #   TETHER_NODE_RED=$(bash tests/nodered/install.sh) cargo test -p tether-agent --test node_red
 #
-# Needs node (18 or later) and npm. The folder: ${TETHER_CACHE:-$HOME/.cache/tether}/node-red.
+# Needs node (18 or later) and npm. The folder: ${TETHER_CACHE:-$HOME/.cache/tether}/node-red
+# (${TETHER_CACHE:-/var/cache/tether}/node-red as root).
 set -euo pipefail
 
-CACHE=${TETHER_CACHE:-$HOME/.cache/tether}/node-red
+# As root, a folder other users can read: Node-RED is then started as its
+# own unprivileged user and must be able to run what is installed here.
+if [ "$(id -u)" = 0 ]; then DEFAULT_CACHE=/var/cache/tether; else DEFAULT_CACHE=$HOME/.cache/tether; fi
+CACHE=${TETHER_CACHE:-$DEFAULT_CACHE}/node-red
 PACKAGE=node-red@4
 BIN=$CACHE/node_modules/.bin/node-red
 MANIFEST=$CACHE/node_modules/node-red/package.json

@@ -13,13 +13,58 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// `$TETHER_CACHE`, or `~/.cache/tether`, where the install scripts put things.
+/// `$TETHER_CACHE`, or `~/.cache/tether` (`/var/cache/tether` as root, so
+/// that a Node-RED started as its own user can run what is there), where
+/// the install scripts put things.
 pub fn cache() -> PathBuf {
     std::env::var_os("TETHER_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/tether")
+            if tether_agent::node_red::user::effective_uid() == Some(0) {
+                PathBuf::from("/var/cache/tether")
+            } else {
+                Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/tether")
+            }
         })
+}
+
+/// The unprivileged user tests and benchmarks run Node-RED as when they run
+/// as root (where the agent refuses to run it as root): `tether-nodered`,
+/// created (`useradd --system`) if missing. `None` when not root.
+pub fn node_red_user() -> Option<String> {
+    if tether_agent::node_red::user::effective_uid() != Some(0) {
+        return None;
+    }
+    let name = "tether-nodered";
+    if tether_agent::node_red::user::lookup_in(Path::new("/etc/passwd"), name).is_none() {
+        let status = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ])
+            .status()
+            .expect("useradd runs");
+        // Another test may have created it at the same moment.
+        assert!(
+            status.success()
+                || tether_agent::node_red::user::lookup_in(Path::new("/etc/passwd"), name)
+                    .is_some(),
+            "useradd {name} failed"
+        );
+    }
+    Some(name.to_string())
+}
+
+/// Lets other users pass through `dir` (mode 0711): a Node-RED running as
+/// its own user must reach its user directory inside a test's temporary
+/// directory. Nothing in `dir` becomes readable by it.
+pub fn traversable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .expect("chmod the temporary directory");
 }
 
 /// A tool: its path, and how to install it when the path does not exist.

@@ -138,6 +138,9 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
         }
     };
     let dir = tempfile::tempdir().unwrap();
+    // As root, Node-RED runs as its own user, which must reach its user
+    // directory in here.
+    tools::traversable(dir.path());
     let platform = platform(&dir.path().join("platform")).await;
     for ((name, password), role) in [(OWNER, Role::Owner), (VIEWER, Role::Viewer)] {
         platform
@@ -154,6 +157,7 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
         command: peers.node_red.display().to_string(),
         user_dir: None,
         port: node_red_port,
+        user: tools::node_red_user(),
     };
     let agent = Agent::start(config).await.expect("agent starts");
     let device = agent.device_id();

@@ -50,6 +50,9 @@ pub struct LaunchSpec {
     pub settings: PathBuf,
     /// Where the settings make Node-RED listen.
     pub addr: SocketAddr,
+    /// The user to run Node-RED as (the agent runs as root), or `None` to
+    /// run it as the agent's own user (`super::user`).
+    pub run_as: Option<super::user::RunAs>,
 }
 
 /// A running launcher. Dropping it kills Node-RED; [`Launcher::stop`] stops
@@ -197,7 +200,25 @@ async fn supervise(spec: LaunchSpec, mut stop: watch::Receiver<bool>, run: Arc<M
 }
 
 fn spawn(spec: &LaunchSpec) -> Result<Child, NodeRedError> {
-    let mut child = Command::new(&spec.command)
+    let mut command = match &spec.run_as {
+        // setpriv execs the command, so the child's pid is Node-RED's.
+        Some(run_as) => {
+            let mut command = Command::new("setpriv");
+            command
+                .arg(format!("--reuid={}", run_as.uid))
+                .arg(format!("--regid={}", run_as.gid))
+                .arg("--clear-groups")
+                .arg("--no-new-privs")
+                .arg("--")
+                .arg(&spec.command)
+                .env("HOME", &spec.user_dir)
+                .env("USER", &run_as.name)
+                .env("LOGNAME", &run_as.name);
+            command
+        }
+        None => Command::new(&spec.command),
+    };
+    let mut child = command
         .arg("-u")
         .arg(&spec.user_dir)
         .arg("-s")
@@ -210,7 +231,10 @@ fn spawn(spec: &LaunchSpec) -> Result<Child, NodeRedError> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| NodeRedError::Spawn {
-            command: spec.command.clone(),
+            command: match &spec.run_as {
+                Some(run_as) => format!("setpriv ... {} (as {})", spec.command, run_as.name),
+                None => spec.command.clone(),
+            },
             source,
         })?;
     if let Some(out) = child.stdout.take() {
@@ -420,6 +444,7 @@ mod tests {
             user_dir: dir.path().to_owned(),
             settings: dir.path().join("s.js"),
             addr: "127.0.0.1:9".parse().unwrap(),
+            run_as: None,
         });
         let err = launcher
             .ready(Duration::from_millis(500))

@@ -27,6 +27,7 @@
 pub mod launcher;
 pub mod settings;
 pub mod token;
+pub mod user;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,6 +75,24 @@ pub enum NodeRedError {
         last: String,
     },
     #[error(
+        "tetherd runs as root, and Node-RED must not: flows would run with the agent's rights; help: create a system user (useradd --system --no-create-home --shell /usr/sbin/nologin tether-nodered) and set [node_red] user = \"tether-nodered\""
+    )]
+    NoUser,
+    #[error(
+        "[node_red] user '{0}' does not exist; help: create it (useradd --system --no-create-home --shell /usr/sbin/nologin {0}) or name an existing unprivileged user"
+    )]
+    NoSuchUser(String),
+    #[error("[node_red] user '{0}' is root; help: name an unprivileged user")]
+    RootUser(String),
+    #[error(
+        "[node_red] user '{user}' is not the agent's own user (uid {euid}), and only root can start Node-RED as another user; help: run tetherd as root (the packaged service does), or remove [node_red] user"
+    )]
+    CannotSwitch { user: String, euid: u32 },
+    #[error(
+        "cannot prepare Node-RED's user directory for its user: {0}; help: check that the agent runs as root and the directory's file system allows ownership changes"
+    )]
+    Ownership(#[source] std::io::Error),
+    #[error(
         "{addr} answers GET /settings with {status} without a token: it is not a Node-RED locked down by the agent; help: stop it, or start it with --settings USER_DIR/{SETTINGS_FILE}"
     )]
     NotLockedDown { addr: SocketAddr, status: u16 },
@@ -103,6 +122,17 @@ impl NodeRed {
             return Ok(None);
         }
         let user_dir = config.user_dir_in(state_dir);
+        let run_as = match config.mode {
+            NodeRedMode::Launch => {
+                user::plan(config.user.as_deref(), user::effective_uid().unwrap_or(0))?
+            }
+            _ => None,
+        };
+        if let Some(run_as) = &run_as {
+            user::prepare_dir(&user_dir, run_as, &[SETTINGS_FILE, KEYS_FILE])
+                .map_err(NodeRedError::Ownership)?;
+            info!(user = %run_as.name, uid = run_as.uid, user_dir = %user_dir.display(), "Node-RED runs as its own user");
+        }
         let auth = Arc::new(prepare(&user_dir, config.port)?);
         let launcher = (config.mode == NodeRedMode::Launch).then(|| {
             Launcher::start(LaunchSpec {
@@ -110,6 +140,7 @@ impl NodeRed {
                 user_dir: user_dir.clone(),
                 settings: user_dir.join(SETTINGS_FILE),
                 addr: config.addr(),
+                run_as,
             })
         });
         if launcher.is_none() {

@@ -258,6 +258,7 @@ async fn load(args: LoadArgs) -> Result<()> {
     let node_red_bin = tools::node_red().find().map_err(anyhow::Error::msg)?;
     let mut browser = Browser::start().await?;
     let dir = tempfile::tempdir()?;
+    tools::traversable(dir.path());
     let platform = start_platform(dir.path(), 1).await?;
     let state = dir.path().join("agent");
     let token = platform.create_token(TokenSpec::default()).await?;
@@ -275,6 +276,7 @@ async fn load(args: LoadArgs) -> Result<()> {
             command: node_red_bin.display().to_string(),
             user_dir: Some(dir.path().join("node-red")),
             port,
+            user: tools::node_red_user(),
         },
         &state,
     )?
@@ -512,10 +514,14 @@ async fn sessions(args: SessionsArgs) -> Result<()> {
     let tetherd = sibling("tetherd")?;
     let ticks = clock_ticks().await;
     let dir = tempfile::tempdir()?;
+    tools::traversable(dir.path());
     let platform = start_platform(dir.path(), args.users).await?;
     let port = free_port()?;
+    let user = tools::node_red_user()
+        .map(|u| format!("user = {u:?}\n"))
+        .unwrap_or_default();
     let extra = format!(
-        "[node_red]\nmode = \"launch\"\ncommand = {:?}\nport = {port}\n",
+        "[node_red]\nmode = \"launch\"\ncommand = {:?}\nport = {port}\n{user}",
         node_red_bin.display().to_string(),
     );
     let agent = Tetherd::start(&tetherd, &platform, dir.path(), &extra).await?;
