@@ -22,6 +22,9 @@ use crate::tunnel::{Connected, closed_as_revoked};
 
 /// How long a graceful close may take before the tunnel is closed hard.
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// After the control stream ended, how long the tunnel may take to report
+/// an end of its own before the session closes it.
+const CONTROL_END_GRACE: Duration = Duration::from_millis(500);
 /// How often the status's RTT is refreshed while connected.
 const RTT_REFRESH: Duration = Duration::from_secs(5);
 
@@ -84,6 +87,14 @@ pub(crate) async fn run(
                 // control stream, or it failed. The device does not run
                 // without it.
                 control = None;
+                // The tunnel's own end (a revocation, a lost connection)
+                // ends the control stream too, a moment before the tunnel
+                // reports it: that end is the one to report.
+                if let Ok(reason) =
+                    tokio::time::timeout(CONTROL_END_GRACE, tunnel.closed()).await
+                {
+                    break ended(reason);
+                }
                 warn!(parent: &span, "the control stream ended while the tunnel was up; closing the tunnel to connect again");
                 tunnel.close(CloseCode::NO_ERROR, "the device's control stream ended");
                 let reason = tunnel.closed().await;
