@@ -7,8 +7,10 @@
 //! the expiry. Expiry slides: a session ends `session_idle` (14 days) after
 //! its last use, but never later than `session_max` (30 days) after login.
 //! To keep writes rare, a use extends the stored expiry only once less than
-//! half the idle window is left; the page answering that request sends the
-//! cookie again with a fresh `Max-Age` ([`refresh_cookie`]). So the
+//! half the idle window is left. Only requests on the platform's origin
+//! ([`current`]) extend a session, and the answer to one that did sends the
+//! cookie again with a fresh `Max-Age` ([`refresh_cookie`]), so the
+//! browser's copy never expires before the stored one. So the
 //! store never holds a value that would let anyone act as the user, and
 //! logging out (or removing the user) deletes the record: the cookie is
 //! worthless from then on, whatever the browser keeps.
@@ -148,11 +150,13 @@ pub fn clear_cookie() -> HeaderValue {
     )
 }
 
-/// The session of a request, if its cookie names one that is stored, not
-/// expired, and whose user still exists.
+/// The session of a request on the platform's origin, if its cookie names
+/// one that is stored, not expired, and whose user still exists. This use
+/// extends it (see the module's doc); the answer should then carry
+/// [`refresh_cookie`].
 pub async fn current(state: &State, headers: &HeaderMap) -> Result<Option<Session>, StoreError> {
     match cookie_hash(headers) {
-        Some(hash) => by_hash(state, hash).await,
+        Some(hash) => lookup(state, hash, true).await,
         None => Ok(None),
     }
 }
@@ -163,8 +167,14 @@ pub fn cookie_hash(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The session stored under `hash`, if it is not expired and its user
-/// still exists.
+/// still exists. Not extended: a request that cannot send the platform's
+/// cookie again (one on a device's editor origin) must not move the
+/// session's expiry past the browser's copy of the cookie.
 pub async fn by_hash(state: &State, hash: String) -> Result<Option<Session>, StoreError> {
+    lookup(state, hash, false).await
+}
+
+async fn lookup(state: &State, hash: String, extend: bool) -> Result<Option<Session>, StoreError> {
     let key = hash.clone();
     let now = unix_now();
     let found = state.store.blocking(move |s| s.session(&key, now)).await?;
@@ -178,8 +188,10 @@ pub async fn by_hash(state: &State, hash: String) -> Result<Option<Session>, Sto
         expires_at: record.expires_at,
         extended: false,
     };
-    if let Some(expires_at) = extended_expiry(&record, now, config.session_idle, config.session_max)
-    {
+    let extension = extend
+        .then(|| extended_expiry(&record, now, config.session_idle, config.session_max))
+        .flatten();
+    if let Some(expires_at) = extension {
         let key = session.hash.clone();
         let stored = state
             .store

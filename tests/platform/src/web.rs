@@ -413,6 +413,20 @@ async fn set_protection(state: &State, req: Request<Incoming>, device_id: &str) 
         Ok(session) => session,
         Err(response) => return response,
     };
+    let refresh = sessions::refresh_cookie(req.headers(), &session);
+    let mut response = change_protection(state, req, device_id, session).await;
+    if let Some(cookie) = refresh {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
+}
+
+async fn change_protection(
+    state: &State,
+    req: Request<Incoming>,
+    device_id: &str,
+    session: Session,
+) -> Response<Body> {
     let form = match read_form(req.into_body()).await {
         Ok(form) => form,
         Err(response) => return response,
