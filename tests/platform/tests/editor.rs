@@ -3,7 +3,8 @@
 //! `/devices/{id}/editor/...` to the device's own editor origin, who gets
 //! through, the grant each stream carries, what crosses to the device and
 //! back, streaming bodies, the WebSocket, timeouts, an offline device, and
-//! logout closing live streams.
+//! logout, a user's removal, demotion or password change closing live
+//! streams and editor cookies.
 
 mod common;
 

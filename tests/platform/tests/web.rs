@@ -1,7 +1,9 @@
 //! The pages people use, over real TLS with users and sessions in redb:
 //! login (cookie attributes, one answer for every bad credential, rate
-//! limits, where it may send the browser next), logout revoking the session
-//! on the server, the device list, and protection mode set by an owner and
+//! limits per address and per user and source address that cannot lock a
+//! user out from elsewhere or be reset by spraying names, where it may send
+//! the browser next), sessions that slide with use up to a maximum, a
+//! password change and logout ending sessions on the server, the device list, and protection mode set by an owner and
 //! pushed to the device on its control stream.
 
 mod common;
