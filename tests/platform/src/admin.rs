@@ -128,6 +128,29 @@ pub struct RemoveUserResponse {
     pub sessions_ended: usize,
 }
 
+/// `POST /v1/admin/users/{name}/password` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetPasswordRequest {
+    pub password: Secret,
+}
+
+/// `POST /v1/admin/users/{name}/role` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRoleRequest {
+    pub role: Role,
+}
+
+/// `POST /v1/admin/users/{name}/password` and `.../role` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserChangeResponse {
+    pub name: String,
+    /// Sessions that ended (their editor cookies and live editor streams
+    /// were closed).
+    pub sessions_ended: usize,
+}
+
 /// Routes a request under `/v1/admin/`.
 pub async fn handle(
     state: Arc<State>,
@@ -167,6 +190,14 @@ pub async fn handle(
         (&Method::POST, ["users"]) => create_user(&state, req.into_body()).await,
         (&Method::GET, ["users"]) => list_users(&state).await,
         (&Method::DELETE, ["users", name]) => remove_user(&state, name).await,
+        (&Method::POST, ["users", name, "password"]) => {
+            let name = name.to_string();
+            set_password(&state, &name, req.into_body()).await
+        }
+        (&Method::POST, ["users", name, "role"]) => {
+            let name = name.to_string();
+            set_role(&state, &name, req.into_body()).await
+        }
         (&Method::GET, ["devices", id, "services", name, "connect"]) => {
             let (id, name) = (id.to_string(), name.to_string());
             connect(state, conn, req, &id, &name).await
@@ -406,6 +437,48 @@ async fn remove_user(state: &State, name: &str) -> Response<Body> {
         ),
         Err(e) => {
             warn!(cause = %e, "cannot remove a user");
+            reply::internal()
+        }
+    }
+}
+
+async fn set_password(state: &State, name: &str, body: Incoming) -> Response<Body> {
+    let request: SetPasswordRequest = match reply::read_json(body, MAX_USER_BODY).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    user_changed(name, state.set_password(name, &request.password).await)
+}
+
+async fn set_role(state: &State, name: &str, body: Incoming) -> Response<Body> {
+    let request: SetRoleRequest = match reply::read_json(body, MAX_USER_BODY).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    user_changed(name, state.set_role(name, request.role).await)
+}
+
+fn user_changed(name: &str, result: Result<usize, PlatformError>) -> Response<Body> {
+    match result {
+        Ok(sessions_ended) => reply::json(
+            StatusCode::OK,
+            &UserChangeResponse {
+                name: name.to_string(),
+                sessions_ended,
+            },
+        ),
+        Err(PlatformError::User(e)) => reply::error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        ),
+        Err(PlatformError::NoUser(_)) => reply::error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("no user '{name}'; list users with `tether-platform user list`"),
+        ),
+        Err(e) => {
+            warn!(cause = %e, "cannot change a user");
             reply::internal()
         }
     }

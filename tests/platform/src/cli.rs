@@ -192,6 +192,22 @@ pub enum UserCommand {
     List(UserListArgs),
     /// Remove a user: their sessions end and their open editors are closed.
     Remove(UserRemoveArgs),
+    /// Set a user's password, read from standard input like `user add`:
+    /// every session of theirs ends and their open editors are closed.
+    Passwd(UserRemoveArgs),
+    /// Change a user's role: every session of theirs ends and their open
+    /// editors are closed; the new role applies from their next login.
+    Role(UserRoleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UserRoleArgs {
+    /// The user name.
+    pub name: String,
+    /// The new role: owner, member or viewer.
+    pub role: Role,
+    #[command(flatten)]
+    pub data: DataDir,
 }
 
 #[derive(Debug, Args)]

@@ -27,7 +27,8 @@ use tokio_rustls::TlsConnector;
 use crate::admin::{
     CreateTokenRequest, CreateTokenResponse, CreateUserRequest, ProtectionRequest,
     ProtectionResponse, RemoveUserResponse, RenewResponse, RevokeCertificateResponse,
-    RevokeResponse, RotateGrantKeyResponse, TCP_UPGRADE,
+    RevokeResponse, RotateGrantKeyResponse, SetPasswordRequest, SetRoleRequest, TCP_UPGRADE,
+    UserChangeResponse,
 };
 use crate::ca::CA_CERT_FILE;
 use crate::files;
@@ -37,6 +38,7 @@ use crate::listen::{
 };
 use crate::platform::{DeviceInfo, PLATFORM_JSON, PlatformFile};
 use crate::users::UserInfo;
+use tether_proto::grant::Role;
 
 /// Largest answer read, in bytes.
 const MAX_ANSWER: usize = 8 * 1024 * 1024;
@@ -224,13 +226,34 @@ impl AdminClient {
     pub async fn remove_user(&self, name: &str) -> Result<RemoveUserResponse, ClientError> {
         // A valid name needs no escaping in a path; an invalid one names no
         // user.
-        if !crate::users::is_user_name(name) {
-            return Err(ClientError::BadInput(format!(
-                "'{name}' is not a valid user name, so no user has it"
-            )));
-        }
-        let path = format!("/v1/admin/users/{name}");
+        let path = user_path(name)?;
         self.json(Method::DELETE, &path, None).await
+    }
+
+    /// `POST /v1/admin/users/{name}/password`: sets the password and ends
+    /// the user's sessions.
+    pub async fn set_password(
+        &self,
+        name: &str,
+        password: Secret,
+    ) -> Result<UserChangeResponse, ClientError> {
+        let body = serde_json::to_vec(&SetPasswordRequest { password })
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let path = format!("{}/password", user_path(name)?);
+        self.json(Method::POST, &path, Some(body)).await
+    }
+
+    /// `POST /v1/admin/users/{name}/role`: changes the role and ends the
+    /// user's sessions.
+    pub async fn set_role(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<UserChangeResponse, ClientError> {
+        let body = serde_json::to_vec(&SetRoleRequest { role })
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let path = format!("{}/role", user_path(name)?);
+        self.json(Method::POST, &path, Some(body)).await
     }
 
     /// Opens a connect session to `service` on `device_id`: the upgraded
@@ -443,4 +466,15 @@ fn host_of(url: &str) -> Option<&str> {
         _ => authority,
     };
     Some(host.trim_start_matches('[').trim_end_matches(']')).filter(|h| !h.is_empty())
+}
+
+/// `/v1/admin/users/{name}`. A valid name needs no escaping in a path; an
+/// invalid one names no user.
+fn user_path(name: &str) -> Result<String, ClientError> {
+    if !crate::users::is_user_name(name) {
+        return Err(ClientError::BadInput(format!(
+            "'{name}' is not a valid user name, so no user has it"
+        )));
+    }
+    Ok(format!("/v1/admin/users/{name}"))
 }

@@ -67,8 +67,28 @@ pub struct PlatformConfig {
     pub max_listener_connections: usize,
     /// Login attempts per source address (`POST /login`).
     pub login_rate: RateLimit,
-    /// Failed logins per user name, whatever the address.
+    /// Failed logins per (user name, source prefix: /32 for IPv4, /64 for
+    /// IPv6). A correct password from another source is not refused.
     pub login_failure_rate: RateLimit,
+    /// Recent failed logins per user name from anywhere, for the per-user
+    /// slow-down: the bucket remembers up to `burst` failures and forgets
+    /// one every `refill`; every login to that name waits
+    /// `login_slowdown_step` for each failure remembered, at most
+    /// `login_slowdown_max`. It delays, never refuses.
+    pub login_slowdown_rate: RateLimit,
+    /// Delay per recent failure remembered.
+    pub login_slowdown_step: Duration,
+    /// Longest per-user login delay.
+    pub login_slowdown_max: Duration,
+    /// Keys (addresses, user names, user and prefix pairs) each rate
+    /// limiter tracks at once. A limiting bucket is never forgotten; when a
+    /// table holds nothing else, unknown keys are refused until buckets
+    /// refill.
+    pub rate_limit_max_sources: usize,
+    /// A web session ends after this long unused; each use extends it.
+    pub session_idle: Duration,
+    /// ... but never beyond this long after login.
+    pub session_max: Duration,
     /// Argon2id cost of new password hashes (and of the dummy hash unknown
     /// user names are checked against).
     pub password_cost: PasswordCost,
@@ -113,6 +133,12 @@ impl PlatformConfig {
             max_listener_connections: 256,
             login_rate: RateLimit::LOGIN,
             login_failure_rate: RateLimit::LOGIN_FAILURES,
+            login_slowdown_rate: RateLimit::LOGIN_SLOWDOWN,
+            login_slowdown_step: Duration::from_millis(150),
+            login_slowdown_max: Duration::from_secs(3),
+            rate_limit_max_sources: crate::rate_limit::DEFAULT_MAX_SOURCES,
+            session_idle: Duration::from_secs(14 * 24 * 3600),
+            session_max: Duration::from_secs(30 * 24 * 3600),
             password_cost: PasswordCost::DEFAULT,
             editor_timeout: Duration::from_secs(30),
             editor_domain: None,
@@ -229,6 +255,14 @@ impl PlatformConfig {
         self.password_cost
             .validate()
             .map_err(|e| format!("password_cost: {e}"))?;
+        if self.rate_limit_max_sources == 0 {
+            return Err("rate_limit_max_sources must be at least 1".into());
+        }
+        if self.session_idle < Duration::from_secs(2) || self.session_max < self.session_idle {
+            return Err(
+                "session_idle must be at least 2 s and session_max at least session_idle".into(),
+            );
+        }
         if self.editor_timeout.is_zero() {
             return Err("editor_timeout must be more than 0".into());
         }

@@ -242,7 +242,13 @@ pub async fn start(state: Arc<State>, req: Request<Incoming>) -> Response<Body> 
     let port = origin::request_host(req.headers()).and_then(|(_, port)| port);
     let target = origin::device_origin(&domain, device_id, port);
     debug!(user = %session.user.name, device = %device_id, "editor handoff");
-    html::see_other(&format!("{target}{HANDOFF_PATH}?code={}", code.expose()))
+    let mut response = html::see_other(&format!("{target}{HANDOFF_PATH}?code={}", code.expose()));
+    if let Some(cookie) = sessions::refresh_cookie(req.headers(), &session) {
+        response
+            .headers_mut()
+            .insert(http::header::SET_COOKIE, cookie);
+    }
+    response
 }
 
 /// The device record if `session`'s user may open its editor, else the

@@ -161,21 +161,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::User(UserCommand::Passwd(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let password = read_password(&args.name)?;
+            let changed = client.set_password(&args.name, password).await?;
+            println!(
+                "password of {} changed; {} session(s) ended",
+                changed.name, changed.sessions_ended
+            );
+            Ok(())
+        }
+        Command::User(UserCommand::Role(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let changed = client.set_role(&args.name, args.role).await?;
+            println!(
+                "{} is now {}; {} session(s) ended",
+                changed.name, args.role, changed.sessions_ended
+            );
+            Ok(())
+        }
         Command::Connect(args) => connect(args).await,
     }
 }
 
-async fn add_user(args: UserAddArgs) -> anyhow::Result<()> {
+/// A password from standard input: one line; from a terminal, without echo.
+fn read_password(name: &str) -> anyhow::Result<tether_proto::api::Secret> {
     use std::io::IsTerminal;
-    let client = AdminClient::from_data_dir(&args.data.data_dir)?;
-    let password = if std::io::stdin().is_terminal() {
-        let prompt = format!("password for {}: ", args.name);
+    if std::io::stdin().is_terminal() {
+        let prompt = format!("password for {name}: ");
         let line = rpassword::prompt_password(prompt).context("cannot read the password")?;
         tether_platform::cli::check_password_line(line.into_bytes())
     } else {
         tether_platform::cli::read_password(std::io::stdin().lock())
     }
-    .map_err(anyhow::Error::msg)?;
+    .map_err(anyhow::Error::msg)
+}
+
+async fn add_user(args: UserAddArgs) -> anyhow::Result<()> {
+    let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+    let password = read_password(&args.name)?;
     let request = tether_platform::admin::CreateUserRequest {
         name: args.name,
         team: args.team,

@@ -31,7 +31,7 @@ use crate::files::{self, FileError, PUBLIC_MODE};
 use crate::handoff::{EditorSessions, Handoffs};
 use crate::keys::{self, KeyError, SigningKeys};
 use crate::listen::Listeners;
-use crate::rate_limit::RateLimiter;
+use crate::rate_limit::{RateLimiter, UserSource};
 use crate::server;
 use crate::sessions::LiveStreams;
 use crate::store::{Store, StoreError, TokenRecord, UserRecord};
@@ -203,8 +203,10 @@ pub struct State {
     pub admin_limiter: RateLimiter,
     /// Login attempts per source address.
     pub login_limiter: RateLimiter,
-    /// Failed logins per user name.
-    pub login_failures: RateLimiter<String>,
+    /// Failed logins per (user name, source prefix).
+    pub login_failures: RateLimiter<UserSource>,
+    /// Recent failed logins per user name, for the per-user slow-down.
+    pub login_slowdown: RateLimiter<String>,
     pub listeners: Listeners,
     /// Signs editor access grants.
     pub keys: SigningKeys,
@@ -273,16 +275,18 @@ impl Platform {
         };
         let json = serde_json::to_vec_pretty(&platform_file).unwrap_or_default();
         files::write_atomic(&config.data_dir.join(PLATFORM_JSON), &json, PUBLIC_MODE)?;
+        let max_sources = config.rate_limit_max_sources;
         let state = Arc::new(State {
             store: loaded.store,
             ca: loaded.ca,
             admin_hash: keys::sha256(loaded.admin_token.expose().as_bytes()),
             tunnel_url: format!("wss://{host}:{port}{}", tether_proto::api::TUNNEL_PATH),
             registry: Registry::default(),
-            enroll_limiter: RateLimiter::new(config.enroll_rate),
-            admin_limiter: RateLimiter::new(config.admin_failure_rate),
-            login_limiter: RateLimiter::new(config.login_rate),
-            login_failures: RateLimiter::new(config.login_failure_rate),
+            enroll_limiter: RateLimiter::with_max_sources(config.enroll_rate, max_sources),
+            admin_limiter: RateLimiter::with_max_sources(config.admin_failure_rate, max_sources),
+            login_limiter: RateLimiter::with_max_sources(config.login_rate, max_sources),
+            login_failures: RateLimiter::with_max_sources(config.login_failure_rate, max_sources),
+            login_slowdown: RateLimiter::with_max_sources(config.login_slowdown_rate, max_sources),
             listeners: Listeners::new(config.max_listeners),
             keys: loaded.keys,
             passwords: loaded.passwords,
@@ -395,6 +399,24 @@ impl Platform {
     /// streams). Returns how many sessions ended.
     pub async fn remove_user(&self, name: &str) -> Result<usize, PlatformError> {
         self.state.remove_user(name).await
+    }
+
+    /// Sets a user's password (hashed with Argon2id) and ends every session
+    /// of theirs, closing their editor cookies and live editor streams.
+    /// Returns how many sessions ended.
+    pub async fn set_password(
+        &self,
+        name: &str,
+        password: &Secret,
+    ) -> Result<usize, PlatformError> {
+        self.state.set_password(name, password).await
+    }
+
+    /// Changes a user's role and ends every session of theirs, closing
+    /// their editor cookies and live editor streams: the new role applies
+    /// from their next login. Returns how many sessions ended.
+    pub async fn set_role(&self, name: &str, role: Role) -> Result<usize, PlatformError> {
+        self.state.set_role(name, role).await
     }
 
     /// Turns a device's protection mode on or off and pushes it to the
@@ -622,12 +644,54 @@ impl State {
             Err(StoreError::NoUser(name)) => return Err(PlatformError::NoUser(name)),
             Err(e) => return Err(e.into()),
         };
-        for hash in &sessions {
+        self.close_sessions(&sessions);
+        info!(user = %name, sessions = sessions.len(), "user removed");
+        Ok(sessions.len())
+    }
+
+    /// Sets a user's password and ends their sessions.
+    pub async fn set_password(
+        &self,
+        name: &str,
+        password: &Secret,
+    ) -> Result<usize, PlatformError> {
+        crate::users::check_password(password.expose())?;
+        let password_hash = self.passwords.hash(password).await?;
+        let key = name.to_string();
+        let sessions = match self
+            .store
+            .blocking(move |s| s.set_password_hash(&key, &password_hash))
+            .await
+        {
+            Ok(sessions) => sessions,
+            Err(StoreError::NoUser(name)) => return Err(PlatformError::NoUser(name)),
+            Err(e) => return Err(e.into()),
+        };
+        self.close_sessions(&sessions);
+        info!(user = %name, sessions = sessions.len(), "password changed");
+        Ok(sessions.len())
+    }
+
+    /// Changes a user's role and ends their sessions.
+    pub async fn set_role(&self, name: &str, role: Role) -> Result<usize, PlatformError> {
+        let key = name.to_string();
+        let sessions = match self.store.blocking(move |s| s.set_role(&key, role)).await {
+            Ok(sessions) => sessions,
+            Err(StoreError::NoUser(name)) => return Err(PlatformError::NoUser(name)),
+            Err(e) => return Err(e.into()),
+        };
+        self.close_sessions(&sessions);
+        info!(user = %name, %role, sessions = sessions.len(), "role changed");
+        Ok(sessions.len())
+    }
+
+    /// Closes the editor cookies and live editor streams of sessions just
+    /// removed from the store.
+    fn close_sessions(&self, hashes: &[String]) {
+        for hash in hashes {
             self.editor_sessions.end_session(hash);
             self.live.close_session(hash);
         }
-        info!(user = %name, sessions = sessions.len(), "user removed");
-        Ok(sessions.len())
     }
 
     /// Asks a device to renew its certificate now, inside the renewal

@@ -2,8 +2,15 @@
 //! belongs to, and the live editor streams of each session.
 //!
 //! A session is 256 random bits, sent to the browser once as the cookie's
-//! value (HttpOnly, Secure, SameSite=Lax, host-only, 14 days) and stored by
-//! [`crate::store`] only as its SHA-256, with the user and the expiry. So the
+//! value (HttpOnly, Secure, SameSite=Lax, host-only) and stored by
+//! [`crate::store`] only as its SHA-256, with the user, the login time and
+//! the expiry. Expiry slides: a session ends `session_idle` (14 days) after
+//! its last use, but never later than `session_max` (30 days) after login.
+//! To keep writes rare, a use extends the stored expiry only once less than
+//! half the idle window is left. Only requests on the platform's origin
+//! ([`current`]) extend a session, and the answer to one that did sends the
+//! cookie again with a fresh `Max-Age` ([`refresh_cookie`]), so the
+//! browser's copy never expires before the stored one. So the
 //! store never holds a value that would let anyone act as the user, and
 //! logging out (or removing the user) deletes the record: the cookie is
 //! worthless from then on, whatever the browser keeps.
@@ -40,8 +47,6 @@ use crate::store::{SessionRecord, StoreError, UserRecord};
 /// `Secure`, with `Path=/` and without `Domain`, so no device origin (a
 /// subdomain) can set or shadow it.
 pub const COOKIE_NAME: &str = "__Host-tether_session";
-/// How long a session lasts from login (14 days).
-pub const SESSION_TTL: Duration = Duration::from_secs(14 * 24 * 3600);
 /// Sessions one user holds at once; a new login beyond that ends the oldest.
 pub const MAX_SESSIONS_PER_USER: usize = 16;
 /// Live editor streams (HTTP connections and WebSockets) one session holds
@@ -60,6 +65,9 @@ pub struct Session {
     pub user: UserRecord,
     /// Unix seconds.
     pub expires_at: u64,
+    /// True if this request extended the session: the answer should carry
+    /// [`refresh_cookie`].
+    pub extended: bool,
 }
 
 /// Makes a session value: 256 random bits, hex.
@@ -93,14 +101,46 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<Secret> {
         .map(Secret::new)
 }
 
-/// The `Set-Cookie` value that starts a session.
-pub fn set_cookie(value: &Secret) -> Option<HeaderValue> {
+/// The `Set-Cookie` value that starts (or refreshes) a session the browser
+/// should keep for `max_age`.
+pub fn set_cookie(value: &Secret, max_age: Duration) -> Option<HeaderValue> {
     let cookie = format!(
         "{COOKIE_NAME}={}; HttpOnly; Secure; SameSite=Lax; Path=/; Max-Age={}",
         value.expose(),
-        SESSION_TTL.as_secs()
+        max_age.as_secs()
     );
     HeaderValue::from_str(&cookie).ok()
+}
+
+/// The `Set-Cookie` value that tells the browser a session was extended
+/// (its cookie again, with the `Max-Age` left), if this request extended
+/// `session`.
+pub fn refresh_cookie(headers: &HeaderMap, session: &Session) -> Option<HeaderValue> {
+    if !session.extended {
+        return None;
+    }
+    let value = cookie_value(headers)?;
+    let left = session.expires_at.saturating_sub(unix_now());
+    set_cookie(&value, Duration::from_secs(left))
+}
+
+/// The expiry a use at `now` gives a session stored as `record`, if it
+/// should be written: only once less than half of `idle` is left, and never
+/// beyond `max` after login.
+pub fn extended_expiry(
+    record: &SessionRecord,
+    now: u64,
+    idle: Duration,
+    max: Duration,
+) -> Option<u64> {
+    let idle = idle.as_secs();
+    let left = record.expires_at.saturating_sub(now);
+    if left >= idle / 2 {
+        return None;
+    }
+    let cap = record.created_at.saturating_add(max.as_secs());
+    let wanted = now.saturating_add(idle).min(cap);
+    (wanted > record.expires_at).then_some(wanted)
 }
 
 /// The `Set-Cookie` value that makes the browser forget the session.
@@ -110,11 +150,13 @@ pub fn clear_cookie() -> HeaderValue {
     )
 }
 
-/// The session of a request, if its cookie names one that is stored, not
-/// expired, and whose user still exists.
+/// The session of a request on the platform's origin, if its cookie names
+/// one that is stored, not expired, and whose user still exists. This use
+/// extends it (see the module's doc); the answer should then carry
+/// [`refresh_cookie`].
 pub async fn current(state: &State, headers: &HeaderMap) -> Result<Option<Session>, StoreError> {
     match cookie_hash(headers) {
-        Some(hash) => by_hash(state, hash).await,
+        Some(hash) => lookup(state, hash, true).await,
         None => Ok(None),
     }
 }
@@ -125,28 +167,60 @@ pub fn cookie_hash(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The session stored under `hash`, if it is not expired and its user
-/// still exists.
+/// still exists. Not extended: a request that cannot send the platform's
+/// cookie again (one on a device's editor origin) must not move the
+/// session's expiry past the browser's copy of the cookie.
 pub async fn by_hash(state: &State, hash: String) -> Result<Option<Session>, StoreError> {
+    lookup(state, hash, false).await
+}
+
+async fn lookup(state: &State, hash: String, extend: bool) -> Result<Option<Session>, StoreError> {
     let key = hash.clone();
     let now = unix_now();
     let found = state.store.blocking(move |s| s.session(&key, now)).await?;
-    Ok(found.map(|(record, user)| Session {
+    let Some((record, user)) = found else {
+        return Ok(None);
+    };
+    let config = &state.config;
+    let mut session = Session {
         hash,
         user,
         expires_at: record.expires_at,
-    }))
+        extended: false,
+    };
+    let extension = extend
+        .then(|| extended_expiry(&record, now, config.session_idle, config.session_max))
+        .flatten();
+    if let Some(expires_at) = extension {
+        let key = session.hash.clone();
+        let stored = state
+            .store
+            .blocking(move |s| s.extend_session(&key, expires_at, now))
+            .await?;
+        match stored {
+            Some(expires_at) => {
+                session.expires_at = expires_at;
+                session.extended = true;
+            }
+            // Ended between the read and the write (logout, user removed).
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(session))
 }
 
-/// Stores a new session for `user` and returns the cookie value to send.
-pub async fn start(state: &State, user: &str) -> Result<Secret, SessionError> {
+/// Stores a new session for `user` and returns the cookie to send.
+pub async fn start(state: &State, user: &str) -> Result<HeaderValue, SessionError> {
     let value = new_value()?;
     let hash = keys::sha256_hex(value.expose().as_bytes());
     let now = unix_now();
+    let idle = state.config.session_idle.min(state.config.session_max);
     let record = SessionRecord {
         user: user.to_string(),
         created_at: now,
-        expires_at: now.saturating_add(SESSION_TTL.as_secs()),
+        expires_at: now.saturating_add(idle.as_secs()),
     };
+    let cookie = set_cookie(&value, idle).ok_or(SessionError::Cookie)?;
     let evicted = state
         .store
         .blocking(move |s| s.insert_session(&hash, &record, now, MAX_SESSIONS_PER_USER))
@@ -155,7 +229,7 @@ pub async fn start(state: &State, user: &str) -> Result<Secret, SessionError> {
         state.editor_sessions.end_session(&hash);
         state.live.close_session(&hash);
     }
-    Ok(value)
+    Ok(cookie)
 }
 
 /// Ends a session: deletes it from the store, then closes its live editor
@@ -178,6 +252,8 @@ pub enum SessionError {
     Random(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("the session cookie is not a valid header value")]
+    Cookie,
 }
 
 /// Live editor streams by session.
@@ -322,7 +398,7 @@ mod tests {
     #[test]
     fn the_cookie_has_every_attribute() {
         let value = new_value().unwrap();
-        let cookie = set_cookie(&value).unwrap();
+        let cookie = set_cookie(&value, Duration::from_secs(14 * 24 * 3600)).unwrap();
         let cookie = cookie.to_str().unwrap();
         assert!(cookie.starts_with(&format!("__Host-tether_session={}", value.expose())));
         assert!(!cookie.contains("Domain"), "host-only");
@@ -335,6 +411,38 @@ mod tests {
         ] {
             assert!(cookie.contains(attribute), "{attribute}");
         }
+    }
+
+    #[test]
+    fn expiry_slides_rarely_and_never_past_the_maximum() {
+        let day = 24 * 3600;
+        let idle = Duration::from_secs(14 * day);
+        let max = Duration::from_secs(30 * day);
+        let record = SessionRecord {
+            user: "alice".into(),
+            created_at: 0,
+            expires_at: 14 * day,
+        };
+        assert_eq!(
+            extended_expiry(&record, day, idle, max),
+            None,
+            "no write yet"
+        );
+        assert_eq!(extended_expiry(&record, 8 * day, idle, max), Some(22 * day));
+        let late = SessionRecord {
+            expires_at: 29 * day,
+            ..record.clone()
+        };
+        assert_eq!(extended_expiry(&late, 25 * day, idle, max), Some(30 * day));
+        let capped = SessionRecord {
+            expires_at: 30 * day,
+            ..record
+        };
+        assert_eq!(
+            extended_expiry(&capped, 29 * day, idle, max),
+            None,
+            "capped"
+        );
     }
 
     #[tokio::test]

@@ -578,18 +578,7 @@ impl Store {
                 return Err(StoreError::NoUser(name.to_string()));
             }
             let mut sessions = db_err!(txn.open_table(SESSIONS))?;
-            let mut theirs = Vec::new();
-            for entry in db_err!(sessions.iter())? {
-                let (key, value) = db_err!(entry)?;
-                let session: SessionRecord = serde_json::from_slice(value.value())?;
-                if session.user == name {
-                    theirs.push(key.value().to_string());
-                }
-            }
-            for hash in &theirs {
-                db_err!(sessions.remove(hash.as_str()))?;
-            }
-            theirs
+            remove_sessions_in(&mut sessions, name)?
         };
         db_err!(txn.commit())?;
         Ok(removed)
@@ -654,6 +643,81 @@ impl Store {
         Ok(user.map(|user| (session, user)))
     }
 
+    /// Moves the expiry of the session under `hash` to `expires_at` (never
+    /// earlier than it was). The stored expiry, or `None` if the session is
+    /// gone or expired at `now`.
+    pub fn extend_session(
+        &self,
+        hash: &str,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        let stored = {
+            let mut sessions = db_err!(txn.open_table(SESSIONS))?;
+            match get::<SessionRecord>(&sessions, hash)? {
+                Some(mut record) if record.expires_at > now => {
+                    record.expires_at = record.expires_at.max(expires_at);
+                    put(&mut sessions, hash, &record)?;
+                    Some(record.expires_at)
+                }
+                _ => None,
+            }
+        };
+        db_err!(txn.commit())?;
+        Ok(stored)
+    }
+
+    /// Removes every session of `user`. Returns their hashes.
+    pub fn remove_sessions_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        let removed = {
+            let mut sessions = db_err!(txn.open_table(SESSIONS))?;
+            remove_sessions_in(&mut sessions, user)?
+        };
+        db_err!(txn.commit())?;
+        Ok(removed)
+    }
+
+    /// Changes a user's password hash and, in the same transaction, removes
+    /// every session of theirs. Returns the hashes of the sessions removed.
+    pub fn set_password_hash(
+        &self,
+        name: &str,
+        password_hash: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        self.update_user(name, |user| user.password_hash = password_hash.to_string())
+    }
+
+    /// Changes a user's role and, in the same transaction, removes every
+    /// session of theirs. Returns the hashes of the sessions removed.
+    pub fn set_role(&self, name: &str, role: Role) -> Result<Vec<String>, StoreError> {
+        self.update_user(name, |user| user.role = role)
+    }
+
+    fn update_user(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut UserRecord),
+    ) -> Result<Vec<String>, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        let removed = {
+            let mut users = db_err!(txn.open_table(USERS))?;
+            let Some(mut user) = get::<UserRecord>(&users, name)? else {
+                return Err(StoreError::NoUser(name.to_string()));
+            };
+            change(&mut user);
+            put(&mut users, name, &user)?;
+            let mut sessions = db_err!(txn.open_table(SESSIONS))?;
+            remove_sessions_in(&mut sessions, name)?
+        };
+        db_err!(txn.commit())?;
+        Ok(removed)
+    }
+
     /// Deletes the session stored under `hash`. True if there was one.
     pub fn remove_session(&self, hash: &str) -> Result<bool, StoreError> {
         let db = self.db()?;
@@ -688,6 +752,26 @@ impl Store {
         let txn = db_err!(db.begin_read())?;
         get(&db_err!(txn.open_table(table))?, key)
     }
+}
+
+/// Removes every session of `user` from an open sessions table. Returns
+/// their hashes.
+fn remove_sessions_in(
+    sessions: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    user: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut theirs = Vec::new();
+    for entry in db_err!(sessions.iter())? {
+        let (key, value) = db_err!(entry)?;
+        let session: SessionRecord = serde_json::from_slice(value.value())?;
+        if session.user == user {
+            theirs.push(key.value().to_string());
+        }
+    }
+    for hash in &theirs {
+        db_err!(sessions.remove(hash.as_str()))?;
+    }
+    Ok(theirs)
 }
 
 fn create_owner_only(path: &Path) -> Result<(), StoreError> {

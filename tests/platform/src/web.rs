@@ -4,8 +4,8 @@
 //! protection mode on or off).
 //!
 //! This module owns the login policy: cheapest checks first (same-origin,
-//! the per-address rate limit, the form's size and shape, the per-name
-//! failure limit), then one password check that costs the same whether the
+//! the per-address rate limit, the form's size and shape, the failure limit
+//! per user name and source prefix, the per-user slow-down), then one password check that costs the same whether the
 //! user exists or not, and one answer for every bad credential ("wrong user
 //! name or password"). It owns where a login may send the browser next (a
 //! local `/devices/...` path, nothing else) and who may change protection
@@ -21,7 +21,7 @@
 //! hands the browser over to the device's editor origin.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
@@ -35,7 +35,7 @@ use crate::csrf;
 use crate::html::{self, escape};
 use crate::http::Body;
 use crate::platform::{PlatformError, State};
-use crate::rate_limit::retry_after_secs;
+use crate::rate_limit::{retry_after_secs, source_prefix};
 use crate::server::ConnInfo;
 use crate::sessions::{self, Session};
 use crate::users::{MAX_PASSWORD_LEN, MAX_USER_NAME, is_user_name};
@@ -213,14 +213,23 @@ async fn login(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respon
     let next = field(&form, "next").and_then(local_next);
     let name = field(&form, "user").unwrap_or_default();
     let password = Secret::new(field(&form, "password").unwrap_or_default());
-    // The failure bucket's key: bounded, whatever was typed.
+    // The failure buckets' keys: bounded, whatever was typed. Failures
+    // count per (name, source prefix), so nobody elsewhere can use them to
+    // lock the name's owner out.
     let name_key: String = name.chars().take(MAX_USER_NAME).collect();
-    if state.login_failures.is_limited(&name_key, now) {
-        warn!(peer = %conn.peer, "failed logins to one user name are rate limited");
+    let source_key = (name_key.clone(), source_prefix(conn.peer.ip()));
+    if let Err(wait) = state.login_failures.check(&source_key, now) {
+        warn!(peer = %conn.peer, "failed logins to one user name from this address are rate limited");
         return html::rate_limited(
-            retry_after_secs(state.config.login_failure_rate.refill),
-            "Too many failed logins for this user name. Wait a little, then try again.",
+            retry_after_secs(wait),
+            "Too many failed logins for this user name from this address. Wait a little, then try again.",
         );
+    }
+    // The per-user slow-down: recent failures from anywhere delay every
+    // login to this name, boundedly, and never refuse one.
+    let delay = slowdown(state, &name_key, now);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     let user = if is_user_name(name) {
         let key = name.to_string();
@@ -245,7 +254,9 @@ async fn login(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respon
         false
     };
     let Some(user) = user.filter(|_| verified) else {
-        let _ = state.login_failures.take(name_key, Instant::now());
+        let now = Instant::now();
+        let _ = state.login_failures.take(source_key, now);
+        let _ = state.login_slowdown.take(name_key, now);
         warn!(peer = %conn.peer, "failed login");
         return login_page(
             state,
@@ -254,8 +265,8 @@ async fn login(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respon
             Some(BAD_CREDENTIALS),
         );
     };
-    let value = match sessions::start(state, &user.name).await {
-        Ok(value) => value,
+    let cookie = match sessions::start(state, &user.name).await {
+        Ok(cookie) => cookie,
         Err(e) => {
             warn!(cause = %e, "cannot start a session");
             return html::internal();
@@ -263,13 +274,23 @@ async fn login(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respon
     };
     info!(user = %user.name, team = %user.team, role = %user.role, peer = %conn.peer, "login");
     let mut response = html::see_other(next.as_deref().unwrap_or("/"));
-    match sessions::set_cookie(&value) {
-        Some(cookie) => {
-            response.headers_mut().insert(header::SET_COOKIE, cookie);
-        }
-        None => return html::internal(),
-    }
+    response.headers_mut().insert(header::SET_COOKIE, cookie);
     response
+}
+
+/// How long a login to `name` waits: `login_slowdown_step` for each
+/// recent failed login to that name (from anywhere) the slow-down bucket
+/// remembers, at most `login_slowdown_max`.
+fn slowdown(state: &State, name: &str, now: Instant) -> Duration {
+    let config = &state.config;
+    let recent = state.login_slowdown.used(&name.to_string(), now).round();
+    if recent < 1.0 {
+        return Duration::ZERO;
+    }
+    config
+        .login_slowdown_step
+        .mul_f64(recent.min(1e6))
+        .min(config.login_slowdown_max)
 }
 
 async fn logout(state: &State, req: Request<Incoming>) -> Response<Body> {
@@ -380,7 +401,11 @@ async fn index(state: &State, headers: &HeaderMap) -> Response<Body> {
         user.role,
         escape(&user.team)
     );
-    html::page(StatusCode::OK, "Devices", &body)
+    let mut response = html::page(StatusCode::OK, "Devices", &body);
+    if let Some(cookie) = sessions::refresh_cookie(headers, &session) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
 }
 
 async fn set_protection(state: &State, req: Request<Incoming>, device_id: &str) -> Response<Body> {
@@ -388,6 +413,20 @@ async fn set_protection(state: &State, req: Request<Incoming>, device_id: &str) 
         Ok(session) => session,
         Err(response) => return response,
     };
+    let refresh = sessions::refresh_cookie(req.headers(), &session);
+    let mut response = change_protection(state, req, device_id, session).await;
+    if let Some(cookie) = refresh {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
+}
+
+async fn change_protection(
+    state: &State,
+    req: Request<Incoming>,
+    device_id: &str,
+    session: Session,
+) -> Response<Body> {
     let form = match read_form(req.into_body()).await {
         Ok(form) => form,
         Err(response) => return response,

@@ -13,6 +13,7 @@ use common::*;
 use http::{Method, StatusCode};
 use tether_platform::{DeviceInfo, Platform};
 use tether_proto::api::ErrorCode;
+use tether_proto::grant::Role;
 use tether_proto::{ResetCode, Service, ServiceHeader};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -264,6 +265,67 @@ async fn user_add_reads_the_password_from_stdin_and_the_user_can_log_in() {
     let again = run(&["user", "remove", "alice", "--data-dir", data_dir]).await;
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("no user"));
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn user_passwd_and_user_role_end_the_users_sessions() {
+    let (platform, dir) = start().await;
+    let data_dir = dir.path().to_str().unwrap();
+    let cookie = common::web::login_as(&platform, "alice", "line-3", Role::Owner).await;
+    let valid = |cookie: &str| {
+        let cookie = cookie.to_string();
+        let platform = &platform;
+        async move {
+            let mut browser = common::web::Browser::connect(platform, Some(&cookie)).await;
+            browser.get("/").await.status == StatusCode::OK
+        }
+    };
+    assert!(valid(&cookie).await);
+
+    let passwd = ["user", "passwd", "alice", "--data-dir", data_dir];
+    let changed = run_with_input(&passwd, b"brand new horse\n").await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&changed.stdout),
+        String::from_utf8_lossy(&changed.stderr),
+    );
+    assert!(changed.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("password of alice changed; 1 session(s) ended"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("brand new") && !stderr.contains("brand new"));
+    assert!(!valid(&cookie).await, "the session ended");
+    let old =
+        common::web::post_login(&platform, "alice", &common::web::password_of("alice"), None).await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+    let login = common::web::post_login(&platform, "alice", "brand new horse", None).await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+    let cookie = common::web::session_cookie(&login);
+    assert!(valid(&cookie).await);
+    let empty = run_with_input(&passwd, b"\n").await;
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("empty"));
+    let nobody = run_with_input(&["user", "passwd", "bob", "--data-dir", data_dir], b"pw\n").await;
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("no user"));
+
+    let role = run(&["user", "role", "alice", "viewer", "--data-dir", data_dir]).await;
+    let stdout = String::from_utf8_lossy(&role.stdout);
+    assert!(
+        role.status.success(),
+        "{}",
+        String::from_utf8_lossy(&role.stderr)
+    );
+    assert!(
+        stdout.contains("alice is now viewer; 1 session(s) ended"),
+        "{stdout}"
+    );
+    assert!(!valid(&cookie).await, "the demoted user's session ended");
+    let users = platform.users().await.unwrap();
+    assert_eq!(users[0].role, Role::Viewer);
+    let bad = run(&["user", "role", "alice", "admin", "--data-dir", data_dir]).await;
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
     platform.shutdown().await;
 }
 

@@ -3,7 +3,8 @@
 //! `/devices/{id}/editor/...` to the device's own editor origin, who gets
 //! through, the grant each stream carries, what crosses to the device and
 //! back, streaming bodies, the WebSocket, timeouts, an offline device, and
-//! logout closing live streams.
+//! logout, a user's removal, demotion or password change closing live
+//! streams and editor cookies.
 
 mod common;
 
@@ -624,4 +625,60 @@ async fn removing_a_user_ends_their_sessions() {
     let mut browser = Browser::connect(&platform, Some(&cookie)).await;
     assert_eq!(browser.get("/").await.status, StatusCode::SEE_OTHER);
     platform.shutdown().await;
+}
+
+/// A user's WebSocket, editor cookie and platform session all end when
+/// `change` runs.
+async fn a_change_ends_sessions_and_editor_streams<F, Fut>(change: F)
+where
+    F: FnOnce(Platform) -> Fut,
+    Fut: std::future::Future<Output = Platform>,
+{
+    let (platform, _dir) = start_web().await;
+    let device = fake_device(&platform, "t").await;
+    let cookie = login_as(&platform, "alice", "t", Role::Owner).await;
+    let bob = login_as(&platform, "bob", "t", Role::Owner).await;
+    let mut ws = open_comms(&platform, &device, &cookie).await;
+    let mut bobs = open_comms(&platform, &device, &bob).await;
+    let mut browser = editor_browser(&platform, &cookie, &device).await;
+    assert_eq!(browser.get("/").await.status, StatusCode::OK);
+    let platform = change(platform).await;
+    let ended = tokio::time::timeout(Duration::from_secs(2), ws.next())
+        .await
+        .expect("the WebSocket ends at once");
+    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+    let back = browser.get("/").await;
+    assert_eq!(
+        back.status,
+        StatusCode::SEE_OTHER,
+        "the editor cookie ended"
+    );
+    let mut page = Browser::connect(&platform, Some(&cookie)).await;
+    assert_eq!(page.get("/").await.status, StatusCode::SEE_OTHER);
+    bobs.send(Message::text("still here")).await.unwrap();
+    let echoed = bobs.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "still here");
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn demoting_a_user_ends_their_sessions_and_editor_streams() {
+    a_change_ends_sessions_and_editor_streams(|platform| async move {
+        assert_eq!(platform.set_role("alice", Role::Viewer).await.unwrap(), 1);
+        let users = platform.users().await.unwrap();
+        let alice = users.iter().find(|u| u.name == "alice").unwrap();
+        assert_eq!(alice.role, Role::Viewer);
+        platform
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_password_change_ends_the_users_editor_streams() {
+    a_change_ends_sessions_and_editor_streams(|platform| async move {
+        let new = tether_proto::api::Secret::new("another password");
+        assert_eq!(platform.set_password("alice", &new).await.unwrap(), 1);
+        platform
+    })
+    .await;
 }

@@ -1,7 +1,9 @@
 //! The pages people use, over real TLS with users and sessions in redb:
 //! login (cookie attributes, one answer for every bad credential, rate
-//! limits, where it may send the browser next), logout revoking the session
-//! on the server, the device list, and protection mode set by an owner and
+//! limits per address and per user and source address that cannot lock a
+//! user out from elsewhere or be reset by spraying names, where it may send
+//! the browser next), sessions that slide with use up to a maximum, a
+//! password change and logout ending sessions on the server, the device list, and protection mode set by an owner and
 //! pushed to the device on its control stream.
 
 mod common;
@@ -156,13 +158,23 @@ async fn logins_are_rate_limited_per_address() {
     platform.shutdown().await;
 }
 
+fn ip(text: &str) -> Option<std::net::IpAddr> {
+    Some(text.parse().unwrap())
+}
+
 #[tokio::test]
-async fn failed_logins_are_rate_limited_per_user_name() {
+async fn failed_logins_limit_one_source_and_only_slow_the_user_elsewhere() {
     let (platform, _dir) = start_with(|c| {
         c.login_failure_rate = RateLimit {
             burst: 2,
             refill: Duration::from_secs(60),
-        }
+        };
+        c.login_slowdown_rate = RateLimit {
+            burst: 10,
+            refill: Duration::from_secs(60),
+        };
+        c.login_slowdown_step = Duration::from_millis(300);
+        c.login_slowdown_max = Duration::from_millis(500);
     })
     .await;
     for name in ["alice", "bob"] {
@@ -171,17 +183,170 @@ async fn failed_logins_are_rate_limited_per_user_name() {
             .await
             .unwrap();
     }
+    let attacker = ip("127.0.0.1");
+    for _ in 0..2 {
+        let answer = post_login_from(&platform, attacker, "alice", "guess", None).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    }
+    // From the attacking address, even the right password is refused.
+    let limited = post_login_from(&platform, attacker, "alice", &password_of("alice"), None).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.headers.contains_key("retry-after"));
+    assert!(limited.text().contains("from this address"));
+    // From another address, alice logs in: slowed down (two recent
+    // failures at 300 ms, bounded at 500 ms), not refused.
+    let started = std::time::Instant::now();
+    let alice = post_login_from(
+        &platform,
+        ip("127.0.0.2"),
+        "alice",
+        &password_of("alice"),
+        None,
+    )
+    .await;
+    assert_eq!(alice.status, StatusCode::SEE_OTHER, "{}", alice.text());
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "slowed down: {:?}",
+        started.elapsed()
+    );
+    // Bob is neither limited nor slowed from the attacking address.
+    let started = std::time::Instant::now();
+    let bob = post_login_from(&platform, attacker, "bob", &password_of("bob"), None).await;
+    assert_eq!(bob.status, StatusCode::SEE_OTHER);
+    assert!(started.elapsed() < Duration::from_millis(300));
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn spraying_user_names_does_not_reset_the_targets_limit() {
+    let (platform, _dir) = start_with(|c| {
+        c.login_failure_rate = RateLimit {
+            burst: 2,
+            refill: Duration::from_secs(600),
+        };
+        c.rate_limit_max_sources = 16;
+    })
+    .await;
+    platform
+        .add_user(
+            "alice",
+            "t",
+            Role::Member,
+            &Secret::new(password_of("alice")),
+        )
+        .await
+        .unwrap();
     for _ in 0..2 {
         let answer = post_login(&platform, "alice", "guess", None).await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
     }
-    // Now even the right password is refused for alice, from any address.
+    // Three times the table's size in sprayed names, one failure each.
+    for i in 0..48 {
+        let answer = post_login(&platform, &format!("spray{i}"), "guess", None).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    }
     let limited = post_login(&platform, "alice", &password_of("alice"), None).await;
-    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
-    assert!(limited.headers.contains_key("retry-after"));
-    // Bob is not affected.
-    let bob = post_login(&platform, "bob", &password_of("bob"), None).await;
-    assert_eq!(bob.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        limited.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "alice's bucket for this address survived the spray"
+    );
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_slides_with_use_up_to_its_maximum_and_the_cookie_follows() {
+    let (platform, _dir) = start_with(|c| {
+        c.session_idle = Duration::from_secs(6);
+        c.session_max = Duration::from_secs(10);
+    })
+    .await;
+    let login = {
+        platform
+            .add_user(
+                "alice",
+                "t",
+                Role::Member,
+                &Secret::new(password_of("alice")),
+            )
+            .await
+            .unwrap();
+        post_login(&platform, "alice", &password_of("alice"), None).await
+    };
+    let started = std::time::Instant::now();
+    let set = login.headers["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.contains("Max-Age=6"), "{set}");
+    let cookie = session_cookie(&login);
+    let at = |secs: f64| started + Duration::from_secs_f64(secs);
+    let mut browser = Browser::connect(&platform, Some(&cookie)).await;
+    let fresh = browser.get("/").await;
+    assert_eq!(fresh.status, StatusCode::OK);
+    assert!(
+        set_cookie_pair(&fresh, "__Host-tether_session").is_none(),
+        "no extension (and no write) while more than half the idle time is left"
+    );
+    tokio::time::sleep_until(at(4.5).into()).await;
+    let used = browser.get("/").await;
+    assert_eq!(used.status, StatusCode::OK);
+    let refreshed = used
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|v| v.starts_with("__Host-tether_session="))
+        .expect("the extended session's cookie is sent again");
+    assert!(refreshed.starts_with(&cookie), "{refreshed}");
+    assert!(!refreshed.contains("Max-Age=0"), "{refreshed}");
+    // Past the first idle expiry (6 s), the used session still works...
+    tokio::time::sleep_until(at(7.2).into()).await;
+    assert_eq!(browser.get("/").await.status, StatusCode::OK);
+    // ... but not past the maximum (10 s from login), however it is used.
+    tokio::time::sleep_until(at(10.6).into()).await;
+    let ended = browser.get("/").await;
+    assert_eq!(ended.status, StatusCode::SEE_OTHER);
+    assert_eq!(ended.location(), Some("/login"));
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_password_change_ends_every_session_of_the_user() {
+    let (platform, _dir) = start_web().await;
+    let first = login_as(&platform, "alice", "t", Role::Member).await;
+    let second = post_login(&platform, "alice", &password_of("alice"), None).await;
+    let second = session_cookie(&second);
+    let bob = login_as(&platform, "bob", "t", Role::Member).await;
+    let ended = platform
+        .set_password("alice", &Secret::new("new secret"))
+        .await
+        .unwrap();
+    assert_eq!(ended, 2);
+    for cookie in [&first, &second] {
+        let mut browser = Browser::connect(&platform, Some(cookie)).await;
+        assert_eq!(browser.get("/").await.status, StatusCode::SEE_OTHER);
+    }
+    let mut browser = Browser::connect(&platform, Some(&bob)).await;
+    assert_eq!(
+        browser.get("/").await.status,
+        StatusCode::OK,
+        "bob untouched"
+    );
+    let old = post_login(&platform, "alice", &password_of("alice"), None).await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+    let new = post_login(&platform, "alice", "new secret", None).await;
+    assert_eq!(new.status, StatusCode::SEE_OTHER);
+    assert!(
+        platform
+            .set_password("alice", &Secret::new(""))
+            .await
+            .is_err()
+    );
+    assert!(
+        platform
+            .set_password("nobody", &Secret::new("x"))
+            .await
+            .is_err()
+    );
     platform.shutdown().await;
 }
 

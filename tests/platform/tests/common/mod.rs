@@ -151,6 +151,17 @@ pub async fn tls_to(
     ca_pem: &str,
     identity: Option<(&str, &KeyPair)>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    tls_from(addr, ca_pem, identity, None).await
+}
+
+/// TLS to a platform at `addr` from the loopback address `source` (such as
+/// 127.0.0.2), or from any if `None`.
+pub async fn tls_from(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<(&str, &KeyPair)>,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -168,7 +179,14 @@ pub async fn tls_to(
         }
         None => builder.with_no_client_auth(),
     };
-    let tcp = TcpStream::connect(addr).await?;
+    let tcp = match source {
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+        None => TcpStream::connect(addr).await?,
+    };
     let name = ServerName::try_from("localhost").unwrap();
     TlsConnector::from(Arc::new(config))
         .connect(name, tcp)

@@ -84,7 +84,20 @@ impl Browser {
 
     /// A connection that sends `Host: host`.
     pub async fn connect_to(platform: &Platform, host: &str, cookie: Option<&str>) -> Browser {
-        let tls = tls(platform, None).await.expect("TLS to the platform");
+        Browser::connect_from(platform, host, cookie, None).await
+    }
+
+    /// A connection from the loopback address `source` (any if `None`)
+    /// that sends `Host: host`.
+    pub async fn connect_from(
+        platform: &Platform,
+        host: &str,
+        cookie: Option<&str>,
+        source: Option<std::net::IpAddr>,
+    ) -> Browser {
+        let tls = tls_from(addr(platform), &platform.ca_pem(), None, source)
+            .await
+            .expect("TLS to the platform");
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .expect("HTTP handshake");
@@ -212,7 +225,18 @@ pub async fn post_login(
     password: &str,
     next: Option<&str>,
 ) -> Answer {
-    let mut browser = Browser::connect(platform, None).await;
+    post_login_from(platform, None, user, password, next).await
+}
+
+/// [`post_login`] from the loopback address `source` (any if `None`).
+pub async fn post_login_from(
+    platform: &Platform,
+    source: Option<std::net::IpAddr>,
+    user: &str,
+    password: &str,
+    next: Option<&str>,
+) -> Answer {
+    let mut browser = Browser::connect_from(platform, HOST, None, source).await;
     let page = browser.get("/login").await;
     assert_eq!(page.status, StatusCode::OK);
     browser.cookie = set_cookie_pair(&page, "__Host-tether_login");
