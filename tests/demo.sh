@@ -82,7 +82,7 @@ say "2. Creating a one-time provisioning token (valid 1 hour, 1 use)"
 echo "   \$ tether-platform token create --data-dir $PLATFORM_DIR"
 TOKEN=$("$BIN/tether-platform" token create --data-dir "$PLATFORM_DIR" 2>>"$WORK/platform-cli.log") ||
     fail "token create failed"
-echo "   ${TOKEN:0:12}... (shown once; the platform keeps only its hash)"
+echo "   ${TOKEN:0:12}...${TOKEN: -8} (shown once; the platform keeps only its secret's hash; the part after '.' is the CA's key hash)"
 
 say "3. Enrolling the device: its key is made here and never leaves it"
 "$BIN/tether-demo-service" 127.0.0.1:0 >"$WORK/service.out" 2>"$WORK/service.log" &
@@ -90,13 +90,18 @@ PIDS+=($!)
 for _ in $(seq 1 100); do grep -q listening "$WORK/service.out" 2>/dev/null && break; sleep 0.05; done
 SERVICE_ADDR=$(sed -n 's/^listening on //p' "$WORK/service.out")
 [ -n "$SERVICE_ADDR" ] || fail "the demo service did not start"
-echo "   \$ tetherd enroll --platform https://localhost:$PLATFORM_PORT --token tpt_... --ca $PLATFORM_DIR/ca.crt --state-dir $STATE_DIR --name demo-gateway"
-"$BIN/tetherd" enroll --platform "https://localhost:$PLATFORM_PORT" --token "$TOKEN" \
-    --ca "$PLATFORM_DIR/ca.crt" --state-dir "$STATE_DIR" --name demo-gateway ||
+# The token goes in an owner-only file, never on a command line (process
+# list, shell history). It names the platform's CA by its key's hash, so no
+# --ca is needed and no other CA is trusted.
+TOKEN_FILE="$WORK/provisioning.token"
+(umask 077 && printf '%s\n' "$TOKEN" >"$TOKEN_FILE")
+echo "   \$ tetherd enroll --platform https://localhost:$PLATFORM_PORT --token-file $TOKEN_FILE --state-dir $STATE_DIR --name demo-gateway"
+"$BIN/tetherd" enroll --platform "https://localhost:$PLATFORM_PORT" --token-file "$TOKEN_FILE" \
+    --state-dir "$STATE_DIR" --name demo-gateway ||
     fail "enrollment failed"
-echo "   The same token again is refused:"
-if "$BIN/tetherd" enroll --platform "https://localhost:$PLATFORM_PORT" --token "$TOKEN" \
-    --ca "$PLATFORM_DIR/ca.crt" --state-dir "$WORK/second-device" --name copycat 2>&1 | sed 's/^/   /'; then
+echo "   The same token again (on stdin this time) is refused:"
+if "$BIN/tetherd" enroll --platform "https://localhost:$PLATFORM_PORT" --token-stdin \
+    --state-dir "$WORK/second-device" --name copycat <"$TOKEN_FILE" 2>&1 | sed 's/^/   /'; then
     fail "a used token was accepted"
 fi
 

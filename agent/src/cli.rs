@@ -4,12 +4,12 @@
 //! every failure to one line on stderr and a documented exit code
 //! (`docs/operations.md`). It holds no agent logic.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tether_proto::api::Secret;
+use tether_proto::api::ProvisioningToken;
 use tracing::{error, info, warn};
 
 use crate::agent::Agent;
@@ -32,14 +32,26 @@ const ENROLL_EXIT_CODES: &str = "\
 Exit codes:
   0   enrolled
   64  usage: bad arguments, platform URL or device name
-  65  token rejected: malformed, unknown, already used or expired
+  65  token rejected: malformed, unknown, revoked, already used or expired
+      (also: no token given, or an unreadable --token-file)
   69  platform unreachable: DNS, connection refused, timeout
   70  internal error (key generation)
   73  cannot write the state directory, or already enrolled (use --force)
   75  temporary: rate limited or platform overloaded; retry later
   76  protocol: the platform answered something unexpected
-  77  not trusted: the platform's certificate does not match the CA
-  78  config: unreadable --ca or --config file, or the device clock is far off";
+  77  not trusted: the platform's certificate does not chain to the CA the
+      token names, or the --ca file is not that CA
+  78  config: unreadable --ca or --config file, a --token-file or a config
+      holding a token that others can read, or the device clock is far off
+
+The token is never read from the command line: pass it on stdin
+(--token-stdin, or --token -), in an owner-only file (--token-file), or in
+the TETHER_TOKEN environment variable.";
+
+/// The environment variable `tetherd enroll` reads the token from.
+pub const TOKEN_ENV: &str = "TETHER_TOKEN";
+/// Longest token input read from stdin or a file, in bytes.
+const MAX_TOKEN_INPUT: u64 = 1024;
 
 /// Tether device agent: keeps one outbound mutual-TLS tunnel to the platform
 /// and carries editor access, MQTT and control traffic over it.
@@ -66,16 +78,20 @@ struct EnrollArgs {
     /// The platform's URL, https://HOST:PORT.
     #[arg(long, value_name = "URL")]
     platform: Option<String>,
-    /// The provisioning token (or provisioning_token in the config file).
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        env = "TETHERD_TOKEN",
-        hide_env_values = true
-    )]
+    /// Only `--token -` (read the token from stdin) is accepted: a token on
+    /// the command line would show in the process list and shell history.
+    #[arg(long, value_name = "-", hide = true)]
     token: Option<String>,
-    /// Trust only this CA certificate (PEM) for the platform; without it the
-    /// operating system's roots are used.
+    /// Read the provisioning token from stdin (one line).
+    #[arg(long, conflicts_with_all = ["token", "token_file"])]
+    token_stdin: bool,
+    /// Read the provisioning token from FILE, which must be owner-only
+    /// (chmod 600). Without a token option: $TETHER_TOKEN, then the
+    /// config's provisioning_token.
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// The platform's CA certificate (PEM), optional: the token already
+    /// names the CA, and this file must hold that same CA.
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
     /// Where to keep the identity [default: the config's, or /var/lib/tether].
@@ -168,21 +184,15 @@ fn enroll_command(args: EnrollArgs) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let Some(platform) = args.platform.or(config.platform.clone()) else {
+    let Some(platform) = args.platform.clone().or(config.platform.clone()) else {
         return fail(
             "enroll needs --platform https://HOST:PORT (or platform in the config)",
             exit::USAGE,
         );
     };
-    let Some(token) = args
-        .token
-        .map(Secret::new)
-        .or(config.provisioning_token.clone())
-    else {
-        return fail(
-            "enroll needs --token TOKEN (or provisioning_token in the config)",
-            exit::USAGE,
-        );
+    let token = match read_token(&args, &config) {
+        Ok(token) => token,
+        Err(code) => return code,
     };
     let options = EnrollOptions {
         platform,
@@ -227,6 +237,88 @@ fn enroll_command(args: EnrollArgs) -> u8 {
         }
         Err(e) => fail(format!("enrollment failed: {e}"), e.exit_code()),
     }
+}
+
+/// The token from stdin, an owner-only file, `$TETHER_TOKEN` or the config,
+/// in that order; never from argv.
+fn read_token(args: &EnrollArgs, config: &Config) -> Result<ProvisioningToken, u8> {
+    let text = match (&args.token, args.token_stdin, &args.token_file) {
+        (Some(value), _, _) if value != "-" => {
+            return Err(fail(
+                "the token is not accepted on the command line (it would show in the process list and shell history); help: pass it on stdin with --token-stdin (or --token -), in an owner-only file with --token-file FILE, or in the TETHER_TOKEN environment variable",
+                exit::USAGE,
+            ));
+        }
+        (Some(_), _, _) | (None, true, _) => {
+            let mut text = String::new();
+            let read = std::io::stdin()
+                .lock()
+                .take(MAX_TOKEN_INPUT)
+                .read_to_string(&mut text);
+            if let Err(e) = read {
+                return Err(fail(
+                    format!("cannot read the token from stdin: {e}"),
+                    exit::DATAERR,
+                ));
+            }
+            text
+        }
+        (None, false, Some(path)) => read_token_file(path)?,
+        (None, false, None) => match std::env::var(TOKEN_ENV) {
+            Ok(text) => text,
+            Err(_) => match &config.provisioning_token {
+                Some(token) => return Ok(token.clone()),
+                None => {
+                    return Err(fail(
+                        "enroll needs a provisioning token; help: pass it with --token-stdin, --token-file FILE or TETHER_TOKEN (or provisioning_token in an owner-only config)",
+                        exit::USAGE,
+                    ));
+                }
+            },
+        },
+    };
+    ProvisioningToken::parse(&text)
+        .ok_or_else(|| fail(enroll::EnrollError::TokenMalformed, exit::DATAERR))
+}
+
+/// Reads a token file, refused unless only its owner may read it.
+fn read_token_file(path: &std::path::Path) -> Result<String, u8> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| {
+        fail(
+            format!("cannot read the token file '{shown}': {e}"),
+            exit::CONFIG,
+        )
+    })?;
+    let mode = file
+        .metadata()
+        .map_err(|e| {
+            fail(
+                format!("cannot read the token file '{shown}': {e}"),
+                exit::CONFIG,
+            )
+        })?
+        .mode()
+        & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(fail(
+            format!(
+                "the token file '{shown}' is readable by others (mode {mode:04o}); help: chmod 600 '{shown}'"
+            ),
+            exit::CONFIG,
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_TOKEN_INPUT)
+        .read_to_string(&mut text)
+        .map_err(|e| {
+            fail(
+                format!("cannot read the token file '{shown}': {e}"),
+                exit::CONFIG,
+            )
+        })?;
+    Ok(text)
 }
 
 fn run_command(args: RunArgs) -> u8 {

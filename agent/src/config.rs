@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tether_proto::api::{Secret, is_device_name, is_provisioning_token};
+use tether_proto::api::{ProvisioningToken, is_device_name};
 use toml::{Table, Value};
 
 use crate::clock::Clock;
@@ -37,7 +37,7 @@ pub struct Config {
     pub ca: Option<PathBuf>,
     /// One-time token to enroll with when the device has no identity yet.
     /// Ignored once the device is enrolled.
-    pub provisioning_token: Option<Secret>,
+    pub provisioning_token: Option<ProvisioningToken>,
     /// The device's name at enrollment (the hostname without it).
     pub name: Option<String>,
     /// Log filter (`info` without it; `TETHERD_LOG` overrides).
@@ -207,6 +207,12 @@ pub enum ConfigError {
         path: Option<PathBuf>,
         message: String,
     },
+    #[error(
+        "config '{}' holds a provisioning_token but is readable by others (mode {mode:04o}); help: chmod 600 '{}' (or chmod go-rwx), or pass the token with --token-file or --token-stdin",
+        path.display(),
+        path.display()
+    )]
+    TokenReadable { path: PathBuf, mode: u32 },
     #[error("{}", Problems { path, problems })]
     Invalid {
         path: Option<PathBuf>,
@@ -295,7 +301,29 @@ impl Config {
             path: Some(path.to_owned()),
             message: "the file is not UTF-8".into(),
         })?;
-        Config::from_toml_str(&text).map_err(|e| e.with_path(path))
+        let config = Config::from_toml_str(&text).map_err(|e| e.with_path(path))?;
+        if config.provisioning_token.is_some() {
+            // A token in a file others can read is a token others have.
+            use std::os::unix::fs::MetadataExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| ConfigError::Read {
+                    path: path.to_owned(),
+                    source: crate::files::FileError {
+                        action: "read the mode of",
+                        path: path.to_owned(),
+                        source: e,
+                    },
+                })?
+                .mode()
+                & 0o7777;
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::TokenReadable {
+                    path: path.to_owned(),
+                    mode,
+                });
+            }
+        }
+        Ok(config)
     }
 
     /// Validates a config given as TOML text, reporting every problem.
@@ -334,14 +362,14 @@ impl Config {
                 }
                 "provisioning_token" => {
                     if let Some(s) = check.string(key, value) {
-                        if is_provisioning_token(s) {
-                            config.provisioning_token = Some(Secret::new(s));
+                        if let Some(token) = ProvisioningToken::parse(s) {
+                            config.provisioning_token = Some(token);
                         } else {
                             // Never echo the value: it may be a real token
                             // with a typo.
                             check.problem(
                                 key,
-                                "expected a provisioning token ('tpt_' and 64 lowercase hex digits)",
+                                "expected a provisioning token ('tpt_', 64 lowercase hex digits, '.', and the CA hash's 64 hex digits)",
                             );
                         }
                     }
@@ -762,7 +790,7 @@ pub fn is_service_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
-    const TOKEN: &str = "tpt_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const TOKEN: &str = "tpt_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
 
     #[test]
     fn a_full_config_parses_into_typed_values() {
@@ -929,6 +957,28 @@ mod tests {
         assert!(err.to_string().contains("tetherd.toml"), "{err}");
         let err = Config::load(dir.path().join("missing.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_config_holding_a_token_is_refused_unless_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tetherd.toml");
+        std::fs::write(&path, format!("provisioning_token = \"{TOKEN}\"\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::TokenReadable { mode: 0o644, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        assert!(!err.to_string().contains(TOKEN), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Config::load(&path).unwrap().provisioning_token.is_some());
+        // A config without a token may stay world-readable.
+        std::fs::write(&path, "name = \"gw\"\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Config::load(&path).unwrap();
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! Enrollment: turn a one-time provisioning token into a device identity.
 //!
+//! The token names the platform's CA by the SHA-256 of its public key; the
+//! platform is trusted only if its TLS chain reaches that CA
+//! ([`tls::PinnedCaVerifier`]), never through the system's Web PKI, and the
+//! answer must carry that same CA, which must have issued the returned
+//! device certificate. Only the token's secret part is sent.
+//!
 //! The key pair is made here (ECDSA P-256) and never leaves the device: only
 //! a CSR goes to `POST /v1/enroll`. The answer (device id, certificate,
 //! platform CA, tunnel URL, pinned keys) is checked and stored in the state
@@ -18,9 +24,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use tether_proto::api::{
-    self, ApiError, EnrollRequest, EnrollResponse, ErrorCode, Facts, Secret, is_device_id,
-    is_device_name, is_ed25519_public_key, is_provisioning_token,
+    self, ApiError, EnrollRequest, EnrollResponse, ErrorCode, Facts, ProvisioningToken,
+    is_device_id, is_device_name, is_ed25519_public_key,
 };
 
 use crate::clock::{self, Clock};
@@ -42,9 +49,10 @@ pub const MAX_CLOCK_SKEW_SECS: u64 = 300;
 pub struct EnrollOptions {
     /// The platform's base URL, `https://HOST[:PORT]`.
     pub platform: String,
-    /// The one-time provisioning token.
-    pub token: Secret,
-    /// Trust only this CA file for the platform (the OS roots without it).
+    /// The provisioning token: its secret and the platform CA's hash.
+    pub token: ProvisioningToken,
+    /// A CA file for the platform, optional: it must hold the CA the token
+    /// names (useful when the platform does not send its CA in its chain).
     pub ca: Option<PathBuf>,
     pub state_dir: PathBuf,
     /// The device's name (the hostname without it).
@@ -57,7 +65,11 @@ pub struct EnrollOptions {
 impl EnrollOptions {
     /// Options with the defaults: no CA file, the hostname as name, no
     /// force, the system clock.
-    pub fn new(platform: impl Into<String>, token: Secret, state_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        platform: impl Into<String>,
+        token: ProvisioningToken,
+        state_dir: impl Into<PathBuf>,
+    ) -> Self {
         EnrollOptions {
             platform: platform.into(),
             token,
@@ -84,9 +96,18 @@ pub enum EnrollError {
     #[error("{0}")]
     Usage(String),
     #[error(
-        "the provisioning token is malformed (expected 'tpt_' and 64 lowercase hex digits); help: copy the whole token from the platform"
+        "the provisioning token is malformed (expected 'tpt_', 64 lowercase hex digits, '.' and the CA hash's 64 hex digits); help: copy the whole token from `tether-platform token create`"
     )]
     TokenMalformed,
+    #[error(
+        "the provisioning token was revoked on the platform; help: create a new token on the platform"
+    )]
+    TokenRevoked,
+    #[error(
+        "the CA file '{}' does not hold the CA named by the provisioning token; help: leave out --ca (the token names the CA), or check that token and CA belong to the same platform",
+        path.display()
+    )]
+    CaNotTheTokens { path: PathBuf },
     #[error(
         "the platform does not know this provisioning token; help: check that it was copied whole and belongs to this platform, or create a new one"
     )]
@@ -138,6 +159,7 @@ impl EnrollError {
         match self {
             EnrollError::Usage(_) => exit::USAGE,
             EnrollError::TokenMalformed
+            | EnrollError::TokenRevoked
             | EnrollError::TokenUnknown
             | EnrollError::TokenUsed
             | EnrollError::TokenExpired => exit::DATAERR,
@@ -145,7 +167,7 @@ impl EnrollError {
             EnrollError::CaFile { .. } | EnrollError::ClockSkew { .. } => exit::CONFIG,
             EnrollError::Unreachable { .. } => exit::UNAVAILABLE,
             EnrollError::Unavailable { .. } | EnrollError::RateLimited { .. } => exit::TEMPFAIL,
-            EnrollError::Untrusted { .. } => exit::NOPERM,
+            EnrollError::Untrusted { .. } | EnrollError::CaNotTheTokens { .. } => exit::NOPERM,
             EnrollError::Protocol(_) => exit::PROTOCOL,
             EnrollError::Key(_) => exit::SOFTWARE,
         }
@@ -168,9 +190,6 @@ impl From<IdentityError> for EnrollError {
 pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     let endpoint = Endpoint::parse(&options.platform, "https")
         .map_err(|e| EnrollError::Usage(e.to_string()))?;
-    if !is_provisioning_token(options.token.expose()) {
-        return Err(EnrollError::TokenMalformed);
-    }
     let name = match &options.name {
         Some(name) if is_device_name(name) => name.clone(),
         Some(_) => {
@@ -210,18 +229,31 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, EnrollError> {
         .map_err(|e| EnrollError::Key(e.to_string()))?;
     let csr = csr_pem(&key).map_err(EnrollError::Key)?;
     let request = EnrollRequest {
-        token: options.token.clone(),
+        token: options.token.secret().clone(),
         csr,
         name: name.clone(),
         facts: facts(),
     };
-    let tls =
-        tls::enroll_config(ca.as_deref(), options.clock).map_err(|e| EnrollError::CaFile {
+    let (tls, verifier) = tls::enroll_config(
+        *options.token.ca_spki_sha256(),
+        ca.as_deref(),
+        options.clock,
+    )
+    .map_err(|e| match e {
+        tls::TlsError::NotTheTokensCa => EnrollError::CaNotTheTokens {
             path: options.ca.clone().unwrap_or_default(),
-            reason: e.to_string(),
-        })?;
+        },
+        other => EnrollError::CaFile {
+            path: options.ca.clone().unwrap_or_default(),
+            reason: other.to_string(),
+        },
+    })?;
     let response = post_enroll(&endpoint, tls, &request, options).await?;
+    let anchored = verifier.anchored().ok_or_else(|| {
+        EnrollError::Protocol("the TLS handshake finished without the token's CA".into())
+    })?;
     let answer = check_response(response, &key)?;
+    check_answer_ca(&answer, &anchored, options)?;
 
     let now = options.clock.now_unix();
     let skew = answer.platform_time as i64 - now as i64;
@@ -374,6 +406,7 @@ fn api_failure(
         Some(ErrorCode::TokenUnknown) => EnrollError::TokenUnknown,
         Some(ErrorCode::TokenUsed) => EnrollError::TokenUsed,
         Some(ErrorCode::TokenExpired) => EnrollError::TokenExpired,
+        Some(ErrorCode::TokenRevoked) => EnrollError::TokenRevoked,
         Some(ErrorCode::RateLimited) => EnrollError::RateLimited { retry_after },
         _ if status == http::StatusCode::TOO_MANY_REQUESTS => {
             EnrollError::RateLimited { retry_after }
@@ -412,11 +445,7 @@ fn tls_failure(err: &std::io::Error, target: &str, options: &EnrollOptions) -> O
         TlsFailure::Untrusted(reason) => EnrollError::Untrusted {
             target: target.to_owned(),
             reason,
-            help: if options.ca.is_some() {
-                "the --ca file is not this platform's CA (or the URL points at a different platform)"
-            } else {
-                "pass the platform's CA with --ca, or check that the URL points at your platform"
-            },
+            help: "the token was made by another platform, or the URL points at a platform other than the token's; create the token on the platform at this URL",
         },
         TlsFailure::Rejected(alert) => {
             EnrollError::Protocol(format!("the platform ended the TLS handshake ({alert})"))
@@ -455,6 +484,35 @@ fn check_response(
         return Err(bad("the pinned keys are malformed".into()));
     }
     Ok(answer)
+}
+
+/// The answer's CA must be exactly the CA the TLS handshake chained to (the
+/// token's), and it must have issued the device certificate: a platform
+/// cannot hand the device another CA to pin.
+fn check_answer_ca(
+    answer: &EnrollResponse,
+    anchored: &CertificateDer<'static>,
+    options: &EnrollOptions,
+) -> Result<(), EnrollError> {
+    let bad = |what: &str| EnrollError::Protocol(what.to_owned());
+    let returned: Vec<CertificateDer<'static>> =
+        rustls::pki_types::pem::PemObject::pem_slice_iter(answer.ca.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad("the platform CA is missing or malformed"))?;
+    if returned.len() != 1 || returned[0] != *anchored {
+        return Err(bad(
+            "the CA in the answer is not the CA named by the token (the one the platform's TLS certificate chains to)",
+        ));
+    }
+    let device: CertificateDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(answer.certificate.as_bytes())
+            .map_err(|_| bad("the device certificate is malformed"))?;
+    let now = UnixTime::since_unix_epoch(Duration::from_secs(options.clock.now_unix()));
+    tls::check_issued_by(anchored, &device, now).map_err(|e| {
+        EnrollError::Protocol(format!(
+            "the device certificate was not issued by the token's CA: {e}"
+        ))
+    })
 }
 
 /// Text from the network, cut to one short line.
@@ -538,7 +596,7 @@ mod tests {
                "generation":1,"key_file":"device-1.key","cert_file":"device-1.crt","ca_file":"ca.crt"}"#,
         )
         .unwrap();
-        let token = Secret::new(format!("tpt_{}", "a".repeat(64)));
+        let token = ProvisioningToken::new(&format!("tpt_{}", "a".repeat(64)), [7; 32]).unwrap();
         // Port 1 on loopback: a request would fail as unreachable.
         let options = EnrollOptions::new("https://127.0.0.1:1", token, dir.path());
         let err = enroll(&options).await.unwrap_err();
@@ -546,14 +604,17 @@ mod tests {
         assert_eq!(err.exit_code(), exit::CANTCREAT);
     }
 
-    #[tokio::test]
-    async fn a_malformed_token_is_refused_before_any_request() {
-        let dir = tempfile::tempdir().unwrap();
-        let options =
-            EnrollOptions::new("https://127.0.0.1:1", Secret::new("tpt_short"), dir.path());
-        let err = enroll(&options).await.unwrap_err();
-        assert!(matches!(err, EnrollError::TokenMalformed));
-        assert_eq!(err.exit_code(), exit::DATAERR);
+    #[test]
+    fn a_token_without_its_ca_hash_does_not_parse() {
+        let secret = format!("tpt_{}", "a".repeat(64));
+        assert!(ProvisioningToken::parse(&secret).is_none());
+        assert!(ProvisioningToken::parse("tpt_short.00").is_none());
+        let whole = format!("{secret}.{}\n", "0f".repeat(32));
+        let token = ProvisioningToken::parse(&whole).unwrap();
+        assert_eq!(token.secret().expose(), secret);
+        assert_eq!(token.ca_spki_sha256(), &[0x0f; 32]);
+        assert_eq!(token.expose(), whole.trim());
+        assert_eq!(format!("{token:?}"), "[redacted]");
     }
 
     #[tokio::test]
@@ -564,7 +625,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let token = Secret::new(format!("tpt_{}", "a".repeat(64)));
+        let token = ProvisioningToken::new(&format!("tpt_{}", "a".repeat(64)), [7; 32]).unwrap();
         let mut options = EnrollOptions::new(
             format!("https://127.0.0.1:{port}"),
             token,

@@ -1,19 +1,27 @@
 //! TLS client configurations and what TLS failures mean for an operator.
 //!
-//! Two configurations: one for enrollment (the platform verified against the
-//! OS roots, or only against a CA file given on the command line) and one for
-//! the tunnel (only the CA pinned at enrollment, and the device certificate
-//! as client certificate). Both use the ring provider and take their notion
+//! Two configurations: one for enrollment (the platform verified against
+//! exactly the CA whose public key hash the provisioning token carries,
+//! [`PinnedCaVerifier`]; never the operating system's roots) and one for the
+//! tunnel (only the CA pinned at enrollment, and the device certificate as
+//! client certificate). Both use the ring provider and take their notion
 //! of "now" from the agent's [`Clock`], so certificate validity follows an
 //! injected clock in tests. This module never opens a connection.
 
 use std::error::Error as StdError;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::ClientConfig;
-use rustls::pki_types::CertificateDer;
-use rustls::{AlertDescription, CertificateError, RootCertStore};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    AlertDescription, CertificateError, DigitallySignedStruct, OtherError, RootCertStore,
+    SignatureScheme,
+};
 
 use crate::clock::Clock;
 use crate::identity::Credentials;
@@ -27,6 +35,8 @@ pub enum TlsError {
     ClientCert(rustls::Error),
     #[error("TLS setup failed: {0}")]
     Setup(rustls::Error),
+    #[error("the CA file does not hold the CA named by the provisioning token")]
+    NotTheTokensCa,
 }
 
 /// The ring provider, the only one this project uses.
@@ -34,36 +44,184 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// For enrollment: trust `ca` if given, else the operating system's roots.
+/// SHA-256 of a certificate's SubjectPublicKeyInfo (DER), or `None` if the
+/// certificate cannot be parsed.
+pub fn spki_sha256(cert: &[u8]) -> Option<[u8; 32]> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        parsed.tbs_certificate.subject_pki.raw,
+    );
+    digest.as_ref().try_into().ok()
+}
+
+/// The certificate's chain does not reach the CA the token names.
+#[derive(Debug, thiserror::Error)]
+#[error("it does not chain to the CA named by the provisioning token")]
+pub struct NotTheTokensCa;
+
+/// Verifies the platform for enrollment against one CA only: the one whose
+/// SubjectPublicKeyInfo hashes to the token's CA hash. The CA certificate
+/// is taken from the chain the server sends (or from a `--ca` file); once
+/// found it is the only root, and webpki does the usual signature, name,
+/// time and key-usage checks. The CA that anchored the handshake is kept,
+/// so the enrollment answer can be checked against it.
+#[derive(Debug)]
+pub struct PinnedCaVerifier {
+    pin: [u8; 32],
+    /// Certificates from a `--ca` file, candidates besides the server's chain.
+    extra: Vec<CertificateDer<'static>>,
+    provider: Arc<CryptoProvider>,
+    anchored: Mutex<Option<CertificateDer<'static>>>,
+}
+
+impl PinnedCaVerifier {
+    /// The CA certificate the last successful handshake chained to.
+    pub fn anchored(&self) -> Option<CertificateDer<'static>> {
+        self.anchored.lock().ok().and_then(|a| a.clone())
+    }
+
+    fn find_ca<'a>(
+        &'a self,
+        intermediates: &'a [CertificateDer<'a>],
+    ) -> Option<&'a CertificateDer<'a>> {
+        intermediates
+            .iter()
+            .chain(self.extra.iter())
+            .find(|cert| spki_sha256(cert).is_some_and(|hash| hash == self.pin))
+    }
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let not_pinned = || {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+                NotTheTokensCa,
+            ))))
+        };
+        let ca = self
+            .find_ca(intermediates)
+            .ok_or_else(not_pinned)?
+            .clone()
+            .into_owned();
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone()).map_err(|_| not_pinned())?;
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verified = webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        if let Ok(mut anchored) = self.anchored.lock() {
+            *anchored = Some(ca);
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// For enrollment: trust only the CA whose public key hashes to `pin` (the
+/// token's CA hash), found in the server's chain or in `ca` (a `--ca` file,
+/// which must then hold that CA). Returns the verifier too, to ask which CA
+/// anchored the handshake.
 pub fn enroll_config(
+    pin: [u8; 32],
     ca: Option<&[CertificateDer<'static>]>,
     clock: Clock,
-) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    match ca {
+) -> Result<(ClientConfig, Arc<PinnedCaVerifier>), TlsError> {
+    let extra: Vec<CertificateDer<'static>> = match ca {
         Some(certs) => {
-            for cert in certs {
-                roots.add(cert.clone()).map_err(|e| {
-                    TlsError::NoRoots(format!("the CA file holds an unusable certificate: {e}"))
-                })?;
+            let matching: Vec<_> = certs
+                .iter()
+                .filter(|cert| spki_sha256(cert).is_some_and(|hash| hash == pin))
+                .cloned()
+                .collect();
+            if matching.is_empty() {
+                return Err(TlsError::NotTheTokensCa);
             }
+            matching
         }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            let (added, _) = roots.add_parsable_certificates(native.certs);
-            if added == 0 {
-                return Err(TlsError::NoRoots(
-                    "the operating system has no CA certificates; help: install ca-certificates or pass --ca".into(),
-                ));
-            }
-        }
-    }
+        None => Vec::new(),
+    };
+    let verifier = Arc::new(PinnedCaVerifier {
+        pin,
+        extra,
+        provider: provider(),
+        anchored: Mutex::new(None),
+    });
     let config = ClientConfig::builder_with_details(provider(), clock.time_provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Setup)?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
-    Ok(config)
+    Ok((config, verifier))
+}
+
+/// Checks that `ca` issued `device_cert` (a client certificate valid at
+/// `now`): the enrollment answer's CA must be the one that signed both the
+/// platform's TLS certificate and the device's new certificate.
+pub fn check_issued_by(
+    ca: &CertificateDer<'static>,
+    device_cert: &CertificateDer<'static>,
+    now: UnixTime,
+) -> Result<(), TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca.clone())
+        .map_err(|e| TlsError::NoRoots(format!("the platform CA is unusable: {e}")))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::NoRoots(e.to_string()))?;
+    verifier
+        .verify_client_cert(device_cert, &[], now)
+        .map(|_| ())
+        .map_err(TlsError::Setup)
 }
 
 /// For the tunnel: trust only the pinned CA, present the device certificate.
@@ -159,6 +317,7 @@ fn tls_reason(err: &CertificateError) -> String {
         }
         CertificateError::BadSignature => "its signature does not verify".into(),
         CertificateError::Revoked => "it is revoked".into(),
+        CertificateError::Other(other) => other.to_string(),
         other => format!("{other:?}"),
     }
 }

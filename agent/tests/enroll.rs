@@ -1,6 +1,7 @@
 //! Enrollment against the real platform: through the `tetherd` binary (exit
 //! codes, one-line messages, file modes) and through the library (an
-//! injected clock far off).
+//! injected clock far off). The token carries the platform CA's hash, so no
+//! test here passes the platform's CA file unless it says why.
 
 mod common;
 
@@ -12,7 +13,7 @@ use tether_agent::Clock;
 use tether_agent::enroll::{EnrollError, enroll};
 use tether_agent::identity::StateDir;
 use tether_platform::TokenSpec;
-use tether_proto::api::Secret;
+use tether_proto::api::ProvisioningToken;
 
 fn mode(path: &std::path::Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -37,25 +38,28 @@ async fn enroll_through_the_binary_stores_a_private_key_and_status_reports_it() 
     assert_eq!(before["enrolled"], false);
     assert_eq!(before["daemon"]["running"], false);
 
+    // The token on stdin, no CA file: the token names the CA.
     let token = token(&platform).await;
-    let ca = platform.ca_path();
-    let (code, out, err) = tetherd(&[
-        "enroll",
-        "--platform",
-        &platform.url(),
-        "--token",
-        token.expose(),
-        "--ca",
-        ca.to_str().unwrap(),
-        "--state-dir",
-        state_arg,
-        "--name",
-        "press-7",
-    ])
+    let whole = token.expose();
+    let (code, out, err) = tetherd_with(
+        &[
+            "enroll",
+            "--platform",
+            &platform.url(),
+            "--token-stdin",
+            "--state-dir",
+            state_arg,
+            "--name",
+            "press-7",
+        ],
+        &[],
+        &format!("{whole}\n"),
+    )
     .await;
     assert_eq!(code, 0, "stdout {out} stderr {err}");
     assert!(out.starts_with("enrolled as dev_"), "{out}");
-    assert!(!out.contains(token.expose()) && !err.contains(token.expose()));
+    let secret = token.secret().expose();
+    assert!(!out.contains(secret) && !err.contains(secret));
 
     let identity = StateDir::new(&state)
         .load()
@@ -82,25 +86,23 @@ async fn enroll_through_the_binary_stores_a_private_key_and_status_reports_it() 
     assert!(after["cert_not_after"].as_u64().unwrap() > 0);
 
     // A second enrollment is refused without --force, before the token is
-    // spent.
+    // spent; this time the token comes from TETHER_TOKEN.
     let token2 = common::token(&platform).await;
+    let whole2 = token2.expose();
+    let env = [("TETHER_TOKEN", whole2.as_str())];
     let args = [
         "enroll",
         "--platform",
         &platform.url(),
-        "--token",
-        token2.expose(),
-        "--ca",
-        ca.to_str().unwrap(),
         "--state-dir",
         state_arg,
     ];
-    let (code, _, err) = tetherd(&args).await;
+    let (code, _, err) = tetherd_with(&args, &env, "").await;
     assert_eq!(code, 73, "{err}");
     assert!(one_line(&err).contains("--force"), "{err}");
     let mut forced = args.to_vec();
     forced.push("--force");
-    let (code, _, err) = tetherd(&forced).await;
+    let (code, _, err) = tetherd_with(&forced, &env, "").await;
     assert_eq!(code, 0, "{err}");
     let replaced = StateDir::new(&state).load().unwrap().unwrap();
     assert_ne!(replaced.device_id, identity.device_id);
@@ -108,25 +110,45 @@ async fn enroll_through_the_binary_stores_a_private_key_and_status_reports_it() 
     platform.shutdown().await;
 }
 
+/// Enrolls through the binary with `token` in an owner-only token file.
 async fn enroll_with(
     platform: &tether_platform::Platform,
     token: &str,
     state: &std::path::Path,
 ) -> (i32, String) {
-    let ca = platform.ca_path();
+    let file = state.with_extension("token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (code, _, err) = tetherd(&[
         "enroll",
         "--platform",
         &platform.url(),
-        "--token",
-        token,
-        "--ca",
-        ca.to_str().unwrap(),
+        "--token-file",
+        file.to_str().unwrap(),
         "--state-dir",
         state.to_str().unwrap(),
     ])
     .await;
     (code, err)
+}
+
+/// A token's id in `token list`: the first 16 hex digits of its secret's
+/// SHA-256.
+fn token_id(token: &ProvisioningToken) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.secret().expose().as_bytes());
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A whole token for `platform` whose secret it never issued.
+fn unknown_token(platform: &tether_platform::Platform) -> ProvisioningToken {
+    ProvisioningToken::new(
+        &format!("tpt_{}", "0".repeat(64)),
+        platform.ca_spki_sha256(),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -135,14 +157,14 @@ async fn rejected_tokens_give_one_line_and_exit_65() {
     let platform = platform(dir.path()).await;
 
     let used = token(&platform).await;
-    let (code, err) = enroll_with(&platform, used.expose(), &dir.path().join("a")).await;
+    let (code, err) = enroll_with(&platform, &used.expose(), &dir.path().join("a")).await;
     assert_eq!(code, 0, "{err}");
-    let (code, err) = enroll_with(&platform, used.expose(), &dir.path().join("b")).await;
+    let (code, err) = enroll_with(&platform, &used.expose(), &dir.path().join("b")).await;
     assert_eq!(code, 65);
     assert!(one_line(&err).contains("already used"), "{err}");
     assert!(err.contains("help: "), "{err}");
 
-    let unknown = format!("tpt_{}", "0".repeat(64));
+    let unknown = unknown_token(&platform).expose();
     let (code, err) = enroll_with(&platform, &unknown, &dir.path().join("c")).await;
     assert_eq!(code, 65);
     assert!(
@@ -158,45 +180,238 @@ async fn rejected_tokens_give_one_line_and_exit_65() {
         "the token is echoed: {err}"
     );
 
+    // The secret alone, without the CA hash, is not a token.
+    let secret_only = token(&platform).await.secret().expose().to_owned();
+    let (code, err) = enroll_with(&platform, &secret_only, &dir.path().join("d2")).await;
+    assert_eq!(code, 65);
+    assert!(one_line(&err).contains("malformed"), "{err}");
+
     let short = platform
         .create_token(TokenSpec {
-            ttl: Duration::from_secs(1),
+            ttl: Some(Duration::from_secs(1)),
             ..TokenSpec::default()
         })
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let (code, err) = enroll_with(&platform, short.expose(), &dir.path().join("e")).await;
+    let (code, err) = enroll_with(&platform, &short.expose(), &dir.path().join("e")).await;
     assert_eq!(code, 65, "{err}");
     assert!(one_line(&err).contains("expired"), "{err}");
+
+    let revoked = token(&platform).await;
+    platform.revoke_token(&token_id(&revoked)).await.unwrap();
+    let (code, err) = enroll_with(&platform, &revoked.expose(), &dir.path().join("f")).await;
+    assert_eq!(code, 65, "{err}");
+    assert!(one_line(&err).contains("revoked"), "{err}");
+    platform.shutdown().await;
+}
+
+/// A token whose CA hash names platform `a` but whose secret platform `b`
+/// issued: what a device holds when something other than its platform
+/// (trusted by some root the device has) answers at the platform's name.
+async fn token_naming_a_for_b(
+    a: &tether_platform::Platform,
+    b: &tether_platform::Platform,
+) -> ProvisioningToken {
+    let issued_by_b = token(b).await;
+    ProvisioningToken::new(issued_by_b.secret().expose(), a.ca_spki_sha256()).unwrap()
+}
+
+#[tokio::test]
+async fn a_platform_trusted_by_a_root_but_not_the_tokens_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = platform(&dir.path().join("ours")).await;
+    let other = platform(&dir.path().join("other")).await;
+    let token = token_naming_a_for_b(&ours, &other).await;
+    let whole = token.expose();
+    // The other platform's CA is trusted (as the system's roots would trust
+    // a publicly trusted certificate), but the token names ours: refused
+    // before the request, whether the trusted CA comes as --ca or not.
+    let other_ca = other.ca_path();
+    let other_url = other.url();
+    for with_ca in [true, false] {
+        let state = dir.path().join(format!("s-{with_ca}"));
+        let mut args = vec!["enroll", "--platform", &other_url, "--token-stdin"];
+        args.extend(["--state-dir", state.to_str().unwrap()]);
+        if with_ca {
+            args.extend(["--ca", other_ca.to_str().unwrap()]);
+        }
+        let (code, _, err) = tetherd_with(&args, &[], &whole).await;
+        assert_eq!(code, 77, "{err}");
+        let line = one_line(&err);
+        assert!(
+            line.contains("not trusted")
+                || line.contains("does not hold the CA named by the provisioning token"),
+            "{err}"
+        );
+        assert!(StateDir::new(&state).load().unwrap().is_none());
+    }
+    // Through the library, without a CA file: the handshake is refused.
+    let err = enroll(&options(&other, token.clone(), &dir.path().join("lib")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EnrollError::Untrusted { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("CA named by the provisioning token"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 77);
+    // Nothing reached the other platform: its token was not spent.
+    assert!(other.devices().await.unwrap().is_empty());
+    assert_eq!(other.certificates_issued(), 0);
+    let genuine = ProvisioningToken::new(token.secret().expose(), other.ca_spki_sha256()).unwrap();
+    let ok = enroll(&options(&other, genuine, &dir.path().join("t"))).await;
+    assert!(ok.is_ok(), "{ok:?}");
+    ours.shutdown().await;
+    other.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_token_is_never_read_from_argv_and_a_shared_token_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let token = token(&platform).await;
+    let whole = token.expose();
+    let url = platform.url();
+    let state = dir.path().join("s");
+    let state_arg = state.to_str().unwrap();
+    let (code, _, err) = tetherd(&[
+        "enroll",
+        "--platform",
+        &url,
+        "--token",
+        &whole,
+        "--state-dir",
+        state_arg,
+    ])
+    .await;
+    assert_eq!(code, 64, "{err}");
+    let line = one_line(&err);
+    assert!(
+        line.contains("--token-stdin") && line.contains("--token-file"),
+        "{err}"
+    );
+    assert!(!err.contains(token.secret().expose()), "{err}");
+
+    let file = dir.path().join("token");
+    std::fs::write(&file, &whole).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let file_arg = file.to_str().unwrap();
+    let args = [
+        "enroll",
+        "--platform",
+        &url,
+        "--token-file",
+        file_arg,
+        "--state-dir",
+        state_arg,
+    ];
+    let (code, _, err) = tetherd(&args).await;
+    assert_eq!(code, 78, "{err}");
+    assert!(one_line(&err).contains("chmod 600"), "{err}");
+
+    // A config holding the token, readable by others, is refused as well.
+    let config = dir.path().join("tetherd.toml");
+    std::fs::write(
+        &config,
+        format!("provisioning_token = \"{whole}\"\nplatform = \"{url}\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let config_arg = config.to_str().unwrap();
+    let (code, _, err) =
+        tetherd(&["enroll", "--config", config_arg, "--state-dir", state_arg]).await;
+    assert_eq!(code, 78, "{err}");
+    assert!(one_line(&err).contains("chmod 600"), "{err}");
+    assert!(!err.contains(token.secret().expose()), "{err}");
+    assert!(
+        platform.devices().await.unwrap().is_empty(),
+        "no token was spent"
+    );
+
+    // Owner-only, the same file is accepted.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, _, err) = tetherd(&args).await;
+    assert_eq!(code, 0, "{err}");
     platform.shutdown().await;
 }
 
 #[tokio::test]
-async fn a_platform_that_does_not_match_the_ca_file_is_not_trusted() {
+async fn a_running_enroll_shows_no_token_in_its_command_line() {
+    use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let platform = platform(dir.path()).await;
-    let foreign = dir.path().join("foreign.pem");
-    foreign_ca(&foreign);
     let token = token(&platform).await;
-    let (code, _, err) = tetherd(&[
-        "enroll",
-        "--platform",
-        &platform.url(),
-        "--token",
-        token.expose(),
-        "--ca",
-        foreign.to_str().unwrap(),
-        "--state-dir",
-        dir.path().join("s").to_str().unwrap(),
-    ])
-    .await;
-    assert_eq!(code, 77, "{err}");
-    assert!(one_line(&err).contains("not trusted"), "{err}");
-    assert!(err.contains("--ca"), "{err}");
-    // The token was not spent: the handshake failed before the request.
-    let ok = enroll(&options(&platform, token, &dir.path().join("t"))).await;
-    assert!(ok.is_ok(), "{ok:?}");
+    // A listener that accepts and never answers: tetherd blocks in the TLS
+    // handshake, so its /proc entry can be read while it runs.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let url = format!("https://127.0.0.1:{port}");
+    let state = dir.path().join("s");
+    for how in ["--token-stdin", "-", "env"] {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tetherd"));
+        command.args(["enroll", "--platform", &url, "--state-dir"]);
+        command.arg(&state);
+        command
+            .env_remove("TETHER_TOKEN")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        match how {
+            "env" => {
+                command.env("TETHER_TOKEN", token.expose());
+            }
+            "-" => {
+                command.args(["--token", "-"]);
+            }
+            flag => {
+                command.arg(flag);
+            }
+        }
+        let mut child = command.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if how != "env" {
+            stdin
+                .write_all(format!("{}\n", token.expose()).as_bytes())
+                .await
+                .unwrap();
+        }
+        drop(stdin);
+        let pid = child.id().unwrap();
+        // Connected to the silent listener: the token has been read.
+        let wanted = format!(":{port:04X} ");
+        eventually("tetherd connects", || {
+            let wanted = wanted.clone();
+            async move {
+                let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+                let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+                (tcp.contains(&wanted) && fds > 3).then_some(())
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "tetherd still runs ({how})"
+        );
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(text.contains("enroll"), "{text}");
+        assert!(
+            !text.contains(token.secret().expose()) && !text.contains("tpt_"),
+            "{how}: {text}"
+        );
+        child.kill().await.unwrap();
+    }
+    held.abort();
     platform.shutdown().await;
 }
 
@@ -210,22 +425,24 @@ async fn an_unreachable_platform_exits_69() {
         .port();
     let foreign = dir.path().join("ca.pem");
     foreign_ca(&foreign);
-    let token = format!("tpt_{}", "1".repeat(64));
-    let (code, _, err) = tetherd(&[
-        "enroll",
-        "--platform",
-        &format!("https://127.0.0.1:{port}"),
-        "--token",
+    let token = format!("tpt_{}.{}", "1".repeat(64), "2".repeat(64));
+    let (code, _, err) = tetherd_with(
+        &[
+            "enroll",
+            "--platform",
+            &format!("https://127.0.0.1:{port}"),
+            "--token-stdin",
+            "--state-dir",
+            dir.path().join("s").to_str().unwrap(),
+        ],
+        &[],
         &token,
-        "--ca",
-        foreign.to_str().unwrap(),
-        "--state-dir",
-        dir.path().join("s").to_str().unwrap(),
-    ])
+    )
     .await;
     assert_eq!(code, 69, "{err}");
     assert!(one_line(&err).contains("unreachable"), "{err}");
-    let (code, _, err) = tetherd(&["enroll", "--platform", "http://x", "--token", &token]).await;
+    let env = [("TETHER_TOKEN", token.as_str())];
+    let (code, _, err) = tetherd_with(&["enroll", "--platform", "http://x"], &env, "").await;
     assert_eq!(code, 64, "{err}");
 }
 
@@ -256,8 +473,7 @@ async fn an_enrollment_token_in_the_config_enrolls_on_first_run() {
     let state = dir.path().join("state");
     let mut config = tether_agent::config::Config::for_state_dir(&state);
     config.platform = Some(platform.url());
-    config.ca = Some(platform.ca_path());
-    config.provisioning_token = Some(Secret::new(token.expose()));
+    config.provisioning_token = Some(token);
     let agent = tether_agent::Agent::start(config.clone())
         .await
         .expect("agent enrolls and starts");
@@ -321,11 +537,16 @@ async fn an_enrollment_answer_larger_than_the_limit_is_refused_and_nothing_is_st
     let ca = dir.path().join("ca.pem");
     let port = answering_server(&ca, 64 * 1024 * 1024).await;
     let state = dir.path().join("state");
+    let pem = std::fs::read(&ca).unwrap();
+    let der: rustls::pki_types::CertificateDer =
+        rustls::pki_types::pem::PemObject::from_pem_slice(&pem).unwrap();
+    let pin = tether_agent::tls::spki_sha256(&der).unwrap();
     let mut options = tether_agent::enroll::EnrollOptions::new(
         format!("https://localhost:{port}"),
-        Secret::new(format!("tpt_{}", "a".repeat(64))),
+        ProvisioningToken::new(&format!("tpt_{}", "a".repeat(64)), pin).unwrap(),
         &state,
     );
+    // The server sends no CA in its chain: the CA file holds the token's CA.
     options.ca = Some(ca);
     let err = enroll(&options).await.unwrap_err();
     assert!(matches!(err, EnrollError::Protocol(_)), "{err}");

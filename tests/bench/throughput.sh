@@ -138,8 +138,8 @@ state_dir = "$WORK/agent"
 name = "sink"
 target = "127.0.0.1:$SINK"
 EOF
-"$BIN/tetherd" enroll --platform "https://localhost:$PLATFORM_PORT" --token "$TOKEN" \
-    --ca "$WORK/platform/ca.crt" --state-dir "$WORK/agent" --name bench >/dev/null 2>&1
+printf '%s\n' "$TOKEN" | "$BIN/tetherd" enroll --platform "https://localhost:$PLATFORM_PORT" --token-stdin \
+    --state-dir "$WORK/agent" --name bench >/dev/null 2>&1
 "$BIN/tetherd" run --config "$WORK/agent.toml" >"$WORK/agent.log" 2>&1 &
 AGENT=$!
 PIDS+=($AGENT)

@@ -184,7 +184,7 @@ async fn enroll(tetherd: &Path, platform: &Platform, state: &Path) -> Result<()>
         .arg("--state-dir")
         .arg(state)
         .args(["--name", "bench"])
-        .env("TETHERD_TOKEN", token.expose())
+        .env("TETHER_TOKEN", token.expose())
         .stdin(Stdio::null())
         .output()
         .await

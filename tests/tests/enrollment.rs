@@ -7,7 +7,6 @@ use common::*;
 use tether_agent::enroll::EnrollError;
 use tether_agent::identity::StateDir;
 use tether_agent::{Agent, AgentError};
-use tether_proto::api::Secret;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_with_one_single_use_token_enroll_exactly_one_device() {
@@ -17,8 +16,7 @@ async fn two_agents_with_one_single_use_token_enroll_exactly_one_device() {
     let config = |name: &str| {
         let mut config = agent_config(&dir.path().join(name));
         config.platform = Some(platform.url());
-        config.ca = Some(platform.ca_path());
-        config.provisioning_token = Some(Secret::new(token.expose()));
+        config.provisioning_token = Some(token.clone());
         config.name = Some(name.to_string());
         config
     };
@@ -38,7 +36,7 @@ async fn two_agents_with_one_single_use_token_enroll_exactly_one_device() {
     assert!(message.contains("already used"), "{message}");
     assert!(message.contains("create a new token"), "{message}");
     assert!(
-        !message.contains(token.expose()),
+        !message.contains(token.secret().expose()),
         "the token in the message"
     );
     assert_eq!(error.exit_code(), tether_agent::exit::DATAERR);

@@ -29,6 +29,11 @@ pub const MAX_DEVICE_NAME: usize = 64;
 pub const PROVISIONING_TOKEN_PREFIX: &str = "tpt_";
 /// Random bytes in a provisioning token (256 bits), written as lowercase hex.
 pub const PROVISIONING_TOKEN_BYTES: usize = 32;
+/// Separates a provisioning token's secret from its CA hash.
+pub const PROVISIONING_TOKEN_CA_SEPARATOR: char = '.';
+/// Length of a whole provisioning token: `tpt_`, 64 hex digits of secret,
+/// `.`, 64 hex digits of the CA's public key hash.
+pub const PROVISIONING_TOKEN_LEN: usize = 4 + 64 + 1 + 64;
 /// Every device id starts with this.
 pub const DEVICE_ID_PREFIX: &str = "dev_";
 /// Random bytes in a device id (80 bits), written as lowercase hex.
@@ -63,12 +68,81 @@ impl fmt::Display for Secret {
     }
 }
 
-/// True if `token` has the syntax of a provisioning token: the prefix and
-/// 64 lowercase hex digits. Says nothing about whether it was ever issued.
+/// True if `token` has the syntax of a provisioning token's secret part
+/// (what a device sends and the platform hashes): the prefix and 64
+/// lowercase hex digits. Says nothing about whether it was ever issued.
 pub fn is_provisioning_token(token: &str) -> bool {
     token
         .strip_prefix(PROVISIONING_TOKEN_PREFIX)
         .is_some_and(|rest| is_lower_hex(rest, PROVISIONING_TOKEN_BYTES))
+}
+
+/// A whole provisioning token as a fleet manager copies it:
+/// `tpt_<secret>.<ca>`, where `<ca>` is the SHA-256 of the platform CA's
+/// SubjectPublicKeyInfo (DER), 64 lowercase hex digits. The secret part is
+/// what the device sends and the platform hashes; the CA hash is not secret,
+/// and it is the only thing the device trusts for enrollment (as
+/// `kubeadm join --discovery-token-ca-cert-hash`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProvisioningToken {
+    secret: Secret,
+    ca_spki_sha256: [u8; 32],
+}
+
+impl ProvisioningToken {
+    /// Joins a secret part (`tpt_` and 64 hex digits) and a CA hash.
+    /// `None` if the secret part is malformed.
+    pub fn new(secret: &str, ca_spki_sha256: [u8; 32]) -> Option<Self> {
+        is_provisioning_token(secret).then(|| ProvisioningToken {
+            secret: Secret::new(secret),
+            ca_spki_sha256,
+        })
+    }
+
+    /// Parses a whole token; surrounding whitespace (a trailing newline from
+    /// a file or a pipe) is ignored. `None` if it is not one.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        if text.len() != PROVISIONING_TOKEN_LEN {
+            return None;
+        }
+        let (secret, ca) = text.split_once(PROVISIONING_TOKEN_CA_SEPARATOR)?;
+        if !is_lower_hex(ca, 32) {
+            return None;
+        }
+        let mut hash = [0u8; 32];
+        for (i, byte) in hash.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&ca[2 * i..2 * i + 2], 16).ok()?;
+        }
+        ProvisioningToken::new(secret, hash)
+    }
+
+    /// The secret part, `tpt_` and 64 hex digits: what goes to the platform.
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// SHA-256 of the platform CA's SubjectPublicKeyInfo (DER).
+    pub fn ca_spki_sha256(&self) -> &[u8; 32] {
+        &self.ca_spki_sha256
+    }
+
+    /// The whole token, to show a fleet manager once. Never log it.
+    pub fn expose(&self) -> String {
+        let mut text = String::with_capacity(PROVISIONING_TOKEN_LEN);
+        text.push_str(self.secret.expose());
+        text.push(PROVISIONING_TOKEN_CA_SEPARATOR);
+        for byte in self.ca_spki_sha256 {
+            text.push_str(&format!("{byte:02x}"));
+        }
+        text
+    }
+}
+
+impl fmt::Debug for ProvisioningToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// True if `id` has the syntax of a device id: the prefix and 20 lowercase
@@ -93,7 +167,8 @@ fn is_lower_hex(text: &str, bytes: usize) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
-    /// The one-time provisioning token.
+    /// The provisioning token's secret part (`tpt_` and 64 hex digits),
+    /// never its CA hash.
     pub token: Secret,
     /// A PKCS#10 certificate signing request, PEM. Only its public key is
     /// used: the platform chooses the subject.
@@ -178,6 +253,8 @@ pub enum ErrorCode {
     TokenUsed,
     /// The token's lifetime is over.
     TokenExpired,
+    /// A fleet manager revoked the token.
+    TokenRevoked,
     /// The CSR could not be parsed or its signature does not verify.
     BadCsr,
     /// The request is malformed (not JSON, wrong fields, too large, ...).

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tether_agent::enroll::{EnrollOptions, Enrolled, enroll};
 use tether_platform::{Platform, PlatformConfig, TokenSpec};
-use tether_proto::api::Secret;
+use tether_proto::api::ProvisioningToken;
 
 /// Sends the agent's logs to the test output, filtered by `RUST_LOG`
 /// (errors only when it is unset).
@@ -56,17 +56,16 @@ pub async fn platform(dir: &Path) -> Platform {
     .expect("platform starts")
 }
 
-pub async fn token(platform: &Platform) -> Secret {
+pub async fn token(platform: &Platform) -> ProvisioningToken {
     platform
         .create_token(TokenSpec::default())
         .await
         .expect("token")
 }
 
-/// Enrollment options trusting the platform's CA.
-pub fn options(platform: &Platform, token: Secret, state_dir: &Path) -> EnrollOptions {
+/// Enrollment options: the token names the platform's CA, no CA file.
+pub fn options(platform: &Platform, token: ProvisioningToken, state_dir: &Path) -> EnrollOptions {
     let mut options = EnrollOptions::new(platform.url(), token, state_dir);
-    options.ca = Some(platform.ca_path());
     options.name = Some("press-7".into());
     options
 }
@@ -93,13 +92,32 @@ pub fn foreign_ca(path: &Path) {
 
 /// Runs `tetherd` with `args`; returns exit code, stdout, stderr.
 pub async fn tetherd(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tetherd"))
+    tetherd_with(args, &[], "").await
+}
+
+/// Runs `tetherd` with `args`, the environment variables `env` and `stdin`
+/// as its input; returns exit code, stdout, stderr.
+pub async fn tetherd_with(
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tetherd"))
         .args(args)
-        .env_remove("TETHERD_TOKEN")
+        .env_remove("TETHER_TOKEN")
         .env_remove("JOURNAL_STREAM")
-        .output()
-        .await
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("tetherd runs");
+    let mut input = child.stdin.take().unwrap();
+    // tetherd may exit without reading: a broken pipe is fine.
+    let _ = input.write_all(stdin.as_bytes()).await;
+    drop(input);
+    let out = child.wait_with_output().await.expect("tetherd runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

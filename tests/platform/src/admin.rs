@@ -2,8 +2,8 @@
 //!
 //! This module owns authentication of fleet managers (a bearer token,
 //! compared by SHA-256 in constant time; failures are rate limited per
-//! source address) and the routes: create provisioning tokens, list and
-//! revoke devices, set a device's protection mode, create, list and remove
+//! source address) and the routes: create, list and revoke provisioning
+//! tokens (a list never carries a secret), list and revoke devices, set a device's protection mode, create, list and remove
 //! platform users, connect to a TCP service through a device's tunnel (an
 //! HTTP upgrade to `tether-tcp`, then raw bytes both ways), and ask the
 //! platform to listen for such connections itself ([`crate::listen`]). The
@@ -44,7 +44,10 @@ const MAX_TOKEN_USES: u32 = 100_000;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenRequest {
-    pub ttl_secs: u64,
+    /// Lifetime in seconds. May be left out only for a single-use token
+    /// (then one hour); a multi-use token must name its expiry.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
     pub uses: u32,
     pub team: String,
 }
@@ -52,7 +55,11 @@ pub struct CreateTokenRequest {
 /// `POST /v1/admin/tokens` answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CreateTokenResponse {
+    /// The whole token, `tpt_<secret>.<ca hash>`: shown once, never stored.
     pub token: Secret,
+    /// Its id in `token list` / `token revoke`.
+    #[serde(default)]
+    pub id: String,
     /// Unix seconds.
     pub expires_at: u64,
     pub uses: u32,
@@ -164,6 +171,8 @@ pub async fn handle(
     let segments: Vec<&str> = path.trim_start_matches("/v1/admin/").split('/').collect();
     match (req.method(), segments.as_slice()) {
         (&Method::POST, ["tokens"]) => create_token(&state, req.into_body()).await,
+        (&Method::GET, ["tokens"]) => list_tokens(&state).await,
+        (&Method::POST, ["tokens", id, "revoke"]) => revoke_token(&state, id).await,
         (&Method::GET, ["devices"]) => list_devices(&state).await,
         (&Method::POST, ["devices", id, "revoke"]) => revoke(&state, id).await,
         (&Method::POST, ["devices", id, "renew"]) => renew(&state, id).await,
@@ -255,7 +264,7 @@ async fn create_token(state: &State, body: Incoming) -> Response<Body> {
         Err(response) => return response,
     };
     let spec = TokenSpec {
-        ttl: Duration::from_secs(request.ttl_secs),
+        ttl: request.ttl_secs.map(Duration::from_secs),
         uses: request.uses,
         team: request.team,
     };
@@ -266,7 +275,11 @@ async fn create_token(state: &State, body: Incoming) -> Response<Body> {
         Ok((token, expires_at)) => reply::json(
             StatusCode::OK,
             &CreateTokenResponse {
-                token,
+                id: keys::sha256_hex(token.secret().expose().as_bytes())
+                    .chars()
+                    .take(crate::store::TOKEN_ID_LEN)
+                    .collect(),
+                token: Secret::new(token.expose()),
                 expires_at,
                 uses: spec.uses,
             },
@@ -280,16 +293,48 @@ async fn create_token(state: &State, body: Incoming) -> Response<Body> {
 
 /// Bounds on what a token request may ask for.
 pub fn check_spec(spec: &TokenSpec) -> Result<(), String> {
-    if spec.ttl.is_zero() || spec.ttl > MAX_TOKEN_TTL {
-        return Err("ttl must be between 1 second and 365 days".into());
-    }
     if spec.uses == 0 || spec.uses > MAX_TOKEN_USES {
         return Err(format!("uses must be between 1 and {MAX_TOKEN_USES}"));
+    }
+    match spec.ttl {
+        None if spec.uses > 1 => {
+            return Err(format!(
+                "a token for {} devices needs an explicit expiry: pass a ttl (e.g. --ttl 1d) as well as the use count",
+                spec.uses
+            ));
+        }
+        Some(ttl) if ttl.is_zero() || ttl > MAX_TOKEN_TTL => {
+            return Err("ttl must be between 1 second and 365 days".into());
+        }
+        _ => {}
     }
     if !tether_proto::api::is_device_name(&spec.team) {
         return Err("team must be 1 to 64 characters without control characters".into());
     }
     Ok(())
+}
+
+async fn list_tokens(state: &State) -> Response<Body> {
+    match state.tokens().await {
+        Ok(tokens) => reply::json(StatusCode::OK, &tokens),
+        Err(e) => {
+            warn!(cause = %e, "cannot list provisioning tokens");
+            reply::internal()
+        }
+    }
+}
+
+async fn revoke_token(state: &State, id: &str) -> Response<Body> {
+    match state.revoke_token(id).await {
+        Ok(summary) => reply::json(StatusCode::OK, &summary),
+        Err(PlatformError::Store(e @ crate::store::StoreError::NoToken(_))) => {
+            reply::error(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
+        }
+        Err(e) => {
+            warn!(cause = %e, "cannot revoke a provisioning token");
+            reply::internal()
+        }
+    }
 }
 
 async fn list_devices(state: &State) -> Response<Body> {

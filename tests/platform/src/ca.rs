@@ -10,6 +10,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rcgen::{
@@ -98,6 +99,12 @@ struct CaInner {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
     cert_der: CertificateDer<'static>,
+    /// SHA-256 of the CA's SubjectPublicKeyInfo (DER): the trust anchor a
+    /// provisioning token carries.
+    spki_sha256: [u8; 32],
+    /// Device certificates signed since start: how a test sees that a
+    /// refused enrollment cost no signature.
+    issued: AtomicU64,
 }
 
 impl std::fmt::Debug for Ca {
@@ -124,12 +131,15 @@ impl Ca {
             cause,
         };
         let cert_der = pem_to_der(&cert_pem).map_err(bad_cert)?;
+        let spki_sha256 = keys::sha256(&key.subject_public_key_info());
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(bad_cert)?;
         Ok(Ca {
             inner: Arc::new(CaInner {
                 issuer,
                 cert_pem,
                 cert_der,
+                spki_sha256,
+                issued: AtomicU64::new(0),
             }),
         })
     }
@@ -137,6 +147,17 @@ impl Ca {
     /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> &str {
         &self.inner.cert_pem
+    }
+
+    /// SHA-256 of the CA's SubjectPublicKeyInfo (DER), the second part of
+    /// every provisioning token.
+    pub fn spki_sha256(&self) -> [u8; 32] {
+        self.inner.spki_sha256
+    }
+
+    /// How many device certificates this CA signed since it was loaded.
+    pub fn issued_count(&self) -> u64 {
+        self.inner.issued.load(Ordering::Relaxed)
     }
 
     /// The CA certificate, DER.
@@ -187,6 +208,7 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let not_after = set_validity(&mut params, validity)?;
         let cert = params.signed_by(&key.0, &self.inner.issuer)?;
+        self.inner.issued.fetch_add(1, Ordering::Relaxed);
         Ok(Issued {
             pem: cert.pem(),
             fingerprint: keys::sha256_hex(cert.der()),

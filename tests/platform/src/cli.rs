@@ -18,6 +18,7 @@ use tether_proto::grant::Role;
 use tether_proto::api::Secret;
 
 use crate::platform::DeviceInfo;
+use crate::store::TokenSummary;
 use crate::users::{MAX_PASSWORD_LEN, UserInfo};
 
 /// The reference Tether platform and its admin commands.
@@ -115,18 +116,41 @@ pub struct ServeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Create a provisioning token; prints the token alone on stdout.
+    /// Create a provisioning token; prints the token alone on stdout:
+    /// `tpt_<secret>.<sha256 of the CA's public key>`.
     Create(TokenCreateArgs),
+    /// List provisioning tokens: id, team, uses left, expiry; never a secret.
+    List(TokenListArgs),
+    /// Revoke a provisioning token by its id (from `token list`).
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenListArgs {
+    #[command(flatten)]
+    pub data: DataDir,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    /// The token's id (16 hex digits, from `token list` or `token create`).
+    pub id: String,
+    #[command(flatten)]
+    pub data: DataDir,
 }
 
 #[derive(Debug, Args)]
 pub struct TokenCreateArgs {
     #[command(flatten)]
     pub data: DataDir,
-    /// How long the token stays valid.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    pub ttl: Duration,
-    /// How many devices may enroll with it.
+    /// How long the token stays valid (1h when left out; required with
+    /// --uses above 1).
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// How many devices may enroll with it (more than 1 needs --ttl).
     #[arg(long, default_value_t = 1)]
     pub uses: u32,
     /// The team its devices belong to.
@@ -365,6 +389,41 @@ pub fn device_table(devices: &[DeviceInfo], now: u64) -> String {
             d.rtt_micros
                 .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
             if d.protected { "yes" } else { "no" }.to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// A human table of provisioning tokens, one line each; never a secret.
+pub fn token_table(tokens: &[TokenSummary], now: u64) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "TEAM".to_string(),
+        "USES LEFT".to_string(),
+        "EXPIRES".to_string(),
+        "STATUS".to_string(),
+    ]];
+    for t in tokens {
+        let status = if t.revoked {
+            "revoked"
+        } else if t.uses_left == 0 {
+            "used"
+        } else if now >= t.expires_at {
+            "expired"
+        } else {
+            "usable"
+        };
+        let expires = if now >= t.expires_at {
+            format!("{} ago", span(now - t.expires_at))
+        } else {
+            format!("in {}", span(t.expires_at - now))
+        };
+        rows.push([
+            t.id.clone(),
+            t.team.clone(),
+            format!("{}/{}", t.uses_left, t.uses),
+            expires,
+            status.to_string(),
         ]);
     }
     table(&rows)

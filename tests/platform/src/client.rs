@@ -37,6 +37,7 @@ use crate::listen::{
     LISTEN_ADDR_HEADER, LISTEN_UPGRADE, ListenRequest, SILENCE, SessionEnd, hold_session,
 };
 use crate::platform::{DeviceInfo, PLATFORM_JSON, PlatformFile};
+use crate::store::TokenSummary;
 use crate::users::UserInfo;
 use tether_proto::grant::Role;
 
@@ -78,6 +79,10 @@ pub enum ClientError {
     },
     #[error("the platform's answer was not what was expected: {0}")]
     BadAnswer(String),
+    #[error(
+        "'{0}' is not a provisioning token id; help: copy the 16 hex digits from `tether-platform token list`"
+    )]
+    BadTokenId(String),
     #[error("the platform closed the listener: {0}")]
     SessionEnded(String),
     #[error("{0}")]
@@ -159,6 +164,20 @@ impl AdminClient {
             serde_json::to_vec(request).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
         self.json(Method::POST, "/v1/admin/tokens", Some(body))
             .await
+    }
+
+    /// `GET /v1/admin/tokens`: every provisioning token, never a secret.
+    pub async fn tokens(&self) -> Result<Vec<TokenSummary>, ClientError> {
+        self.json(Method::GET, "/v1/admin/tokens", None).await
+    }
+
+    /// `POST /v1/admin/tokens/{id}/revoke`.
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenSummary, ClientError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ClientError::BadTokenId(id.to_owned()));
+        }
+        let path = format!("/v1/admin/tokens/{id}/revoke");
+        self.json(Method::POST, &path, Some(Vec::new())).await
     }
 
     /// `GET /v1/admin/devices`.

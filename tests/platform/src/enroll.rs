@@ -3,10 +3,14 @@
 //!
 //! This module owns the order of the checks, cheapest first: the per-source
 //! rate limit, the body size, the JSON, the token's syntax, the name and
-//! facts, the CSR's signature; only then the store, where the token is spent
-//! and the device created in one transaction ([`crate::store::Store::enroll`]).
-//! It never logs the token, and a refused enrollment leaves no trace in the
-//! store.
+//! facts, then the token itself (a read of its record by hash: known, not
+//! revoked, unexpired, uses left), and only then any cryptography: the CSR's
+//! signature and the device certificate's. A request without a valid token
+//! never costs a signature. The token is checked again and spent, and the
+//! device created, in one transaction ([`crate::store::Store::enroll`]), so
+//! a token spent by a concurrent request between the two checks still fails
+//! cleanly. It never logs the token, and a refused enrollment leaves no
+//! trace in the store.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,6 +54,14 @@ pub async fn handle(state: Arc<State>, conn: Arc<ConnInfo>, body: Incoming) -> R
 
 async fn enroll(state: &State, request: EnrollRequest) -> Result<EnrollResponse, Response<Body>> {
     check_request(&request)?;
+    let token_hash = keys::sha256_hex(request.token.expose().as_bytes());
+    let checked = token_hash.clone();
+    let now = unix_now();
+    state
+        .store
+        .blocking(move |s| s.check_token(&checked, now))
+        .await
+        .map_err(store_refused)?;
     let key = ca::parse_csr(&request.csr).map_err(csr_refused)?;
     let device_id = new_device_id()?;
     let issued = state
@@ -59,7 +71,6 @@ async fn enroll(state: &State, request: EnrollRequest) -> Result<EnrollResponse,
             warn!(cause = %e, "cannot issue a device certificate");
             reply::internal()
         })?;
-    let now = unix_now();
     let device = DeviceRecord {
         id: device_id.clone(),
         name: request.name,
@@ -71,7 +82,6 @@ async fn enroll(state: &State, request: EnrollRequest) -> Result<EnrollResponse,
         protected: false,
         certs: Default::default(),
     };
-    let token_hash = keys::sha256_hex(request.token.expose().as_bytes());
     let fingerprint = issued.fingerprint.clone();
     let device = state
         .store
@@ -98,7 +108,7 @@ fn check_request(request: &EnrollRequest) -> Result<(), Response<Body>> {
         return Err(reply::error(
             StatusCode::BAD_REQUEST,
             ErrorCode::TokenMalformed,
-            "this is not a provisioning token (expected 'tpt_' and 64 lowercase hex digits); copy it again from `tether-platform token create`",
+            "this is not a provisioning token's secret (expected 'tpt_' and 64 lowercase hex digits, without the '.<CA hash>' part); copy it again from `tether-platform token create`",
         ));
     }
     if !api::is_device_name(&request.name) {
@@ -165,6 +175,10 @@ fn store_refused(error: StoreError) -> Response<Body> {
         StoreError::Token(TokenRefusal::Expired) => (
             ErrorCode::TokenExpired,
             format!("this provisioning token has expired; {CREATE_HINT}"),
+        ),
+        StoreError::Token(TokenRefusal::Revoked) => (
+            ErrorCode::TokenRevoked,
+            format!("this provisioning token was revoked; {CREATE_HINT}"),
         ),
         other => {
             warn!(cause = %other, "enrollment failed in the store");

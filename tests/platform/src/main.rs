@@ -57,15 +57,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(TokenCommand::Create(args)) => {
             let client = AdminClient::from_data_dir(&args.data.data_dir)?;
             let request = tether_platform::admin::CreateTokenRequest {
-                ttl_secs: args.ttl.as_secs(),
+                ttl_secs: args.ttl.map(|ttl| ttl.as_secs()),
                 uses: args.uses,
                 team: args.team,
             };
             let created = client.create_token(&request).await?;
             println!("{}", created.token.expose());
             eprintln!(
-                "provisioning token for team '{}': {} use(s), expires at {} (Unix time)",
-                request.team, created.uses, created.expires_at
+                "provisioning token {} for team '{}': {} use(s), expires at {} (Unix time)",
+                created.id, request.team, created.uses, created.expires_at
+            );
+            Ok(())
+        }
+        Command::Token(TokenCommand::List(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let tokens = client.tokens().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else {
+                print!("{}", tether_platform::cli::token_table(&tokens, unix_now()));
+            }
+            Ok(())
+        }
+        Command::Token(TokenCommand::Revoke(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let revoked = client.revoke_token(&args.id).await?;
+            println!(
+                "revoked provisioning token {} (team '{}', {} use(s) were left)",
+                revoked.id, revoked.team, revoked.uses_left
             );
             Ok(())
         }

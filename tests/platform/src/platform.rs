@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tether_proto::api::{PinnedKeys, Secret};
+use tether_proto::api::{PinnedKeys, ProvisioningToken, Secret};
 use tether_proto::grant::Role;
 use tether_proto::tokio_io::{Tunnel, TunnelStream};
 use tether_proto::{CloseCode, OpenError, Service, ServiceHeader};
@@ -34,7 +34,7 @@ use crate::listen::Listeners;
 use crate::rate_limit::{RateLimiter, UserSource};
 use crate::server;
 use crate::sessions::LiveStreams;
-use crate::store::{Store, StoreError, TokenRecord, UserRecord};
+use crate::store::{Store, StoreError, TokenRecord, TokenSummary, UserRecord};
 use crate::tunnels::Registry;
 use crate::users::{Passwords, UserError, UserInfo};
 
@@ -103,16 +103,22 @@ pub enum ConnectError {
 /// What a provisioning token allows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenSpec {
-    pub ttl: Duration,
+    /// How long the token stays valid. `None` means
+    /// [`DEFAULT_TOKEN_TTL`], for a single-use token only: a multi-use token
+    /// must name its expiry.
+    pub ttl: Option<Duration>,
     pub uses: u32,
     pub team: String,
 }
+
+/// Lifetime of a single-use token created without one.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 impl Default for TokenSpec {
     /// One hour, one use, team `default`.
     fn default() -> TokenSpec {
         TokenSpec {
-            ttl: Duration::from_secs(3600),
+            ttl: None,
             uses: 1,
             team: "default".to_string(),
         }
@@ -348,10 +354,31 @@ impl Platform {
         self.admin_token.clone()
     }
 
-    /// Creates a provisioning token.
-    pub async fn create_token(&self, spec: TokenSpec) -> Result<Secret, PlatformError> {
+    /// Creates a provisioning token: its secret and this platform's CA hash.
+    pub async fn create_token(&self, spec: TokenSpec) -> Result<ProvisioningToken, PlatformError> {
         crate::admin::check_spec(&spec).map_err(PlatformError::BadTokenSpec)?;
         Ok(self.state.create_token(&spec).await?.0)
+    }
+
+    /// Every provisioning token, without its secret.
+    pub async fn tokens(&self) -> Result<Vec<TokenSummary>, PlatformError> {
+        self.state.tokens().await
+    }
+
+    /// Revokes the provisioning token with this id (from [`Self::tokens`]).
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenSummary, PlatformError> {
+        self.state.revoke_token(id).await
+    }
+
+    /// SHA-256 of the CA's SubjectPublicKeyInfo: the second part of every
+    /// provisioning token this platform creates.
+    pub fn ca_spki_sha256(&self) -> [u8; 32] {
+        self.state.ca.spki_sha256()
+    }
+
+    /// Device certificates signed since start (renewals included).
+    pub fn certificates_issued(&self) -> u64 {
+        self.state.ca.issued_count()
     }
 
     /// Every enrolled device, with its live tunnel's figures.
@@ -530,27 +557,51 @@ impl State {
         let _ = self.events.send(event);
     }
 
-    /// Stores a new token; returns it and its expiry (Unix seconds).
-    pub async fn create_token(&self, spec: &TokenSpec) -> Result<(Secret, u64), PlatformError> {
-        let token = format!(
+    /// Stores a new token (by the hash of its secret); returns it, with
+    /// this platform's CA hash, and its expiry (Unix seconds).
+    pub async fn create_token(
+        &self,
+        spec: &TokenSpec,
+    ) -> Result<(ProvisioningToken, u64), PlatformError> {
+        let secret = format!(
             "{}{}",
             tether_proto::api::PROVISIONING_TOKEN_PREFIX,
             keys::random_hex(tether_proto::api::PROVISIONING_TOKEN_BYTES)?
         );
+        let token = ProvisioningToken::new(&secret, self.ca.spki_sha256()).ok_or_else(|| {
+            PlatformError::BadTokenSpec("the generated token is malformed".into())
+        })?;
         let now = unix_now();
+        let ttl = spec.ttl.unwrap_or(DEFAULT_TOKEN_TTL);
         let record = TokenRecord {
             team: spec.team.clone(),
             created: now,
-            expires_at: now.saturating_add(spec.ttl.as_secs().max(1)),
+            expires_at: now.saturating_add(ttl.as_secs().max(1)),
             uses_left: spec.uses,
+            uses: spec.uses,
+            revoked: false,
         };
         let expires_at = record.expires_at;
-        let hash = keys::sha256_hex(token.as_bytes());
+        let hash = keys::sha256_hex(secret.as_bytes());
+        let id: String = hash.chars().take(crate::store::TOKEN_ID_LEN).collect();
         self.store
             .blocking(move |s| s.insert_token(&hash, &record))
             .await?;
-        info!(team = %spec.team, uses = spec.uses, expires_at, "provisioning token created");
-        Ok((Secret::new(token), expires_at))
+        info!(%id, team = %spec.team, uses = spec.uses, expires_at, "provisioning token created");
+        Ok((token, expires_at))
+    }
+
+    /// Every provisioning token, without secrets.
+    pub async fn tokens(&self) -> Result<Vec<TokenSummary>, PlatformError> {
+        Ok(self.store.blocking(|s| s.tokens()).await?)
+    }
+
+    /// Revokes one provisioning token by id.
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenSummary, PlatformError> {
+        let id = id.to_owned();
+        let summary = self.store.blocking(move |s| s.revoke_token(&id)).await?;
+        info!(id = %summary.id, team = %summary.team, "provisioning token revoked");
+        Ok(summary)
     }
 
     /// Every device, joined with the registry's live figures.

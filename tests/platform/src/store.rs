@@ -54,6 +54,47 @@ pub struct TokenRecord {
     /// Unix seconds; the token is refused from this second on.
     pub expires_at: u64,
     pub uses_left: u32,
+    /// Uses the token was created with. Records written before the field
+    /// existed load as 0 (unknown).
+    #[serde(default)]
+    pub uses: u32,
+    /// A fleet manager revoked it. Records written before the flag existed
+    /// load as `false`.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl TokenRecord {
+    /// Whether the token may enroll one more device at `now`.
+    pub fn check(&self, now: u64) -> Result<(), TokenRefusal> {
+        if self.revoked {
+            return Err(TokenRefusal::Revoked);
+        }
+        if self.uses_left == 0 {
+            return Err(TokenRefusal::Used);
+        }
+        if now >= self.expires_at {
+            return Err(TokenRefusal::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// Hex digits of a token's hash that name it in `token list` / `revoke`.
+pub const TOKEN_ID_LEN: usize = 16;
+
+/// A provisioning token as `token list` shows it: never the secret, never
+/// the whole hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenSummary {
+    /// The first [`TOKEN_ID_LEN`] hex digits of the secret's SHA-256.
+    pub id: String,
+    pub team: String,
+    pub created: u64,
+    pub expires_at: u64,
+    pub uses: u32,
+    pub uses_left: u32,
+    pub revoked: bool,
 }
 
 /// A device as stored.
@@ -143,6 +184,8 @@ pub enum TokenRefusal {
     Used,
     #[error("the provisioning token has expired")]
     Expired,
+    #[error("the provisioning token was revoked")]
+    Revoked,
 }
 
 /// A store operation failed.
@@ -164,6 +207,10 @@ pub enum StoreError {
     Token(#[from] TokenRefusal),
     #[error("no device '{0}'")]
     NoDevice(String),
+    #[error(
+        "no single provisioning token has the id '{0}'; help: copy the id from `tether-platform token list`"
+    )]
+    NoToken(String),
     #[error("device '{0}' is revoked")]
     Revoked(String),
     #[error("a user named '{0}' already exists; remove it first to change it")]
@@ -288,6 +335,59 @@ impl Store {
         self.read_one(TOKENS, hash)
     }
 
+    /// Checks a token (by hash) at `now` without spending it: the cheap
+    /// check the enrollment endpoint makes before any signing work.
+    pub fn check_token(&self, hash: &str, now: u64) -> Result<(), StoreError> {
+        let token: TokenRecord = self.token(hash)?.ok_or(TokenRefusal::Unknown)?;
+        Ok(token.check(now)?)
+    }
+
+    /// Every provisioning token, without secrets, in id order.
+    pub fn tokens(&self) -> Result<Vec<TokenSummary>, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_read())?;
+        let table = db_err!(txn.open_table(TOKENS))?;
+        let mut out = Vec::new();
+        for entry in db_err!(table.iter())? {
+            let (key, value) = db_err!(entry)?;
+            let record: TokenRecord = serde_json::from_slice(value.value())?;
+            out.push(summary(key.value(), record));
+        }
+        Ok(out)
+    }
+
+    /// Revokes the one token whose id (hash prefix, at least
+    /// [`TOKEN_ID_LEN`] hex digits) is `id`. Returns it as it now is.
+    pub fn revoke_token(&self, id: &str) -> Result<TokenSummary, StoreError> {
+        if id.len() < TOKEN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::NoToken(id.to_owned()));
+        }
+        let id = id.to_ascii_lowercase();
+        let db = self.db()?;
+        let txn = db_err!(db.begin_write())?;
+        let summary = {
+            let mut tokens = db_err!(txn.open_table(TOKENS))?;
+            let mut found = None;
+            for entry in db_err!(tokens.iter())? {
+                let (key, _) = db_err!(entry)?;
+                if key.value().starts_with(&id) {
+                    if found.is_some() {
+                        return Err(StoreError::NoToken(id));
+                    }
+                    found = Some(key.value().to_owned());
+                }
+            }
+            let hash = found.ok_or_else(|| StoreError::NoToken(id.clone()))?;
+            let mut record: TokenRecord =
+                get(&tokens, &hash)?.ok_or_else(|| StoreError::NoToken(id.clone()))?;
+            record.revoked = true;
+            put(&mut tokens, &hash, &record)?;
+            summary(&hash, record)
+        };
+        db_err!(txn.commit())?;
+        Ok(summary)
+    }
+
     /// Enrolls a device in one transaction: checks the token (by hash) at
     /// time `now`, spends one use, stores the device and its certificate's
     /// fingerprint. Returns the device as stored: its team is the token's.
@@ -303,12 +403,9 @@ impl Store {
         {
             let mut tokens = db_err!(txn.open_table(TOKENS))?;
             let mut token: TokenRecord = get(&tokens, token_hash)?.ok_or(TokenRefusal::Unknown)?;
-            if token.uses_left == 0 {
-                return Err(TokenRefusal::Used.into());
-            }
-            if now >= token.expires_at {
-                return Err(TokenRefusal::Expired.into());
-            }
+            // Checked again here: a concurrent request may have spent the
+            // last use (or a manager revoked it) since `check_token`.
+            token.check(now)?;
             token.uses_left -= 1;
             put(&mut tokens, token_hash, &token)?;
             device.team = token.team;
@@ -774,6 +871,18 @@ fn remove_sessions_in(
     Ok(theirs)
 }
 
+fn summary(hash: &str, record: TokenRecord) -> TokenSummary {
+    TokenSummary {
+        id: hash.chars().take(TOKEN_ID_LEN).collect(),
+        team: record.team,
+        created: record.created,
+        expires_at: record.expires_at,
+        uses: record.uses,
+        uses_left: record.uses_left,
+        revoked: record.revoked,
+    }
+}
+
 fn create_owner_only(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let created = std::fs::OpenOptions::new()
@@ -835,6 +944,8 @@ mod tests {
             created: 0,
             expires_at: 50,
             uses_left: 1,
+            uses: 1,
+            revoked: false,
         };
         store.insert_token("h", &record).unwrap();
         let enrolled = store.enroll("h", 10, device("dev_a"), "fp1").unwrap();
@@ -864,6 +975,8 @@ mod tests {
             created: 0,
             expires_at: 50,
             uses_left: 3,
+            uses: 3,
+            revoked: false,
         };
         store.insert_token("h", &record).unwrap();
         let expired = store.enroll("h", 50, device("dev_a"), "fp").unwrap_err();
@@ -871,6 +984,36 @@ mod tests {
         let unknown = store.enroll("x", 1, device("dev_a"), "fp").unwrap_err();
         assert!(matches!(unknown, StoreError::Token(TokenRefusal::Unknown)));
         assert_eq!(store.token("h").unwrap().unwrap().uses_left, 3);
+    }
+
+    #[test]
+    fn a_revoked_token_is_listed_without_its_hash_and_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let record = TokenRecord {
+            team: "t".into(),
+            created: 0,
+            expires_at: 50,
+            uses_left: 2,
+            uses: 2,
+            revoked: false,
+        };
+        let hash = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        store.insert_token(hash, &record).unwrap();
+        store.check_token(hash, 1).unwrap();
+        let listed = store.tokens().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, &hash[..TOKEN_ID_LEN]);
+        assert!(matches!(
+            store.revoke_token("0123"),
+            Err(StoreError::NoToken(_))
+        ));
+        let revoked = store.revoke_token(&listed[0].id).unwrap();
+        assert!(revoked.revoked);
+        let checked = store.check_token(hash, 1).unwrap_err();
+        assert!(matches!(checked, StoreError::Token(TokenRefusal::Revoked)));
+        let spent = store.enroll(hash, 1, device("dev_a"), "fp").unwrap_err();
+        assert!(matches!(spent, StoreError::Token(TokenRefusal::Revoked)));
     }
 
     #[test]

@@ -110,14 +110,23 @@ async fn token_create_prints_one_token_and_device_list_and_revoke_work() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "only the token on stdout: {stdout:?}");
     let token = lines[0];
-    assert!(tether_proto::api::is_provisioning_token(token));
+    let parsed = tether_proto::api::ProvisioningToken::parse(token).expect("a whole token");
+    assert_eq!(
+        parsed.ca_spki_sha256(),
+        &platform.ca_spki_sha256(),
+        "the token names this platform's CA"
+    );
     assert!(
         !String::from_utf8_lossy(&created.stderr).contains(token),
         "the token is not repeated on stderr"
     );
 
     let key = new_key();
-    let answer = post_enroll(&platform, &enroll_request(token, csr(&key))).await;
+    let answer = post_enroll(
+        &platform,
+        &enroll_request(parsed.secret().expose(), csr(&key)),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::OK);
 
     let listed = run(&["device", "list", "--data-dir", data_dir, "--json"]).await;
@@ -157,6 +166,110 @@ async fn token_create_prints_one_token_and_device_list_and_revoke_work() {
     .await;
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no device"));
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn token_list_shows_no_secret_and_token_revoke_stops_a_token() {
+    let (platform, dir) = start().await;
+    let data_dir = dir.path().to_str().unwrap();
+    // A multi-use token without an expiry is refused, and says what to add.
+    let open_ended = run(&["token", "create", "--uses", "5", "--data-dir", data_dir]).await;
+    assert!(!open_ended.status.success());
+    let stderr = String::from_utf8_lossy(&open_ended.stderr);
+    assert!(
+        stderr.contains("explicit expiry") && stderr.contains("--ttl"),
+        "{stderr}"
+    );
+    assert!(open_ended.stdout.is_empty());
+
+    let created = run(&[
+        "token",
+        "create",
+        "--uses",
+        "5",
+        "--ttl",
+        "1d",
+        "--team",
+        "line-9",
+        "--data-dir",
+        data_dir,
+    ])
+    .await;
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let whole = String::from_utf8(created.stdout).unwrap();
+    let token = tether_proto::api::ProvisioningToken::parse(&whole).unwrap();
+    let single = platform
+        .create_token(tether_platform::TokenSpec::default())
+        .await
+        .unwrap();
+
+    let listed = run(&["token", "list", "--data-dir", data_dir, "--json"]).await;
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let text = String::from_utf8(listed.stdout).unwrap();
+    for secret in [token.secret().expose(), single.secret().expose()] {
+        assert!(
+            !text.contains(&secret[4..20]),
+            "no part of a secret is listed: {text}"
+        );
+    }
+    let tokens: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(tokens.len(), 2);
+    let ours = tokens.iter().find(|t| t["team"] == "line-9").unwrap();
+    assert_eq!(ours["uses_left"], 5);
+    assert_eq!(ours["revoked"], false);
+    let id = ours["id"].as_str().unwrap().to_owned();
+
+    let table =
+        String::from_utf8(run(&["token", "list", "--data-dir", data_dir]).await.stdout).unwrap();
+    assert!(
+        table.starts_with("ID") && table.contains(&id) && table.contains("5/5"),
+        "{table}"
+    );
+
+    let revoked = run(&["token", "revoke", &id, "--data-dir", data_dir]).await;
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    let answer = post_enroll(
+        &platform,
+        &enroll_request(token.secret().expose(), csr(&new_key())),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert_eq!(answer.api_error().error, ErrorCode::TokenRevoked);
+    assert!(platform.devices().await.unwrap().is_empty());
+    let table =
+        String::from_utf8(run(&["token", "list", "--data-dir", data_dir]).await.stdout).unwrap();
+    assert!(table.contains("revoked"), "{table}");
+    // The other token still works.
+    let answer = post_enroll(
+        &platform,
+        &enroll_request(single.secret().expose(), csr(&new_key())),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+
+    let unknown = run(&[
+        "token",
+        "revoke",
+        "0000000000000000",
+        "--data-dir",
+        data_dir,
+    ])
+    .await;
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("token list"));
     platform.shutdown().await;
 }
 

@@ -23,7 +23,11 @@ async fn a_device_enrolls_and_its_certificate_chains_to_the_ca() {
     let mut events = platform.events();
     let token = platform.create_token(TokenSpec::default()).await.unwrap();
     let key = new_key();
-    let answer = post_enroll(&platform, &enroll_request(token.expose(), csr(&key))).await;
+    let answer = post_enroll(
+        &platform,
+        &enroll_request(token.secret().expose(), csr(&key)),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::OK);
     let response: EnrollResponse = serde_json::from_slice(&answer.body).unwrap();
 
@@ -88,10 +92,18 @@ async fn a_device_enrolls_and_its_certificate_chains_to_the_ca() {
 async fn each_bad_token_gets_its_own_error_code() {
     let (platform, _dir) = start().await;
     let token = platform.create_token(TokenSpec::default()).await.unwrap();
-    let ok = post_enroll(&platform, &enroll_request(token.expose(), csr(&new_key()))).await;
+    let ok = post_enroll(
+        &platform,
+        &enroll_request(token.secret().expose(), csr(&new_key())),
+    )
+    .await;
     assert_eq!(ok.status, StatusCode::OK);
 
-    let reused = post_enroll(&platform, &enroll_request(token.expose(), csr(&new_key()))).await;
+    let reused = post_enroll(
+        &platform,
+        &enroll_request(token.secret().expose(), csr(&new_key())),
+    )
+    .await;
     assert_eq!(
         refusal(&reused),
         (StatusCode::FORBIDDEN, ErrorCode::TokenUsed)
@@ -105,7 +117,7 @@ async fn each_bad_token_gets_its_own_error_code() {
 
     // Valid syntax, one hex digit changed: never issued.
     let fresh = platform.create_token(TokenSpec::default()).await.unwrap();
-    let mut forged = fresh.expose().to_string();
+    let mut forged = fresh.secret().expose().to_string();
     let last = forged.pop().unwrap();
     forged.push(if last == '0' { '1' } else { '0' });
     let unknown = post_enroll(&platform, &enroll_request(&forged, csr(&new_key()))).await;
@@ -114,7 +126,9 @@ async fn each_bad_token_gets_its_own_error_code() {
         (StatusCode::FORBIDDEN, ErrorCode::TokenUnknown)
     );
 
-    for malformed in ["", "tpt_123", "TPT_", &fresh.expose().to_uppercase()] {
+    let upper = fresh.secret().expose().to_uppercase();
+    let whole = fresh.expose();
+    for malformed in ["", "tpt_123", "TPT_", &upper, &whole] {
         let answer = post_enroll(&platform, &enroll_request(malformed, csr(&new_key()))).await;
         assert_eq!(
             refusal(&answer),
@@ -123,7 +137,11 @@ async fn each_bad_token_gets_its_own_error_code() {
         );
     }
     // The refused attempts did not spend the fresh token.
-    let answer = post_enroll(&platform, &enroll_request(fresh.expose(), csr(&new_key()))).await;
+    let answer = post_enroll(
+        &platform,
+        &enroll_request(fresh.secret().expose(), csr(&new_key())),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::OK);
     platform.shutdown().await;
 }
@@ -132,12 +150,16 @@ async fn each_bad_token_gets_its_own_error_code() {
 async fn an_expired_token_is_refused() {
     let (platform, _dir) = start().await;
     let spec = TokenSpec {
-        ttl: Duration::from_secs(1),
+        ttl: Some(Duration::from_secs(1)),
         ..TokenSpec::default()
     };
     let token = platform.create_token(spec).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let answer = post_enroll(&platform, &enroll_request(token.expose(), csr(&new_key()))).await;
+    let answer = post_enroll(
+        &platform,
+        &enroll_request(token.secret().expose(), csr(&new_key())),
+    )
+    .await;
     assert_eq!(
         refusal(&answer),
         (StatusCode::FORBIDDEN, ErrorCode::TokenExpired)
@@ -154,7 +176,7 @@ async fn a_single_use_token_enrolls_exactly_one_of_sixteen_racing_devices() {
     for _ in 0..16 {
         let (platform, token) = (platform.clone(), token.clone());
         racers.spawn(async move {
-            let request = enroll_request(token.expose(), csr(&new_key()));
+            let request = enroll_request(token.secret().expose(), csr(&new_key()));
             post_enroll(&platform, &request).await
         });
     }
@@ -180,13 +202,17 @@ async fn a_three_use_token_enrolls_exactly_three_devices() {
     let (platform, _dir) = start().await;
     let spec = TokenSpec {
         uses: 3,
+        ttl: Some(Duration::from_secs(600)),
         team: "line-3".into(),
-        ..TokenSpec::default()
     };
     let token = platform.create_token(spec).await.unwrap();
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        let answer = post_enroll(&platform, &enroll_request(token.expose(), csr(&new_key()))).await;
+        let answer = post_enroll(
+            &platform,
+            &enroll_request(token.secret().expose(), csr(&new_key())),
+        )
+        .await;
         statuses.push(answer.status);
     }
     assert_eq!(
@@ -210,7 +236,7 @@ async fn bad_csrs_and_bad_bodies_are_refused_without_spending_the_token() {
     let token = platform.create_token(TokenSpec::default()).await.unwrap();
     let garbage = post_enroll(
         &platform,
-        &enroll_request(token.expose(), "not a csr".into()),
+        &enroll_request(token.secret().expose(), "not a csr".into()),
     )
     .await;
     assert_eq!(
@@ -226,13 +252,13 @@ async fn bad_csrs_and_bad_bodies_are_refused_without_spending_the_token() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     let pem = pem_wrap(&bytes);
-    let forged = post_enroll(&platform, &enroll_request(token.expose(), pem)).await;
+    let forged = post_enroll(&platform, &enroll_request(token.secret().expose(), pem)).await;
     assert_eq!(
         refusal(&forged),
         (StatusCode::BAD_REQUEST, ErrorCode::BadCsr)
     );
 
-    let mut bad_name = enroll_request(token.expose(), csr(&new_key()));
+    let mut bad_name = enroll_request(token.secret().expose(), csr(&new_key()));
     bad_name.name = "a\nb".into();
     let answer = post_enroll(&platform, &bad_name).await;
     assert_eq!(
@@ -249,7 +275,11 @@ async fn bad_csrs_and_bad_bodies_are_refused_without_spending_the_token() {
         (StatusCode::BAD_REQUEST, ErrorCode::BadRequest)
     );
 
-    let answer = post_enroll(&platform, &enroll_request(token.expose(), csr(&new_key()))).await;
+    let answer = post_enroll(
+        &platform,
+        &enroll_request(token.secret().expose(), csr(&new_key())),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::OK, "the token was never spent");
     platform.shutdown().await;
 }
@@ -306,11 +336,16 @@ async fn a_restart_on_the_same_directory_keeps_the_ca_devices_and_tokens() {
     let admin_token = platform.admin_token();
     let spec = TokenSpec {
         uses: 2,
+        ttl: Some(Duration::from_secs(600)),
         ..TokenSpec::default()
     };
     let token = platform.create_token(spec).await.unwrap();
     let key = new_key();
-    let first = post_enroll(&platform, &enroll_request(token.expose(), csr(&key))).await;
+    let first = post_enroll(
+        &platform,
+        &enroll_request(token.secret().expose(), csr(&key)),
+    )
+    .await;
     assert_eq!(first.status, StatusCode::OK);
     let device: EnrollResponse = serde_json::from_slice(&first.body).unwrap();
     platform.shutdown().await;
@@ -328,9 +363,17 @@ async fn a_restart_on_the_same_directory_keeps_the_ca_devices_and_tokens() {
     let tunnel = open_tunnel(&platform, Some((&device.certificate, &key))).await;
     assert!(tunnel.is_ok(), "{:?}", tunnel.err());
     // The 2-use token has exactly one use left.
-    let second = post_enroll(&platform, &enroll_request(token.expose(), csr(&new_key()))).await;
+    let second = post_enroll(
+        &platform,
+        &enroll_request(token.secret().expose(), csr(&new_key())),
+    )
+    .await;
     assert_eq!(second.status, StatusCode::OK);
-    let third = post_enroll(&platform, &enroll_request(token.expose(), csr(&new_key()))).await;
+    let third = post_enroll(
+        &platform,
+        &enroll_request(token.secret().expose(), csr(&new_key())),
+    )
+    .await;
     assert_eq!(
         refusal(&third),
         (StatusCode::FORBIDDEN, ErrorCode::TokenUsed)
@@ -366,5 +409,89 @@ async fn secrets_are_files_of_mode_0600() {
         !db.windows(token.expose().len())
             .any(|w| w == token.expose().as_bytes())
     );
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_token_is_refused_before_any_signature_or_csr_parsing() {
+    let (platform, _dir) = start().await;
+    let spent = platform.create_token(TokenSpec::default()).await.unwrap();
+    let ok = post_enroll(
+        &platform,
+        &enroll_request(spent.secret().expose(), csr(&new_key())),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(platform.certificates_issued(), 1);
+    let revoked = platform.create_token(TokenSpec::default()).await.unwrap();
+    let id = platform
+        .tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.uses_left == 1)
+        .unwrap()
+        .id;
+    platform.revoke_token(&id).await.unwrap();
+    let unknown = format!("tpt_{}", "5".repeat(64));
+    let refusals = [
+        (unknown.as_str(), ErrorCode::TokenUnknown),
+        (spent.secret().expose(), ErrorCode::TokenUsed),
+        (revoked.secret().expose(), ErrorCode::TokenRevoked),
+    ];
+    for (token, code) in refusals {
+        // A valid CSR: today's order would sign a certificate, then refuse.
+        let answer = post_enroll(&platform, &enroll_request(token, csr(&new_key()))).await;
+        assert_eq!(refusal(&answer), (StatusCode::FORBIDDEN, code));
+        // Not even parsed: a CSR that is garbage is refused for the token.
+        let answer = post_enroll(&platform, &enroll_request(token, "not a csr".into())).await;
+        assert_eq!(refusal(&answer), (StatusCode::FORBIDDEN, code));
+    }
+    assert_eq!(
+        platform.certificates_issued(),
+        1,
+        "no signature for a bad token"
+    );
+    assert_eq!(platform.devices().await.unwrap().len(), 1);
+    platform.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_multi_use_token_needs_an_explicit_expiry() {
+    let (platform, _dir) = start().await;
+    let open_ended = TokenSpec {
+        uses: 50,
+        ..TokenSpec::default()
+    };
+    let err = platform.create_token(open_ended).await.unwrap_err();
+    assert!(err.to_string().contains("explicit expiry"), "{err}");
+    assert!(platform.tokens().await.unwrap().is_empty());
+    // Over the admin API as well.
+    let answer = admin(
+        &platform,
+        http::Method::POST,
+        "/v1/admin/tokens",
+        platform.admin_token().expose(),
+        br#"{"uses":50,"team":"t"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(
+        refusal(&answer),
+        (StatusCode::BAD_REQUEST, ErrorCode::BadRequest)
+    );
+    // A single-use token may leave its expiry to the default (one hour).
+    let answer = admin(
+        &platform,
+        http::Method::POST,
+        "/v1/admin/tokens",
+        platform.admin_token().expose(),
+        br#"{"uses":1,"team":"t"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let listed = platform.tokens().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let ttl = listed[0].expires_at - listed[0].created;
+    assert_eq!(ttl, 3600);
     platform.shutdown().await;
 }

@@ -61,18 +61,19 @@ async fn an_idle_tunnel_costs_the_platform_less_than_64_kib() {
     // server runs (redb is locked), so talk HTTP through a client view.
     let client = tether_platform::client::AdminClient::from_data_dir(dir.path()).unwrap();
     let request = tether_platform::admin::CreateTokenRequest {
-        ttl_secs: 3600,
+        ttl_secs: Some(3600),
         uses: u32::try_from(count + 1).unwrap(),
         team: "memory".into(),
     };
-    let token = client.create_token(&request).await.unwrap().token;
+    let whole = client.create_token(&request).await.unwrap().token;
+    let token = tether_proto::api::ProvisioningToken::parse(whole.expose()).unwrap();
     let remote = Remote::new(dir.path()).await;
 
     let mut devices = Vec::new();
     for _ in 0..=count {
         let key = new_key();
         let answer = remote
-            .enroll(&enroll_request(token.expose(), csr(&key)))
+            .enroll(&enroll_request(token.secret().expose(), csr(&key)))
             .await;
         assert_eq!(answer.status, StatusCode::OK);
         let response: EnrollResponse = serde_json::from_slice(&answer.body).unwrap();

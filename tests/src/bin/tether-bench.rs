@@ -804,12 +804,14 @@ async fn fleet(args: FleetArgs) -> Result<()> {
     let client = AdminClient::from_data_dir(&data)?;
     let token = client
         .create_token(&CreateTokenRequest {
-            ttl_secs: 3600,
+            ttl_secs: Some(3600),
             uses: args.agents,
             team: "bench".to_string(),
         })
         .await?
         .token;
+    let token = tether_proto::api::ProvisioningToken::parse(token.expose())
+        .context("token create answered something that is not a provisioning token")?;
     let url = client.url().to_string();
     let ca = data.join(tether_platform::ca::CA_CERT_FILE);
 

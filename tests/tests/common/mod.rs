@@ -18,7 +18,7 @@ use tether_agent::{Agent, Status, TunnelState};
 use tether_platform::{
     Platform, PlatformConfig, PlatformError, PlatformEvent, RateLimit, TokenSpec,
 };
-use tether_proto::api::Secret;
+use tether_proto::api::ProvisioningToken;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot, watch};
@@ -98,17 +98,20 @@ pub async fn restart(old: Platform, config: PlatformConfig) -> Platform {
 }
 
 /// A single-use provisioning token.
-pub async fn token(platform: &Platform) -> Secret {
+pub async fn token(platform: &Platform) -> ProvisioningToken {
     platform
         .create_token(TokenSpec::default())
         .await
         .expect("token")
 }
 
-/// Enrollment options trusting the platform's CA.
-pub fn enroll_options(platform: &Platform, token: Secret, state_dir: &Path) -> EnrollOptions {
+/// Enrollment options: the token names the platform's CA.
+pub fn enroll_options(
+    platform: &Platform,
+    token: ProvisioningToken,
+    state_dir: &Path,
+) -> EnrollOptions {
     let mut options = EnrollOptions::new(platform.url(), token, state_dir);
-    options.ca = Some(platform.ca_path());
     options.name = Some("press-7".into());
     options
 }

@@ -122,7 +122,11 @@ pub async fn post_enroll(platform: &Platform, request: &EnrollRequest) -> Answer
 pub async fn enroll_new(platform: &Platform) -> Device {
     let token = platform.create_token(TokenSpec::default()).await.unwrap();
     let key = new_key();
-    let answer = post_enroll(platform, &enroll_request(token.expose(), csr(&key))).await;
+    let answer = post_enroll(
+        platform,
+        &enroll_request(token.secret().expose(), csr(&key)),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     let response: EnrollResponse = serde_json::from_slice(&answer.body).unwrap();
     Device {

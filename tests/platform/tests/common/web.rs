@@ -313,7 +313,11 @@ pub async fn enroll_in(platform: &Platform, team: &str) -> Device {
     };
     let token = platform.create_token(spec).await.unwrap();
     let key = new_key();
-    let answer = post_enroll(platform, &enroll_request(token.expose(), csr(&key))).await;
+    let answer = post_enroll(
+        platform,
+        &enroll_request(token.secret().expose(), csr(&key)),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     let response: EnrollResponse = serde_json::from_slice(&answer.body).unwrap();
     Device {
