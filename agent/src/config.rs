@@ -6,7 +6,9 @@
 //! file are reported at once, each naming its key. Only then is the typed
 //! [`Config`] built: it has defaults filled in and no unchecked values. This
 //! module never touches the network or the state directory's contents, and
-//! never shows a secret: the provisioning token is a [`Secret`].
+//! never shows a secret: the provisioning token is a [`ProvisioningToken`]
+//! (redacted in `Debug`), and [`Config::load`] refuses a file holding one
+//! that its group or others may read.
 
 use std::collections::HashSet;
 use std::fmt;

@@ -560,3 +560,132 @@ async fn an_enrollment_answer_larger_than_the_limit_is_refused_and_nothing_is_st
         "no identity from a refused answer"
     );
 }
+
+/// A fake platform whose TLS chain ends at `tls_ca` (the token's CA), and
+/// that answers an enrollment with a device certificate signed by
+/// `signing_ca` and `answer_ca` as the CA to pin.
+async fn lying_platform(
+    dir: &std::path::Path,
+    tls_ca: tether_platform::ca::Ca,
+    signing_ca: tether_platform::ca::Ca,
+    answer_ca: String,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let identity = tls_ca
+        .issue_server(&["localhost".to_string()], dir)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(identity.chain, identity.key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let body_at = loop {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the request ended early");
+            seen.extend_from_slice(&buf[..n]);
+            if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&seen[..body_at]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        while seen.len() < body_at + length {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let request: tether_proto::api::EnrollRequest =
+            serde_json::from_slice(&seen[body_at..body_at + length]).unwrap();
+        let key = tether_platform::ca::parse_csr(&request.csr).unwrap();
+        let device_id = "dev_0123456789abcdef0123";
+        let issued = signing_ca
+            .issue_device(device_id, &key, Duration::from_secs(86_400))
+            .unwrap();
+        let answer = tether_proto::api::EnrollResponse {
+            device_id: device_id.into(),
+            certificate: issued.pem,
+            ca: answer_ca,
+            tunnel_url: format!("wss://localhost:{port}/v1/tunnel"),
+            platform_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            keys: tether_proto::api::PinnedKeys {
+                snapshot: "1".repeat(64),
+                grant: "2".repeat(64),
+            },
+        };
+        let body = serde_json::to_vec(&answer).unwrap();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = tls.write_all(head.as_bytes()).await;
+        let _ = tls.write_all(&body).await;
+        let _ = tls.flush().await;
+    });
+    port
+}
+
+#[tokio::test]
+async fn an_answer_whose_ca_is_not_the_tokens_or_did_not_issue_the_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        tether_platform::ca::Ca::load_or_create(&path).unwrap()
+    };
+    let (tokens_ca, other_ca) = (load("tokens-ca"), load("other-ca"));
+    let cases = [
+        // Signed by the token's CA, but asks the device to pin another CA.
+        (
+            tokens_ca.clone(),
+            other_ca.cert_pem().to_string(),
+            "not the CA named by the token",
+        ),
+        // The token's CA to pin, but the certificate was signed by another.
+        (
+            other_ca.clone(),
+            tokens_ca.cert_pem().to_string(),
+            "not issued by the token's CA",
+        ),
+    ];
+    for (i, (signing, answer_ca, says)) in cases.into_iter().enumerate() {
+        let served = dir.path().join(format!("served-{i}"));
+        std::fs::create_dir_all(&served).unwrap();
+        let port = lying_platform(&served, tokens_ca.clone(), signing, answer_ca).await;
+        let token =
+            ProvisioningToken::new(&format!("tpt_{}", "c".repeat(64)), tokens_ca.spki_sha256())
+                .unwrap();
+        let state = dir.path().join(format!("state-{i}"));
+        let options = tether_agent::enroll::EnrollOptions::new(
+            format!("https://localhost:{port}"),
+            token,
+            &state,
+        );
+        let err = enroll(&options).await.unwrap_err();
+        assert!(matches!(err, EnrollError::Protocol(_)), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+        assert!(
+            StateDir::new(&state).load().unwrap().is_none(),
+            "nothing stored from a refused answer"
+        );
+    }
+}
