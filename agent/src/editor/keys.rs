@@ -2,7 +2,7 @@
 //! enrollment, then each key the platform rotated to, as long as every step
 //! is signed by the key before it (`tether_proto::grant::follow`). A key a
 //! rotation retired is still accepted for
-//! [`RETIRED_KEY_GRACE_SECS`](tether_proto::grant::RETIRED_KEY_GRACE_SECS)
+//! [`RETIRED_KEY_GRACE_SECS`]
 //! (grants signed just before the rotation), then refused.
 //!
 //! Kept in `STATE_DIR/grant-keys.json` (written atomically; the state

@@ -107,9 +107,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub editor_timeout: Duration,
     /// The DNS domain of the device editor origins: each device's editor is
-    /// served at https://dev-<id>.DOMAIN:PORT/. Default: devices.<first --name>.
-    /// It needs a wildcard DNS record to this platform (browsers resolve
-    /// *.localhost on their own).
+    /// served on the host `dev-ID.DOMAIN` (ID: the device id without `dev_`). Default:
+    /// `devices.NAME`, NAME the first --name. It needs a wildcard DNS record to this platform
+    /// (browsers resolve `*.localhost` on their own).
     #[arg(long, value_name = "DOMAIN")]
     pub editor_domain: Option<String>,
 }

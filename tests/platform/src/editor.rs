@@ -782,7 +782,7 @@ const DROPPED_FROM_DEVICE: &[&str] = &[
 ];
 
 /// What a device's answer keeps: no hop-by-hop headers, nothing from
-/// [`DROPPED_FROM_DEVICE`], a `Location` only if it is a path on the same
+/// `DROPPED_FROM_DEVICE`, a `Location` only if it is a path on the same
 /// origin; and the platform's own policy headers.
 pub fn device_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
