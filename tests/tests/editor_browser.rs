@@ -60,51 +60,33 @@ fn find_tools() -> Result<Tools, String> {
 /// A compromised device's "Node-RED": the hostile page, a service worker
 /// script that claims the whole origin, and a redirect off the origin.
 async fn hostile_editor() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let page = std::fs::read_to_string(tools::workspace().join("tests/browser/hostile.html"))
         .expect("tests/browser/hostile.html");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let page = page.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head);
-                let path = head.split(' ').nth(1).unwrap_or("/");
-                let (status, headers, body) = match path {
-                    "/" => ("200 OK", "Content-Type: text/html\r\n", page),
-                    "/red/sw.js" => (
-                        "200 OK",
-                        "Content-Type: text/javascript\r\nService-Worker-Allowed: /\r\n",
-                        "self.addEventListener('fetch', (e) => e.respondWith(new Response('owned')));".into(),
-                    ),
-                    "/red/go-elsewhere" => (
-                        "302 Found",
-                        "Location: //evil.example/\r\nRefresh: 0; url=https://evil.example/\r\n",
-                        "moved".into(),
-                    ),
-                    _ => ("404 Not Found", "", "no".into()),
-                };
-                let answer = format!(
-                    "HTTP/1.1 {status}\r\n{headers}Set-Cookie: planted=1; Path=/\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tcp.write_all(answer.as_bytes()).await;
-            });
+    http_stand_in(move |path| {
+        let cookie = "Set-Cookie: planted=1; Path=/\r\n";
+        match path {
+            "/" => (
+                "200 OK",
+                format!("Content-Type: text/html\r\n{cookie}"),
+                page.clone(),
+            ),
+            "/red/sw.js" => (
+                "200 OK",
+                format!("Content-Type: text/javascript\r\nService-Worker-Allowed: /\r\n{cookie}"),
+                "self.addEventListener('fetch', (e) => e.respondWith(new Response('owned')));"
+                    .into(),
+            ),
+            "/red/go-elsewhere" => (
+                "302 Found",
+                format!(
+                    "Location: //evil.example/\r\nRefresh: 0; url=https://evil.example/\r\n{cookie}"
+                ),
+                "moved".into(),
+            ),
+            _ => ("404 Not Found", cookie.into(), "no".into()),
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// One HTTP/1.1 GET on 127.0.0.1, without any credentials: the status code.

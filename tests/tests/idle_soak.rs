@@ -52,31 +52,11 @@ async fn echo_service() -> SocketAddr {
 /// Stands in for the device's Node-RED: answers every request with the
 /// path it was asked for.
 async fn editor_stand_in() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head);
-                let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-                let body = format!("{{\"path\":\"{path}\"}}");
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tcp.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
-    addr
+    http_stand_in(|path| {
+        let body = format!("{{\"path\":\"{path}\"}}");
+        ("200 OK", "Content-Type: application/json\r\n".into(), body)
+    })
+    .await
 }
 
 async fn platform_with_short_timers(dir: &std::path::Path) -> Platform {

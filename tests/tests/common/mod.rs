@@ -375,3 +375,41 @@ pub fn expected_sha256(seed: u64, total: usize) -> Digest {
     }
     ctx.finish()
 }
+
+/// What [`http_stand_in`] answers: status (`"200 OK"`), header lines
+/// (each ending in `\r\n`) and body.
+pub type StandInAnswer = (&'static str, String, String);
+
+/// A small HTTP/1.1 server on 127.0.0.1 standing in for a device's
+/// Node-RED: each connection's one request, read to the end of its head, is
+/// answered with `answer(path)` and closed.
+pub async fn http_stand_in(
+    answer: impl Fn(&str) -> StandInAnswer + Send + Sync + 'static,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let (status, headers, body) = answer(head.split(' ').nth(1).unwrap_or("/"));
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
