@@ -42,8 +42,6 @@ use crate::users::{MAX_PASSWORD_LEN, MAX_USER_NAME, is_user_name};
 
 /// Largest form body (`POST /login`, `POST /logout`, protection).
 pub const MAX_FORM_BODY: usize = 8 * 1024;
-/// Longest `next` path kept across a login.
-const MAX_NEXT_LEN: usize = 2048;
 /// The one answer to every bad credential.
 pub const BAD_CREDENTIALS: &str = "wrong user name or password";
 
@@ -95,11 +93,7 @@ fn method_not_allowed() -> Response<Body> {
 /// `next` if it is a path on this platform under `/devices/`: never another
 /// host (`//evil`, `https://...`), never a header-breaking character.
 pub fn local_next(next: &str) -> Option<String> {
-    let ok = next.starts_with("/devices/")
-        && next.len() <= MAX_NEXT_LEN
-        && !next.contains('\\')
-        && next.bytes().all(|b| (0x21..0x7f).contains(&b));
-    ok.then(|| next.to_string())
+    crate::handoff::local_path(next).filter(|path| path.starts_with("/devices/"))
 }
 
 /// The first value of `name` in a query string, decoded.
