@@ -14,7 +14,8 @@
 //!    the session. The browser then goes to the path it asked for.
 //!
 //! Both live only here, in memory, each stored under the SHA-256 of its
-//! value: a platform restart ends every editor cookie (the next navigation
+//! value, bounded in all and per platform session (a new one replaces the
+//! session's oldest), so no one user can fill them for the others: a platform restart ends every editor cookie (the next navigation
 //! makes a new one through the platform's session, which is in the store).
 //! Both tables are bounded; expired entries are dropped as new ones come.
 //! Logging out ends the platform session, and with it every editor cookie
@@ -47,6 +48,14 @@ pub const EDITOR_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const MAX_CODES: usize = 4096;
 /// Editor cookies known at once; beyond it new ones are refused.
 pub const MAX_EDITOR_SESSIONS: usize = 65_536;
+/// Handoff codes one platform session holds at once; a new one replaces
+/// its oldest. So no one user, however many tabs or scripts, can fill
+/// [`MAX_CODES`] for everyone else.
+pub const MAX_CODES_PER_SESSION: usize = 16;
+/// Editor cookies one platform session holds at once (one per device it
+/// has open, and then some); a new one replaces its oldest, so no one user
+/// can fill [`MAX_EDITOR_SESSIONS`].
+pub const MAX_EDITOR_SESSIONS_PER_SESSION: usize = 64;
 /// Bytes of randomness in a code and in an editor cookie.
 const VALUE_BYTES: usize = crate::sessions::COOKIE_BYTES;
 /// Longest path kept for after the handoff.
@@ -90,6 +99,9 @@ impl Handoffs {
         bound.expires_at = bound.expires_at.min(now + CODE_TTL.as_secs());
         let value = keys::random_hex(VALUE_BYTES)?;
         let mut codes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        make_room(&mut codes, &bound.session, MAX_CODES_PER_SESSION, |c| {
+            &c.bound
+        });
         if codes.len() >= MAX_CODES {
             codes.retain(|_, code| code.bound.expires_at > now);
         }
@@ -126,6 +138,12 @@ impl EditorSessions {
         bound.expires_at = bound.expires_at.min(now + EDITOR_TTL.as_secs());
         let value = keys::random_hex(VALUE_BYTES)?;
         let mut sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        make_room(
+            &mut sessions,
+            &bound.session,
+            MAX_EDITOR_SESSIONS_PER_SESSION,
+            |b| b,
+        );
         if sessions.len() >= MAX_EDITOR_SESSIONS {
             sessions.retain(|_, bound| bound.expires_at > now);
         }
@@ -157,6 +175,28 @@ impl EditorSessions {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, bound| bound.session != session);
+    }
+}
+
+/// Drops the entries of platform session `session` that expire first until
+/// it holds fewer than `limit`.
+fn make_room<T>(
+    entries: &mut HashMap<String, T>,
+    session: &str,
+    limit: usize,
+    bound: impl Fn(&T) -> &Bound,
+) {
+    let mut theirs: Vec<(u64, String)> = entries
+        .iter()
+        .filter(|(_, entry)| bound(entry).session == session)
+        .map(|(key, entry)| (bound(entry).expires_at, key.clone()))
+        .collect();
+    if theirs.len() < limit {
+        return;
+    }
+    theirs.sort_unstable();
+    for (_, key) in theirs.iter().take(theirs.len() + 1 - limit) {
+        entries.remove(key);
     }
 }
 
@@ -239,6 +279,41 @@ mod tests {
         headers.insert(header::COOKIE, HeaderValue::from_str(&pair).unwrap());
         sessions.end_session(&"s".repeat(64));
         assert!(sessions.resolve(&headers, "dev_a", 1000).is_none());
+    }
+
+    #[test]
+    fn one_session_cannot_fill_the_tables_for_everyone() {
+        let codes = Handoffs::default();
+        let cookies = EditorSessions::default();
+        let greedy = bound("dev_a");
+        let mut last_code = None;
+        for i in 0..(MAX_CODES + 10) as u64 {
+            // The newest entry is added after room is made: it survives.
+            let b = Bound {
+                expires_at: 10_000 + i,
+                ..greedy.clone()
+            };
+            last_code = Some(codes.issue(b.clone(), "/", 1000).unwrap());
+            cookies.start(b, 1000).unwrap();
+        }
+        assert_eq!(codes.0.lock().unwrap().len(), MAX_CODES_PER_SESSION);
+        assert_eq!(
+            cookies.0.lock().unwrap().len(),
+            MAX_EDITOR_SESSIONS_PER_SESSION
+        );
+        // Another user still gets in, and the greedy session's newest code
+        // still works.
+        let other = Bound {
+            session: "t".repeat(64),
+            ..bound("dev_a")
+        };
+        assert!(codes.issue(other.clone(), "/", 1000).is_ok());
+        assert!(cookies.start(other, 1000).is_ok());
+        assert!(
+            codes
+                .redeem(last_code.unwrap().expose(), "dev_a", 1000)
+                .is_some()
+        );
     }
 
     #[test]
