@@ -269,3 +269,54 @@ impl PlatformConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> PlatformConfig {
+        PlatformConfig::new("/tmp/unused", "127.0.0.1:0".parse().unwrap())
+    }
+
+    #[test]
+    fn the_editor_domain_follows_the_public_host_and_the_certificate_covers_it() {
+        let c = config();
+        assert_eq!(c.editor_domain().as_deref(), Some("devices.localhost"));
+        assert!(
+            c.certificate_names()
+                .contains(&"*.devices.localhost".to_string())
+        );
+        // An IP address as the public host has no editor domain of its own.
+        let mut ip = config();
+        ip.names = vec!["127.0.0.1".into()];
+        assert_eq!(ip.editor_domain(), None);
+        assert!(!ip.certificate_names().iter().any(|n| n.starts_with('*')));
+        let mut set = config();
+        set.editor_domain = Some("Editors.Example.COM.".into());
+        assert_eq!(set.editor_domain().as_deref(), Some("editors.example.com"));
+        assert_eq!(set.validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_editor_domains_and_grant_lifetimes_are_refused() {
+        for bad in [
+            "",
+            "10.0.0.1",
+            "a..b",
+            "under_score.example",
+            "sp ace.example",
+        ] {
+            let mut c = config();
+            c.editor_domain = Some(bad.into());
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
+        for (secs, ok) in [(0, false), (1, true), (300, true), (301, false)] {
+            let mut c = config();
+            c.grant_lifetime = Duration::from_secs(secs);
+            assert_eq!(c.validate().is_ok(), ok, "{secs} s");
+        }
+        let mut c = config();
+        c.max_renewals_per_hour = 0;
+        assert!(c.validate().is_err());
+    }
+}
