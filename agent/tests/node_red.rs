@@ -137,6 +137,18 @@ async fn request(
     token: Option<&str>,
     body: Option<serde_json::Value>,
 ) -> (StatusCode, Bytes) {
+    let token = token.map(|t| (TOKEN_HEADER, t));
+    request_with(addr, method, path, token.as_slice(), body).await
+}
+
+/// One HTTP/1.1 request on a fresh connection, with `headers`.
+async fn request_with(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<serde_json::Value>,
+) -> (StatusCode, Bytes) {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -146,8 +158,8 @@ async fn request(
         .method(method)
         .uri(path)
         .header("host", addr.to_string());
-    if let Some(token) = token {
-        req = req.header(TOKEN_HEADER, token);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let body = match body {
         Some(json) => {
@@ -203,23 +215,8 @@ fn hello_flow() -> serde_json::Value {
 
 /// The headers the `/headers` flow saw for a request with `headers`.
 async fn headers_seen_by_flow(addr: SocketAddr, headers: &[(&str, &str)]) -> serde_json::Value {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .uri("/headers")
-        .header("host", addr.to_string());
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    let response = sender
-        .send_request(req.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let (status, body) = request_with(addr, Method::GET, "/headers", headers, None).await;
+    assert_eq!(status, StatusCode::OK);
     serde_json::from_slice(&body).unwrap()
 }
 
