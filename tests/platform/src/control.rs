@@ -1,11 +1,14 @@
 //! The platform's side of a device's control stream: heartbeats,
-//! certificate renewal and the protection mode push (`docs/protocol.md`,
-//! "Control stream").
+//! certificate renewal (within `crate::certs`' rules) and the pushes of the
+//! platform's settings for the device (`docs/protocol.md`, "Control
+//! stream").
 //!
 //! This module owns the request/answer loop and the platform's own
 //! messages: as soon as the stream is up, and again whenever the tunnel's
-//! registry entry signals a change, it reads the device's protection mode
-//! from the store and sends `ControlMessage::Protection`. Reading the store
+//! registry entry signals a change, it reads the device's record from the
+//! store and sends `Protection`, the grant key's rotations (`GrantKeys`) and,
+//! while one is requested, `RenewNow`. A platform reset ends the stream (the
+//! device then reconnects). Reading the store
 //! after the signal (rather than carrying the value in it) means a push can
 //! never overtake a newer change. The device id always comes from
 //! the tunnel (its certificate), never from a message, so a device can only
@@ -42,7 +45,7 @@ pub async fn serve(
     let mut buf = vec![0u8; READ_CHUNK];
     // Subscribed before the first read of the store: a change after that
     // read is signalled, one before it is read.
-    let mut changes = state.registry.protection_changes(&device_id, generation);
+    let mut changes = state.registry.settings_changes(&device_id, generation);
     let reset = state.registry.control_reset(&device_id, generation);
     let reset = async {
         match reset {
@@ -51,8 +54,8 @@ pub async fn serve(
         }
     };
     tokio::pin!(reset);
-    if let Err(e) = push_protection(&state, &device_id, &mut stream).await {
-        return debug!(cause = %e, "cannot push the protection mode");
+    if let Err(e) = push_settings(&state, &device_id, &mut stream).await {
+        return debug!(cause = %e, "cannot push the device's settings");
     }
     loop {
         let read = tokio::select! {
@@ -62,9 +65,9 @@ pub async fn serve(
                 stream.reset(ResetCode::CANCEL, "control stream ended by the platform");
                 return;
             }
-            () = protection_changed(&mut changes) => {
-                if let Err(e) = push_protection(&state, &device_id, &mut stream).await {
-                    return debug!(cause = %e, "cannot push the protection mode");
+            () = settings_changed(&mut changes) => {
+                if let Err(e) = push_settings(&state, &device_id, &mut stream).await {
+                    return debug!(cause = %e, "cannot push the device's settings");
                 }
                 continue;
             }
@@ -144,9 +147,9 @@ async fn handle(
     }
 }
 
-/// Resolves when the device's protection mode changed; never without a
+/// Resolves when what the platform pushes to the device changed; never without a
 /// live registry entry.
-async fn protection_changed(changes: &mut Option<watch::Receiver<()>>) {
+async fn settings_changed(changes: &mut Option<watch::Receiver<()>>) {
     let Some(receiver) = changes else {
         return std::future::pending().await;
     };
@@ -160,7 +163,7 @@ async fn protection_changed(changes: &mut Option<watch::Receiver<()>>) {
 /// Reads the device's record from the store and sends its protection
 /// mode, the grant key's rotations (if any), and `RenewNow` while a renewal
 /// is requested.
-async fn push_protection(
+async fn push_settings(
     state: &Arc<State>,
     device_id: &str,
     stream: &mut TunnelStream,

@@ -755,7 +755,7 @@ impl State {
             Err(StoreError::NoDevice(id)) => return Err(PlatformError::NoDevice(id)),
             Err(e) => return Err(e.into()),
         }
-        let pushed = self.registry.protection_changed(device_id);
+        let pushed = self.registry.settings_changed(device_id);
         info!(%device_id, pushed, "certificate renewal requested");
         Ok(pushed)
     }
@@ -823,7 +823,7 @@ impl State {
             Err(StoreError::NoDevice(id)) => return Err(PlatformError::NoDevice(id)),
             Err(e) => return Err(e.into()),
         }
-        let pushed = self.registry.protection_changed(device_id);
+        let pushed = self.registry.settings_changed(device_id);
         info!(%device_id, enabled, pushed, "protection mode set");
         Ok(pushed)
     }

@@ -43,9 +43,10 @@ pub struct LiveTunnel {
     pub fingerprint: String,
     pub connected_since: SystemTime,
     pub last_heartbeat: Option<SystemTime>,
-    /// Signalled after the device's protection mode changed in the store;
-    /// the control stream reads the store again and pushes the value.
-    protection: watch::Sender<()>,
+    /// Signalled after what the platform pushes to the device changed
+    /// (protection mode, a renewal request, the grant key's rotations); the
+    /// control stream reads them again and pushes them.
+    settings: watch::Sender<()>,
     /// Signalled to end the device's control stream.
     control_reset: Arc<tokio::sync::Notify>,
 }
@@ -85,7 +86,7 @@ impl Registry {
             fingerprint: fingerprint.to_string(),
             connected_since: SystemTime::now(),
             last_heartbeat: None,
-            protection: watch::channel(()).0,
+            settings: watch::channel(()).0,
             control_reset: Arc::new(tokio::sync::Notify::new()),
         };
         let replaced = self.lock().insert(device_id.to_string(), entry);
@@ -146,13 +147,13 @@ impl Registry {
         }
     }
 
-    /// Signals the device's live tunnel that its protection mode changed.
-    /// True if a control stream is there to push it.
-    pub fn protection_changed(&self, device_id: &str) -> bool {
+    /// Signals the device's live tunnel that what the platform pushes to it
+    /// changed. True if a control stream is there to push it.
+    pub fn settings_changed(&self, device_id: &str) -> bool {
         match self.lock().get(device_id) {
             Some(t) => {
-                t.protection.send_replace(());
-                t.protection.receiver_count() > 0
+                t.settings.send_replace(());
+                t.settings.receiver_count() > 0
             }
             None => false,
         }
@@ -163,7 +164,7 @@ impl Registry {
     pub fn signal_all(&self) -> usize {
         let live = self.lock();
         for t in live.values() {
-            t.protection.send_replace(());
+            t.settings.send_replace(());
         }
         live.len()
     }
@@ -194,9 +195,9 @@ impl Registry {
             .map(|t| t.control_reset.clone())
     }
 
-    /// A receiver of protection mode changes of the device's tunnel of
-    /// generation `generation`, if it is still live.
-    pub fn protection_changes(
+    /// A receiver of the signals of [`Registry::settings_changed`] for the
+    /// device's tunnel of generation `generation`, if it is still live.
+    pub fn settings_changes(
         &self,
         device_id: &str,
         generation: u64,
@@ -204,7 +205,7 @@ impl Registry {
         self.lock()
             .get(device_id)
             .filter(|t| t.generation == generation)
-            .map(|t| t.protection.subscribe())
+            .map(|t| t.settings.subscribe())
     }
 
     /// Closes the device's live tunnel at once. True if there was one.
