@@ -16,8 +16,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::audit::{AuditEvent, AuditQueue};
 use crate::config::Config;
-use crate::editor::{self, Audit, AuditLog, Editor, EditorTarget, Protection};
+use crate::editor::{self, Editor, EditorTarget, Protection};
 use crate::enroll::{self, EnrollError, EnrollOptions};
 use crate::identity::{Credentials, Identity, IdentityError, StateDir};
 use crate::node_red::{NodeRed, NodeRedError, Permissions};
@@ -49,6 +50,8 @@ pub enum AgentError {
     },
     #[error("cannot set up the local Node-RED: {0}")]
     NodeRed(#[from] NodeRedError),
+    #[error("cannot open the audit store: {0}")]
+    Audit(crate::audit::AuditError),
 }
 
 impl AgentError {
@@ -57,7 +60,9 @@ impl AgentError {
         match self {
             AgentError::NotEnrolled(_) | AgentError::NoPlatform => crate::exit::CONFIG,
             AgentError::Enroll(e) => e.exit_code(),
-            AgentError::Identity(_) | AgentError::Lock { .. } => crate::exit::CANTCREAT,
+            AgentError::Identity(_) | AgentError::Lock { .. } | AgentError::Audit(_) => {
+                crate::exit::CANTCREAT
+            }
             AgentError::AlreadyRunning(_) => crate::exit::TEMPFAIL,
             AgentError::NodeRed(NodeRedError::Write(_)) => crate::exit::CANTCREAT,
             AgentError::NodeRed(_) => crate::exit::CONFIG,
@@ -80,6 +85,8 @@ pub(crate) struct Shared {
     pub(crate) services: Services,
     /// Editor access; `None` when it is off.
     pub(crate) editor: Option<Arc<Editor>>,
+    /// The durable audit queue.
+    pub(crate) audit: Arc<AuditQueue>,
     current: Mutex<Current>,
     /// The platform grant keys trusted now (`editor::keys`).
     grant_keys: Mutex<editor::TrustedKeys>,
@@ -202,7 +209,7 @@ const DEVICE_MAX_STREAM_WINDOW: u32 = 512 * 1024;
 const DEVICE_MAX_SEND_BUFFER: usize = 2 * 1024 * 1024;
 
 /// What the agent is started with besides its config.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct AgentOptions {
     /// The local Node-RED for editor streams. `None` (the default) takes it
     /// from the config's `[node_red]` section: editor streams are refused
@@ -210,18 +217,6 @@ pub struct AgentOptions {
     /// locked down (and, in `launch` mode, started). `Some` overrides the
     /// config, for tests and embedders.
     pub editor: Option<EditorTarget>,
-    /// Where audit events go. Default: an [`AuditLog`] that logs them
-    /// (target `audit`) and keeps the last [`editor::AUDIT_MEMORY`].
-    pub audit: Arc<dyn Audit>,
-}
-
-impl Default for AgentOptions {
-    fn default() -> Self {
-        AgentOptions {
-            editor: None,
-            audit: Arc::new(AuditLog::default()),
-        }
-    }
 }
 
 /// A running agent. Dropping it without [`Agent::shutdown`] leaves its
@@ -270,7 +265,7 @@ impl Agent {
         Agent::start_with(config, AgentOptions::default()).await
     }
 
-    /// Like [`Agent::start`], with the editor target and audit sink given.
+    /// Like [`Agent::start`], with the editor target given.
     pub async fn start_with(config: Config, options: AgentOptions) -> Result<Agent, AgentError> {
         let state = StateDir::new(&config.state_dir);
         let identity = match state.load()? {
@@ -307,6 +302,7 @@ impl Agent {
         };
         let lock = lock_state_dir(&config.state_dir)?;
         let creds = state.credentials(&identity)?;
+        let audit = open_audit(&config, &identity)?;
         let now = config.clock.now_unix();
         let initial = Status::new(
             identity.device_id.clone(),
@@ -333,13 +329,14 @@ impl Agent {
         let editor = target.map(|target| {
             let protection = Protection::load(&state);
             info!(node_red = %target.addr, protection = protection.enabled(), "editor access on");
-            Arc::new(Editor::new(target, protection, options.audit, config.clock))
+            Arc::new(Editor::new(target, protection, audit.clone(), config.clock))
         });
         let grant_keys = Mutex::new(editor::TrustedKeys::load(&state, &identity.keys.grant));
         let shared = Arc::new(Shared {
             grant_keys,
             services: Services::new(&config.services, editor.is_some()),
             editor,
+            audit,
             config,
             state,
             current: Mutex::new(Current { identity, creds }),
@@ -376,6 +373,11 @@ impl Agent {
         self.shared.device_id()
     }
 
+    /// The durable audit queue, to record events of the embedder's own.
+    pub fn audit(&self) -> Arc<AuditQueue> {
+        self.shared.audit.clone()
+    }
+
     /// Whether instance protection mode is on (always off without editor
     /// access).
     pub fn protection(&self) -> bool {
@@ -406,7 +408,46 @@ impl Agent {
         if let Some(node_red) = self.node_red {
             node_red.shutdown().await;
         }
+        // What is waiting is written before the agent ends.
+        let audit = self.shared.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     }
+}
+
+/// File, in the state directory, of the SHA-256 of the config file the
+/// last `config_changed` (or first start) recorded.
+const CONFIG_SEEN_FILE: &str = "audit.config";
+
+/// Opens the audit queue; records `enrolled` as the first event of a new
+/// chain and `config_changed` when the config file differs from the last
+/// start's.
+fn open_audit(config: &Config, identity: &Identity) -> Result<Arc<AuditQueue>, AgentError> {
+    let audit = Arc::new(
+        AuditQueue::open(&config.state_dir, config.audit.max_size, config.clock)
+            .map_err(AgentError::Audit)?,
+    );
+    use crate::audit::Audit;
+    if audit.stats().last_seq == 0 {
+        audit.record(AuditEvent::Enrolled {
+            device: identity.device_id.clone(),
+            platform: identity.platform.clone(),
+        });
+    }
+    if let Some(sha) = &config.source_sha256 {
+        let path = config.state_dir.join(CONFIG_SEEN_FILE);
+        let seen = crate::files::read_bounded(&path, 128).ok();
+        if seen.as_deref() != Some(sha.as_bytes()) {
+            audit.record(AuditEvent::ConfigChanged {
+                sha256: sha.clone(),
+            });
+            if let Err(e) =
+                crate::files::write_atomic(&path, sha.as_bytes(), crate::files::Mode::Secret)
+            {
+                warn!(cause = %e, "cannot note the config's hash; config_changed will be recorded again at the next start");
+            }
+        }
+    }
+    Ok(audit)
 }
 
 /// The editor proxy's view of the locked-down Node-RED: its address, and

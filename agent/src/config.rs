@@ -57,6 +57,12 @@ pub struct Config {
     /// The local Node-RED: off, launched by the agent, or started by the
     /// operator with the settings the agent writes.
     pub node_red: NodeRedConfig,
+    /// `[audit]`: the durable audit queue.
+    pub audit: AuditConfig,
+    /// SHA-256 (hex) of the file this config was loaded from; not a file
+    /// key. The agent records `config_changed` when it differs from the
+    /// last start's.
+    pub source_sha256: Option<String>,
     /// The wall clock; not a file key. Tests shift it to play a device whose
     /// clock is far off.
     pub clock: Clock,
@@ -87,6 +93,23 @@ fn stream_window_kib() -> (i64, i64) {
         i64::from(settings.initial_stream_window / 1024),
         i64::from(settings.connection_window / 2 / 1024),
     )
+}
+
+/// `[audit]`: the durable audit queue (`docs/operations.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// `max_size_mib`: the store's bound on disk, in bytes (default 64 MiB).
+    /// When full, the oldest events not yet shipped are replaced by one
+    /// `events_dropped` marker.
+    pub max_size: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            max_size: crate::audit::store::DEFAULT_MAX_BYTES,
+        }
+    }
 }
 
 /// `[reconnect]`: exponential backoff with full jitter between `min_delay`
@@ -286,6 +309,8 @@ impl Config {
             renewal: RenewalConfig::default(),
             heartbeat_interval: Duration::from_secs(30),
             node_red: NodeRedConfig::default(),
+            audit: AuditConfig::default(),
+            source_sha256: None,
             clock: Clock::system(),
         }
     }
@@ -303,7 +328,10 @@ impl Config {
             path: Some(path.to_owned()),
             message: "the file is not UTF-8".into(),
         })?;
-        let config = Config::from_toml_str(&text).map_err(|e| e.with_path(path))?;
+        let mut config = Config::from_toml_str(&text).map_err(|e| e.with_path(path))?;
+        config.source_sha256 = Some(crate::identity::hex(
+            ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref(),
+        ));
         if config.provisioning_token.is_some() {
             // A token in a file others can read is a token others have.
             use std::os::unix::fs::MetadataExt;
@@ -434,11 +462,30 @@ impl Config {
                         config.node_red = check.node_red(t);
                     }
                 }
+                "audit" => {
+                    if let Some(t) = check.table(key, value) {
+                        for (k, v) in t {
+                            let full = format!("audit.{k}");
+                            match k.as_str() {
+                                "max_size_mib" => match v.as_integer() {
+                                    Some(mib) if (1..=4096).contains(&mib) => {
+                                        config.audit.max_size = mib as u64 * 1024 * 1024
+                                    }
+                                    _ => check.problem(
+                                        &full,
+                                        "expected a whole number of MiB from 1 to 4096",
+                                    ),
+                                },
+                                _ => check.unknown(&full, "max_size_mib"),
+                            }
+                        }
+                    }
+                }
                 _ => check.unknown(
                     key,
                     "state_dir, platform, ca, provisioning_token, name, log_level, \
                      heartbeat_interval, [[service]], [tunnel], [reconnect], [renewal], \
-                     [node_red]",
+                     [node_red], [audit]",
                 ),
             }
         }

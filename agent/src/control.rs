@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::agent::Shared;
+use crate::audit::{Audit, AuditEvent};
 use crate::clock;
 use crate::identity::CertInfo;
 
@@ -169,6 +170,7 @@ fn heartbeat_message(shared: &Shared, tunnel: &Tunnel, seq: u64) -> ControlMessa
         cert_not_after: Some(status.cert_not_after),
         rss_bytes: rss_bytes(),
         streams: Some(tunnel.stream_count() as u64),
+        audit: Some(shared.audit.stats().into()),
     })
 }
 
@@ -201,7 +203,12 @@ async fn handle(
             };
             match store_renewal(shared, p.key, certificate).await {
                 Ok(not_after) => {
-                    info!(valid_until = %clock::rfc3339(not_after), "certificate renewed; the next connection uses it")
+                    info!(valid_until = %clock::rfc3339(not_after), "certificate renewed; the next connection uses it");
+                    let fingerprint = shared.current().creds.cert.fingerprint.clone();
+                    shared.audit.record(AuditEvent::CertificateRenewed {
+                        fingerprint,
+                        not_after,
+                    });
                 }
                 Err(e) => {
                     warn!(cause = %e, "renewed certificate not used; retrying later");
@@ -221,10 +228,12 @@ async fn handle(
         }
         ControlMessage::Protection { enabled } => set_protection(shared, enabled).await,
         ControlMessage::GrantKeys { rotations } => {
+            let audit = shared.audit.clone();
             let shared = shared.clone();
             match tokio::task::spawn_blocking(move || shared.follow_grant_keys(&rotations)).await {
                 Ok(Ok(Some(key))) => {
-                    info!(grant_key = %key, "the platform rotated its grant key; editor grants are now checked against the new key")
+                    info!(grant_key = %key, "the platform rotated its grant key; editor grants are now checked against the new key");
+                    audit.record(AuditEvent::GrantKeyRotated { key });
                 }
                 Ok(Ok(None)) => debug!("grant key rotations: nothing new"),
                 Ok(Err(e)) => {
@@ -251,7 +260,12 @@ async fn set_protection(shared: &Arc<Shared>, enabled: bool) {
     };
     let stored = tokio::task::spawn_blocking(move || editor.protection().set(enabled)).await;
     match stored {
-        Ok(Ok(true)) => info!(enabled, "instance protection mode changed"),
+        Ok(Ok(true)) => {
+            info!(enabled, "instance protection mode changed");
+            shared
+                .audit
+                .record(AuditEvent::ProtectionChanged { enabled });
+        }
         Ok(Ok(false)) => debug!(enabled, "instance protection mode unchanged"),
         Ok(Err(e)) => {
             warn!(enabled, cause = %e, "instance protection mode applied but not stored; it may not survive a restart")

@@ -18,13 +18,15 @@
 //! - [`reconnect`]: the backoff loop; `session`: one connected tunnel.
 //! - [`control`]: heartbeats, renewal and protection mode; [`services`]:
 //!   which streams are accepted, and TCP bridging.
-//! - [`editor`]: editor streams: grants, roles, the proxy to Node-RED, audit.
+//! - [`editor`]: editor streams: grants, roles, the proxy to Node-RED.
+//! - [`audit`]: the durable audit trail: recording, the store, shipping.
 //! - [`status`]: the status channel, `status.json` and `tetherd status`.
 //! - [`Agent`]: start and stop the whole.
 
 #![forbid(unsafe_code)]
 
 mod agent;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;

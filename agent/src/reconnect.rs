@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::agent::Shared;
+use crate::audit::{Audit, AuditEvent};
 use crate::config::ReconnectConfig;
 use crate::duration::Human;
 use crate::net::Endpoint;
@@ -114,7 +115,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                     s.connects += 1;
                 });
                 info!(device = %shared.device_id(), "tunnel up");
+                let url = shared.current().identity.tunnel_url.clone();
+                shared.audit.record(AuditEvent::TunnelUp { url });
                 let end = session::run(&shared, connected, &mut shutdown).await;
+                let reason = match &end {
+                    SessionEnd::Shutdown => "the agent is stopping".to_owned(),
+                    SessionEnd::Revoked(m) | SessionEnd::Lost(m) => m.clone(),
+                };
+                shared.audit.record(AuditEvent::TunnelDown { reason });
                 let lasted = started.elapsed();
                 if lasted >= stable_after {
                     backoff.reset();

@@ -64,6 +64,9 @@ pub(crate) async fn run(
         }
     };
     tasks.spawn(crate::services::serve(shared.clone(), tunnel.clone()).instrument(span.clone()));
+    // Not among `tasks`: it ends before the graceful close, which would
+    // otherwise wait for its stream.
+    let audit = tokio::spawn(ship_audit(shared.clone(), tunnel.clone()).instrument(span.clone()));
 
     let mut rtt = tokio::time::interval(RTT_REFRESH);
     let end = loop {
@@ -71,6 +74,7 @@ pub(crate) async fn run(
             reason = tunnel.closed() => break ended(reason),
             _ = crate::agent::stopped(shutdown) => {
                 let _ = stop_control.send(true);
+                audit.abort();
                 // Once done, the task is not awaited again below.
                 if let Some(mut task) = control.take()
                     && tokio::time::timeout(Duration::from_millis(500), &mut task)
@@ -111,6 +115,8 @@ pub(crate) async fn run(
         control.abort();
         let _ = control.await;
     }
+    audit.abort();
+    let _ = audit.await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     match tokio::time::timeout(SHUTDOWN_GRACE, driver).await {
@@ -130,6 +136,66 @@ fn ended(reason: ConnectionError) -> SessionEnd {
     } else {
         SessionEnd::Lost(reason.to_string())
     }
+}
+
+/// How long after a failed audit stream the session opens another.
+const AUDIT_RETRY: Duration = Duration::from_secs(5);
+
+/// Ships the audit queue on an `audit` stream for the session's life,
+/// opening a new stream after one fails.
+async fn ship_audit(shared: std::sync::Arc<Shared>, tunnel: Tunnel) {
+    loop {
+        let stream = match tunnel.open(ServiceHeader::new(Service::Audit)) {
+            Ok(stream) => stream,
+            Err(e) => return debug!(cause = %e, "cannot open the audit stream"),
+        };
+        let result = match stream.accepted().await {
+            Ok(()) => {
+                crate::audit::ship::run(
+                    shared.audit.clone(),
+                    stream,
+                    shared.device_id(),
+                    signer(&shared),
+                    shared.config.clock,
+                )
+                .await
+            }
+            Err(e) => Err(crate::audit::ship::ShipError::Io(std::io::Error::other(e))),
+        };
+        if tunnel.is_closed() {
+            return;
+        }
+        if let Err(e) = result {
+            warn!(cause = %e, retry_in = ?AUDIT_RETRY, "audit shipping stopped; opening a new audit stream");
+        }
+        tokio::time::sleep(AUDIT_RETRY).await;
+    }
+}
+
+/// Signs audit checkpoints with the device's current key (renewal replaces
+/// it), keeping the parsed key until it changes.
+fn signer(shared: &std::sync::Arc<Shared>) -> crate::audit::ship::Signer {
+    let shared = shared.clone();
+    let cached: std::sync::Mutex<Option<(String, crate::audit::ship::Signer)>> =
+        std::sync::Mutex::new(None);
+    std::sync::Arc::new(move |message: &[u8]| {
+        let (fingerprint, key, cert) = {
+            let current = shared.current();
+            let creds = &current.creds;
+            (
+                creds.cert.fingerprint.clone(),
+                creds.key.secret_der().to_vec(),
+                creds.cert.der.to_vec(),
+            )
+        };
+        let mut cached = cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cached.as_ref().is_none_or(|(f, _)| *f != fingerprint) {
+            *cached = crate::audit::ship::signer_from_pkcs8(&key, cert).map(|s| (fingerprint, s));
+        }
+        cached.as_ref().and_then(|(_, sign)| sign(message))
+    })
 }
 
 /// GOAWAY, let open streams finish for up to [`SHUTDOWN_GRACE`], then close.

@@ -22,8 +22,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use ring::signature::Ed25519KeyPair;
+use tether_agent::audit::AuditEvent;
 use tether_agent::config::Config;
-use tether_agent::editor::{AuditEvent, AuditLog, EditorTarget, TokenSource};
+use tether_agent::editor::{EditorTarget, TokenSource};
 use tether_agent::{Agent, AgentOptions, TunnelState};
 use tether_platform::Platform;
 use tether_proto::grant::{GRANT_METADATA_KEY, Grant, GrantError, Role};
@@ -121,7 +122,6 @@ struct Rig {
     agent: Agent,
     device: String,
     key: Ed25519KeyPair,
-    audit: Arc<AuditLog>,
 }
 
 /// The token the test's token source mints: user and permissions, readable.
@@ -149,10 +149,8 @@ async fn rig_with(target: EditorTarget, prepare: impl FnOnce(&mut Config, &Path)
     let mut config = Config::for_state_dir(&state);
     config.reconnect.min_delay = Duration::from_millis(50);
     prepare(&mut config, &state);
-    let audit = Arc::new(AuditLog::new(1024));
     let options = AgentOptions {
         editor: Some(target),
-        audit: audit.clone(),
     };
     let agent = Agent::start_with(config, options).await.unwrap();
     let mut status = agent.status();
@@ -171,7 +169,6 @@ async fn rig_with(target: EditorTarget, prepare: impl FnOnce(&mut Config, &Path)
         agent,
         device,
         key,
-        audit,
     }
 }
 
@@ -238,8 +235,56 @@ impl Rig {
         client(self.open(wire).await).await
     }
 
-    fn audit(&self) -> Vec<AuditEvent> {
-        self.audit.recent()
+    /// The device's audit events as the platform stored them, oldest
+    /// first: everything recorded before this call (a durable event
+    /// recorded now comes after it in the queue, and the platform has it).
+    /// The stored chain must hold.
+    async fn audit(&self) -> Vec<AuditEvent> {
+        let sync = AuditEvent::Other {
+            kind: "x_test_sync".into(),
+            actor: tether_proto::audit::Actor {
+                kind: tether_proto::audit::ActorKind::Agent,
+                name: None,
+            },
+            subject: String::new(),
+            details: serde_json::json!({}),
+        };
+        let seq = self.agent.audit().record_durable(sync).await.unwrap();
+        let report = eventually("the platform stores the device's audit records", || async {
+            let query = tether_platform::audit::AuditQuery {
+                device: Some(self.device.clone()),
+                ..Default::default()
+            };
+            let report = self.platform.audit(query).await.ok()?;
+            (report.devices[0].last_seq >= Some(seq)).then_some(report)
+        })
+        .await;
+        assert_ne!(
+            report.devices[0].state,
+            tether_platform::audit::ChainState::Broken,
+            "{:?}",
+            report.devices[0].problems
+        );
+        report
+            .entries
+            .into_iter()
+            .rev()
+            .map(|e| {
+                AuditEvent::from_record(&tether_proto::audit::Record {
+                    v: 1,
+                    seq: e.seq,
+                    time: e.time,
+                    prev: String::new(),
+                    actor: tether_proto::audit::Actor {
+                        kind: e.actor,
+                        name: e.user,
+                    },
+                    kind: e.kind,
+                    subject: e.subject,
+                    details: e.details,
+                })
+            })
+            .collect()
     }
 
     async fn stop(self) {
@@ -404,6 +449,7 @@ async fn bad_grants_are_answered_with_403_and_the_reason() {
     assert_eq!(node_red.seen().len(), 1);
     let refused: Vec<_> = rig
         .audit()
+        .await
         .into_iter()
         .filter_map(|e| match e {
             AuditEvent::Refused {
@@ -497,7 +543,7 @@ async fn each_role_reaches_exactly_its_routes_with_its_own_token() {
         };
         assert_clean(&seen, &format!("{user}|{permissions}"));
     }
-    let audit = rig.audit();
+    let audit = rig.audit().await;
     assert!(
         audit.contains(&AuditEvent::Deploy {
             user: "mia".into(),
@@ -548,7 +594,7 @@ async fn a_stream_carries_many_requests_and_bodies_stream_both_ways() {
     .await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.json()["pad"].as_str().unwrap().len(), 80 * 1024);
-    assert!(rig.audit().contains(&AuditEvent::Deploy {
+    assert!(rig.audit().await.contains(&AuditEvent::Deploy {
         user: "mia".into(),
         rev: None
     }));
@@ -638,12 +684,12 @@ async fn the_comms_websocket_echoes_through_the_editor_path() {
     // The platform closes its end once the WebSocket is done.
     drop(ws);
     eventually("the session's end in the audit", || async {
-        rig.audit().into_iter().find(|e| {
+        rig.audit().await.into_iter().find(|e| {
             matches!(e, AuditEvent::EditorSessionClosed { user, role: Role::Viewer, .. } if user == "vic")
         })
     })
     .await;
-    assert!(rig.audit().iter().any(|e| matches!(e, AuditEvent::EditorSessionOpened { user, role: Role::Viewer, .. } if user == "vic")));
+    assert!(rig.audit().await.iter().any(|e| matches!(e, AuditEvent::EditorSessionOpened { user, role: Role::Viewer, .. } if user == "vic")));
     rig.stop().await;
 }
 
@@ -721,7 +767,7 @@ async fn protection_mode_from_the_platform_refuses_a_deploy_even_for_the_owner()
         tether_agent::Clock::system(),
     );
     assert_eq!(report.protection, Some(true), "stored for the next start");
-    assert!(rig.audit().iter().any(|e| matches!(e, AuditEvent::Refused { user: Some(u), path, .. } if u == "olga" && path == "/flows")));
+    assert!(rig.audit().await.iter().any(|e| matches!(e, AuditEvent::Refused { user: Some(u), path, .. } if u == "olga" && path == "/flows")));
     // Switched off again, the owner deploys.
     rig.platform
         .set_protection(&rig.device, false)
@@ -768,7 +814,7 @@ async fn a_stream_stops_serving_when_its_grant_runs_out() {
     .await;
     assert!(closed.is_ok(), "the stream outlived its grant");
     let closed = eventually("the session's end in the audit", || async {
-        rig.audit().into_iter().find_map(|e| match e {
+        rig.audit().await.into_iter().find_map(|e| match e {
             AuditEvent::EditorSessionClosed { user, duration, .. } if user == "mia" => {
                 Some(duration)
             }

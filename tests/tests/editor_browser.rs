@@ -159,7 +159,6 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
             addr: hostile_editor().await,
             ..Default::default()
         }),
-        ..Default::default()
     };
     let hostile = Agent::start_with(agent_config(&hostile_state), options)
         .await

@@ -87,7 +87,6 @@ async fn editor_requests_and_connect_streams_work_after_every_idle_gap() {
             addr: editor_stand_in().await,
             ..EditorTarget::default()
         }),
-        ..AgentOptions::default()
     };
     let agent = Agent::start_with(config, options).await.unwrap();
     let device = agent.device_id();

@@ -99,6 +99,27 @@ pub struct Heartbeat {
     /// Streams open on the tunnel.
     #[serde(default)]
     pub streams: Option<u64>,
+    /// The device's audit queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditHealth>,
+}
+
+/// The audit queue's figures in a heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHealth {
+    /// Records on the device not yet acknowledged.
+    pub queued: u64,
+    /// The store file's size, bytes.
+    pub file_bytes: u64,
+    /// The last sequence number recorded.
+    pub last_seq: u64,
+    /// Events replaced by drop markers, and lost from memory, since the
+    /// store was made.
+    pub dropped: u64,
+    pub lost: u64,
+    /// The store's error, such as a full disk; `None` while it writes.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Why a control message could not be encoded or decoded.

@@ -23,6 +23,8 @@
 
 #[cfg(feature = "api")]
 pub mod api;
+#[cfg(feature = "audit")]
+pub mod audit;
 pub mod codes;
 pub mod config;
 pub mod connection;

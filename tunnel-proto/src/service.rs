@@ -25,6 +25,9 @@ pub enum Service {
     Mqtt,
     /// A raw TCP connection to an allow-listed local service, by name.
     Tcp(String),
+    /// The device's audit trail: events shipped in order, acknowledged by
+    /// the platform (`tether_proto::audit`, `docs/protocol.md` §17).
+    Audit,
     /// A kind this version does not know. The receiver resets the stream
     /// with `UNKNOWN_SERVICE`; the connection continues.
     Other { kind: u8, name: String },
@@ -37,6 +40,7 @@ impl Service {
             Service::Editor => 0x02,
             Service::Mqtt => 0x03,
             Service::Tcp(_) => 0x04,
+            Service::Audit => 0x05,
             Service::Other { kind, .. } => *kind,
         }
     }
@@ -56,6 +60,7 @@ impl std::fmt::Display for Service {
             Service::Editor => f.write_str("editor"),
             Service::Mqtt => f.write_str("mqtt"),
             Service::Tcp(name) => write!(f, "tcp:{name}"),
+            Service::Audit => f.write_str("audit"),
             Service::Other { kind, name } => write!(f, "unknown(0x{kind:02x}):{name}"),
         }
     }
@@ -162,7 +167,7 @@ impl ServiceHeader {
         let kind = take_u8(body)?;
         let name_len = usize::from(take_u8(body)?);
         let name = token(take_bytes(body, name_len)?)?;
-        if (0x01..=0x03).contains(&kind) && !name.is_empty() {
+        if kind != 0x04 && (0x01..=0x05).contains(&kind) && !name.is_empty() {
             return Err(ServiceError::UnexpectedName { kind }.into());
         }
         let service = match kind {
@@ -170,6 +175,7 @@ impl ServiceHeader {
             0x02 => Service::Editor,
             0x03 => Service::Mqtt,
             0x04 => Service::Tcp(name),
+            0x05 => Service::Audit,
             kind => Service::Other { kind, name },
         };
         check_name(&service)?;
@@ -196,10 +202,10 @@ impl ServiceHeader {
 
 fn check_name(service: &Service) -> Result<(), ServiceError> {
     match service {
-        Service::Control | Service::Editor | Service::Mqtt => Ok(()),
+        Service::Control | Service::Editor | Service::Mqtt | Service::Audit => Ok(()),
         Service::Tcp(name) if name.is_empty() => Err(ServiceError::MissingName),
         Service::Tcp(name) => check_token(name),
-        Service::Other { kind, .. } if (0x01..=0x04).contains(kind) => {
+        Service::Other { kind, .. } if (0x01..=0x05).contains(kind) => {
             Err(ServiceError::KnownKindAsOther { kind: *kind })
         }
         Service::Other { name, .. } if name.is_empty() => Ok(()),

@@ -6,7 +6,7 @@
 //! HTTP/1.1 on it with hyper and proxies each request the engineer's role
 //! allows ([`policy`]) to the local Node-RED at [`EditorTarget`], the
 //! `/comms` WebSocket included (`proxy`). Sessions, deploys and refusals
-//! are recorded ([`audit`]); instance protection mode ([`protection`])
+//! are recorded ([`crate::audit`]); instance protection mode ([`protection`])
 //! makes the flows read-only for everyone.
 //!
 //! This module owns everything between an accepted `editor` stream and the
@@ -20,7 +20,6 @@
 //! configuring and locking down Node-RED belong to the `node_red` module,
 //! which plugs in through [`TokenSource`].
 
-pub mod audit;
 pub mod grant;
 pub mod headers;
 pub mod keys;
@@ -46,7 +45,7 @@ use tether_proto::grant::ReplayGuard;
 use tether_proto::tokio_io::TunnelStream;
 use tracing::debug;
 
-pub use audit::{AUDIT_MEMORY, Audit, AuditEvent, AuditLog};
+pub use crate::audit::{Audit, AuditEvent};
 pub use grant::{Device, REPLAY_CAPACITY, Refusal};
 pub use keys::TrustedKeys;
 pub use policy::{Access, Route, decide, permissions};

@@ -33,6 +33,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod audit;
 mod bridge;
 pub mod ca;
 pub mod certs;

@@ -184,6 +184,13 @@ pub enum PlatformEvent {
         fingerprint: String,
         reason: String,
     },
+    /// A batch of the device's audit records is stored durably and was
+    /// acknowledged up to `through`; `stored` of them were new.
+    AuditStored {
+        device_id: String,
+        through: u64,
+        stored: u64,
+    },
 }
 
 /// `platform.json`: where the running platform listens.
@@ -384,6 +391,21 @@ impl Platform {
     /// Every enrolled device, with its live tunnel's figures.
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, PlatformError> {
         self.state.devices().await
+    }
+
+    /// The stored audit trails the query selects, verified.
+    pub async fn audit(
+        &self,
+        query: crate::audit::AuditQuery,
+    ) -> Result<crate::audit::AuditReport, PlatformError> {
+        self.state.audit(query).await
+    }
+
+    /// The store, for tests that play someone with write access to the
+    /// platform's disk.
+    #[doc(hidden)]
+    pub fn store(&self) -> &crate::store::Store {
+        &self.state.store
     }
 
     /// Revokes a device and closes its live tunnel with `REVOKED`. Returns
@@ -602,6 +624,21 @@ impl State {
         let summary = self.store.blocking(move |s| s.revoke_token(&id)).await?;
         info!(id = %summary.id, team = %summary.team, "provisioning token revoked");
         Ok(summary)
+    }
+
+    /// The stored audit trails the query selects, verified.
+    pub async fn audit(
+        &self,
+        query: crate::audit::AuditQuery,
+    ) -> Result<crate::audit::AuditReport, PlatformError> {
+        let report = self
+            .store
+            .blocking(move |s| crate::audit::report(s, &query))
+            .await;
+        match report {
+            Err(StoreError::NoDevice(id)) => Err(PlatformError::NoDevice(id)),
+            other => Ok(other?),
+        }
     }
 
     /// Every device, joined with the registry's live figures.

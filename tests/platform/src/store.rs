@@ -229,6 +229,9 @@ macro_rules! db_err {
     };
 }
 
+mod audit;
+pub use audit::{AuditWrite, StoredCheckpoint};
+
 /// The redb database. Clones share it; [`Store::close`] releases the file
 /// even while clones remain.
 #[derive(Clone, Debug)]

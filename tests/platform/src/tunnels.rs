@@ -6,8 +6,8 @@
 //! WebSocket upgrade, one device has at most one live tunnel (a new one
 //! replaces the old), and revocation closes a live tunnel with
 //! `CloseCode::REVOKED`. Streams the device opens are accepted only for the
-//! control service ([`crate::control`] serves them); anything else is
-//! refused. Each live tunnel carries a signal that its device's protection
+//! control service ([`crate::control`] serves them) and the audit trail
+//! ([`crate::audit`]); anything else is refused. Each live tunnel carries a signal that its device's protection
 //! mode changed, which its control stream turns into a push. It never parses certificates: rustls has verified the chain and
 //! the validity before a request reaches here.
 
@@ -430,8 +430,8 @@ async fn is_revoked(state: &State, device_id: &str) -> bool {
     )
 }
 
-/// Accepts the device's control streams until the tunnel closes; refuses
-/// every other service.
+/// Accepts the device's control and audit streams until the tunnel
+/// closes; refuses every other service.
 async fn accept_streams(
     state: &Arc<State>,
     device_id: &str,
@@ -440,15 +440,19 @@ async fn accept_streams(
     tunnel: &Tunnel,
 ) {
     let only_control = |header: &ServiceHeader| match header.service {
-        Service::Control => Ok(()),
+        Service::Control | Service::Audit => Ok(()),
         ref other => Err((
             ResetCode::REFUSED,
             format!("the platform does not serve '{other}' streams opened by a device"),
         )),
     };
-    while let Some((stream, _)) = tunnel.accept_filtered(only_control).await {
+    while let Some((stream, header)) = tunnel.accept_filtered(only_control).await {
         let state = state.clone();
         let (device_id, fingerprint) = (device_id.to_string(), fingerprint.to_string());
+        if header.service == Service::Audit {
+            tokio::spawn(crate::audit::serve(state, device_id, stream).in_current_span());
+            continue;
+        }
         tokio::spawn(
             crate::control::serve(state, device_id, fingerprint, generation, stream)
                 .in_current_span(),

@@ -299,7 +299,6 @@ async fn load(args: LoadArgs) -> Result<()> {
         AgentConfig::for_state_dir(&state),
         AgentOptions {
             editor: Some(target),
-            ..AgentOptions::default()
         },
     )
     .await?;
