@@ -468,12 +468,12 @@ impl Config {
                             let full = format!("audit.{k}");
                             match k.as_str() {
                                 "max_size_mib" => match v.as_integer() {
-                                    Some(mib) if (1..=4096).contains(&mib) => {
+                                    Some(mib) if (4..=4096).contains(&mib) => {
                                         config.audit.max_size = mib as u64 * 1024 * 1024
                                     }
                                     _ => check.problem(
                                         &full,
-                                        "expected a whole number of MiB from 1 to 4096",
+                                        "expected a whole number of MiB from 4 to 4096",
                                     ),
                                 },
                                 _ => check.unknown(&full, "max_size_mib"),
