@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::BytesMut;
-use tether_proto::audit::{self, Checkpoint, Frame, FrameDecoder, Record};
+use tether_proto::audit::{self, Checkpoint, Frame, FrameDecoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
@@ -28,6 +28,10 @@ const BATCH_RECORDS: usize = 1024;
 const BATCH_BYTES: usize = 256 * 1024;
 /// Bytes sent and not yet acknowledged, at most.
 pub const MAX_IN_FLIGHT: usize = 1024 * 1024;
+/// A checkpoint after a batch at most this often (and one for the last
+/// record sent once this long has passed): a trickle of events does not
+/// cost a signature each.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How long the platform may take to say what it holds.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -94,6 +98,10 @@ where
     let mut in_flight: VecDeque<(u64, usize)> = VecDeque::new();
     let mut in_flight_bytes = 0usize;
     let mut caught_up = false;
+    // The last record sent without a checkpoint after it.
+    let mut unsigned: Option<(u64, bytes::Bytes)> = None;
+    let mut last_checkpoint = tokio::time::Instant::now() - CHECKPOINT_EVERY;
+    let sign = |seq: u64, body: &[u8]| checkpoint(seq, body, &device_id, &signer, &clock);
     loop {
         if !caught_up && in_flight_bytes < MAX_IN_FLIGHT {
             let batch = read_batch(&queue, next).await?;
@@ -101,7 +109,14 @@ where
                 caught_up = true;
                 continue;
             }
-            let (out, last_seq) = encode_batch(&batch, &device_id, &signer, &clock)?;
+            let sign_last = last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+            let (out, last_seq) = encode_batch(&batch, sign_last, &sign)?;
+            if sign_last {
+                last_checkpoint = tokio::time::Instant::now();
+                unsigned = None;
+            } else {
+                unsigned = batch.last().cloned();
+            }
             wr.write_all(&out).await?;
             wr.flush().await?;
             in_flight.push_back((last_seq, out.len()));
@@ -130,6 +145,16 @@ where
                 }
                 caught_up = false;
             }
+            () = tokio::time::sleep_until(last_checkpoint + CHECKPOINT_EVERY), if unsigned.is_some() => {
+                let (seq, body) = unsigned.take().expect("checked");
+                if let Some(c) = sign(seq, &body) {
+                    let mut out = BytesMut::new();
+                    Frame::Checkpoint(c).encode(&mut out)?;
+                    wr.write_all(&out).await?;
+                    wr.flush().await?;
+                }
+                last_checkpoint = tokio::time::Instant::now();
+            }
         }
     }
 }
@@ -146,22 +171,24 @@ async fn read_batch(queue: &AuditQueue, from: u64) -> Result<Vec<(u64, bytes::By
         .map_err(|e| ShipError::Store(e.to_string()))
 }
 
-/// The frames of one batch: every record, then a checkpoint after each drop
-/// marker and after the last record.
+/// Marks a drop marker's bytes (the agent writes the type this way).
+const MARKER: &[u8] = b"\"type\":\"events_dropped\"";
+
+/// The frames of one batch: every record, a checkpoint after each drop
+/// marker and, with `sign_last`, after the last record.
 fn encode_batch(
     batch: &[(u64, bytes::Bytes)],
-    device_id: &str,
-    signer: &Signer,
-    clock: &crate::clock::Clock,
+    sign_last: bool,
+    sign: &impl Fn(u64, &[u8]) -> Option<Checkpoint>,
 ) -> Result<(BytesMut, u64), ShipError> {
     let mut out =
         BytesMut::with_capacity(batch.iter().map(|(_, b)| b.len() + 5).sum::<usize>() + 1024);
     let last = batch.len() - 1;
     for (i, (seq, body)) in batch.iter().enumerate() {
         Frame::Record(body.clone()).encode(&mut out)?;
-        let marker = || Record::parse(body).is_ok_and(|r| r.dropped().is_some());
-        if (i == last || marker())
-            && let Some(checkpoint) = checkpoint(*seq, body, device_id, signer, clock)
+        let marker = || body.windows(MARKER.len()).any(|w| w == MARKER);
+        if (i == last && sign_last || marker())
+            && let Some(checkpoint) = sign(*seq, body)
         {
             Frame::Checkpoint(checkpoint).encode(&mut out)?;
         }

@@ -174,6 +174,7 @@ pub async fn handle(
         (&Method::GET, ["tokens"]) => list_tokens(&state).await,
         (&Method::POST, ["tokens", id, "revoke"]) => revoke_token(&state, id).await,
         (&Method::GET, ["devices"]) => list_devices(&state).await,
+        (&Method::GET, ["audit"]) => audit(&state, req.uri().query()).await,
         (&Method::POST, ["devices", id, "revoke"]) => revoke(&state, id).await,
         (&Method::POST, ["devices", id, "renew"]) => renew(&state, id).await,
         (&Method::POST, ["keys", "grant", "rotate"]) => match state.rotate_grant_key().await {
@@ -332,6 +333,50 @@ async fn revoke_token(state: &State, id: &str) -> Response<Body> {
         }
         Err(e) => {
             warn!(cause = %e, "cannot revoke a provisioning token");
+            reply::internal()
+        }
+    }
+}
+
+/// `GET /v1/admin/audit?device=ID&team=T&since=SEQ&type=TYPE&user=NAME&limit=N`.
+async fn audit(state: &State, query: Option<&str>) -> Response<Body> {
+    let mut q = crate::audit::AuditQuery::default();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let value = value.into_owned();
+        let number = |v: &str| v.parse::<u64>().ok();
+        match key.as_ref() {
+            "device" => q.device = Some(value),
+            "team" => q.team = Some(value),
+            "type" => q.kind = Some(value),
+            "user" => q.user = Some(value),
+            "since" => match number(&value) {
+                Some(n) => q.since = n,
+                None => {
+                    return reply::error(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::BadRequest,
+                        "since must be a sequence number",
+                    );
+                }
+            },
+            "limit" => match number(&value) {
+                Some(n) => q.limit = Some(n.min(crate::audit::MAX_ENTRIES as u64) as usize),
+                None => {
+                    return reply::error(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::BadRequest,
+                        "limit must be a number",
+                    );
+                }
+            },
+            _ => {}
+        }
+    }
+    match state.audit(q).await {
+        Ok(report) => reply::json(StatusCode::OK, &report),
+        Err(PlatformError::NoDevice(id)) => no_device(&id),
+        Err(e) => {
+            warn!(cause = %e, "cannot read the audit trail");
             reply::internal()
         }
     }

@@ -45,6 +45,10 @@ pub enum Command {
     /// The platform's signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Show devices' audit trails, newest first, with each device's chain verification:
+    /// verified (signed by the device through its last event), unsigned tail, or BROKEN
+    /// (an event altered, removed or missing without a drop marker; each place is listed).
+    Audit(AuditArgs),
     /// Reach a TCP service on a device through its tunnel.
     ///
     /// By default the running platform listens on --listen itself, on its own host, and
@@ -112,6 +116,71 @@ pub struct ServeArgs {
     /// (browsers resolve `*.localhost` on their own).
     #[arg(long, value_name = "DOMAIN")]
     pub editor_domain: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// One device (`dev_...`).
+    #[arg(long, conflicts_with = "team")]
+    pub device: Option<String>,
+    /// Every device of one team (every device without --device or --team).
+    #[arg(long)]
+    pub team: Option<String>,
+    /// Events from this sequence number on.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// Only events of this type (`deploy`, `refused`, `tunnel_down`...).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<String>,
+    /// Only this user's events.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// At most this many events.
+    #[arg(long, default_value_t = 200)]
+    pub limit: usize,
+    /// Print JSON (verification and events) instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+/// The audit report as text: one line per device (its chain's state and
+/// problems), then the events, newest first.
+pub fn audit_text(report: &crate::audit::AuditReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for v in &report.devices {
+        let _ = writeln!(
+            out,
+            "{}  chain {}  events {}  signed through {}  dropped {}",
+            v.device_id, v.state, v.records, v.verified_through, v.dropped
+        );
+        for p in &v.problems {
+            let _ = writeln!(out, "  ! event {}: {}", p.seq, p.what);
+        }
+    }
+    if !report.entries.is_empty() {
+        out.push('\n');
+    }
+    for e in &report.entries {
+        let who = e
+            .user
+            .clone()
+            .unwrap_or_else(|| format!("{:?}", e.actor).to_lowercase());
+        let _ = writeln!(
+            out,
+            "{}  {}  {:>6}  {:<22} {:<12} {}  {}",
+            rfc3339(e.time / 1000),
+            e.device_id,
+            e.seq,
+            e.kind,
+            who,
+            e.subject,
+            e.details
+        );
+    }
+    out
 }
 
 #[derive(Debug, Subcommand)]
@@ -464,6 +533,17 @@ fn span(secs: u64) -> String {
         3600..86_400 => format!("{}h", secs / 3600),
         _ => format!("{}d", secs / 86_400),
     }
+}
+
+/// `unix` (seconds) as RFC 3339 in UTC, to the second.
+pub fn rfc3339(unix: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix.min(i64::MAX as u64) as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
 }
 
 #[cfg(test)]

@@ -185,6 +185,30 @@ impl AdminClient {
         self.json(Method::GET, "/v1/admin/devices", None).await
     }
 
+    /// `GET /v1/admin/audit`: the stored audit trails the query selects,
+    /// verified.
+    pub async fn audit(
+        &self,
+        query: &crate::audit::AuditQuery,
+    ) -> Result<crate::audit::AuditReport, ClientError> {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        let pairs = [
+            ("device", query.device.clone()),
+            ("team", query.team.clone()),
+            ("type", query.kind.clone()),
+            ("user", query.user.clone()),
+            ("since", Some(query.since.to_string())),
+            ("limit", query.limit.map(|l| l.to_string())),
+        ];
+        for (key, value) in pairs {
+            if let Some(value) = value {
+                q.append_pair(key, &value);
+            }
+        }
+        let path = format!("/v1/admin/audit?{}", q.finish());
+        self.json(Method::GET, &path, None).await
+    }
+
     /// `POST /v1/admin/devices/{id}/revoke`.
     pub async fn revoke(&self, device_id: &str) -> Result<RevokeResponse, ClientError> {
         let path = format!("/v1/admin/devices/{device_id}/revoke");

@@ -20,7 +20,7 @@ pub const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-actio
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:48rem;margin:2rem auto;padding:0 1rem;color:#222}\
 table{border-collapse:collapse}td,th{padding:.3rem .8rem;border-bottom:1px solid #ddd;text-align:left}\
-.error{color:#a00}form.inline{display:inline}label{display:block;margin:.5rem 0}";
+.error{color:#a00}.broken{color:#a00;font-weight:bold}.ok{color:#070}.pending{color:#a60}form.inline{display:inline}label{display:block;margin:.5rem 0}";
 
 /// Escapes text for HTML content and double-quoted attribute values.
 pub fn escape(text: &str) -> String {

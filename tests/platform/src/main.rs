@@ -101,6 +101,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Audit(args) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let query = tether_platform::audit::AuditQuery {
+                device: args.device,
+                team: args.team,
+                since: args.since,
+                kind: args.kind,
+                user: args.user,
+                limit: Some(args.limit),
+            };
+            let report = client.audit(&query).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", tether_platform::cli::audit_text(&report));
+            }
+            Ok(())
+        }
         Command::Device(DeviceCommand::Revoke(args)) => {
             let client = AdminClient::from_data_dir(&args.data.data_dir)?;
             let revoked = client.revoke(&args.id).await?;

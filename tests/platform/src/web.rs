@@ -45,7 +45,8 @@ pub const MAX_FORM_BODY: usize = 8 * 1024;
 /// The one answer to every bad credential.
 pub const BAD_CREDENTIALS: &str = "wrong user name or password";
 
-/// Routes `/`, `/login`, `/logout` and `/devices/{id}/protection`.
+/// Routes `/`, `/login`, `/logout`, `/audit` and
+/// `/devices/{id}/protection`.
 pub async fn handle(
     state: Arc<State>,
     conn: Arc<ConnInfo>,
@@ -69,6 +70,9 @@ pub async fn handle(
         .map(str::to_string);
     match (req.method(), path.as_str(), protection) {
         (&Method::GET | &Method::HEAD, "/", _) => index(&state, req.headers()).await,
+        (&Method::GET | &Method::HEAD, "/audit", _) => {
+            audit_page(&state, req.headers(), req.uri().query()).await
+        }
         (&Method::GET | &Method::HEAD, "/login", _) => {
             let next = query_param(req.uri().query(), "next").and_then(|n| local_next(&n));
             login_page(&state, StatusCode::OK, next.as_deref(), None)
@@ -76,7 +80,7 @@ pub async fn handle(
         (&Method::POST, "/login", _) => login(&state, &conn, req).await,
         (&Method::POST, "/logout", _) => logout(&state, req).await,
         (&Method::POST, _, Some(id)) => set_protection(&state, req, &id).await,
-        (_, "/" | "/login" | "/logout", _) => method_not_allowed(),
+        (_, "/" | "/login" | "/logout" | "/audit", _) => method_not_allowed(),
         (_, _, Some(_)) => method_not_allowed(),
         _ => html::message(StatusCode::NOT_FOUND, "Not found", "There is no such page."),
     }
@@ -389,13 +393,104 @@ async fn index(state: &State, headers: &HeaderMap) -> Response<Body> {
     }
     let body = format!(
         "<h1>Tether</h1>\n<p>Logged in as <strong>{}</strong>, {} of team <strong>{}</strong>. \
-<form class=\"inline\" method=\"post\" action=\"/logout\">{token}<button type=\"submit\">Log out</button></form></p>\n\
+<form class=\"inline\" method=\"post\" action=\"/logout\">{token}<button type=\"submit\">Log out</button></form> \
+<a href=\"/audit\">Audit trail</a></p>\n\
 <table>\n<tr><th>Name</th><th>Device</th><th>Status</th><th>Protection</th><th></th></tr>\n{rows}</table>",
         escape(&user.name),
         user.role,
         escape(&user.team)
     );
     let mut response = html::page(StatusCode::OK, "Devices", &body);
+    if let Some(cookie) = sessions::refresh_cookie(headers, &session) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
+}
+
+/// Entries the audit page shows at most.
+const AUDIT_PAGE_ENTRIES: usize = 500;
+
+/// `GET /audit?device=ID&user=NAME&type=TYPE`: the team's audit trail,
+/// newest first, with each device's chain state at the top.
+async fn audit_page(state: &State, headers: &HeaderMap, query: Option<&str>) -> Response<Body> {
+    let session = match require_session(state, headers).await {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    let team = session.user.team.clone();
+    let filter = |name| query_param(query, name).filter(|v| !v.is_empty());
+    let device = filter("device");
+    let audit_query = crate::audit::AuditQuery {
+        device: None,
+        team: Some(team.clone()),
+        since: 0,
+        kind: filter("type"),
+        user: filter("user"),
+        limit: Some(AUDIT_PAGE_ENTRIES),
+    };
+    let report = match state.audit(audit_query).await {
+        Ok(report) => report,
+        Err(e) => {
+            warn!(cause = %e, "cannot read the audit trail");
+            return html::internal();
+        }
+    };
+    let mut summary = String::new();
+    for v in &report.devices {
+        let class = match v.state {
+            crate::audit::ChainState::Broken => "broken",
+            crate::audit::ChainState::Verified | crate::audit::ChainState::Empty => "ok",
+            crate::audit::ChainState::Unsigned => "pending",
+        };
+        let problems: String = v
+            .problems
+            .iter()
+            .take(5)
+            .map(|p| format!("<br>event {}: {}", p.seq, escape(&p.what)))
+            .collect();
+        summary.push_str(&format!(
+            "<tr><td><a href=\"/audit?device={id}\"><code>{id}</code></a></td><td class=\"{class}\">{state}{problems}</td><td>{records}</td><td>{through}</td><td>{dropped}</td></tr>\n",
+            id = escape(&v.device_id),
+            state = v.state,
+            records = v.records,
+            through = v.verified_through,
+            dropped = v.dropped,
+        ));
+    }
+    let mut rows = String::new();
+    for e in report
+        .entries
+        .iter()
+        .filter(|e| device.as_ref().is_none_or(|d| *d == e.device_id))
+    {
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>\n",
+            crate::cli::rfc3339(e.time / 1000),
+            escape(&e.device_id),
+            e.seq,
+            escape(&e.kind),
+            escape(e.user.as_deref().unwrap_or(&format!("{:?}", e.actor).to_lowercase())),
+            escape(&e.subject),
+            escape(&e.details.to_string()),
+        ));
+    }
+    if rows.is_empty() {
+        rows.push_str("<tr><td colspan=\"7\">No events match.</td></tr>\n");
+    }
+    let value = |v: &Option<String>| escape(v.as_deref().unwrap_or(""));
+    let body = format!(
+        "<h1>Audit trail</h1>\n<p>Team <strong>{team}</strong>. <a href=\"/\">Devices</a></p>\n\
+<table>\n<tr><th>Device</th><th>Chain</th><th>Events</th><th>Signed through</th><th>Dropped</th></tr>\n{summary}</table>\n\
+<form method=\"get\" action=\"/audit\"><label>Device <input name=\"device\" value=\"{device}\"></label> \
+<label>User <input name=\"user\" value=\"{user}\"></label> <label>Type <input name=\"type\" value=\"{kind}\"></label> \
+<button type=\"submit\">Filter</button></form>\n\
+<table>\n<tr><th>Time (UTC)</th><th>Device</th><th>Seq</th><th>Type</th><th>Who</th><th>Subject</th><th>Details</th></tr>\n{rows}</table>",
+        team = escape(&team),
+        device = value(&device),
+        user = value(&filter("user")),
+        kind = value(&filter("type")),
+    );
+    let mut response = html::page(StatusCode::OK, "Audit trail", &body);
     if let Some(cookie) = sessions::refresh_cookie(headers, &session) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
