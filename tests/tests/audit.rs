@@ -413,3 +413,65 @@ async fn chaos_cut_tunnels_and_killed_agents_lose_no_recorded_event() {
     proxy.task.abort();
     platform.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_page_shows_the_teams_events_escaped_filtered_and_the_chain_state() {
+    use tether_e2e::web::Client;
+    use tether_proto::api::Secret;
+    use tether_proto::grant::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    for (user, team) in [("vic", "default"), ("eve", "other")] {
+        platform
+            .add_user(user, team, Role::Viewer, &Secret::new(format!("pw of {user}")))
+            .await
+            .unwrap();
+    }
+    let state = dir.path().join("state");
+    let device = enrolled(&platform, &state).await.identity.device_id;
+    let agent = Agent::start(agent_config(&state)).await.unwrap();
+    connected(&agent).await;
+    let last = agent
+        .audit()
+        .record_durable(note("<script>alert(1)</script>".into()))
+        .await
+        .unwrap();
+    verified_through(&platform, &device, last).await;
+    let client = Client::new(&platform).unwrap();
+    let page = |user: &'static str, path: &'static str| {
+        let client = client.clone();
+        async move {
+            let session = client.login(user, &format!("pw of {user}")).await.unwrap();
+            let mut conn = client.connect().await.unwrap();
+            let host = client.host.clone();
+            client
+                .send(&mut conn, &host, http::Method::GET, path, &[("cookie", &session)], bytes::Bytes::new())
+                .await
+                .unwrap()
+        }
+    };
+    let answer = page("vic", "/audit").await;
+    assert_eq!(answer.status, http::StatusCode::OK);
+    assert!(answer.text.contains(&device), "{}", answer.text);
+    assert!(answer.text.contains("verified"), "{}", answer.text);
+    assert!(answer.text.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(!answer.text.contains("<script>alert"));
+    assert!(answer.text.contains("enrolled"));
+    let filtered = page("vic", "/audit?type=enrolled").await;
+    assert!(filtered.text.contains("enrolled"));
+    assert!(!filtered.text.contains("alert(1)"), "the filter keeps only that type");
+    // Another team's user sees none of it.
+    let other = page("eve", "/audit").await;
+    assert_eq!(other.status, http::StatusCode::OK);
+    assert!(!other.text.contains(&device));
+    // Without a session: to the login page.
+    let mut conn = client.connect().await.unwrap();
+    let host = client.host.clone();
+    let anonymous = client
+        .send(&mut conn, &host, http::Method::GET, "/audit", &[], bytes::Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status, http::StatusCode::SEE_OTHER);
+    agent.shutdown().await;
+    platform.shutdown().await;
+}

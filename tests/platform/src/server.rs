@@ -181,7 +181,7 @@ async fn route(state: Arc<State>, conn: Arc<ConnInfo>, req: Request<Incoming>) -
         (&Method::POST, ENROLL_PATH) => crate::enroll::handle(state, conn, req.into_body()).await,
         (&Method::GET, TUNNEL_PATH) => crate::tunnels::handle(state, conn, req).await,
         (_, p) if p.starts_with("/v1/admin/") => crate::admin::handle(state, conn, req).await,
-        (_, "/" | "/login" | "/logout") => crate::web::handle(state, conn, req).await,
+        (_, "/" | "/login" | "/logout" | "/audit") => crate::web::handle(state, conn, req).await,
         (_, p) if p.starts_with("/devices/") => crate::web::handle(state, conn, req).await,
         _ => reply::not_found(),
     }
