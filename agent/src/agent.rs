@@ -526,6 +526,7 @@ fn write_status_file(shared: &Shared, started_at: u64) {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at,
         status: shared.status(),
+        audit: Some(shared.audit.stats()),
     };
     if let Err(e) = status::write_file(&shared.state, &file) {
         warn!(cause = %e, "cannot write the status file");

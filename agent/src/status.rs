@@ -147,6 +147,9 @@ pub struct StatusFile {
     pub started_at: u64,
     #[serde(flatten)]
     pub status: Status,
+    /// The audit queue's figures when the file was written.
+    #[serde(default)]
+    pub audit: Option<crate::audit::QueueStats>,
 }
 
 /// Writes `status.json` atomically.
@@ -192,6 +195,9 @@ pub struct DaemonReport {
     pub rtt_ms: Option<f64>,
     pub connects: Option<u64>,
     pub attempts: Option<u64>,
+    /// The audit queue, as the daemon last wrote it.
+    #[serde(default)]
+    pub audit: Option<crate::audit::QueueStats>,
 }
 
 /// Builds the report for a state directory.
@@ -218,6 +224,7 @@ pub fn report(state: &StateDir, clock: Clock) -> Report {
             rtt_ms: None,
             connects: None,
             attempts: None,
+            audit: None,
         },
     };
     match state.load() {
@@ -248,6 +255,7 @@ pub fn report(state: &StateDir, clock: Clock) -> Report {
             .map(|r| r.as_secs_f64() * 1000.0);
         d.connects = Some(file.status.connects);
         d.attempts = Some(file.status.attempts);
+        d.audit = file.audit.clone();
         // The daemon's view of the certificate is the newest.
         if running && report.enrolled {
             report.cert_not_after = Some(file.status.cert_not_after);
@@ -323,6 +331,21 @@ pub fn render(report: &Report, clock: Clock) -> String {
     if let Some(e) = &d.last_error {
         rows.push(("last error", e.clone()));
     }
+    if let Some(a) = &d.audit {
+        let mut line = format!(
+            "{} events not yet shipped ({} KiB on disk), last #{}",
+            a.queued,
+            a.file_bytes / 1024,
+            a.last_seq
+        );
+        if a.dropped + a.lost > 0 {
+            line.push_str(&format!(", {} dropped or lost", a.dropped + a.lost));
+        }
+        if let Some(e) = &a.error {
+            line.push_str(&format!("; ERROR: {e}"));
+        }
+        rows.push(("audit", line));
+    }
     if let Some(t) = report.cert_not_after {
         let left = if t > now {
             format!("in {}", Human(Duration::from_secs(t - now)))
@@ -379,10 +402,21 @@ mod tests {
             agent_version: "0".into(),
             started_at: now,
             status,
+            audit: Some(crate::audit::QueueStats {
+                queued: 12,
+                error: Some("the disk holding '/x' is full".into()),
+                ..Default::default()
+            }),
         };
         write_file(&state, &file).unwrap();
         let r = report(&state, Clock::system());
         assert!(r.daemon.running);
+        let text = render(&r, Clock::system());
+        assert!(text.contains("12 events not yet shipped"), "{text}");
+        assert!(
+            text.contains("ERROR: the disk holding '/x' is full"),
+            "{text}"
+        );
         assert_eq!(r.daemon.state, Some(TunnelState::Connected));
         assert_eq!(r.daemon.rtt_ms, Some(1.5));
         let later = report(&state, Clock::with_offset(STALE_AFTER.as_secs() as i64 + 5));

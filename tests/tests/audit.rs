@@ -423,7 +423,12 @@ async fn the_audit_page_shows_the_teams_events_escaped_filtered_and_the_chain_st
     let platform = platform(dir.path()).await;
     for (user, team) in [("vic", "default"), ("eve", "other")] {
         platform
-            .add_user(user, team, Role::Viewer, &Secret::new(format!("pw of {user}")))
+            .add_user(
+                user,
+                team,
+                Role::Viewer,
+                &Secret::new(format!("pw of {user}")),
+            )
             .await
             .unwrap();
     }
@@ -445,7 +450,14 @@ async fn the_audit_page_shows_the_teams_events_escaped_filtered_and_the_chain_st
             let mut conn = client.connect().await.unwrap();
             let host = client.host.clone();
             client
-                .send(&mut conn, &host, http::Method::GET, path, &[("cookie", &session)], bytes::Bytes::new())
+                .send(
+                    &mut conn,
+                    &host,
+                    http::Method::GET,
+                    path,
+                    &[("cookie", &session)],
+                    bytes::Bytes::new(),
+                )
                 .await
                 .unwrap()
         }
@@ -454,12 +466,19 @@ async fn the_audit_page_shows_the_teams_events_escaped_filtered_and_the_chain_st
     assert_eq!(answer.status, http::StatusCode::OK);
     assert!(answer.text.contains(&device), "{}", answer.text);
     assert!(answer.text.contains("verified"), "{}", answer.text);
-    assert!(answer.text.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(
+        answer
+            .text
+            .contains("&lt;script&gt;alert(1)&lt;/script&gt;")
+    );
     assert!(!answer.text.contains("<script>alert"));
     assert!(answer.text.contains("enrolled"));
     let filtered = page("vic", "/audit?type=enrolled").await;
     assert!(filtered.text.contains("enrolled"));
-    assert!(!filtered.text.contains("alert(1)"), "the filter keeps only that type");
+    assert!(
+        !filtered.text.contains("alert(1)"),
+        "the filter keeps only that type"
+    );
     // Another team's user sees none of it.
     let other = page("eve", "/audit").await;
     assert_eq!(other.status, http::StatusCode::OK);
@@ -468,7 +487,14 @@ async fn the_audit_page_shows_the_teams_events_escaped_filtered_and_the_chain_st
     let mut conn = client.connect().await.unwrap();
     let host = client.host.clone();
     let anonymous = client
-        .send(&mut conn, &host, http::Method::GET, "/audit", &[], bytes::Bytes::new())
+        .send(
+            &mut conn,
+            &host,
+            http::Method::GET,
+            "/audit",
+            &[],
+            bytes::Bytes::new(),
+        )
         .await
         .unwrap();
     assert_eq!(anonymous.status, http::StatusCode::SEE_OTHER);

@@ -40,6 +40,9 @@ use crate::clock::Clock;
 pub const MAX_PENDING: usize = 65_536;
 /// Most records one commit takes.
 const MAX_BATCH: usize = 2048;
+/// How long the writer waits for the producers its last commit released
+/// before it commits what it has.
+const GATHER: Duration = Duration::from_micros(200);
 /// How long the writer waits before trying a failed store again.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -81,6 +84,9 @@ pub struct QueueStats {
     pub lost: u64,
     /// The store's current error (a full disk), cleared once it writes.
     pub error: Option<String>,
+    /// Commits since the queue was opened, and the time they took.
+    pub commits: u64,
+    pub commit_micros: u64,
 }
 
 impl From<QueueStats> for tether_proto::control::AuditHealth {
@@ -162,6 +168,8 @@ impl AuditQueue {
             dropped: head.dropped,
             lost: 0,
             error: opened.recovered,
+            commits: 0,
+            commit_micros: 0,
         };
         let inner = Arc::new(Inner {
             pending: Mutex::new(Pending::default()),
@@ -285,6 +293,9 @@ pub fn unix_ms(clock: &Clock) -> u64 {
 /// transaction, answers the producers; on a failed store, keeps what it
 /// can in memory and tries again every [`RETRY`].
 fn write_loop(inner: &Inner, mut store: Option<Store>, dir: &Path, max_bytes: u64) {
+    // Producers that waited for the last commit: they come back together,
+    // a moment apart, and are worth a short wait (see below).
+    let mut last_waiters = 0usize;
     loop {
         let (batch, ack, lost, stop) = {
             let mut pending = lock(&inner.pending);
@@ -293,6 +304,23 @@ fn write_loop(inner: &Inner, mut store: Option<Store>, dir: &Path, max_bytes: u6
                     .wake
                     .wait(pending)
                     .unwrap_or_else(PoisonError::into_inner);
+            }
+            // Group commit: producers the last commit released record again
+            // within microseconds of each other; committing as soon as the
+            // first is back would make every other commit hold only a few.
+            // Wait up to GATHER for them all, never when there is nothing
+            // to wait for (one producer waits on its own commit).
+            let deadline = std::time::Instant::now() + GATHER;
+            while last_waiters > 1 && pending.items.len() < last_waiters && !pending.stop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                pending = inner
+                    .wake
+                    .wait_timeout(pending, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
             }
             let n = pending.items.len().min(MAX_BATCH);
             let batch: Vec<Item> = pending.items.drain(..n).collect();
@@ -312,18 +340,20 @@ fn write_loop(inner: &Inner, mut store: Option<Store>, dir: &Path, max_bytes: u6
             std::thread::sleep(RETRY);
             continue;
         };
-        let mut records: Vec<NewRecord> = batch.iter().map(|i| i.record.clone()).collect();
-        if lost > 0 {
-            let event = AuditEvent::EventsLost {
+        let lost_record = (lost > 0).then(|| NewRecord {
+            time: unix_ms(&inner.clock),
+            parts: AuditEvent::EventsLost {
                 count: lost,
                 reason: "the audit store could not be written (disk full?)".into(),
-            };
-            records.push(NewRecord {
-                time: unix_ms(&inner.clock),
-                parts: event.parts(),
-            });
-        }
-        match open.append(&records, ack) {
+            }
+            .parts(),
+        });
+        let records = batch.iter().map(|i| &i.record).chain(lost_record.as_ref());
+        last_waiters = batch.iter().filter(|i| i.done.is_some()).count();
+        let started = std::time::Instant::now();
+        let appended = open.append(records, ack);
+        let took = started.elapsed().as_micros() as u64;
+        match appended {
             Ok(seqs) => {
                 for (item, seq) in batch.into_iter().zip(&seqs) {
                     if let Some(done) = item.done {
@@ -346,6 +376,8 @@ fn write_loop(inner: &Inner, mut store: Option<Store>, dir: &Path, max_bytes: u6
                     dropped: head.dropped,
                     lost: stats.lost,
                     error: None,
+                    commits: stats.commits + 1,
+                    commit_micros: stats.commit_micros + took,
                 };
                 drop(stats);
                 if recovered {

@@ -390,13 +390,14 @@ impl Store {
     /// transaction, durable when this returns; returns the sequence numbers
     /// given. When the records do not fit in the bound, the oldest
     /// unacknowledged ones are replaced by one drop marker first.
-    pub fn append(
+    pub fn append<'a>(
         &mut self,
-        batch: &[NewRecord],
+        batch: impl IntoIterator<Item = &'a NewRecord>,
         ack: Option<u64>,
     ) -> Result<Vec<u64>, StoreError> {
+        let batch: Vec<&NewRecord> = batch.into_iter().collect();
         let before = self.head.clone();
-        let result = self.append_inner(batch, ack);
+        let result = self.append_inner(&batch, ack);
         if result.is_err() {
             self.head = before;
         }
@@ -405,7 +406,7 @@ impl Store {
 
     fn append_inner(
         &mut self,
-        batch: &[NewRecord],
+        batch: &[&NewRecord],
         ack: Option<u64>,
     ) -> Result<Vec<u64>, StoreError> {
         let needed = self.head.next_seq + batch.len() as u64;
@@ -451,21 +452,24 @@ impl Store {
     /// Encodes `new` as the next record and moves the head past it.
     fn encode(&mut self, new: &NewRecord) -> Result<Vec<u8>, StoreError> {
         let parts = &new.parts;
-        let mut record = Record {
+        let mut record = RecordRef {
             v: SCHEMA_VERSION,
             seq: self.head.next_seq,
             time: new.time,
-            prev: self.head.link.clone(),
-            actor: parts.actor.clone(),
-            kind: parts.kind.clone(),
-            subject: parts.subject.clone(),
-            details: parts.details.clone(),
+            prev: &self.head.link,
+            actor: &parts.actor,
+            kind: &parts.kind,
+            subject: &parts.subject,
+            details: &parts.details,
         };
-        let mut body = serde_json::to_vec(&record)?;
+        let mut body = Vec::with_capacity(256);
+        serde_json::to_writer(&mut body, &record)?;
+        let truncated = serde_json::json!({ "truncated": true });
         if body.len() > MAX_RECORD {
-            record.details = serde_json::json!({ "truncated": true });
-            record.subject.truncate(256);
-            body = serde_json::to_vec(&record)?;
+            record.details = &truncated;
+            record.subject = cut_str(record.subject, 256);
+            body.clear();
+            serde_json::to_writer(&mut body, &record)?;
         }
         self.head.link = audit::to_hex(&audit::hash(&body));
         self.head.next_seq += 1;
@@ -591,6 +595,30 @@ impl Store {
         );
         Ok(())
     }
+}
+
+/// A record borrowed for encoding: the same JSON as [`Record`], without
+/// copying the event's parts.
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    v: u32,
+    seq: u64,
+    time: u64,
+    prev: &'a str,
+    actor: &'a Actor,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    subject: &'a str,
+    details: &'a serde_json::Value,
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn cut_str(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn read_lease(path: &Path) -> Option<Lease> {
