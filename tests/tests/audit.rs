@@ -149,6 +149,14 @@ async fn events_arrive_in_order_and_once_across_platform_restarts_and_the_admin_
         .await
         .unwrap_err();
     assert!(missing.to_string().contains("no device"), "{missing}");
+    // The device's heartbeats carry its queue's figures to the device list.
+    let reported = eventually("the device's audit figures in its heartbeat", || async {
+        let devices = platform.devices().await.unwrap();
+        let audit = devices.into_iter().find(|d| d.id == device)?.audit?;
+        (audit.last_seq >= last).then_some(audit)
+    })
+    .await;
+    assert_eq!(reported.error, None);
     agent.shutdown().await;
     platform.shutdown().await;
 }

@@ -587,6 +587,7 @@ mod tests {
             protected: true,
             current_certificate: None,
             superseded_seen_at: None,
+            audit: None,
         };
         let table = device_table(&[device], 100);
         let lines: Vec<&str> = table.lines().collect();

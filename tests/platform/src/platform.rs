@@ -153,6 +153,10 @@ pub struct DeviceInfo {
     /// (Unix seconds): another copy of its identity may exist.
     #[serde(default)]
     pub superseded_seen_at: Option<u64>,
+    /// The device's audit queue as its last heartbeat reported it (its
+    /// error, such as a full disk, included), while online.
+    #[serde(default)]
+    pub audit: Option<tether_proto::control::AuditHealth>,
 }
 
 /// Something that happened, for tests and dashboards.
@@ -652,6 +656,7 @@ impl State {
                     online: live.is_some(),
                     connected_since: live.as_ref().map(|l| unix(l.connected_since)),
                     last_heartbeat: live.as_ref().and_then(|l| l.last_heartbeat.map(unix)),
+                    audit: live.as_ref().and_then(|l| l.audit.clone()),
                     rtt_micros: live
                         .as_ref()
                         .and_then(|l| l.tunnel.rtt())

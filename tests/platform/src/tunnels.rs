@@ -43,6 +43,8 @@ pub struct LiveTunnel {
     pub fingerprint: String,
     pub connected_since: SystemTime,
     pub last_heartbeat: Option<SystemTime>,
+    /// The device's audit queue, from its last heartbeat.
+    pub audit: Option<tether_proto::control::AuditHealth>,
     /// Signalled after what the platform pushes to the device changed
     /// (protection mode, a renewal request, the grant key's rotations); the
     /// control stream reads them again and pushes them.
@@ -86,6 +88,7 @@ impl Registry {
             fingerprint: fingerprint.to_string(),
             connected_since: SystemTime::now(),
             last_heartbeat: None,
+            audit: None,
             settings: watch::channel(()).0,
             control_reset: Arc::new(tokio::sync::Notify::new()),
         };
@@ -139,12 +142,23 @@ impl Registry {
     }
 
     /// Notes a heartbeat on the device's tunnel of generation `generation`.
-    pub fn heartbeat(&self, device_id: &str, generation: u64) {
-        if let Some(t) = self.lock().get_mut(device_id)
-            && t.generation == generation
-        {
-            t.last_heartbeat = Some(SystemTime::now());
-        }
+    /// Notes a heartbeat of the live tunnel and the audit figures it
+    /// carried. Returns the audit error when it is new (to be logged once).
+    pub fn heartbeat(
+        &self,
+        device_id: &str,
+        generation: u64,
+        audit: Option<tether_proto::control::AuditHealth>,
+    ) -> Option<String> {
+        let mut live = self.lock();
+        let t = live
+            .get_mut(device_id)
+            .filter(|t| t.generation == generation)?;
+        t.last_heartbeat = Some(SystemTime::now());
+        let before = t.audit.as_ref().and_then(|a| a.error.clone());
+        t.audit = audit;
+        let now = t.audit.as_ref().and_then(|a| a.error.clone());
+        now.filter(|e| before.as_ref() != Some(e))
     }
 
     /// Signals the device's live tunnel that what the platform pushes to it
