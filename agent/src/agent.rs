@@ -414,6 +414,47 @@ impl Agent {
     }
 }
 
+/// File, in the state directory, naming the device the audit store
+/// belongs to.
+const AUDIT_DEVICE_FILE: &str = "audit.device";
+
+/// A trail belongs to one device: after `tetherd enroll --force` made a new
+/// identity, the old device's store (its events could only be shipped as
+/// the old device, which no longer connects) is moved aside as
+/// `audit.redb.DEVICE` with its lease, and the new device starts its own
+/// chain from `enrolled`.
+fn set_aside_other_devices_trail(dir: &std::path::Path, device_id: &str) {
+    let path = dir.join(AUDIT_DEVICE_FILE);
+    let owner = crate::files::read_bounded(&path, 256)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok());
+    match owner {
+        Some(owner) if owner == device_id => return,
+        Some(owner) if tether_proto::api::is_device_id(&owner) => {
+            for file in [
+                crate::audit::store::STORE_FILE,
+                crate::audit::store::LEASE_FILE,
+            ] {
+                let from = dir.join(file);
+                let to = dir.join(format!("{file}.{owner}"));
+                if from.exists()
+                    && let Err(e) = std::fs::rename(&from, &to)
+                {
+                    warn!(cause = %e, file = %from.display(), "cannot set the previous device's audit trail aside");
+                    return;
+                }
+            }
+            warn!(previous = %owner, "this device enrolled again with a new identity: the previous identity's audit trail was set aside (audit.redb.{owner}); events it had not shipped stay there");
+        }
+        _ => {}
+    }
+    if let Err(e) =
+        crate::files::write_atomic(&path, device_id.as_bytes(), crate::files::Mode::Secret)
+    {
+        warn!(cause = %e, "cannot note which device the audit trail belongs to");
+    }
+}
+
 /// File, in the state directory, of the SHA-256 of the config file the
 /// last `config_changed` (or first start) recorded.
 const CONFIG_SEEN_FILE: &str = "audit.config";
@@ -422,6 +463,7 @@ const CONFIG_SEEN_FILE: &str = "audit.config";
 /// chain and `config_changed` when the config file differs from the last
 /// start's.
 fn open_audit(config: &Config, identity: &Identity) -> Result<Arc<AuditQueue>, AgentError> {
+    set_aside_other_devices_trail(&config.state_dir, &identity.device_id);
     let audit = Arc::new(
         AuditQueue::open(&config.state_dir, config.audit.max_size, config.clock)
             .map_err(AgentError::Audit)?,

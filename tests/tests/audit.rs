@@ -509,3 +509,47 @@ async fn the_audit_page_shows_the_teams_events_escaped_filtered_and_the_chain_st
     agent.shutdown().await;
     platform.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_enrolled_again_starts_its_own_trail_and_sets_the_old_one_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    let first = enrolled(&platform, &state).await.identity.device_id;
+    let agent = Agent::start(agent_config(&state)).await.unwrap();
+    connected(&agent).await;
+    let last = agent
+        .audit()
+        .record_durable(note("first identity".into()))
+        .await
+        .unwrap();
+    verified_through(&platform, &first, last).await;
+    agent.shutdown().await;
+    // Enrolled again, over the old identity.
+    let mut options = enroll_options(&platform, token(&platform).await, &state);
+    options.force = true;
+    let second = tether_agent::enroll::enroll(&options)
+        .await
+        .unwrap()
+        .identity
+        .device_id;
+    assert_ne!(first, second);
+    let agent = Agent::start(agent_config(&state)).await.unwrap();
+    connected(&agent).await;
+    let last = agent
+        .audit()
+        .record_durable(note("second identity".into()))
+        .await
+        .unwrap();
+    let report = verified_through(&platform, &second, last).await;
+    let records = stored(&platform, &second);
+    assert_eq!(records[&1].kind, "enrolled", "a new chain from 1");
+    assert_eq!(records[&1].subject, second);
+    assert!(
+        records.values().all(|r| r.subject != "first identity"),
+        "{report:?}"
+    );
+    assert!(state.join(format!("audit.redb.{first}")).exists());
+    agent.shutdown().await;
+    platform.shutdown().await;
+}

@@ -239,9 +239,11 @@ pub fn verify_device(
     store: &Store,
     device_id: &str,
 ) -> Result<(Verification, Records), StoreError> {
-    let records = store.audit_records(device_id, 0)?;
-    let checkpoints = store.audit_checkpoints(device_id)?;
-    let conflicts = store.audit_conflicts(device_id)?;
+    let crate::store::StoredTrail {
+        records,
+        checkpoints,
+        conflicts,
+    } = store.audit_trail(device_id)?;
     let chain = audit::verify_chain(records.iter().map(|(s, b)| (*s, b.as_slice())));
     let mut problems = chain.problems;
     let by_seq: HashMap<u64, &[u8]> = records.iter().map(|(s, b)| (*s, b.as_slice())).collect();

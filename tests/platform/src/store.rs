@@ -230,7 +230,7 @@ macro_rules! db_err {
 }
 
 mod audit;
-pub use audit::{AuditWrite, StoredCheckpoint};
+pub use audit::{AuditWrite, StoredCheckpoint, StoredTrail};
 
 /// The redb database. Clones share it; [`Store::close`] releases the file
 /// even while clones remain.

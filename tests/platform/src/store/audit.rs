@@ -37,6 +37,34 @@ pub struct StoredCheckpoint {
     pub public_key: String,
 }
 
+/// A device's stored trail: records, checkpoints and conflicting resends,
+/// each by sequence number, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredTrail {
+    pub records: Vec<(u64, Vec<u8>)>,
+    pub checkpoints: Vec<(u64, StoredCheckpoint)>,
+    pub conflicts: Vec<(u64, Vec<u8>)>,
+}
+
+fn audit_range(
+    txn: &redb::ReadTransaction,
+    definition: TableDefinition<(&str, u64), &[u8]>,
+    device: &str,
+    since: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let table = match txn.open_table(definition) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::Db(e.into())),
+    };
+    let mut out = Vec::new();
+    for entry in db_err!(table.range((device, since)..=(device, u64::MAX)))? {
+        let (key, value) = db_err!(entry)?;
+        out.push((key.value().1, value.value().to_vec()));
+    }
+    Ok(out)
+}
+
 /// What storing one batch did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AuditWrite {
@@ -112,44 +140,25 @@ impl Store {
         device: &str,
         since: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.audit_range(AUDIT, device, since)
-    }
-
-    /// Records that arrived with other bytes than the stored ones.
-    pub fn audit_conflicts(&self, device: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.audit_range(AUDIT_CONFLICTS, device, 0)
-    }
-
-    /// `device`'s checkpoints, in order.
-    pub fn audit_checkpoints(
-        &self,
-        device: &str,
-    ) -> Result<Vec<(u64, StoredCheckpoint)>, StoreError> {
-        self.audit_range(AUDIT_CHECKPOINTS, device, 0)?
-            .into_iter()
-            .map(|(seq, json)| Ok((seq, serde_json::from_slice(&json)?)))
-            .collect()
-    }
-
-    fn audit_range(
-        &self,
-        definition: TableDefinition<(&str, u64), &[u8]>,
-        device: &str,
-        since: u64,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let db = self.db()?;
         let txn = db_err!(db.begin_read())?;
-        let table = match txn.open_table(definition) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(StoreError::Db(e.into())),
-        };
-        let mut out = Vec::new();
-        for entry in db_err!(table.range((device, since)..=(device, u64::MAX)))? {
-            let (key, value) = db_err!(entry)?;
-            out.push((key.value().1, value.value().to_vec()));
-        }
-        Ok(out)
+        audit_range(&txn, AUDIT, device, since)
+    }
+
+    /// Everything stored of `device`'s trail, read in one transaction (so
+    /// that a batch stored meanwhile is either wholly in it or not at all).
+    pub fn audit_trail(&self, device: &str) -> Result<StoredTrail, StoreError> {
+        let db = self.db()?;
+        let txn = db_err!(db.begin_read())?;
+        let checkpoints = audit_range(&txn, AUDIT_CHECKPOINTS, device, 0)?
+            .into_iter()
+            .map(|(seq, json)| Ok((seq, serde_json::from_slice(&json)?)))
+            .collect::<Result<_, StoreError>>()?;
+        Ok(StoredTrail {
+            records: audit_range(&txn, AUDIT, device, 0)?,
+            checkpoints,
+            conflicts: audit_range(&txn, AUDIT_CONFLICTS, device, 0)?,
+        })
     }
 
     /// Replaces (or with `None` removes) one stored record, as someone
