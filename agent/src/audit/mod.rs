@@ -355,11 +355,6 @@ fn write_loop(inner: &Inner, mut store: Option<Store>, dir: &Path, max_bytes: u6
         let took = started.elapsed().as_micros() as u64;
         match appended {
             Ok(seqs) => {
-                for (item, seq) in batch.into_iter().zip(&seqs) {
-                    if let Some(done) = item.done {
-                        let _ = done.send(Ok(*seq));
-                    }
-                }
                 let head = open.head().clone();
                 let mut stats = lock(&inner.stats);
                 let recovered = stats.error.take().is_some();
@@ -384,6 +379,13 @@ fn write_loop(inner: &Inner, mut store: Option<Store>, dir: &Path, max_bytes: u6
                     info!("the audit store writes again");
                 }
                 inner.committed.send_replace(head.next_seq - 1);
+                // Last: a producer that hears back sees the figures (and
+                // the committed number) that include its event.
+                for (item, seq) in batch.into_iter().zip(&seqs) {
+                    if let Some(done) = item.done {
+                        let _ = done.send(Ok(*seq));
+                    }
+                }
             }
             Err(e) => {
                 let message = e.to_string();
