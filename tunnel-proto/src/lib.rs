@@ -37,6 +37,8 @@ pub mod frame;
 pub mod grant;
 pub mod hello;
 pub mod service;
+#[cfg(feature = "snapshot")]
+pub mod snapshot;
 #[cfg(feature = "testing")]
 pub mod testing;
 #[cfg(feature = "tokio")]
