@@ -20,6 +20,8 @@
 //!   which streams are accepted, and TCP bridging.
 //! - [`editor`]: editor streams: grants, roles, the proxy to Node-RED.
 //! - [`audit`]: the durable audit trail: recording, the store, shipping.
+//! - [`snapshot`]: the snapshot folder: staging, the atomic switch, the
+//!   apply journal and rollback.
 //! - [`status`]: the status channel, `status.json` and `tetherd status`.
 //! - [`Agent`]: start and stop the whole.
 
@@ -42,6 +44,7 @@ pub mod node_red;
 pub mod reconnect;
 pub mod services;
 mod session;
+pub mod snapshot;
 pub mod status;
 pub mod tls;
 pub mod tunnel;

@@ -191,8 +191,8 @@ impl Envelope {
         Ok(envelope)
     }
 
-    /// The signed document's bytes.
-    fn document(&self) -> Result<Vec<u8>, Refusal> {
+    /// The signed document's bytes (not verified: verify first).
+    pub fn document(&self) -> Result<Vec<u8>, Refusal> {
         URL_SAFE_NO_PAD
             .decode(&self.signed)
             .map_err(|_| Refusal::Malformed("`signed` is not base64url".into()))
