@@ -209,8 +209,20 @@ grep -q '"username":"olga"' <<<"$SETTINGS" || fail "the editor did not answer th
 echo "   Logged in as olga (owner): ${EDITOR}settings led to https://$EDITOR_HOST:$PLATFORM_PORT/settings,"
 echo "   which answered through the tunnel, as olga"
 
+say "7. The device's audit trail, as the platform stored and verified it"
+echo "   \$ tether-platform audit --device $DEVICE --data-dir $PLATFORM_DIR --limit 6"
+AUDIT=""
+for _ in $(seq 1 50); do
+    AUDIT=$("$BIN/tether-platform" audit --device "$DEVICE" --data-dir "$PLATFORM_DIR" --limit 6 || true)
+    grep -q "editor_session_opened" <<<"$AUDIT" && grep -q "chain verified" <<<"$AUDIT" && break
+    sleep 0.2
+done
+grep -q "editor_session_opened" <<<"$AUDIT" || fail "the editor session is not in the device's audit trail: ${AUDIT:0:300}"
+grep -q "chain verified" <<<"$AUDIT" || fail "the device's audit chain does not verify: ${AUDIT:0:300}"
+sed 's/^/   /' <<<"$AUDIT"
+
 if [ "${DEMO_CHECK:-0}" = 1 ]; then
-    say "Demo checked: enrollment, tunnel, service access and the editor all work."
+    say "Demo checked: enrollment, tunnel, service access, the editor and the audit trail all work."
     exit 0
 fi
 
@@ -232,6 +244,7 @@ Try it yourself:
    $BIN/tether-platform device protect $DEVICE --on --data-dir $PLATFORM_DIR   # flows read-only for everyone
    $BIN/tetherd status --state-dir $STATE_DIR
    $BIN/tether-platform device list --data-dir $PLATFORM_DIR
+   $BIN/tether-platform audit --device $DEVICE --data-dir $PLATFORM_DIR   # also the /audit page once logged in
    $BIN/tether-platform device revoke $DEVICE --data-dir $PLATFORM_DIR   # the tunnel closes at once
    tail -f $WORK/tetherd.log $WORK/platform.log
 
