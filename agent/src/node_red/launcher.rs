@@ -5,9 +5,11 @@
 //! Node-RED runs as `COMMAND -u USER_DIR -s SETTINGS` in its own process
 //! group (a Ctrl-C meant for the agent does not reach it; the agent stops
 //! it). Restarts wait 1 s doubling to 30 s, reset after a run of a minute.
-//! Stopping sends SIGTERM and, after [`STOP_GRACE`], SIGKILL; dropping the
-//! [`Launcher`] kills the process. Crash-loop and hang detection belong to
-//! the later supervisor, not here.
+//! [`CRASH_LOOP_EXITS`] exits within [`CRASH_LOOP_WINDOW`] are a crash loop:
+//! the launcher stops restarting and says so ([`CrashLoop`]), rather than
+//! restarting a Node-RED that cannot run forever. Stopping sends SIGTERM
+//! and, after [`STOP_GRACE`], SIGKILL; dropping the [`Launcher`] kills the
+//! process. Hang detection belongs to the later supervisor, not here.
 //!
 //! [`wait_ready`] tells when Node-RED answers, and refuses a listener on the
 //! port that answers without a token (not the agent's locked-down Node-RED).
@@ -38,6 +40,32 @@ const RESTART_MIN: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(30);
 /// A run this long resets the restart delay.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// Exits within [`CRASH_LOOP_WINDOW`] that make a crash loop.
+pub const CRASH_LOOP_EXITS: usize = 5;
+/// See [`CRASH_LOOP_EXITS`].
+pub const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
+
+/// Counts Node-RED's exits; a crash loop is [`CRASH_LOOP_EXITS`] of them
+/// within [`CRASH_LOOP_WINDOW`]. Time comes in with each exit.
+#[derive(Debug, Default)]
+pub struct CrashLoop {
+    exits: std::collections::VecDeque<Instant>,
+}
+
+impl CrashLoop {
+    /// Notes an exit at `now`; true when it completes a crash loop.
+    pub fn exited(&mut self, now: Instant) -> bool {
+        self.exits.push_back(now);
+        while self
+            .exits
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > CRASH_LOOP_WINDOW)
+        {
+            self.exits.pop_front();
+        }
+        self.exits.len() >= CRASH_LOOP_EXITS
+    }
+}
 const PROBE_EVERY: Duration = Duration::from_millis(200);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -155,6 +183,7 @@ async fn supervise(spec: LaunchSpec, mut stop: watch::Receiver<bool>, run: Arc<M
         .with_factor(2.0)
         .without_max_times();
     let mut delays: ExponentialBackoff = builder.build();
+    let mut crashes = CrashLoop::default();
     let note = |pid: Option<u32>, last: Option<String>| {
         let mut run = lock(&run);
         run.pid = pid;
@@ -178,6 +207,17 @@ async fn supervise(spec: LaunchSpec, mut stop: watch::Receiver<bool>, run: Arc<M
                     Ended::Stopped => return,
                     Ended::Exited(status) => {
                         let what = describe(&status);
+                        if crashes.exited(Instant::now()) {
+                            let report = format!(
+                                "node-red {what}, its {CRASH_LOOP_EXITS}th exit within {}: a crash loop; it is not started again. help: see its output above in the log, fix its flows, settings or modules, then restart tetherd",
+                                Human(CRASH_LOOP_WINDOW)
+                            );
+                            error!("{report}");
+                            note(None, Some(report));
+                            // Wait for the agent to stop; nothing to run.
+                            stopped(&mut stop).await;
+                            return;
+                        }
                         warn!("node-red {what}; starting it again");
                         note(None, Some(what));
                     }
@@ -386,6 +426,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn five_exits_within_a_minute_are_a_crash_loop_and_slower_ones_are_not() {
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut fast = CrashLoop::default();
+        let loops: Vec<bool> = [0, 1, 3, 7, 15]
+            .iter()
+            .map(|s| fast.exited(at(*s)))
+            .collect();
+        assert_eq!(loops, [false, false, false, false, true]);
+        // Exits a little more than a minute apart never add up.
+        let mut slow = CrashLoop::default();
+        for i in 0..20 {
+            assert!(!slow.exited(at(i * 16)), "exit {i}");
+        }
+        // Four quick ones, a long quiet run, then one more: not a loop.
+        let mut quiet = CrashLoop::default();
+        for s in [0, 1, 2, 3] {
+            quiet.exited(at(s));
+        }
+        assert!(!quiet.exited(at(200)));
+    }
+
+    #[test]
     fn status_lines_parse() {
         assert_eq!(parse_status(b"HTTP/1.1 401 Unauthorized\r\n"), Some(401));
         assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Some(200));
@@ -452,6 +515,40 @@ mod tests {
             .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("/nonexistent/node-red"), "{text}");
+        launcher.stop().await;
+    }
+
+    /// A Node-RED that exits at once, started again 1, 2, 4 and 8 s later
+    /// (the clock is paused and jumps over the waits): the fifth exit, 15 s
+    /// after the first, is a crash loop, and nothing is started again.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_red_that_keeps_exiting_is_given_up_on_as_a_crash_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let launcher = Launcher::start(LaunchSpec {
+            command: "false".into(),
+            user_dir: dir.path().to_owned(),
+            settings: dir.path().join("s.js"),
+            addr: "127.0.0.1:9".parse().unwrap(),
+            run_as: None,
+        });
+        let mut waited = Duration::ZERO;
+        while !launcher.last_event().contains("crash loop") {
+            assert!(
+                waited < Duration::from_secs(60),
+                "no crash loop: {}",
+                launcher.last_event()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            waited += Duration::from_millis(100);
+        }
+        assert!(
+            launcher.last_event().contains("5th exit"),
+            "{}",
+            launcher.last_event()
+        );
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(launcher.pid(), None, "started again after the crash loop");
+        assert!(launcher.last_event().contains("crash loop"));
         launcher.stop().await;
     }
 }
