@@ -2,8 +2,10 @@
 //! tunnel's keepalive and idle deadline, the heartbeat, the open timeout and
 //! the editor grant's lifetime are all shortened, and each gap is longer than
 //! all of them. After each gap an engineer's editor request (through the
-//! platform's editor origin, the tunnel and `tetherd`) and a `connect` stream
-//! to a device service must succeed at once, on the same tunnel: no stream
+//! platform's editor origin, the tunnel and `tetherd`), a `connect` stream
+//! to a device service and an audit event recorded on the device (shipped
+//! on the audit stream that sat idle through the gap) must succeed at once,
+//! on the same tunnel: no stream
 //! expired before it was sent, no stale grant reused, no reconnect. Before
 //! the state machine took the time of each call, the first stream after such
 //! a gap failed with "open timed out".
@@ -143,6 +145,38 @@ async fn editor_requests_and_connect_streams_work_after_every_idle_gap() {
         let mut back = String::new();
         stream.read_to_string(&mut back).await.unwrap();
         assert_eq!(back, message);
+        // And the audit stream, idle through the gap, ships again.
+        let note = tether_agent::audit::AuditEvent::Other {
+            kind: "x_idle".into(),
+            actor: tether_proto::audit::Actor {
+                kind: tether_proto::audit::ActorKind::Agent,
+                name: None,
+            },
+            subject: format!("round {round}"),
+            details: Default::default(),
+        };
+        let seq = agent.audit().record_durable(note).await.unwrap();
+        let query = tether_platform::audit::AuditQuery {
+            device: Some(device.clone()),
+            kind: Some("x_idle".into()),
+            ..Default::default()
+        };
+        let shipped = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let report = platform.audit(query.clone()).await.unwrap();
+                if report.entries.first().is_some_and(|e| e.seq == seq) {
+                    break report;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: the audit event was not shipped within 5 s"));
+        assert!(
+            shipped.devices[0].problems.is_empty(),
+            "{:?}",
+            shipped.devices[0].problems
+        );
     }
     let status = agent.status().borrow().clone();
     assert_eq!(status.connects, connects, "the tunnel never reconnected");

@@ -165,33 +165,16 @@ pub fn link(record: &Record, body: &[u8]) -> [u8; 32] {
 
 /// Lowercase hex.
 pub fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    s
+    crate::hex::encode(bytes)
 }
 
 /// 64 lowercase hex digits to 32 bytes.
 pub fn from_hex(s: &str) -> Option<[u8; 32]> {
-    if !is_hash_hex(s) {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
-        let digit = |c: u8| match c {
-            b'0'..=b'9' => c - b'0',
-            _ => c - b'a' + 10,
-        };
-        out[i] = digit(pair[0]) << 4 | digit(pair[1]);
-    }
-    Some(out)
+    crate::hex::decode32(s)
 }
 
 fn is_hash_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    from_hex(s).is_some()
 }
 
 /// The device's signature over the link of one record.

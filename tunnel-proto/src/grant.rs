@@ -211,7 +211,7 @@ pub use crate::control::KeyRotation;
 impl KeyRotation {
     /// The rotation from `old` (the private key of `from`) to `to` at `at`.
     pub fn sign(old: &Ed25519KeyPair, to: &str, at: u64) -> KeyRotation {
-        let from = hex(old.public_key().as_ref());
+        let from = crate::hex::encode(old.public_key().as_ref());
         let signature = old.sign(&rotation_message(&from, to, at));
         KeyRotation {
             from,
@@ -223,7 +223,10 @@ impl KeyRotation {
 
     /// True if `from` signed this rotation and `to` is a key.
     pub fn verifies(&self) -> bool {
-        let (Some(from), true) = (unhex32(&self.from), unhex32(&self.to).is_some()) else {
+        let (Some(from), true) = (
+            crate::hex::decode32(&self.from),
+            crate::hex::decode32(&self.to).is_some(),
+        ) else {
             return false;
         };
         let Ok(signature) = URL_SAFE_NO_PAD.decode(&self.signature) else {
@@ -260,25 +263,6 @@ pub fn follow(trusted: &str, chain: &[KeyRotation]) -> Vec<KeyRotation> {
         steps.push(rotation.clone());
     }
     steps
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64
-        || !text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 fn is_nonce(nonce: &str) -> bool {
@@ -543,7 +527,7 @@ mod tests {
     }
 
     fn public(key: &Ed25519KeyPair) -> String {
-        hex(key.public_key().as_ref())
+        crate::hex::encode(key.public_key().as_ref())
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub mod frame;
 #[cfg(feature = "grant")]
 pub mod grant;
 pub mod hello;
+#[cfg(any(feature = "grant", feature = "audit", feature = "snapshot"))]
+mod hex;
 pub mod service;
 #[cfg(feature = "snapshot")]
 pub mod snapshot;

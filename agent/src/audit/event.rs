@@ -294,7 +294,14 @@ impl AuditEvent {
 
     /// One line for the diagnostic log (target `audit`).
     pub fn log(&self) {
-        let parts = self.parts();
+        self.parts().log();
+    }
+}
+
+impl Parts {
+    /// One line for the diagnostic log (target `audit`).
+    pub fn log(&self) {
+        let parts = self;
         tracing::info!(
             target: "audit",
             event = %parts.kind,

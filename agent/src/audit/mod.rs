@@ -197,12 +197,12 @@ impl AuditQueue {
 
     fn push(
         &self,
-        event: &AuditEvent,
+        parts: event::Parts,
         done: Option<Done>,
     ) -> Result<(), (AuditError, Option<Done>)> {
         let record = NewRecord {
             time: self.now_ms(),
-            parts: event.parts(),
+            parts,
         };
         let mut pending = lock(&self.inner.pending);
         if pending.stop {
@@ -223,9 +223,10 @@ impl AuditQueue {
 
     /// Records `event` and returns its sequence number once it is on disk.
     pub async fn record_durable(&self, event: AuditEvent) -> Result<u64, AuditError> {
-        event.log();
+        let parts = event.parts();
+        parts.log();
         let (tx, rx) = oneshot::channel();
-        if let Err((e, _)) = self.push(&event, Some(tx)) {
+        if let Err((e, _)) = self.push(parts, Some(tx)) {
             return Err(e);
         }
         rx.await.unwrap_or(Err(AuditError::Closed))
@@ -274,8 +275,9 @@ impl Drop for AuditQueue {
 
 impl Audit for AuditQueue {
     fn record(&self, event: AuditEvent) {
-        event.log();
-        if let Err((e, _)) = self.push(&event, None) {
+        let parts = event.parts();
+        parts.log();
+        if let Err((e, _)) = self.push(parts, None) {
             warn!(cause = %e, "an audit event was not queued");
         }
     }

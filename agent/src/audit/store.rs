@@ -300,21 +300,9 @@ impl Store {
             reason: "store_corrupt".into(),
             next_prev: None,
         };
-        let marker = Record {
-            v: SCHEMA_VERSION,
-            seq: last,
-            time: now_ms,
-            prev,
-            actor: Actor {
-                kind: ActorKind::Agent,
-                name: None,
-            },
-            kind: EVENTS_DROPPED.into(),
-            subject: format!("store moved to {}", aside.display()),
-            details: serde_json::to_value(&dropped)?,
-        };
-        let body = serde_json::to_vec(&marker)?;
-        let mut head = Head::new(last + 1, audit::hash(&body), first - 1, marker.prev.clone());
+        let subject = format!("store moved to {}", aside.display());
+        let body = marker(&dropped, now_ms, &prev, subject)?;
+        let mut head = Head::new(last + 1, audit::hash(&body), first - 1, prev);
         head.records = 1;
         head.bytes = body.len() as u64 + RECORD_OVERHEAD;
         let txn = db.begin_write().map_err(|e| StoreError::storage(path, e))?;
@@ -567,20 +555,7 @@ impl Store {
             reason: "queue_full".into(),
             next_prev: Some(audit::to_hex(&next_prev)),
         };
-        let marker = Record {
-            v: SCHEMA_VERSION,
-            seq: last_seq,
-            time: now_ms,
-            prev,
-            actor: Actor {
-                kind: ActorKind::Agent,
-                name: None,
-            },
-            kind: EVENTS_DROPPED.into(),
-            subject: String::new(),
-            details: serde_json::to_value(&dropped)?,
-        };
-        let body = serde_json::to_vec(&marker)?;
+        let body = marker(&dropped, now_ms, &prev, String::new())?;
         records
             .insert(last_seq, body.as_slice())
             .map_err(|e| err(e.into()))?;
@@ -619,6 +594,30 @@ fn cut_str(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// The bytes of an `events_dropped` record for `dropped` (its own sequence
+/// number is `dropped.last_seq`).
+fn marker(
+    dropped: &Dropped,
+    time: u64,
+    prev: &str,
+    subject: String,
+) -> Result<Vec<u8>, StoreError> {
+    let record = Record {
+        v: SCHEMA_VERSION,
+        seq: dropped.last_seq,
+        time,
+        prev: prev.to_owned(),
+        actor: Actor {
+            kind: ActorKind::Agent,
+            name: None,
+        },
+        kind: EVENTS_DROPPED.into(),
+        subject,
+        details: serde_json::to_value(dropped)?,
+    };
+    Ok(serde_json::to_vec(&record)?)
 }
 
 fn read_lease(path: &Path) -> Option<Lease> {

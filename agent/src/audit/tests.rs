@@ -174,3 +174,86 @@ async fn a_full_disk_is_reported_nothing_crashes_and_writing_resumes_when_there_
     }
     queue.close();
 }
+
+/// The memory bound while the store cannot be written: handed-over events
+/// beyond MAX_PENDING are counted lost (a durable recording is told
+/// instead), and the next commit records how many in an `events_lost`
+/// record. A queue with no writer yet, so that nothing drains it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_beyond_the_memory_bound_are_counted_and_the_loss_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = Arc::new(Inner {
+        pending: Mutex::new(Pending::default()),
+        wake: Condvar::new(),
+        clock: Clock::system(),
+        stats: Mutex::new(QueueStats::default()),
+        reader: Mutex::new(None),
+        committed: watch::channel(0).0,
+    });
+    let item = |n: u64, done| Item {
+        record: NewRecord {
+            time: 0,
+            parts: event(n).parts(),
+        },
+        done,
+    };
+    {
+        let mut pending = lock(&inner.pending);
+        for n in 0..MAX_PENDING as u64 {
+            pending.items.push_back(item(n, None));
+        }
+    }
+    // A failed commit gives its batch back to a queue that is full.
+    let (tx, rx) = oneshot::channel();
+    let batch = vec![item(1, None), item(2, Some(tx)), item(3, None)];
+    give_back(&inner, batch, None, 0, "the disk is full");
+    assert_eq!(
+        rx.await.unwrap(),
+        Err(AuditError::Store("the disk is full".into()))
+    );
+    assert_eq!(
+        lock(&inner.stats).lost,
+        2,
+        "the two handed-over events did not fit"
+    );
+    assert_eq!(
+        lock(&inner.stats).error.as_deref(),
+        Some("the disk is full")
+    );
+    // Recording meanwhile: a durable one is refused at once, a handed-over
+    // one is counted lost.
+    let queue = AuditQueue {
+        inner: inner.clone(),
+        writer: Mutex::new(None),
+    };
+    assert_eq!(queue.record_durable(event(4)).await, Err(AuditError::Busy));
+    queue.record(event(5));
+    drop(queue);
+    // The store writes again: everything waiting goes in, with the count.
+    let store = Store::open(dir.path(), store::DEFAULT_MAX_BYTES, 0)
+        .unwrap()
+        .store;
+    let reader = store.reader();
+    lock(&inner.pending).stop = true;
+    let writer_inner = inner.clone();
+    let path = dir.path().to_owned();
+    std::thread::spawn(move || {
+        write_loop(&writer_inner, Some(store), &path, store::DEFAULT_MAX_BYTES)
+    })
+    .join()
+    .unwrap();
+    let stored = reader.read_from(0, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(
+        stored.len(),
+        MAX_PENDING + 1,
+        "every waiting event and the loss"
+    );
+    let lost: Vec<wire::Record> = stored
+        .iter()
+        .filter_map(|(_, b)| wire::Record::parse(b).ok())
+        .filter(|r| r.kind == "events_lost")
+        .collect();
+    assert_eq!(lost.len(), 1, "one record of the loss");
+    assert_eq!(lost[0].details["count"], 3);
+    assert!(lock(&inner.stats).error.is_none());
+}

@@ -360,12 +360,7 @@ async fn round_trips(
 async fn drain(args: &Args) -> Result<()> {
     println!("\n## Drain after an outage\n");
     let dir = tempfile::tempdir()?;
-    let mut config = PlatformConfig::new(dir.path().join("platform"), "127.0.0.1:0".parse()?);
-    config.enroll_rate = RateLimit {
-        burst: 100,
-        refill: Duration::from_millis(1),
-    };
-    let platform = Platform::start(config).await?;
+    let platform = start_platform(dir.path()).await?;
     platform
         .add_user("olga", "default", Role::Owner, &Secret::new("pw of olga"))
         .await?;
@@ -532,6 +527,16 @@ async fn drain(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// A platform in `dir/platform` on 127.0.0.1, enrollment not rate limited.
+async fn start_platform(dir: &std::path::Path) -> Result<Platform> {
+    let mut config = PlatformConfig::new(dir.join("platform"), "127.0.0.1:0".parse()?);
+    config.enroll_rate = RateLimit {
+        burst: 100,
+        refill: Duration::from_millis(1),
+    };
+    Ok(Platform::start(config).await?)
+}
+
 async fn wait_for(
     events: &mut tokio::sync::broadcast::Receiver<PlatformEvent>,
     pred: impl Fn(&PlatformEvent) -> bool,
@@ -551,12 +556,7 @@ async fn idle_memory() -> Result<()> {
     println!("\n## Idle memory\n");
     let tetherd = tether_e2e::bench::sibling("tetherd")?;
     let dir = tempfile::tempdir()?;
-    let mut config = PlatformConfig::new(dir.path().join("platform"), "127.0.0.1:0".parse()?);
-    config.enroll_rate = RateLimit {
-        burst: 100,
-        refill: Duration::from_millis(1),
-    };
-    let platform = Platform::start(config).await?;
+    let platform = start_platform(dir.path()).await?;
     let agent = Tetherd::start(&tetherd, &platform, dir.path(), "").await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let m = memory(agent.pid)?;

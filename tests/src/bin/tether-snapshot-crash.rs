@@ -29,10 +29,6 @@ fn parts(version: u64) -> Vec<(String, Vec<u8>)> {
     parts
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn apply(root: &std::path::Path, version: u64) -> Result<(), String> {
     let (mut folder, recovered) = Folder::open(root).map_err(|e| e.to_string())?;
     if let Recovered::Resume { .. } = recovered {
@@ -50,7 +46,9 @@ fn apply(root: &std::path::Path, version: u64) -> Result<(), String> {
             .map(|(path, bytes)| Component {
                 path: path.clone(),
                 length: bytes.len() as u64,
-                sha256: hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()),
+                sha256: tether_proto::audit::to_hex(
+                    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref(),
+                ),
             })
             .collect(),
     };
