@@ -23,6 +23,7 @@ use crate::enroll::{self, EnrollError, EnrollOptions};
 use crate::identity::{Credentials, Identity, IdentityError, StateDir};
 use crate::node_red::{NodeRed, NodeRedError, Permissions};
 use crate::services::Services;
+use crate::snapshot::Folder;
 use crate::status::{self, Status, StatusFile};
 
 /// Why the agent could not start.
@@ -52,6 +53,8 @@ pub enum AgentError {
     NodeRed(#[from] NodeRedError),
     #[error("cannot open the audit store: {0}")]
     Audit(crate::audit::AuditError),
+    #[error("cannot open the snapshot folder: {0}")]
+    Snapshot(#[from] crate::snapshot::FolderError),
 }
 
 impl AgentError {
@@ -60,9 +63,10 @@ impl AgentError {
         match self {
             AgentError::NotEnrolled(_) | AgentError::NoPlatform => crate::exit::CONFIG,
             AgentError::Enroll(e) => e.exit_code(),
-            AgentError::Identity(_) | AgentError::Lock { .. } | AgentError::Audit(_) => {
-                crate::exit::CANTCREAT
-            }
+            AgentError::Identity(_)
+            | AgentError::Lock { .. }
+            | AgentError::Audit(_)
+            | AgentError::Snapshot(_) => crate::exit::CANTCREAT,
             AgentError::AlreadyRunning(_) => crate::exit::TEMPFAIL,
             AgentError::NodeRed(NodeRedError::Write(_)) => crate::exit::CANTCREAT,
             AgentError::NodeRed(_) => crate::exit::CONFIG,
@@ -87,6 +91,10 @@ pub(crate) struct Shared {
     pub(crate) editor: Option<Arc<Editor>>,
     /// The durable audit queue.
     pub(crate) audit: Arc<AuditQueue>,
+    /// The local Node-RED, when the agent locked one down.
+    pub(crate) node_red: Option<crate::node_red::NodeRedHandle>,
+    /// The snapshot task's inbox, when there is a local Node-RED.
+    pub(crate) snapshots: Option<tokio::sync::mpsc::Sender<crate::snapshot::apply::Notice>>,
     current: Mutex<Current>,
     /// The platform grant keys trusted now (`editor::keys`).
     grant_keys: Mutex<editor::TrustedKeys>,
@@ -168,6 +176,39 @@ impl Shared {
 
     pub(crate) fn status(&self) -> Status {
         self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// Where the snapshots stand, with the launched Node-RED's state.
+    pub(crate) fn snapshot_health(&self) -> Option<tether_proto::control::SnapshotHealth> {
+        let mut health = self.status.borrow().snapshot.clone()?;
+        health.node_red = self
+            .node_red
+            .as_ref()
+            .and_then(|n| n.launcher.as_ref())
+            .map(|l| l.state().to_string());
+        Some(health)
+    }
+
+    /// Hands a notice to the snapshot task; says so when there is none or
+    /// it is overwhelmed.
+    pub(crate) fn notify_snapshots(&self, notice: crate::snapshot::apply::Notice) {
+        match &self.snapshots {
+            Some(tx) => {
+                if tx.try_send(notice).is_err() {
+                    warn!(
+                        "the snapshot task is busy: a notice was dropped (the platform repeats it at the next connection)"
+                    );
+                }
+            }
+            None => warn!(
+                "the platform sent a snapshot or Node-RED notice, but this agent has no local Node-RED ([node_red] mode = \"off\"): ignored"
+            ),
+        }
     }
 
     /// The tunnel settings, with the config's keepalive overrides.
@@ -319,9 +360,21 @@ impl Agent {
             "agent starting"
         );
         let (status_tx, status_rx) = watch::channel(initial);
+        let folder = match (&options.editor, config.node_red.mode) {
+            (None, crate::config::NodeRedMode::Launch | crate::config::NodeRedMode::External) => {
+                let root = config
+                    .node_red
+                    .user_dir_in(&config.state_dir)
+                    .join(crate::node_red::SNAPSHOTS_DIR);
+                Some(Folder::open(&root)?)
+            }
+            _ => None,
+        };
         let node_red = match options.editor {
             Some(_) => None,
-            None => NodeRed::start(&config.node_red, &config.state_dir)?,
+            None => NodeRed::start_from(&config.node_red, &config.state_dir, |_, run_as| {
+                run_from_current(folder.as_ref().map(|(f, _)| f), run_as)
+            })?,
         };
         let target = options
             .editor
@@ -332,7 +385,13 @@ impl Agent {
             Arc::new(Editor::new(target, protection, audit.clone(), config.clock))
         });
         let grant_keys = Mutex::new(editor::TrustedKeys::load(&state, &identity.keys.grant));
+        let (snapshots_tx, snapshots_rx) =
+            tokio::sync::mpsc::channel(crate::snapshot::apply::MAX_NOTICES);
+        let snapshot_key = identity.keys.snapshot.clone();
+        let node_red_handle = node_red.as_ref().map(NodeRed::handle);
         let shared = Arc::new(Shared {
+            node_red: node_red_handle.clone(),
+            snapshots: folder.is_some().then_some(snapshots_tx),
             grant_keys,
             services: Services::new(&config.services, editor.is_some()),
             editor,
@@ -344,6 +403,15 @@ impl Agent {
             started: tokio::time::Instant::now(),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        if let Some((folder, recovered)) = folder {
+            let applier = crate::snapshot::apply::Applier::new(
+                shared.clone(),
+                folder,
+                node_red_handle,
+                &snapshot_key,
+            );
+            tokio::spawn(applier.run(recovered, snapshots_rx));
+        }
         let tasks = vec![
             tokio::spawn(crate::reconnect::run(shared.clone(), shutdown_rx.clone())),
             tokio::spawn(write_status(
@@ -412,6 +480,31 @@ impl Agent {
         let audit = self.shared.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     }
+}
+
+/// What Node-RED runs at the agent's start: the current snapshot, its
+/// folder readable by Node-RED's user; the flows in its user directory when
+/// there is none (or it no longer passes its checks, which the log says).
+fn run_from_current(
+    folder: Option<&Folder>,
+    run_as: Option<&crate::node_red::user::RunAs>,
+) -> crate::node_red::RunFrom {
+    let Some(folder) = folder else {
+        return crate::node_red::RunFrom::default();
+    };
+    let current = folder.current();
+    if let (Some(run_as), Some(version)) = (run_as, current) {
+        let prepared = crate::snapshot::share(folder, &folder.version_dir(version), run_as)
+            .and_then(|()| folder.prepare_work(version))
+            .and_then(|work| crate::snapshot::own(&work, run_as));
+        if let Err(e) = prepared {
+            warn!(cause = %e, "cannot give Node-RED's user the current snapshot");
+        }
+    }
+    crate::snapshot::apply::run_from(folder, current).unwrap_or_else(|why| {
+        warn!(version = ?current, "the current snapshot does not pass its checks ({why}): Node-RED runs the flows in its user directory");
+        crate::node_red::RunFrom::default()
+    })
 }
 
 /// File, in the state directory, naming the device the audit store
@@ -570,6 +663,8 @@ fn write_status_file(shared: &Shared, started_at: u64) {
         status: shared.status(),
         audit: Some(shared.audit.stats()),
     };
+    let mut file = file;
+    file.status.snapshot = shared.snapshot_health();
     if let Err(e) = status::write_file(&shared.state, &file) {
         warn!(cause = %e, "cannot write the status file");
     }

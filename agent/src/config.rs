@@ -59,6 +59,8 @@ pub struct Config {
     pub node_red: NodeRedConfig,
     /// `[audit]`: the durable audit queue.
     pub audit: AuditConfig,
+    /// `[snapshot]`: how a new snapshot proves healthy.
+    pub snapshot: SnapshotConfig,
     /// SHA-256 (hex) of the file this config was loaded from; not a file
     /// key. The agent records `config_changed` when it differs from the
     /// last start's.
@@ -108,6 +110,27 @@ impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             max_size: crate::audit::store::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// `[snapshot]`: how long a switched-to snapshot has to prove healthy
+/// (`docs/snapshots.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotConfig {
+    /// `health_timeout`: Node-RED must answer with the snapshot's flows
+    /// started within this time of the switch (default 60 s).
+    pub health_timeout: Duration,
+    /// `tunnel_timeout`: the tunnel must be up within this time of the
+    /// switch (default 5 min); otherwise the snapshot is rolled back.
+    pub tunnel_timeout: Duration,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            health_timeout: Duration::from_secs(60),
+            tunnel_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -310,6 +333,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(30),
             node_red: NodeRedConfig::default(),
             audit: AuditConfig::default(),
+            snapshot: SnapshotConfig::default(),
             source_sha256: None,
             clock: Clock::system(),
         }
@@ -481,11 +505,31 @@ impl Config {
                         }
                     }
                 }
+                "snapshot" => {
+                    if let Some(t) = check.table(key, value) {
+                        for (k, v) in t {
+                            let full = format!("snapshot.{k}");
+                            match k.as_str() {
+                                "health_timeout" => {
+                                    if let Some(d) = check.duration_in(&full, v, SECOND, HOUR) {
+                                        config.snapshot.health_timeout = d;
+                                    }
+                                }
+                                "tunnel_timeout" => {
+                                    if let Some(d) = check.duration_in(&full, v, SECOND, DAY) {
+                                        config.snapshot.tunnel_timeout = d;
+                                    }
+                                }
+                                _ => check.unknown(&full, "health_timeout, tunnel_timeout"),
+                            }
+                        }
+                    }
+                }
                 _ => check.unknown(
                     key,
                     "state_dir, platform, ca, provisioning_token, name, log_level, \
                      heartbeat_interval, [[service]], [tunnel], [reconnect], [renewal], \
-                     [node_red], [audit]",
+                     [node_red], [audit], [snapshot]",
                 ),
             }
         }
@@ -1116,5 +1160,30 @@ mod tests {
         assert!(!is_service_name(""));
         assert!(!is_service_name("a b"));
         assert!(!is_service_name(&"a".repeat(65)));
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_timeouts_parse_and_bad_ones_are_named() {
+        let config =
+            Config::from_toml_str("[snapshot]\nhealth_timeout = \"20s\"\ntunnel_timeout = \"10m\"")
+                .unwrap();
+        assert_eq!(config.snapshot.health_timeout, Duration::from_secs(20));
+        assert_eq!(config.snapshot.tunnel_timeout, Duration::from_secs(600));
+        assert_eq!(
+            Config::from_toml_str("").unwrap().snapshot,
+            SnapshotConfig::default()
+        );
+        for bad in [
+            "[snapshot]\nhealth_timeout = \"2h\"",
+            "[snapshot]\nwindow = \"22:00-06:00\"",
+        ] {
+            let err = Config::from_toml_str(bad).unwrap_err().to_string();
+            assert!(err.contains("snapshot."), "{bad}: {err}");
+        }
     }
 }

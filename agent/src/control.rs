@@ -26,6 +26,7 @@ use crate::agent::Shared;
 use crate::audit::{Audit, AuditEvent};
 use crate::clock;
 use crate::identity::CertInfo;
+use crate::snapshot::apply::Notice;
 
 /// After a failed or unanswered renewal, wait this long before the next.
 const RENEW_RETRY: Duration = Duration::from_secs(3600);
@@ -110,9 +111,20 @@ async fn drive(
                 decoder.push(&buf[..n]);
                 let mut asked = false;
                 while let Some(message) = decoder.next_message()? {
-                    if message == ControlMessage::RenewNow {
-                        asked = true;
-                        continue;
+                    match message {
+                        ControlMessage::RenewNow => {
+                            asked = true;
+                            continue;
+                        }
+                        ControlMessage::SnapshotAvailable { version } => {
+                            shared.notify_snapshots(Notice::Available { version, tunnel: tunnel.clone() });
+                            continue;
+                        }
+                        ControlMessage::NodeRed { action, by } => {
+                            shared.notify_snapshots(Notice::NodeRed { action, by });
+                            continue;
+                        }
+                        _ => {}
                     }
                     handle(shared, message, &mut pending, &mut renew_after).await;
                 }
@@ -171,6 +183,7 @@ fn heartbeat_message(shared: &Shared, tunnel: &Tunnel, seq: u64) -> ControlMessa
         rss_bytes: rss_bytes(),
         streams: Some(tunnel.stream_count() as u64),
         audit: Some(shared.audit.stats().into()),
+        snapshot: shared.snapshot_health(),
     })
 }
 
@@ -242,6 +255,8 @@ async fn handle(
                 Err(e) => warn!(cause = %e, "following the grant key rotations failed"),
             }
         }
+        // Handled by the stream's loop, which has the tunnel.
+        ControlMessage::SnapshotAvailable { .. } | ControlMessage::NodeRed { .. } => {}
         ControlMessage::Heartbeat(_)
         | ControlMessage::RenewRequest { .. }
         | ControlMessage::RenewNow

@@ -147,13 +147,7 @@ impl CertInfo {
 
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    tether_proto::hex::encode(bytes)
 }
 
 /// Everything a tunnel connection needs, loaded from the state directory.

@@ -74,6 +74,9 @@ pub struct Status {
     pub renewals: u64,
     /// While in backoff: when the next attempt starts (Unix seconds).
     pub next_attempt_at: Option<u64>,
+    /// Where the device's snapshots stand; `None` without a local Node-RED.
+    #[serde(default)]
+    pub snapshot: Option<tether_proto::control::SnapshotHealth>,
 }
 
 impl Status {
@@ -96,6 +99,7 @@ impl Status {
             cert_fingerprint,
             renewals: 0,
             next_attempt_at: None,
+            snapshot: None,
         }
     }
 
@@ -198,6 +202,27 @@ pub struct DaemonReport {
     /// The audit queue, as the daemon last wrote it.
     #[serde(default)]
     pub audit: Option<crate::audit::QueueStats>,
+    /// The snapshots, as the daemon last wrote them.
+    #[serde(default)]
+    pub snapshot: Option<tether_proto::control::SnapshotHealth>,
+}
+
+/// `running 7, last: applied 7; 8 staged; node-red running (pid 12)`.
+pub fn snapshot_line(s: &tether_proto::control::SnapshotHealth) -> String {
+    let mut line = match s.current {
+        Some(v) => format!("running {v}"),
+        None => "none yet (Node-RED runs the flows in its user directory)".into(),
+    };
+    if let Some(outcome) = &s.outcome {
+        line.push_str(&format!(", last: {outcome}"));
+    }
+    if let Some(v) = s.staged {
+        line.push_str(&format!("; {v} staged, waiting to be switched in"));
+    }
+    if let Some(n) = &s.node_red {
+        line.push_str(&format!("; node-red {n}"));
+    }
+    line
 }
 
 /// Builds the report for a state directory.
@@ -225,6 +250,7 @@ pub fn report(state: &StateDir, clock: Clock) -> Report {
             connects: None,
             attempts: None,
             audit: None,
+            snapshot: None,
         },
     };
     match state.load() {
@@ -256,6 +282,7 @@ pub fn report(state: &StateDir, clock: Clock) -> Report {
         d.connects = Some(file.status.connects);
         d.attempts = Some(file.status.attempts);
         d.audit = file.audit.clone();
+        d.snapshot = file.status.snapshot.clone();
         // The daemon's view of the certificate is the newest.
         if running && report.enrolled {
             report.cert_not_after = Some(file.status.cert_not_after);
@@ -345,6 +372,9 @@ pub fn render(report: &Report, clock: Clock) -> String {
             line.push_str(&format!("; ERROR: {e}"));
         }
         rows.push(("audit", line));
+    }
+    if let Some(s) = &d.snapshot {
+        rows.push(("snapshot", snapshot_line(s)));
     }
     if let Some(t) = report.cert_not_after {
         let left = if t > now {

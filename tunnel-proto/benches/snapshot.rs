@@ -19,10 +19,6 @@ const NOW: u64 = 1_800_000_000;
 const BUDGET: Duration = Duration::from_millis(50);
 const ROUNDS: usize = 30;
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
@@ -50,11 +46,7 @@ fn main() {
         expires_at: NOW + 3600,
         components: parts
             .iter()
-            .map(|(path, bytes)| Component {
-                path: path.clone(),
-                length: bytes.len() as u64,
-                sha256: hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()),
-            })
+            .map(|(path, bytes)| Component::describe(path, bytes))
             .collect(),
     };
     let envelope = seal(
@@ -63,7 +55,7 @@ fn main() {
         &[&key],
     );
     let wire = serde_json::to_vec(&envelope).unwrap();
-    let trust = Trust::pinned(&hex(key.public_key().as_ref()));
+    let trust = Trust::pinned(&tether_proto::hex::encode(key.public_key().as_ref()));
 
     let mut floor = Vec::new();
     let mut verify = Vec::new();

@@ -51,6 +51,14 @@ pub enum ControlMessage {
     /// `tether_proto::grant::MAX_ROTATIONS`). The device follows them from
     /// the key it trusts, each step signed by the key before it.
     GrantKeys { rotations: Vec<KeyRotation> },
+    /// Platform → device, after each handshake and whenever an operator
+    /// pushes one: the snapshot version the device should run. A device
+    /// that has it (or a newer one) ignores the notice; otherwise it pulls
+    /// it on a `snapshot` stream (`docs/snapshots.md`).
+    SnapshotAvailable { version: u64 },
+    /// Platform → device: start, stop or restart the local Node-RED
+    /// (`start`, `stop`, `restart`), for the person named in `by`.
+    NodeRed { action: String, by: String },
     /// Either direction: a request failed. `id` names the request.
     Error {
         id: Option<u64>,
@@ -102,6 +110,27 @@ pub struct Heartbeat {
     /// The device's audit queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditHealth>,
+    /// The device's snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotHealth>,
+}
+
+/// Where a device's snapshots stand, in a heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotHealth {
+    /// The version Node-RED runs, if any.
+    pub current: Option<u64>,
+    /// A verified version staged, waiting for the maintenance window or
+    /// `tetherd snapshot apply-now`.
+    #[serde(default)]
+    pub staged: Option<u64>,
+    /// The last outcome, for a person: `applied 7`, `rejected 8: ...`,
+    /// `rolled back 9: ...`.
+    #[serde(default)]
+    pub outcome: Option<String>,
+    /// The local Node-RED: `running`, `stopped`, `crash loop`...
+    #[serde(default)]
+    pub node_red: Option<String>,
 }
 
 /// The audit queue's figures in a heartbeat.
@@ -205,8 +234,19 @@ mod tests {
                 uptime_secs: 5,
                 agent_version: "0.1.0".into(),
                 rtt_micros: Some(120),
+                snapshot: Some(SnapshotHealth {
+                    current: Some(3),
+                    staged: None,
+                    outcome: Some("applied 3".into()),
+                    node_red: Some("running (pid 9)".into()),
+                }),
                 ..Heartbeat::default()
             }),
+            ControlMessage::SnapshotAvailable { version: 4 },
+            ControlMessage::NodeRed {
+                action: "restart".into(),
+                by: "olga".into(),
+            },
         ];
         let mut wire = Vec::new();
         for m in &messages {

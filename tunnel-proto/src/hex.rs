@@ -1,9 +1,9 @@
 //! Lowercase hex, as keys and hashes are written in grants, audit records
-//! and snapshot manifests: one encoder and one strict 32-byte decoder for
-//! the crate.
+//! and snapshot manifests: one encoder and one strict 32-byte decoder, for
+//! this crate and the agent and platform that speak it.
 
 /// `bytes` as lowercase hex.
-pub(crate) fn encode(bytes: &[u8]) -> String {
+pub fn encode(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -14,7 +14,7 @@ pub(crate) fn encode(bytes: &[u8]) -> String {
 }
 
 /// Exactly 64 lowercase hex digits, as 32 bytes.
-pub(crate) fn decode32(text: &str) -> Option<[u8; 32]> {
+pub fn decode32(text: &str) -> Option<[u8; 32]> {
     if text.len() != 64 || !text.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }

@@ -37,7 +37,7 @@ pub mod frame;
 pub mod grant;
 pub mod hello;
 #[cfg(any(feature = "grant", feature = "audit", feature = "snapshot"))]
-mod hex;
+pub mod hex;
 pub mod service;
 #[cfg(feature = "snapshot")]
 pub mod snapshot;
@@ -51,7 +51,7 @@ pub use config::{Config, ConfigError};
 pub use connection::{Connection, ConnectionError, Event, OpenError, ReadError, Stats, WriteError};
 pub use frame::{Frame, FrameError, StreamId};
 pub use hello::{Hello, PROTOCOL_MAJOR, PROTOCOL_MINOR, PROTOCOL_VERSION, Role, Settings};
-pub use service::{Service, ServiceError, ServiceHeader};
+pub use service::{KNOWN_KINDS, Service, ServiceError, ServiceHeader};
 
 /// Largest window or window increment: 2^31-1, as in RFC 9113 §6.9.1.
 pub const MAX_WINDOW: u32 = (1 << 31) - 1;

@@ -14,6 +14,9 @@ pub const MAX_NAME_LEN: usize = 64;
 /// Most metadata entries one OPEN may carry.
 pub const MAX_METADATA_ENTRIES: usize = 32;
 
+/// The kinds this version knows; others decode as [`Service::Other`].
+pub const KNOWN_KINDS: std::ops::RangeInclusive<u8> = 0x01..=0x06;
+
 /// What a stream carries.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Service {
@@ -28,6 +31,9 @@ pub enum Service {
     /// The device's audit trail: events shipped in order, acknowledged by
     /// the platform (`tether_proto::audit`, `docs/protocol.md` §17).
     Audit,
+    /// A signed snapshot, pulled by the device after the platform's notice
+    /// (`tether_proto::snapshot::pull`, `docs/snapshots.md`).
+    Snapshot,
     /// A kind this version does not know. The receiver resets the stream
     /// with `UNKNOWN_SERVICE`; the connection continues.
     Other { kind: u8, name: String },
@@ -41,6 +47,7 @@ impl Service {
             Service::Mqtt => 0x03,
             Service::Tcp(_) => 0x04,
             Service::Audit => 0x05,
+            Service::Snapshot => 0x06,
             Service::Other { kind, .. } => *kind,
         }
     }
@@ -61,6 +68,7 @@ impl std::fmt::Display for Service {
             Service::Mqtt => f.write_str("mqtt"),
             Service::Tcp(name) => write!(f, "tcp:{name}"),
             Service::Audit => f.write_str("audit"),
+            Service::Snapshot => f.write_str("snapshot"),
             Service::Other { kind, name } => write!(f, "unknown(0x{kind:02x}):{name}"),
         }
     }
@@ -167,7 +175,7 @@ impl ServiceHeader {
         let kind = take_u8(body)?;
         let name_len = usize::from(take_u8(body)?);
         let name = token(take_bytes(body, name_len)?)?;
-        if kind != 0x04 && (0x01..=0x05).contains(&kind) && !name.is_empty() {
+        if kind != 0x04 && KNOWN_KINDS.contains(&kind) && !name.is_empty() {
             return Err(ServiceError::UnexpectedName { kind }.into());
         }
         let service = match kind {
@@ -176,6 +184,7 @@ impl ServiceHeader {
             0x03 => Service::Mqtt,
             0x04 => Service::Tcp(name),
             0x05 => Service::Audit,
+            0x06 => Service::Snapshot,
             kind => Service::Other { kind, name },
         };
         check_name(&service)?;
@@ -202,10 +211,12 @@ impl ServiceHeader {
 
 fn check_name(service: &Service) -> Result<(), ServiceError> {
     match service {
-        Service::Control | Service::Editor | Service::Mqtt | Service::Audit => Ok(()),
+        Service::Control | Service::Editor | Service::Mqtt | Service::Audit | Service::Snapshot => {
+            Ok(())
+        }
         Service::Tcp(name) if name.is_empty() => Err(ServiceError::MissingName),
         Service::Tcp(name) => check_token(name),
-        Service::Other { kind, .. } if (0x01..=0x05).contains(kind) => {
+        Service::Other { kind, .. } if KNOWN_KINDS.contains(kind) => {
             Err(ServiceError::KnownKindAsOther { kind: *kind })
         }
         Service::Other { name, .. } if name.is_empty() => Ok(()),

@@ -92,6 +92,17 @@ pub struct Component {
     pub sha256: String,
 }
 
+impl Component {
+    /// The manifest entry for `bytes` stored at `path`.
+    pub fn describe(path: &str, bytes: &[u8]) -> Component {
+        Component {
+            path: path.to_owned(),
+            length: bytes.len() as u64,
+            sha256: hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()),
+        }
+    }
+}
+
 /// What a snapshot is: signed by a snapshot key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -489,6 +500,77 @@ impl<'a> ComponentCheck<'a> {
             });
         }
         Ok(())
+    }
+}
+
+/// The `snapshot` stream (`docs/protocol.md` §18): the device asks for a
+/// version, the platform answers with the manifest's envelope, then sends
+/// every component's bytes in the manifest's order, each exactly as long as
+/// the manifest says. The device verifies the envelope before it reads a
+/// component byte, and reads no more than the verified lengths.
+///
+/// Both messages are framed: a 4-byte big-endian length, then that many
+/// bytes of JSON. This module only encodes and checks; it does no I/O.
+pub mod pull {
+    use serde::{Deserialize, Serialize};
+
+    use super::{Envelope, MAX_ENVELOPE};
+
+    /// Largest request, bytes.
+    pub const MAX_REQUEST: usize = 1024;
+    /// Largest answer header: an envelope (at most [`MAX_ENVELOPE`] once
+    /// serialised) and a little JSON around it.
+    pub const MAX_ANSWER: usize = MAX_ENVELOPE + 1024;
+
+    /// Device → platform: the version the notice named.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Request {
+        pub version: u64,
+    }
+
+    /// Platform → device.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum Answer {
+        /// The manifest's envelope; the components follow, in order.
+        Snapshot { envelope: Envelope },
+        /// The platform has no such snapshot for this device (or will not
+        /// send it): why, for a person.
+        Refused { message: String },
+    }
+
+    /// Why a frame was refused.
+    #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+    pub enum PullError {
+        #[error("a snapshot stream message of {len} bytes is larger than the {max}-byte limit")]
+        TooLarge { len: usize, max: usize },
+        #[error("a snapshot stream message is not valid JSON of the expected shape: {0}")]
+        Malformed(String),
+    }
+
+    /// `value` framed: its length, then its JSON.
+    pub fn encode(value: &impl Serialize) -> Vec<u8> {
+        let json = serde_json::to_vec(value).unwrap_or_default();
+        let mut out = Vec::with_capacity(4 + json.len());
+        out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        out.extend_from_slice(&json);
+        out
+    }
+
+    /// The body length a frame header announces, refused above `max`
+    /// before anything is read or allocated.
+    pub fn body_len(header: [u8; 4], max: usize) -> Result<usize, PullError> {
+        let len = u32::from_be_bytes(header) as usize;
+        if len > max {
+            return Err(PullError::TooLarge { len, max });
+        }
+        Ok(len)
+    }
+
+    /// Parses a frame's body.
+    pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, PullError> {
+        serde_json::from_slice(body).map_err(|e| PullError::Malformed(e.to_string()))
     }
 }
 

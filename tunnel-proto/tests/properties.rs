@@ -85,9 +85,11 @@ fn service() -> impl Strategy<Value = Service> {
         Just(Service::Editor),
         Just(Service::Mqtt),
         Just(Service::Audit),
+        Just(Service::Snapshot),
         token().prop_map(Service::Tcp),
         (
-            any::<u8>().prop_filter("an unknown kind", |k| !(0x01..=0x05).contains(k)),
+            any::<u8>().prop_filter("an unknown kind", |k| !tether_proto::KNOWN_KINDS
+                .contains(k)),
             prop_oneof![Just(String::new()), token()],
         )
             .prop_map(|(kind, name)| Service::Other { kind, name }),

@@ -57,6 +57,17 @@ pub enum AuditEvent {
         method: String,
         path: String,
     },
+    /// A snapshot's fate on the device: `received` (verified and staged),
+    /// `rejected` (with why), `applied` (healthy and committed) or
+    /// `rolled_back` (with why).
+    Snapshot {
+        version: u64,
+        outcome: SnapshotOutcome,
+        reason: Option<String>,
+    },
+    /// The local Node-RED was started, stopped or restarted on a person's
+    /// request through the platform.
+    NodeRedAction { action: String, by: String },
     /// Records that could not be written (the disk was full) and were
     /// lost from memory before it had room again.
     EventsLost { count: u64, reason: String },
@@ -68,6 +79,34 @@ pub enum AuditEvent {
         subject: String,
         details: Value,
     },
+}
+
+/// What became of a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotOutcome {
+    Received,
+    Rejected,
+    Applied,
+    RolledBack,
+}
+
+impl SnapshotOutcome {
+    const ALL: [SnapshotOutcome; 4] = [
+        SnapshotOutcome::Received,
+        SnapshotOutcome::Rejected,
+        SnapshotOutcome::Applied,
+        SnapshotOutcome::RolledBack,
+    ];
+
+    /// The record type: `snapshot_received`...
+    pub fn kind(self) -> &'static str {
+        match self {
+            SnapshotOutcome::Received => "snapshot_received",
+            SnapshotOutcome::Rejected => "snapshot_rejected",
+            SnapshotOutcome::Applied => "snapshot_applied",
+            SnapshotOutcome::RolledBack => "snapshot_rolled_back",
+        }
+    }
 }
 
 /// An event's record fields, before the queue gives it a sequence number,
@@ -189,6 +228,25 @@ impl AuditEvent {
                 cut(path),
                 json!({ "method": cut(method), "reason": cut(reason) }),
             ),
+            AuditEvent::Snapshot {
+                version,
+                outcome,
+                reason,
+            } => (
+                outcome.kind(),
+                actor(ActorKind::Agent),
+                format!("snapshot {version}"),
+                match reason {
+                    Some(reason) => json!({ "version": version, "reason": cut(reason) }),
+                    None => json!({ "version": version }),
+                },
+            ),
+            AuditEvent::NodeRedAction { action, by } => (
+                "node_red_action",
+                user(by),
+                "node-red".to_owned(),
+                json!({ "action": cut(action) }),
+            ),
             AuditEvent::EventsLost { count, reason } => (
                 "events_lost",
                 actor(ActorKind::Agent),
@@ -283,6 +341,17 @@ impl AuditEvent {
                 reason: text("reason")?,
                 method: text("method")?,
                 path: subject,
+            },
+            kind if kind.starts_with("snapshot_") => AuditEvent::Snapshot {
+                version: number("version")?,
+                outcome: SnapshotOutcome::ALL
+                    .into_iter()
+                    .find(|o| o.kind() == kind)?,
+                reason: text("reason"),
+            },
+            "node_red_action" => AuditEvent::NodeRedAction {
+                action: text("action")?,
+                by: user()?,
             },
             "events_lost" => AuditEvent::EventsLost {
                 count: number("count")?,
@@ -384,6 +453,30 @@ mod tests {
             AuditEvent::EventsLost {
                 count: 4,
                 reason: "disk".into(),
+            },
+            AuditEvent::Snapshot {
+                version: 7,
+                outcome: SnapshotOutcome::Received,
+                reason: None,
+            },
+            AuditEvent::Snapshot {
+                version: 8,
+                outcome: SnapshotOutcome::Rejected,
+                reason: Some("expired".into()),
+            },
+            AuditEvent::Snapshot {
+                version: 9,
+                outcome: SnapshotOutcome::Applied,
+                reason: None,
+            },
+            AuditEvent::Snapshot {
+                version: 10,
+                outcome: SnapshotOutcome::RolledBack,
+                reason: Some("not healthy".into()),
+            },
+            AuditEvent::NodeRedAction {
+                action: "restart".into(),
+                by: "alice".into(),
             },
             AuditEvent::Other {
                 kind: "x_test".into(),

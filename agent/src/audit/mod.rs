@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
-pub use event::AuditEvent;
+pub use event::{AuditEvent, SnapshotOutcome};
 use store::{NewRecord, Reader, Store};
 
 use crate::clock::Clock;

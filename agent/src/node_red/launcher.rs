@@ -9,7 +9,9 @@
 //! the launcher stops restarting and says so ([`CrashLoop`]), rather than
 //! restarting a Node-RED that cannot run forever. Stopping sends SIGTERM
 //! and, after [`STOP_GRACE`], SIGKILL; dropping the [`Launcher`] kills the
-//! process. Hang detection belongs to the later supervisor, not here.
+//! process. [`Launcher::restart`] starts it again at once running
+//! another snapshot ([`RunFrom`]); [`Launcher::pause`] and
+//! [`Launcher::resume`] stop and start it on request.
 //!
 //! [`wait_ready`] tells when Node-RED answers, and refuses a listener on the
 //! port that answers without a token (not the agent's locked-down Node-RED).
@@ -83,13 +85,73 @@ pub struct LaunchSpec {
     pub run_as: Option<super::user::RunAs>,
 }
 
+/// What Node-RED runs: a snapshot's folder (its controlled settings, read
+/// by the agent's settings file), the flows file to use and the snapshot's
+/// environment variables; or, by default, the flows in its user directory.
+/// Read at every start, so a change takes effect at the next (re)start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunFrom {
+    /// The snapshot version's folder (resolved, not the `current` link).
+    pub snapshot: Option<PathBuf>,
+    /// The flows file Node-RED loads and deploys to.
+    pub flows: Option<PathBuf>,
+    /// Environment variables for Node-RED (checked by the caller).
+    pub env: Vec<(String, String)>,
+}
+
+/// Environment variables the launcher sets for the agent's settings file;
+/// the settings file removes them before any flow runs.
+pub const ENV_SNAPSHOT: &str = "TETHER_SNAPSHOT";
+/// See [`ENV_SNAPSHOT`].
+pub const ENV_FLOWS: &str = "TETHER_FLOW_FILE";
+
+/// What the launcher is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    /// Keep Node-RED running (restarted on exit, with backoff).
+    Run,
+    /// Keep it stopped until asked to start.
+    Stopped,
+    /// The agent is stopping: stop Node-RED and end.
+    Exit,
+}
+
+/// Where the launched Node-RED stands, for status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Starting,
+    Running {
+        pid: u32,
+    },
+    /// Waiting to start again after an exit.
+    Restarting,
+    /// Stopped on request (a remote `stop`).
+    Stopped,
+    /// Given up on: see the log.
+    CrashLoop,
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunState::Starting => f.write_str("starting"),
+            RunState::Running { pid } => write!(f, "running (pid {pid})"),
+            RunState::Restarting => f.write_str("restarting"),
+            RunState::Stopped => f.write_str("stopped"),
+            RunState::CrashLoop => f.write_str("crash loop"),
+        }
+    }
+}
+
 /// A running launcher. Dropping it kills Node-RED; [`Launcher::stop`] stops
 /// it gracefully.
 #[derive(Debug)]
 pub struct Launcher {
     addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
+    /// What is wanted, and a generation that grows with each restart asked
+    /// for.
+    want: watch::Sender<(Want, u64)>,
+    task: Mutex<Option<JoinHandle<()>>>,
     run: Arc<Mutex<Run>>,
 }
 
@@ -100,21 +162,67 @@ struct Run {
     pid: Option<u32>,
     /// The last start failure or exit, for error messages.
     last: Option<String>,
+    state: Option<RunState>,
+    from: RunFrom,
 }
 
 impl Launcher {
     /// Starts Node-RED and keeps it running. Needs a tokio runtime.
     pub fn start(spec: LaunchSpec) -> Launcher {
-        let (stop, stop_rx) = watch::channel(false);
-        let run = Arc::new(Mutex::new(Run::default()));
+        Launcher::start_from(spec, RunFrom::default())
+    }
+
+    /// Starts Node-RED running `from` and keeps it running.
+    pub fn start_from(spec: LaunchSpec, from: RunFrom) -> Launcher {
+        let (want, want_rx) = watch::channel((Want::Run, 0));
+        let run = Arc::new(Mutex::new(Run {
+            from,
+            ..Run::default()
+        }));
         let addr = spec.addr;
-        let task = tokio::spawn(supervise(spec, stop_rx, run.clone()));
+        let task = tokio::spawn(supervise(spec, want_rx, run.clone()));
         Launcher {
             addr,
-            stop,
-            task: Some(task),
+            want,
+            task: Mutex::new(Some(task)),
             run,
         }
+    }
+
+    /// Stops the running Node-RED (gracefully) and starts it again at once
+    /// running `from`, whatever state it was in (a crash loop included:
+    /// its exits are counted afresh).
+    pub fn restart(&self, from: RunFrom) {
+        lock(&self.run).from = from;
+        self.want.send_modify(|(want, generation)| {
+            *want = Want::Run;
+            *generation += 1;
+        });
+    }
+
+    /// Stops Node-RED and keeps it stopped until [`Launcher::resume`].
+    pub fn pause(&self) {
+        self.want.send_modify(|(want, _)| *want = Want::Stopped);
+    }
+
+    /// Starts Node-RED again after [`Launcher::pause`] or a crash loop.
+    pub fn resume(&self) {
+        self.want.send_modify(|(want, generation)| {
+            if *want != Want::Run || lock(&self.run).state == Some(RunState::CrashLoop) {
+                *want = Want::Run;
+                *generation += 1;
+            }
+        });
+    }
+
+    /// Where Node-RED stands.
+    pub fn state(&self) -> RunState {
+        lock(&self.run).state.clone().unwrap_or(RunState::Starting)
+    }
+
+    /// What Node-RED runs (or will at its next start).
+    pub fn run_from(&self) -> RunFrom {
+        lock(&self.run).from.clone()
     }
 
     /// The process id of the running Node-RED, if one runs.
@@ -141,9 +249,10 @@ impl Launcher {
 
     /// Stops Node-RED (SIGTERM, SIGKILL after [`STOP_GRACE`]) and waits
     /// until it is gone.
-    pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(task) = self.task.take() {
+    pub async fn stop(&self) {
+        self.want.send_modify(|(want, _)| *want = Want::Exit);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
             let _ = task.await;
         }
     }
@@ -164,7 +273,7 @@ fn lock(run: &Mutex<Run>) -> std::sync::MutexGuard<'_, Run> {
 impl Drop for Launcher {
     fn drop(&mut self) {
         // The task owns the child, spawned with kill_on_drop.
-        if let Some(task) = self.task.take() {
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
         }
     }
@@ -172,11 +281,12 @@ impl Drop for Launcher {
 
 /// Why one run of Node-RED ended.
 enum Ended {
-    Stopped,
+    /// Asked to stop, restart or exit: see the wanted state.
+    Asked,
     Exited(std::io::Result<ExitStatus>),
 }
 
-async fn supervise(spec: LaunchSpec, mut stop: watch::Receiver<bool>, run: Arc<Mutex<Run>>) {
+async fn supervise(spec: LaunchSpec, mut want: watch::Receiver<(Want, u64)>, run: Arc<Mutex<Run>>) {
     let builder = ExponentialBuilder::new()
         .with_min_delay(RESTART_MIN)
         .with_max_delay(RESTART_MAX)
@@ -184,42 +294,75 @@ async fn supervise(spec: LaunchSpec, mut stop: watch::Receiver<bool>, run: Arc<M
         .without_max_times();
     let mut delays: ExponentialBackoff = builder.build();
     let mut crashes = CrashLoop::default();
-    let note = |pid: Option<u32>, last: Option<String>| {
+    let note = |pid: Option<u32>, last: Option<String>, state: RunState| {
         let mut run = lock(&run);
         run.pid = pid;
+        run.state = Some(state);
         if last.is_some() {
             run.last = last;
         }
     };
+    let mut generation = want.borrow().1;
     loop {
-        let stopping = *stop.borrow();
-        if stopping {
-            return;
+        let (wanted, asked) = *want.borrow_and_update();
+        match wanted {
+            Want::Exit => return,
+            Want::Stopped => {
+                note(None, None, RunState::Stopped);
+                if want.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Want::Run => {}
+        }
+        if asked != generation {
+            // A restart or start was asked for: a fresh start, no waiting,
+            // exits counted afresh.
+            generation = asked;
+            delays = builder.build();
+            crashes = CrashLoop::default();
         }
         let started = Instant::now();
-        match spawn(&spec) {
+        let from = lock(&run).from.clone();
+        match spawn(&spec, &from) {
             Ok(child) => {
-                info!(pid = child.id(), addr = %spec.addr, "node-red started");
-                note(child.id(), None);
-                let ended = run_once(child, &mut stop).await;
-                note(None, None);
-                match ended {
-                    Ended::Stopped => return,
+                info!(pid = child.id(), addr = %spec.addr, snapshot = ?from.snapshot, "node-red started");
+                note(
+                    child.id(),
+                    None,
+                    child
+                        .id()
+                        .map_or(RunState::Starting, |pid| RunState::Running { pid }),
+                );
+                match run_once(child, &mut want, generation).await {
+                    Ended::Asked => {
+                        note(None, None, RunState::Restarting);
+                        continue;
+                    }
                     Ended::Exited(status) => {
                         let what = describe(&status);
                         if crashes.exited(Instant::now()) {
                             let report = format!(
-                                "node-red {what}, its {CRASH_LOOP_EXITS}th exit within {}: a crash loop; it is not started again. help: see its output above in the log, fix its flows, settings or modules, then restart tetherd",
+                                "node-red {what}, its {CRASH_LOOP_EXITS}th exit within {}: a crash loop; it is not started again. help: see its output above in the log, fix its flows, settings or modules, then restart it (tether-platform device node-red ID restart, or restart tetherd)",
                                 Human(CRASH_LOOP_WINDOW)
                             );
                             error!("{report}");
-                            note(None, Some(report));
-                            // Wait for the agent to stop; nothing to run.
-                            stopped(&mut stop).await;
-                            return;
+                            note(None, Some(report), RunState::CrashLoop);
+                            // Wait until asked to start again, or to exit.
+                            loop {
+                                if want.changed().await.is_err() {
+                                    return;
+                                }
+                                let (wanted, asked) = *want.borrow();
+                                if wanted != Want::Run || asked != generation {
+                                    break;
+                                }
+                            }
+                            continue;
                         }
                         warn!("node-red {what}; starting it again");
-                        note(None, Some(what));
+                        note(None, Some(what), RunState::Restarting);
                     }
                 }
                 if started.elapsed() >= STABLE_AFTER {
@@ -228,18 +371,26 @@ async fn supervise(spec: LaunchSpec, mut stop: watch::Receiver<bool>, run: Arc<M
             }
             Err(e) => {
                 error!("{e}");
-                note(None, Some(e.to_string()));
+                note(None, Some(e.to_string()), RunState::Restarting);
             }
         }
         let delay = delays.next().unwrap_or(RESTART_MAX);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stopped(&mut stop) => return,
+            _ = asked_for(&mut want, generation) => {}
         }
     }
 }
 
-fn spawn(spec: &LaunchSpec) -> Result<Child, NodeRedError> {
+/// Resolves once something other than "keep running this generation" is
+/// wanted (or the launcher is gone).
+async fn asked_for(want: &mut watch::Receiver<(Want, u64)>, generation: u64) {
+    let _ = want
+        .wait_for(|(wanted, asked)| *wanted != Want::Run || *asked != generation)
+        .await;
+}
+
+fn spawn(spec: &LaunchSpec, from: &RunFrom) -> Result<Child, NodeRedError> {
     let mut command = match &spec.run_as {
         // setpriv execs the command, so the child's pid is Node-RED's.
         Some(run_as) => {
@@ -258,6 +409,13 @@ fn spawn(spec: &LaunchSpec) -> Result<Child, NodeRedError> {
         }
         None => Command::new(&spec.command),
     };
+    if let Some(snapshot) = &from.snapshot {
+        command.env(ENV_SNAPSHOT, snapshot);
+    }
+    if let Some(flows) = &from.flows {
+        command.env(ENV_FLOWS, flows);
+    }
+    command.envs(from.env.iter().map(|(k, v)| (k, v)));
     let mut child = command
         .arg("-u")
         .arg(&spec.user_dir)
@@ -286,19 +444,18 @@ fn spawn(spec: &LaunchSpec) -> Result<Child, NodeRedError> {
     Ok(child)
 }
 
-async fn run_once(mut child: Child, stop: &mut watch::Receiver<bool>) -> Ended {
+async fn run_once(
+    mut child: Child,
+    want: &mut watch::Receiver<(Want, u64)>,
+    generation: u64,
+) -> Ended {
     tokio::select! {
         status = child.wait() => Ended::Exited(status),
-        _ = stopped(stop) => {
+        _ = asked_for(want, generation) => {
             terminate(&mut child).await;
-            Ended::Stopped
+            Ended::Asked
         }
     }
-}
-
-/// Resolves once a stop is asked for (or the launcher is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// SIGTERM, then SIGKILL after [`STOP_GRACE`].

@@ -25,6 +25,7 @@
 //! permissions it presents.
 
 pub mod launcher;
+pub mod probe;
 pub mod settings;
 pub mod token;
 pub mod user;
@@ -37,7 +38,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-pub use launcher::{LaunchSpec, Launcher, wait_ready};
+pub use launcher::{LaunchSpec, Launcher, RunFrom, RunState, wait_ready};
 pub use settings::{ADMIN_ROOT, SETTINGS_FILE, TOKEN_HEADER};
 pub use token::{Claims, KEYS_FILE, LocalAuth, Permissions, for_role};
 
@@ -106,9 +107,14 @@ pub struct NodeRed {
     auth: Arc<LocalAuth>,
     addr: SocketAddr,
     user_dir: PathBuf,
-    launcher: Option<Launcher>,
+    launcher: Option<Arc<Launcher>>,
+    run_as: Option<user::RunAs>,
     rotation: JoinHandle<()>,
 }
+
+/// The folder of snapshots in Node-RED's user directory
+/// (`crate::snapshot::Folder`): the agent's, readable by Node-RED.
+pub const SNAPSHOTS_DIR: &str = "snapshots";
 
 impl NodeRed {
     /// Writes the keys and settings and, in launch mode, starts Node-RED;
@@ -117,6 +123,16 @@ impl NodeRed {
     pub fn start(
         config: &NodeRedConfig,
         state_dir: &Path,
+    ) -> Result<Option<NodeRed>, NodeRedError> {
+        NodeRed::start_from(config, state_dir, |_, _| RunFrom::default())
+    }
+
+    /// Like [`NodeRed::start`], running what `from(user_dir, run_as)` says
+    /// (the current snapshot, once the caller has prepared its folder).
+    pub fn start_from(
+        config: &NodeRedConfig,
+        state_dir: &Path,
+        from: impl FnOnce(&Path, Option<&user::RunAs>) -> RunFrom,
     ) -> Result<Option<NodeRed>, NodeRedError> {
         if config.mode == NodeRedMode::Off {
             return Ok(None);
@@ -129,19 +145,27 @@ impl NodeRed {
             _ => None,
         };
         if let Some(run_as) = &run_as {
-            user::prepare_dir(&user_dir, run_as, &[SETTINGS_FILE, KEYS_FILE])
-                .map_err(NodeRedError::Ownership)?;
+            user::prepare_dir(
+                &user_dir,
+                run_as,
+                &[SETTINGS_FILE, KEYS_FILE, SNAPSHOTS_DIR],
+            )
+            .map_err(NodeRedError::Ownership)?;
             info!(user = %run_as.name, uid = run_as.uid, user_dir = %user_dir.display(), "Node-RED runs as its own user");
         }
         let auth = Arc::new(prepare(&user_dir, config.port)?);
         let launcher = (config.mode == NodeRedMode::Launch).then(|| {
-            Launcher::start(LaunchSpec {
-                command: config.command.clone(),
-                user_dir: user_dir.clone(),
-                settings: user_dir.join(SETTINGS_FILE),
-                addr: config.addr(),
-                run_as,
-            })
+            let from = from(&user_dir, run_as.as_ref());
+            Arc::new(Launcher::start_from(
+                LaunchSpec {
+                    command: config.command.clone(),
+                    user_dir: user_dir.clone(),
+                    settings: user_dir.join(SETTINGS_FILE),
+                    addr: config.addr(),
+                    run_as: run_as.clone(),
+                },
+                from,
+            ))
         });
         if launcher.is_none() {
             info!(
@@ -155,7 +179,19 @@ impl NodeRed {
             addr: config.addr(),
             user_dir,
             launcher,
+            run_as,
         }))
+    }
+
+    /// The launcher, in launch mode: to restart Node-RED on another
+    /// snapshot, or stop and start it on request.
+    pub fn launcher(&self) -> Option<Arc<Launcher>> {
+        self.launcher.clone()
+    }
+
+    /// The user Node-RED runs as, when not the agent's own.
+    pub fn run_as(&self) -> Option<&user::RunAs> {
+        self.run_as.as_ref()
     }
 
     /// Signs the tokens Node-RED accepts.
@@ -172,7 +208,7 @@ impl NodeRed {
     /// The process id of a launched Node-RED while it runs; `None` in
     /// external mode.
     pub fn pid(&self) -> Option<u32> {
-        self.launcher.as_ref().and_then(Launcher::pid)
+        self.launcher.as_deref().and_then(Launcher::pid)
     }
 
     /// Node-RED's user directory.
@@ -183,7 +219,7 @@ impl NodeRed {
     /// Waits until Node-RED answers and refuses requests without a token,
     /// at most `timeout`.
     pub async fn ready(&self, timeout: Duration) -> Result<(), NodeRedError> {
-        match &self.launcher {
+        match self.launcher.as_deref() {
             Some(launcher) => launcher.ready(timeout).await,
             None => wait_ready(self.addr, timeout).await,
         }
@@ -195,6 +231,30 @@ impl NodeRed {
         self.rotation.abort();
         if let Some(launcher) = self.launcher.take() {
             launcher.stop().await;
+        }
+    }
+}
+
+/// What the agent's tasks need of the local Node-RED: where it listens,
+/// tokens for its admin API, its launcher (in launch mode) and its user.
+#[derive(Clone, Debug)]
+pub struct NodeRedHandle {
+    pub addr: SocketAddr,
+    pub auth: Arc<LocalAuth>,
+    pub launcher: Option<Arc<Launcher>>,
+    pub run_as: Option<user::RunAs>,
+    pub user_dir: PathBuf,
+}
+
+impl NodeRed {
+    /// A handle for the agent's tasks.
+    pub fn handle(&self) -> NodeRedHandle {
+        NodeRedHandle {
+            addr: self.addr,
+            auth: self.auth.clone(),
+            launcher: self.launcher.clone(),
+            run_as: self.run_as.clone(),
+            user_dir: self.user_dir.clone(),
         }
     }
 }

@@ -29,6 +29,8 @@ pub fn render(port: u16) -> String {
         .replace("@PORT@", &port.to_string())
         .replace("@HEADER@", TOKEN_HEADER)
         .replace("@KEYS_FILE@", super::token::KEYS_FILE)
+        .replace("@ENV_SNAPSHOT@", super::launcher::ENV_SNAPSHOT)
+        .replace("@ENV_FLOWS@", super::launcher::ENV_FLOWS)
 }
 
 const TEMPLATE: &str = r#"// Written by tetherd at every start: edits are lost. Node-RED's editor and
@@ -70,6 +72,49 @@ function flowsWebSocket(info) {
         if (name.startsWith("x-tether-")) delete info.req.headers[name];
     }
     return true;
+}
+
+// What the agent runs: a signed snapshot's folder and the flows file to
+// use, from the environment the agent started Node-RED with. Removed from
+// the environment at once, so no flow reads them.
+const SNAPSHOT = process.env.@ENV_SNAPSHOT@ || null;
+const FLOW_FILE = process.env.@ENV_FLOWS@ || "flows.json";
+delete process.env.@ENV_SNAPSHOT@;
+delete process.env.@ENV_FLOWS@;
+
+// The settings a snapshot may set (its settings.json): the credential
+// secret and a short list of runtime options. Nothing here can reach the
+// listener, the admin API's authentication or the flows' middleware.
+const CONTROLLED = {
+    credentialSecret: "string",
+    debugMaxLength: "number",
+    nodeMessageBufferMaxLength: "number",
+    functionExternalModules: "boolean",
+    functionTimeout: "number",
+    exportGlobalContextKeys: "boolean",
+    externalModules: "object",
+    contextStorage: "object",
+};
+
+function controlledSettings() {
+    if (!SNAPSHOT) return {};
+    let given;
+    try {
+        given = JSON.parse(fs.readFileSync(path.join(SNAPSHOT, "settings.json"), "utf8"));
+    } catch (e) {
+        if (e.code === "ENOENT") return {};
+        throw new Error("tether: the snapshot's settings.json is unreadable: " + e.message);
+    }
+    const out = {};
+    for (const [key, type] of Object.entries(CONTROLLED)) {
+        if (Object.prototype.hasOwnProperty.call(given, key)) {
+            if (typeof given[key] !== type || given[key] === null) {
+                throw new Error("tether: the snapshot's setting " + key + " must be a " + type);
+            }
+            out[key] = given[key];
+        }
+    }
+    return out;
 }
 
 let keys = [];
@@ -159,8 +204,9 @@ async function tokens(token) {
 }
 
 module.exports = {
+    ...controlledSettings(),
     userDir: __dirname,
-    flowFile: "flows.json",
+    flowFile: FLOW_FILE,
     uiHost: "127.0.0.1",
     uiPort: @PORT@,
     adminAuth: {

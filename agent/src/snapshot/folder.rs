@@ -31,8 +31,12 @@ pub const SNAPSHOT_MANIFEST: &str = "manifest.json";
 pub const MAX_ATTEMPTS: u32 = 3;
 const JOURNAL: &str = "journal.json";
 const VERSIONS: &str = "versions";
+/// Node-RED's working copies of each version's flows (`work/N`).
+const WORK: &str = "work";
 const CURRENT: &str = "current";
 const PREVIOUS: &str = "previous";
+/// The credentials component: Node-RED's name for it, next to the flows.
+pub const CREDENTIALS: &str = "flows_cred.json";
 /// Bytes read from a component at a time.
 const CHUNK: usize = 64 * 1024;
 
@@ -204,8 +208,77 @@ impl Folder {
         to.file_name()?.to_str()?.parse().ok()
     }
 
-    fn version_dir(&self, version: u64) -> PathBuf {
+    /// The folder of version `version` (which may not exist).
+    pub fn version_dir(&self, version: u64) -> PathBuf {
         self.root.join(VERSIONS).join(version.to_string())
+    }
+
+    /// Node-RED's working copy of version `version`'s flows: `flows.json`
+    /// and `flows_cred.json` there are what it loads and what a deploy
+    /// changes, while the version's own folder stays as signed.
+    pub fn work_dir(&self, version: u64) -> PathBuf {
+        self.root.join(WORK).join(version.to_string())
+    }
+
+    /// The folder everything lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Makes `work/N` from version `N`'s flows and credentials unless it
+    /// exists (it then holds deploys made since): copied into `work/N.tmp`,
+    /// synced, renamed. Returns it.
+    pub fn prepare_work(&self, version: u64) -> Result<PathBuf, FolderError> {
+        let work = self.work_dir(version);
+        if work.is_dir() {
+            return Ok(work);
+        }
+        let parent = self.root.join(WORK);
+        files::ensure_dir(&parent)?;
+        let tmp = parent.join(format!("{version}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io("remove", &tmp))?;
+        }
+        files::ensure_dir(&tmp)?;
+        for name in [tether_proto::snapshot::FLOWS, CREDENTIALS] {
+            let from = self.version_dir(version).join(name);
+            if from.exists() {
+                let to = tmp.join(name);
+                std::fs::copy(&from, &to).map_err(io("copy", &from))?;
+                std::fs::File::open(&to)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io("sync", &to))?;
+            }
+        }
+        files::sync_dir(&tmp)?;
+        std::fs::rename(&tmp, &work).map_err(io("rename", &tmp))?;
+        files::sync_dir(&parent)?;
+        Ok(work)
+    }
+
+    /// Removes a staged version that will not be switched to (it failed a
+    /// check made after staging).
+    pub fn discard(&mut self, version: u64) -> Result<(), FolderError> {
+        if self.current() == Some(version) || self.target(PREVIOUS) == Some(version) {
+            return Err(FolderError::State(format!(
+                "version {version} is in use and cannot be discarded"
+            )));
+        }
+        let dir = self.version_dir(version);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
+        }
+        if self.journal.phase == (Phase::Staged { version }) {
+            self.journal.phase = Phase::Idle;
+        }
+        self.journal.highest = self.journal.highest.max(version);
+        self.save()
+    }
+
+    /// Notes an outcome for status without changing anything else.
+    pub fn note_outcome(&mut self, outcome: String) -> Result<(), FolderError> {
+        self.journal.last_outcome = Some(outcome);
+        self.save()
     }
 
     fn save(&self) -> Result<(), FolderError> {
@@ -384,9 +457,19 @@ impl Folder {
         self.prune(&[to])
     }
 
-    /// Removes every version folder but `keep`.
+    /// Removes every version folder (and working copy) but `keep`.
     fn prune(&self, keep: &[Option<u64>]) -> Result<(), FolderError> {
-        let versions = self.root.join(VERSIONS);
+        for dir in [VERSIONS, WORK] {
+            self.prune_in(dir, keep)?;
+        }
+        Ok(())
+    }
+
+    fn prune_in(&self, dir: &str, keep: &[Option<u64>]) -> Result<(), FolderError> {
+        let versions = self.root.join(dir);
+        if !versions.exists() {
+            return Ok(());
+        }
         for entry in std::fs::read_dir(&versions).map_err(io("list", &versions))? {
             let entry = entry.map_err(io("list", &versions))?;
             let version = entry

@@ -1,15 +1,86 @@
-//! Snapshots on the device (`docs/snapshots.md`): verified with
-//! `tether_proto::snapshot`, staged into a folder of their own and switched
-//! in atomically, the previous one kept to switch back to.
+//! Snapshots on the device (`docs/snapshots.md`): pulled from the platform,
+//! verified with `tether_proto::snapshot`, staged into a folder of their own
+//! and switched in atomically, the previous one kept to switch back to.
 //!
 //! [`Folder`] owns the snapshot folder and its journal: what is staged,
 //! which version is current, and where an apply stood when the agent
 //! stopped. It writes a component only after checking it against the
 //! manifest, never changes a version's folder once it exists, and never
-//! points `current` at anything but a whole, synced version. It does not
-//! fetch snapshots, start Node-RED or judge its health: it is told to
-//! stage, switch, commit and roll back, and says where things stand.
+//! points `current` at anything but a whole, synced version.
+//! [`pull`] fetches a version on a `snapshot` stream, [`content`] checks
+//! what Node-RED will read, and [`apply`] is the task that ties them to the
+//! launcher and the health probe: it alone switches, commits and rolls back.
+//! Nothing here decides what a role may do in the editor.
 
+pub mod apply;
+pub mod content;
 mod folder;
+pub mod pull;
 
-pub use folder::{Folder, FolderError, Journal, MAX_ATTEMPTS, Phase, Recovered, SNAPSHOT_MANIFEST};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+pub use folder::{
+    CREDENTIALS, Folder, FolderError, Journal, MAX_ATTEMPTS, Phase, Recovered, SNAPSHOT_MANIFEST,
+};
+
+use crate::files::FileError;
+use crate::node_red::user::RunAs;
+
+fn fs_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> FolderError + 'a {
+    move |source| {
+        FolderError::File(FileError {
+            action,
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// Lets Node-RED's user read `dir` and what is in it, and nothing more:
+/// group `run_as.gid`, directories `0750`, files `0640`; the owner stays
+/// the agent.
+pub fn share(folder: &Folder, dir: &Path, run_as: &RunAs) -> Result<(), FolderError> {
+    for parent in [folder.root().to_owned(), folder.root().join("versions")] {
+        set(&parent, None, run_as.gid, 0o750)?;
+    }
+    let mut pending = vec![dir.to_owned()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).map_err(fs_err("inspect", &path))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.is_dir() {
+            set(&path, None, run_as.gid, 0o750)?;
+            for entry in std::fs::read_dir(&path).map_err(fs_err("list", &path))? {
+                pending.push(entry.map_err(fs_err("list", &path))?.path());
+            }
+        } else {
+            set(&path, None, run_as.gid, 0o640)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives Node-RED's user a working copy (`Folder::prepare_work`): it
+/// writes its deploys there.
+pub fn own(dir: &Path, run_as: &RunAs) -> Result<(), FolderError> {
+    if let Some(parent) = dir.parent() {
+        set(parent, None, run_as.gid, 0o750)?;
+    }
+    set(dir, Some(run_as.uid), run_as.gid, 0o700)?;
+    for entry in std::fs::read_dir(dir).map_err(fs_err("list", dir))? {
+        let path = entry.map_err(fs_err("list", dir))?.path();
+        set(&path, Some(run_as.uid), run_as.gid, 0o600)?;
+    }
+    Ok(())
+}
+
+fn set(path: &Path, uid: Option<u32>, gid: u32, mode: u32) -> Result<(), FolderError> {
+    std::os::unix::fs::lchown(path, uid, Some(gid)).map_err(fs_err("change the owner of", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(fs_err("change the mode of", path))
+}

@@ -90,6 +90,38 @@ pub struct ProtectionResponse {
     pub pushed: bool,
 }
 
+/// `POST /v1/admin/devices/{id}/snapshots/{version}/push` and
+/// `.../snapshots/rollback` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PushResponse {
+    pub snapshot: crate::snapshots::SnapshotInfo,
+    /// For a rollback: the version copied.
+    #[serde(default)]
+    pub copied_from: Option<u64>,
+    /// True if the device is online and its control stream was told.
+    pub pushed: bool,
+}
+
+/// `POST /v1/admin/devices/{id}/node-red` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRedRequest {
+    /// `start`, `stop` or `restart`.
+    pub action: String,
+}
+
+/// `POST /v1/admin/devices/{id}/node-red` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeRedResponse {
+    pub device_id: String,
+    pub action: String,
+    /// True if the device is online and its control stream was told.
+    pub pushed: bool,
+}
+
+/// The name recorded for requests made with the admin token.
+pub const ADMIN_ACTOR: &str = "admin";
+
 /// `POST /v1/admin/devices/{id}/renew` answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RenewResponse {
@@ -174,6 +206,40 @@ pub async fn handle(
         (&Method::GET, ["tokens"]) => list_tokens(&state).await,
         (&Method::POST, ["tokens", id, "revoke"]) => revoke_token(&state, id).await,
         (&Method::GET, ["devices"]) => list_devices(&state).await,
+        (&Method::GET, ["devices", id]) => show_device(&state, id).await,
+        (&Method::GET, ["snapshots"]) => {
+            let device = query_param(req.uri().query(), "device");
+            reply::json(StatusCode::OK, &state.snapshots.list(device.as_deref()))
+        }
+        (&Method::POST, ["devices", id, "snapshots"]) => {
+            let id = id.to_string();
+            create_snapshot(&state, &id, req.into_body()).await
+        }
+        (&Method::POST, ["devices", id, "snapshots", "rollback"]) => snapshot_answer(
+            id,
+            state
+                .rollback_snapshot(id)
+                .await
+                .map(|(from, info, told)| (Some(from), info, told)),
+        ),
+        (&Method::POST, ["devices", id, "snapshots", version, "push"]) => match version.parse() {
+            Ok(version) => snapshot_answer(
+                id,
+                state
+                    .push_snapshot(id, version)
+                    .await
+                    .map(|(info, told)| (None, info, told)),
+            ),
+            Err(_) => reply::error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("'{version}' is not a snapshot version number"),
+            ),
+        },
+        (&Method::POST, ["devices", id, "node-red"]) => {
+            let id = id.to_string();
+            node_red(&state, &id, req.into_body()).await
+        }
         (&Method::GET, ["audit"]) => audit(&state, req.uri().query()).await,
         (&Method::POST, ["devices", id, "revoke"]) => revoke(&state, id).await,
         (&Method::POST, ["devices", id, "renew"]) => renew(&state, id).await,
@@ -387,6 +453,120 @@ async fn list_devices(state: &State) -> Response<Body> {
         Ok(devices) => reply::json(StatusCode::OK, &devices),
         Err(e) => {
             warn!(cause = %e, "cannot list devices");
+            reply::internal()
+        }
+    }
+}
+
+async fn show_device(state: &State, id: &str) -> Response<Body> {
+    match state.devices().await {
+        Ok(devices) => match devices.into_iter().find(|d| d.id == id) {
+            Some(device) => reply::json(StatusCode::OK, &device),
+            None => no_device(id),
+        },
+        Err(e) => {
+            warn!(cause = %e, "cannot list devices");
+            reply::internal()
+        }
+    }
+}
+
+/// `name=value` from a query string, percent signs not decoded (device ids
+/// need none).
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+async fn create_snapshot(state: &State, id: &str, body: Incoming) -> Response<Body> {
+    let request: crate::snapshots::CreateRequest =
+        match reply::read_json(body, crate::snapshots::MAX_CREATE_BODY).await {
+            Ok(request) => request,
+            Err(response) => return response,
+        };
+    let files = match crate::snapshots::decode_files(&request) {
+        Ok(files) => files,
+        Err(e) => {
+            return reply::error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                e.to_string(),
+            );
+        }
+    };
+    match state
+        .create_snapshot(id, files, request.expires_in_secs)
+        .await
+    {
+        Ok(info) => reply::json(StatusCode::CREATED, &info),
+        Err(e) => snapshot_error(id, e),
+    }
+}
+
+fn snapshot_answer(
+    id: &str,
+    result: Result<(Option<u64>, crate::snapshots::SnapshotInfo, bool), PlatformError>,
+) -> Response<Body> {
+    match result {
+        Ok((copied_from, snapshot, pushed)) => reply::json(
+            StatusCode::OK,
+            &PushResponse {
+                snapshot,
+                copied_from,
+                pushed,
+            },
+        ),
+        Err(e) => snapshot_error(id, e),
+    }
+}
+
+fn snapshot_error(id: &str, e: PlatformError) -> Response<Body> {
+    use crate::snapshots::SnapshotError;
+    match e {
+        PlatformError::NoDevice(_) => no_device(id),
+        PlatformError::Snapshot(e @ SnapshotError::Invalid(_)) => reply::error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        ),
+        PlatformError::Snapshot(
+            e @ (SnapshotError::NoVersion { .. } | SnapshotError::NothingToRollBack(_)),
+        ) => reply::error(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string()),
+        e => {
+            warn!(cause = %e, "snapshot operation failed");
+            reply::internal()
+        }
+    }
+}
+
+async fn node_red(state: &State, id: &str, body: Incoming) -> Response<Body> {
+    let request: NodeRedRequest = match reply::read_json(body, MAX_ADMIN_BODY).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    match state
+        .node_red_action(id, &request.action, ADMIN_ACTOR)
+        .await
+    {
+        Ok(pushed) => reply::json(
+            StatusCode::OK,
+            &NodeRedResponse {
+                device_id: id.to_string(),
+                action: request.action,
+                pushed,
+            },
+        ),
+        Err(PlatformError::NoDevice(_)) => no_device(id),
+        Err(e @ PlatformError::BadAction(_)) => reply::error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        ),
+        Err(e) => {
+            warn!(cause = %e, "cannot send the Node-RED request");
             reply::internal()
         }
     }

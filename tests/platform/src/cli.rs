@@ -45,6 +45,10 @@ pub enum Command {
     /// The platform's signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Signed snapshots: what a device's Node-RED runs (flows, credentials, settings,
+    /// environment variables), verified by the device before it runs them.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Show devices' audit trails, newest first, with each device's chain verification:
     /// verified (signed by the device through its last event), unsigned tail, or BROKEN
     /// (an event altered, removed or missing without a drop marker; each place is listed).
@@ -249,6 +253,233 @@ pub enum DeviceCommand {
     Renew(DeviceRevokeArgs),
     /// Revoke one certificate of a device (by its SHA-256 fingerprint), not the device.
     RevokeCert(DeviceRevokeCertArgs),
+    /// Show one device: its tunnel, certificate, audit queue and snapshots.
+    Show(DeviceShowArgs),
+    /// Start, stop or restart the device's Node-RED (recorded in its audit trail).
+    NodeRed(DeviceNodeRedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceShowArgs {
+    /// The device id (`dev_...`).
+    pub id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceNodeRedArgs {
+    /// The device id (`dev_...`).
+    pub id: String,
+    /// start, stop or restart.
+    #[arg(value_parser = ["start", "stop", "restart"])]
+    pub action: String,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Make and sign a snapshot for a device from a folder: flows.json (required),
+    /// flows_cred.json, settings.json (the settings a snapshot may set; the platform adds
+    /// the device's credentialSecret), env.json, and any other files. Not pushed yet.
+    Create(SnapshotCreateArgs),
+    /// List snapshots, oldest first; `*` marks the one each device should run.
+    List(SnapshotListArgs),
+    /// Tell a device to run a snapshot: it pulls, verifies and applies it, and rolls it
+    /// back if Node-RED does not come up healthy.
+    Push(SnapshotPushArgs),
+    /// Push the snapshot pushed before the last again, signed as a new version (a device
+    /// never goes back a version number).
+    Rollback(SnapshotDeviceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotCreateArgs {
+    /// The device id (`dev_...`).
+    #[arg(long)]
+    pub device: String,
+    /// The folder of files.
+    pub dir: PathBuf,
+    /// How long the snapshot may be applied.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub expires_in: Duration,
+    /// Push it at once.
+    #[arg(long)]
+    pub push: bool,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotListArgs {
+    /// Only this device's.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotPushArgs {
+    /// The device id (`dev_...`).
+    #[arg(long)]
+    pub device: String,
+    /// The version to run.
+    pub version: u64,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotDeviceArgs {
+    /// The device id (`dev_...`).
+    #[arg(long)]
+    pub device: String,
+    #[command(flatten)]
+    pub data: DataDir,
+}
+
+/// Reads every regular file under `dir` (relative paths with `/`), for a
+/// snapshot, at most `max_total` bytes in all.
+pub fn read_snapshot_dir(
+    dir: &std::path::Path,
+    max_total: u64,
+) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let entries =
+            std::fs::read_dir(&path).map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+            let file = entry.path();
+            let kind = entry
+                .file_type()
+                .map_err(|e| format!("cannot inspect {}: {e}", file.display()))?;
+            if kind.is_dir() {
+                pending.push(file);
+            } else if kind.is_file() {
+                let relative = file
+                    .strip_prefix(dir)
+                    .ok()
+                    .and_then(|p| p.to_str())
+                    .ok_or_else(|| format!("{} has a name that is not UTF-8", file.display()))?
+                    .to_string();
+                total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if total > max_total {
+                    return Err(format!(
+                        "{} holds more than {max_total} bytes",
+                        dir.display()
+                    ));
+                }
+                let bytes = std::fs::read(&file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                out.push((relative, bytes));
+            } else {
+                return Err(format!(
+                    "{} is neither a file nor a folder (links are not followed)",
+                    file.display()
+                ));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The snapshots as a table.
+pub fn snapshot_table(snapshots: &[crate::snapshots::SnapshotInfo]) -> String {
+    let mut rows = vec![[
+        "DEVICE".to_string(),
+        "VERSION".to_string(),
+        "CREATED".to_string(),
+        "EXPIRES".to_string(),
+        "FILES".to_string(),
+        "BYTES".to_string(),
+    ]];
+    for s in snapshots {
+        rows.push([
+            s.device.clone(),
+            format!("{}{}", s.version, if s.target { " *" } else { "" }),
+            rfc3339(s.created_at),
+            rfc3339(s.expires_at),
+            s.components.to_string(),
+            s.bytes.to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// One device, a line per fact.
+pub fn device_text(d: &DeviceInfo, now: u64) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
+    line("device", d.id.clone());
+    line("name", d.name.clone());
+    line("team", d.team.clone());
+    line(
+        "status",
+        match (d.revoked, d.online) {
+            (true, _) => "revoked".into(),
+            (false, true) => format!(
+                "online{}",
+                d.last_heartbeat.map_or(String::new(), |t| format!(
+                    ", last heartbeat {} ago",
+                    span(now.saturating_sub(t))
+                ))
+            ),
+            (false, false) => "offline".into(),
+        },
+    );
+    line(
+        "certificate",
+        format!("expires in {}", span(d.cert_not_after.saturating_sub(now))),
+    );
+    line("protected", if d.protected { "yes" } else { "no" }.into());
+    if let Some(a) = &d.audit {
+        line(
+            "audit",
+            format!(
+                "{} queued on the device, last #{}{}",
+                a.queued,
+                a.last_seq,
+                a.error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!("; ERROR: {e}"))
+            ),
+        );
+    }
+    match &d.snapshot {
+        Some(s) => {
+            line(
+                "snapshot",
+                match s.current {
+                    Some(v) => format!("running {v}"),
+                    None => "none applied".into(),
+                },
+            );
+            if let Some(o) = &s.outcome {
+                line("last", o.clone());
+            }
+            if let Some(v) = s.staged {
+                line("staged", format!("{v}, waiting to be switched in"));
+            }
+            if let Some(n) = &s.node_red {
+                line("node-red", n.clone());
+            }
+        }
+        None if d.online => line("snapshot", "no local Node-RED reported".into()),
+        None => {}
+    }
+    out
 }
 
 #[derive(Debug, Args)]
@@ -588,6 +819,7 @@ mod tests {
             current_certificate: None,
             superseded_seen_at: None,
             audit: None,
+            snapshot: None,
         };
         let table = device_table(&[device], 100);
         let lines: Vec<&str> = table.lines().collect();

@@ -253,6 +253,69 @@ impl AdminClient {
         self.json(Method::POST, &path, Some(body)).await
     }
 
+    /// `GET /v1/admin/devices/{id}`.
+    pub async fn device(&self, device_id: &str) -> Result<DeviceInfo, ClientError> {
+        self.json(Method::GET, &format!("/v1/admin/devices/{device_id}"), None)
+            .await
+    }
+
+    /// `POST /v1/admin/devices/{id}/snapshots`.
+    pub async fn create_snapshot(
+        &self,
+        device_id: &str,
+        request: &crate::snapshots::CreateRequest,
+    ) -> Result<crate::snapshots::SnapshotInfo, ClientError> {
+        let body =
+            serde_json::to_vec(request).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let path = format!("/v1/admin/devices/{device_id}/snapshots");
+        self.json(Method::POST, &path, Some(body)).await
+    }
+
+    /// `GET /v1/admin/snapshots`.
+    pub async fn snapshots(
+        &self,
+        device_id: Option<&str>,
+    ) -> Result<Vec<crate::snapshots::SnapshotInfo>, ClientError> {
+        let path = match device_id {
+            Some(id) => format!("/v1/admin/snapshots?device={id}"),
+            None => "/v1/admin/snapshots".into(),
+        };
+        self.json(Method::GET, &path, None).await
+    }
+
+    /// `POST /v1/admin/devices/{id}/snapshots/{version}/push`.
+    pub async fn push_snapshot(
+        &self,
+        device_id: &str,
+        version: u64,
+    ) -> Result<crate::admin::PushResponse, ClientError> {
+        let path = format!("/v1/admin/devices/{device_id}/snapshots/{version}/push");
+        self.json(Method::POST, &path, Some(b"{}".to_vec())).await
+    }
+
+    /// `POST /v1/admin/devices/{id}/snapshots/rollback`.
+    pub async fn rollback_snapshot(
+        &self,
+        device_id: &str,
+    ) -> Result<crate::admin::PushResponse, ClientError> {
+        let path = format!("/v1/admin/devices/{device_id}/snapshots/rollback");
+        self.json(Method::POST, &path, Some(b"{}".to_vec())).await
+    }
+
+    /// `POST /v1/admin/devices/{id}/node-red`.
+    pub async fn node_red(
+        &self,
+        device_id: &str,
+        action: &str,
+    ) -> Result<crate::admin::NodeRedResponse, ClientError> {
+        let body = serde_json::to_vec(&crate::admin::NodeRedRequest {
+            action: action.to_string(),
+        })
+        .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let path = format!("/v1/admin/devices/{device_id}/node-red");
+        self.json(Method::POST, &path, Some(body)).await
+    }
+
     /// `POST /v1/admin/users`.
     pub async fn create_user(&self, request: &CreateUserRequest) -> Result<UserInfo, ClientError> {
         let body =

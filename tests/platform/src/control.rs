@@ -126,7 +126,11 @@ async fn handle(
     match message {
         ControlMessage::Heartbeat(beat) => {
             debug!(seq = beat.seq, rtt_micros = ?beat.rtt_micros, "heartbeat");
-            if let Some(error) = state.registry.heartbeat(device_id, generation, beat.audit) {
+            if let Some(error) =
+                state
+                    .registry
+                    .heartbeat(device_id, generation, beat.audit, beat.snapshot)
+            {
                 warn!(%error, "the device cannot write its audit trail; its events wait in its memory until it can");
             }
             state.emit(PlatformEvent::Heartbeat {
@@ -145,6 +149,8 @@ async fn handle(
         | ControlMessage::Protection { .. }
         | ControlMessage::RenewNow
         | ControlMessage::GrantKeys { .. }
+        | ControlMessage::SnapshotAvailable { .. }
+        | ControlMessage::NodeRed { .. }
         | ControlMessage::Unknown => None,
     }
 }
@@ -189,6 +195,20 @@ async fn push_settings(
     if device.certs.renew_requested {
         debug!("asking the device to renew its certificate");
         send(stream, &ControlMessage::RenewNow).await?;
+    }
+    if let Some(version) = state.snapshots.target(device_id) {
+        debug!(version, "telling the device which snapshot to run");
+        send(stream, &ControlMessage::SnapshotAvailable { version }).await?;
+    }
+    let requests = state
+        .node_red_requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(device_id)
+        .unwrap_or_default();
+    for (action, by) in requests {
+        info!(%action, %by, "asking the device to {action} its Node-RED");
+        send(stream, &ControlMessage::NodeRed { action, by }).await?;
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ pub struct FileError {
 }
 
 impl FileError {
-    fn new(action: &'static str, path: &Path, cause: io::Error) -> FileError {
+    pub fn new(action: &'static str, path: &Path, cause: io::Error) -> FileError {
         FileError {
             action,
             path: path.to_path_buf(),

@@ -106,6 +106,15 @@ impl SigningKeys {
         grant.sign(&self.grant_key())
     }
 
+    /// Signs a snapshot manifest (its exact bytes) with the snapshot key.
+    pub fn sign_snapshot(&self, manifest: &[u8]) -> tether_proto::snapshot::Envelope {
+        tether_proto::snapshot::seal(
+            tether_proto::snapshot::MANIFEST_CONTEXT,
+            manifest,
+            &[&self.snapshot],
+        )
+    }
+
     /// The grant key's rotations, oldest first.
     pub fn rotations(&self) -> Vec<KeyRotation> {
         self.rotations

@@ -56,6 +56,7 @@ pub mod platform;
 pub mod rate_limit;
 pub mod server;
 pub mod sessions;
+pub mod snapshots;
 pub mod store;
 pub mod tunnels;
 pub mod users;

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use tether_platform::cli::{
-    Cli, Command, ConnectArgs, DeviceCommand, KeysCommand, ServeArgs, TokenCommand, UserAddArgs,
-    UserCommand,
+    Cli, Command, ConnectArgs, DeviceCommand, KeysCommand, ServeArgs, SnapshotCommand,
+    TokenCommand, UserAddArgs, UserCommand,
 };
 use tether_platform::client::AdminClient;
 use tether_platform::connect::Proxy;
@@ -99,6 +99,82 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     tether_platform::cli::device_table(&devices, unix_now())
                 );
             }
+            Ok(())
+        }
+        Command::Device(DeviceCommand::Show(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let device = client.device(&args.id).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&device)?);
+            } else {
+                print!("{}", tether_platform::cli::device_text(&device, unix_now()));
+            }
+            Ok(())
+        }
+        Command::Device(DeviceCommand::NodeRed(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let sent = client.node_red(&args.id, &args.action).await?;
+            let when = if sent.pushed {
+                "the device was told"
+            } else {
+                "the device is told when it connects"
+            };
+            println!(
+                "node-red {} requested for {}; {when}",
+                sent.action, sent.device_id
+            );
+            Ok(())
+        }
+        Command::Snapshot(SnapshotCommand::Create(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let files = tether_platform::cli::read_snapshot_dir(
+                &args.dir,
+                tether_platform::snapshots::MAX_CREATE_BODY as u64 / 4 * 3,
+            )
+            .map_err(anyhow::Error::msg)?;
+            use base64::Engine;
+            let request = tether_platform::snapshots::CreateRequest {
+                files: files
+                    .into_iter()
+                    .map(|(path, bytes)| tether_platform::snapshots::FileEntry {
+                        path,
+                        data: base64::engine::general_purpose::STANDARD.encode(bytes),
+                    })
+                    .collect(),
+                expires_in_secs: Some(args.expires_in.as_secs()),
+            };
+            let created = client.create_snapshot(&args.device, &request).await?;
+            println!(
+                "snapshot {} for {}: {} files, {} bytes, signed, expires {}",
+                created.version,
+                created.device,
+                created.components,
+                created.bytes,
+                tether_platform::cli::rfc3339(created.expires_at)
+            );
+            if args.push {
+                print_push(&client.push_snapshot(&args.device, created.version).await?);
+            }
+            Ok(())
+        }
+        Command::Snapshot(SnapshotCommand::List(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let list = client.snapshots(args.device.as_deref()).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", tether_platform::cli::snapshot_table(&list));
+            }
+            Ok(())
+        }
+        Command::Snapshot(SnapshotCommand::Push(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            print_push(&client.push_snapshot(&args.device, args.version).await?);
+            Ok(())
+        }
+        Command::Snapshot(SnapshotCommand::Rollback(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            print_push(&client.rollback_snapshot(&args.device).await?);
             Ok(())
         }
         Command::Audit(args) => {
@@ -222,6 +298,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// A password from standard input: one line; from a terminal, without echo.
+fn print_push(pushed: &tether_platform::admin::PushResponse) {
+    let s = &pushed.snapshot;
+    let copied = pushed
+        .copied_from
+        .map_or(String::new(), |v| format!(" (a copy of version {v})"));
+    let when = if pushed.pushed {
+        "the device was told and pulls it now"
+    } else {
+        "the device pulls it when it connects"
+    };
+    println!(
+        "pushed snapshot {}{copied} to {}; {when}; 'tether-platform device show {}' shows the outcome",
+        s.version, s.device, s.device
+    );
+}
+
 fn read_password(name: &str) -> anyhow::Result<tether_proto::api::Secret> {
     use std::io::IsTerminal;
     if std::io::stdin().is_terminal() {

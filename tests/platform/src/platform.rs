@@ -67,6 +67,10 @@ pub enum PlatformError {
     BadTokenSpec(String),
     #[error("no device '{0}'")]
     NoDevice(String),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshots::SnapshotError),
+    #[error("unknown Node-RED action '{0}': expected start, stop or restart")]
+    BadAction(String),
     #[error(
         "{0}; help: 'tether-platform device list --json' shows each device's current certificate"
     )]
@@ -157,6 +161,10 @@ pub struct DeviceInfo {
     /// error, such as a full disk, included), while online.
     #[serde(default)]
     pub audit: Option<tether_proto::control::AuditHealth>,
+    /// The device's snapshots as its last heartbeat reported them, while
+    /// online.
+    #[serde(default)]
+    pub snapshot: Option<tether_proto::control::SnapshotHealth>,
 }
 
 /// Something that happened, for tests and dashboards.
@@ -236,6 +244,12 @@ pub struct State {
     pub handoffs: Handoffs,
     /// Editor cookies of the device editor origins.
     pub editor_sessions: EditorSessions,
+    /// Signed snapshots per device.
+    pub snapshots: crate::snapshots::Snapshots,
+    /// Node-RED start, stop and restart requests waiting for each device's
+    /// control stream: (action, requested by).
+    pub node_red_requests:
+        std::sync::Mutex<std::collections::HashMap<String, Vec<(String, String)>>>,
     events: broadcast::Sender<PlatformEvent>,
 }
 
@@ -311,6 +325,8 @@ impl Platform {
             csrf: CsrfKey::generate()?,
             handoffs: Handoffs::default(),
             editor_sessions: EditorSessions::default(),
+            snapshots: crate::snapshots::Snapshots::new(&config.data_dir),
+            node_red_requests: std::sync::Mutex::default(),
             events: broadcast::channel(EVENT_BACKLOG).0,
             config,
         });
@@ -489,6 +505,50 @@ impl Platform {
         self.state.request_renewal(device_id).await
     }
 
+    /// See [`State::create_snapshot`].
+    pub async fn create_snapshot(
+        &self,
+        device_id: &str,
+        files: Vec<(String, Vec<u8>)>,
+        expires_in_secs: Option<u64>,
+    ) -> Result<crate::snapshots::SnapshotInfo, PlatformError> {
+        self.state
+            .create_snapshot(device_id, files, expires_in_secs)
+            .await
+    }
+
+    /// See [`State::push_snapshot`].
+    pub async fn push_snapshot(
+        &self,
+        device_id: &str,
+        version: u64,
+    ) -> Result<(crate::snapshots::SnapshotInfo, bool), PlatformError> {
+        self.state.push_snapshot(device_id, version).await
+    }
+
+    /// See [`State::rollback_snapshot`].
+    pub async fn rollback_snapshot(
+        &self,
+        device_id: &str,
+    ) -> Result<(u64, crate::snapshots::SnapshotInfo, bool), PlatformError> {
+        self.state.rollback_snapshot(device_id).await
+    }
+
+    /// Every snapshot of a device (or of all), oldest first.
+    pub fn snapshots(&self, device_id: Option<&str>) -> Vec<crate::snapshots::SnapshotInfo> {
+        self.state.snapshots.list(device_id)
+    }
+
+    /// See [`State::node_red_action`].
+    pub async fn node_red_action(
+        &self,
+        device_id: &str,
+        action: &str,
+        by: &str,
+    ) -> Result<bool, PlatformError> {
+        self.state.node_red_action(device_id, action, by).await
+    }
+
     /// Revokes one certificate of a device (by SHA-256 fingerprint, hex),
     /// not the device; a live tunnel authenticated with it is closed.
     /// True if one was.
@@ -657,6 +717,7 @@ impl State {
                     connected_since: live.as_ref().map(|l| unix(l.connected_since)),
                     last_heartbeat: live.as_ref().and_then(|l| l.last_heartbeat.map(unix)),
                     audit: live.as_ref().and_then(|l| l.audit.clone()),
+                    snapshot: live.as_ref().and_then(|l| l.snapshot.clone()),
                     rtt_micros: live
                         .as_ref()
                         .and_then(|l| l.tunnel.rtt())
@@ -800,6 +861,78 @@ impl State {
         let pushed = self.registry.settings_changed(device_id);
         info!(%device_id, pushed, "certificate renewal requested");
         Ok(pushed)
+    }
+
+    /// Fails with `NoDevice` unless the device is enrolled.
+    async fn known_device(&self, device_id: &str) -> Result<(), PlatformError> {
+        let id = device_id.to_string();
+        match self.store.blocking(move |s| s.device(&id)).await? {
+            Some(_) => Ok(()),
+            None => Err(PlatformError::NoDevice(device_id.to_string())),
+        }
+    }
+
+    /// Makes and signs a snapshot for a device from `files` (path, bytes).
+    pub async fn create_snapshot(
+        &self,
+        device_id: &str,
+        files: Vec<(String, Vec<u8>)>,
+        expires_in_secs: Option<u64>,
+    ) -> Result<crate::snapshots::SnapshotInfo, PlatformError> {
+        self.known_device(device_id).await?;
+        let expiry = expires_in_secs.unwrap_or(crate::snapshots::DEFAULT_EXPIRY_SECS);
+        Ok(self
+            .snapshots
+            .create(&self.keys, device_id, files, expiry, unix_now())
+            .await?)
+    }
+
+    /// Makes `version` the one the device should run and tells it (now if
+    /// online, else at its next connection). True if told now.
+    pub async fn push_snapshot(
+        &self,
+        device_id: &str,
+        version: u64,
+    ) -> Result<(crate::snapshots::SnapshotInfo, bool), PlatformError> {
+        self.known_device(device_id).await?;
+        let info = self.snapshots.push(device_id, version).await?;
+        Ok((info, self.registry.settings_changed(device_id)))
+    }
+
+    /// Pushes the version pushed before the last again, as a new version.
+    /// Returns the version it copies, the new one, and whether told now.
+    pub async fn rollback_snapshot(
+        &self,
+        device_id: &str,
+    ) -> Result<(u64, crate::snapshots::SnapshotInfo, bool), PlatformError> {
+        self.known_device(device_id).await?;
+        let (earlier, info) = self
+            .snapshots
+            .rollback_copy(&self.keys, device_id, unix_now())
+            .await?;
+        let (info, told) = self.push_snapshot(device_id, info.version).await?;
+        Ok((earlier, info, told))
+    }
+
+    /// Asks a device to start, stop or restart its Node-RED, for `by`.
+    /// True if told now (else at its next connection).
+    pub async fn node_red_action(
+        &self,
+        device_id: &str,
+        action: &str,
+        by: &str,
+    ) -> Result<bool, PlatformError> {
+        if !matches!(action, "start" | "stop" | "restart") {
+            return Err(PlatformError::BadAction(action.to_string()));
+        }
+        self.known_device(device_id).await?;
+        self.node_red_requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(device_id.to_string())
+            .or_default()
+            .push((action.to_string(), by.to_string()));
+        Ok(self.registry.settings_changed(device_id))
     }
 
     /// Revokes one certificate of a device (by SHA-256 fingerprint, hex),

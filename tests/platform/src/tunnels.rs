@@ -45,6 +45,8 @@ pub struct LiveTunnel {
     pub last_heartbeat: Option<SystemTime>,
     /// The device's audit queue, from its last heartbeat.
     pub audit: Option<tether_proto::control::AuditHealth>,
+    /// The snapshots, as the last heartbeat reported them.
+    pub snapshot: Option<tether_proto::control::SnapshotHealth>,
     /// Signalled after what the platform pushes to the device changed
     /// (protection mode, a renewal request, the grant key's rotations); the
     /// control stream reads them again and pushes them.
@@ -89,6 +91,7 @@ impl Registry {
             connected_since: SystemTime::now(),
             last_heartbeat: None,
             audit: None,
+            snapshot: None,
             settings: watch::channel(()).0,
             control_reset: Arc::new(tokio::sync::Notify::new()),
         };
@@ -149,6 +152,7 @@ impl Registry {
         device_id: &str,
         generation: u64,
         audit: Option<tether_proto::control::AuditHealth>,
+        snapshot: Option<tether_proto::control::SnapshotHealth>,
     ) -> Option<String> {
         let mut live = self.lock();
         let t = live
@@ -157,6 +161,7 @@ impl Registry {
         t.last_heartbeat = Some(SystemTime::now());
         let before = t.audit.as_ref().and_then(|a| a.error.clone());
         t.audit = audit;
+        t.snapshot = snapshot;
         let now = t.audit.as_ref().and_then(|a| a.error.clone());
         now.filter(|e| before.as_ref() != Some(e))
     }
@@ -454,7 +459,7 @@ async fn accept_streams(
     tunnel: &Tunnel,
 ) {
     let only_control = |header: &ServiceHeader| match header.service {
-        Service::Control | Service::Audit => Ok(()),
+        Service::Control | Service::Audit | Service::Snapshot => Ok(()),
         ref other => Err((
             ResetCode::REFUSED,
             format!("the platform does not serve '{other}' streams opened by a device"),
@@ -465,6 +470,10 @@ async fn accept_streams(
         let (device_id, fingerprint) = (device_id.to_string(), fingerprint.to_string());
         if header.service == Service::Audit {
             tokio::spawn(crate::audit::serve(state, device_id, stream).in_current_span());
+            continue;
+        }
+        if header.service == Service::Snapshot {
+            tokio::spawn(crate::snapshots::serve(state, device_id, stream).in_current_span());
             continue;
         }
         tokio::spawn(

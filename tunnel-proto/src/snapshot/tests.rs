@@ -23,11 +23,7 @@ fn sha(bytes: &[u8]) -> String {
 }
 
 fn component(path: &str, bytes: &[u8]) -> Component {
-    Component {
-        path: path.into(),
-        length: bytes.len() as u64,
-        sha256: sha(bytes),
-    }
+    Component::describe(path, bytes)
 }
 
 fn manifest(version: u64) -> Manifest {
@@ -350,4 +346,29 @@ fn paths_are_plain_relative_paths() {
     for bad in ["..", ".", "a/..", "/a", "a/", "a\0b", "é", long.as_str()] {
         assert!(!is_plain_path(bad), "{bad:?}");
     }
+}
+
+#[test]
+fn pull_frames_round_trip_and_oversized_ones_are_refused_before_reading() {
+    use super::pull::{self, Answer, Request};
+    let wire = pull::encode(&Request { version: 7 });
+    let len = pull::body_len(wire[..4].try_into().unwrap(), pull::MAX_REQUEST).unwrap();
+    assert_eq!(len, wire.len() - 4);
+    assert_eq!(
+        pull::decode::<Request>(&wire[4..]).unwrap(),
+        Request { version: 7 }
+    );
+    let refused = Answer::Refused {
+        message: "no such version".into(),
+    };
+    let wire = pull::encode(&refused);
+    assert_eq!(pull::decode::<Answer>(&wire[4..]).unwrap(), refused);
+    // A length beyond the limit is refused from the header alone.
+    let huge = ((pull::MAX_ANSWER + 1) as u32).to_be_bytes();
+    assert!(matches!(
+        pull::body_len(huge, pull::MAX_ANSWER),
+        Err(pull::PullError::TooLarge { .. })
+    ));
+    assert!(pull::decode::<Request>(br#"{"version": 1, "extra": 2}"#).is_err());
+    assert!(pull::decode::<Answer>(b"not json").is_err());
 }

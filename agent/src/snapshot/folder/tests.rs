@@ -1,10 +1,6 @@
 use super::*;
 use tether_proto::snapshot::{FLOWS, MANIFEST_CONTEXT, seal};
 
-fn sha(bytes: &[u8]) -> String {
-    crate::identity::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
-
 /// Components by path, with their bytes.
 type Parts = Vec<(String, Vec<u8>)>;
 
@@ -25,11 +21,7 @@ fn snapshot(version: u64) -> (Manifest, Vec<u8>, Parts) {
         expires_at: u64::MAX,
         components: parts
             .iter()
-            .map(|(path, bytes)| Component {
-                path: path.clone(),
-                length: bytes.len() as u64,
-                sha256: sha(bytes),
-            })
+            .map(|(path, bytes)| Component::describe(path, bytes))
             .collect(),
     };
     let rng = ring::rand::SystemRandom::new();

@@ -1,0 +1,178 @@
+//! Pulling a snapshot from the platform on a `snapshot` stream
+//! (`docs/protocol.md` §18): ask for a version, read the manifest's
+//! envelope (bounded before it is read), verify it, then stage the
+//! components straight from the stream, each read only up to the length the
+//! verified manifest gives and checked while it is written.
+//!
+//! This module never runs what it pulls and never writes outside the
+//! snapshot folder's staging area.
+
+use std::io::Read;
+use std::time::Duration;
+
+use tether_proto::snapshot::pull::{self, Answer, Request};
+use tether_proto::snapshot::{Envelope, Manifest, Refusal, Trust};
+use tether_proto::tokio_io::{Tunnel, TunnelStream};
+use tether_proto::{Service, ServiceHeader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{Folder, FolderError};
+
+/// The platform must send something at least this often while a snapshot
+/// is pulled.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("cannot open a snapshot stream: {0}")]
+    Open(String),
+    #[error("the snapshot stream failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the platform sent nothing for {IDLE_TIMEOUT:?} while the snapshot was pulled")]
+    Stalled,
+    #[error("the platform answered out of step: {0}")]
+    Wire(#[from] pull::PullError),
+    #[error("the platform refused to send snapshot {version}: {message}")]
+    Refused { version: u64, message: String },
+    #[error("{0}")]
+    Rejected(#[from] Refusal),
+    #[error("{0}")]
+    Folder(#[from] FolderError),
+}
+
+impl PullError {
+    /// True when the snapshot itself is at fault (a refusal), not the
+    /// link: it is rejected rather than tried again.
+    pub fn is_rejection(&self) -> bool {
+        matches!(
+            self,
+            PullError::Rejected(_) | PullError::Folder(FolderError::Refused(_))
+        )
+    }
+}
+
+/// What the device checks a manifest against.
+#[derive(Clone, Debug)]
+pub struct Checks {
+    pub trust: Trust,
+    pub device: String,
+    /// The highest version the device ever switched to.
+    pub installed: u64,
+    /// Unix seconds.
+    pub now: u64,
+}
+
+/// Asks for `version` and reads the answer's envelope; returns it verified,
+/// with the stream positioned at the first component.
+pub async fn fetch_manifest(
+    tunnel: &Tunnel,
+    version: u64,
+    checks: &Checks,
+) -> Result<(Envelope, Manifest, TunnelStream), PullError> {
+    let mut stream = tunnel
+        .open(ServiceHeader::new(Service::Snapshot))
+        .map_err(|e| PullError::Open(e.to_string()))?;
+    stream
+        .write_all(&pull::encode(&Request { version }))
+        .await?;
+    stream.flush().await?;
+    let mut header = [0u8; 4];
+    idle(stream.read_exact(&mut header)).await?;
+    let len = pull::body_len(header, pull::MAX_ANSWER)?;
+    let mut body = vec![0u8; len];
+    idle(stream.read_exact(&mut body)).await?;
+    let envelope = match pull::decode::<Answer>(&body)? {
+        Answer::Snapshot { envelope } => envelope,
+        Answer::Refused { message } => return Err(PullError::Refused { version, message }),
+    };
+    let manifest =
+        checks
+            .trust
+            .verify_manifest(&envelope, &checks.device, checks.installed, checks.now)?;
+    if manifest.version != version {
+        return Err(PullError::Rejected(Refusal::Malformed(format!(
+            "asked for version {version}, the platform sent version {}",
+            manifest.version
+        ))));
+    }
+    Ok((envelope, manifest, stream))
+}
+
+async fn idle<T>(
+    read: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, PullError> {
+    tokio::time::timeout(IDLE_TIMEOUT, read)
+        .await
+        .map_err(|_| PullError::Stalled)?
+        .map_err(PullError::Io)
+}
+
+/// Stages the components that follow the envelope on `stream` into
+/// `folder`. Blocking: call it on the blocking pool, with the runtime's
+/// handle.
+pub fn stage_from_stream(
+    folder: &mut Folder,
+    envelope: &Envelope,
+    manifest: &Manifest,
+    stream: TunnelStream,
+    runtime: tokio::runtime::Handle,
+) -> Result<std::path::PathBuf, FolderError> {
+    let bytes = serde_json::to_vec(envelope).map_err(|e| FolderError::State(e.to_string()))?;
+    let source = std::cell::RefCell::new(Blocking { stream, runtime });
+    folder.stage(&bytes, manifest, |component| {
+        Ok(Part {
+            source: &source,
+            left: component.length,
+        })
+    })
+}
+
+/// The stream, read from blocking code.
+struct Blocking {
+    stream: TunnelStream,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Read for Blocking {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.stream.read(buf);
+        match self
+            .runtime
+            .block_on(tokio::time::timeout(IDLE_TIMEOUT, read))
+        {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                PullError::Stalled.to_string(),
+            )),
+        }
+    }
+}
+
+/// One component: at most its length from the shared stream; the stream
+/// ending early is an error (the component's check reports the length).
+struct Part<'a> {
+    source: &'a std::cell::RefCell<Blocking>,
+    left: u64,
+}
+
+impl Read for Part<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.source.borrow_mut().read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the platform ended the stream before the component's end",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
