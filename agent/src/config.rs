@@ -190,6 +190,10 @@ pub struct NodeRedConfig {
     /// needed when the agent runs as root, so that flows never run with the
     /// agent's rights.
     pub user: Option<String>,
+    /// Launch mode: a Node-RED whose process lives but whose admin API has
+    /// not answered for this long (or, while starting, for this long or
+    /// 2 minutes, whichever is longer) is hung, and is restarted.
+    pub hang_timeout: Duration,
 }
 
 impl NodeRedConfig {
@@ -224,6 +228,7 @@ impl Default for NodeRedConfig {
             user_dir: None,
             port: 1880,
             user: None,
+            hang_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -796,7 +801,12 @@ impl Checker {
                         }
                     }
                 }
-                _ => self.unknown(&full, "mode, command, user_dir, port, user"),
+                "hang_timeout" => {
+                    if let Some(d) = self.duration_in(&full, v, SECOND, HOUR) {
+                        out.hang_timeout = d;
+                    }
+                }
+                _ => self.unknown(&full, "mode, command, user_dir, port, user, hang_timeout"),
             }
         }
         if !t.contains_key("mode") {
@@ -1097,8 +1107,10 @@ mod tests {
             command = "/opt/node-red/bin/node-red"
             user_dir = "/srv/node-red"
             port = 1881
+            hang_timeout = "45s"
         "#;
         let nr = Config::from_toml_str(text).unwrap().node_red;
+        assert_eq!(nr.hang_timeout, Duration::from_secs(45));
         assert_eq!(nr.command, "/opt/node-red/bin/node-red");
         assert_eq!(
             nr.user_dir_in(Path::new("/x")),
@@ -1147,6 +1159,10 @@ mod tests {
                 "'node_red.command'",
             ),
             ("node_red = 1", "'node_red': expected a table"),
+            (
+                "[node_red]\nmode = \"launch\"\nhang_timeout = \"500ms\"",
+                "'node_red.hang_timeout': '500ms' is out of range",
+            ),
         ] {
             let problems = Config::from_toml_str(bad).unwrap_err().problems();
             assert!(problems[0].starts_with(want), "{bad}: {problems:?}");

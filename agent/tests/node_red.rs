@@ -83,6 +83,7 @@ fn config(mode: NodeRedMode, command: &Path, user_dir: &Path) -> NodeRedConfig {
         user_dir: Some(user_dir.to_owned()),
         port: free_port(),
         user: (mode == NodeRedMode::Launch).then(test_user).flatten(),
+        hang_timeout: Duration::from_secs(30),
     }
 }
 
@@ -419,6 +420,55 @@ async fn a_launched_node_red_answers_only_the_agents_tokens() {
         "still listening"
     );
     assert_no_private_key(&user_dir);
+}
+
+/// A Node-RED whose process lives but does not answer (stopped with
+/// SIGSTOP, as a flow stuck in a loop would leave it) is hung: the launcher
+/// kills it and starts a new one, which answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_node_red_is_killed_and_started_again() {
+    let Some(bin) = node_red_binary() else { return };
+    log_to_test_output();
+    let dir = tempdir();
+    let user_dir = dir.path().join("node-red");
+    let mut config = config(NodeRedMode::Launch, &bin, &user_dir);
+    config.hang_timeout = Duration::from_secs(3);
+    let nr = NodeRed::start(&config, dir.path())
+        .unwrap()
+        .expect("launch mode");
+    nr.ready(START).await.expect("node-red ready");
+    let first = nr.pid().expect("running");
+    // The launcher's own probe (every second here) must have seen an answer
+    // too: before its first answer a Node-RED counts as still starting, and
+    // hangs only after `START_LIMIT`.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    kill(first, rustix::process::Signal::STOP);
+    let stopped = std::time::Instant::now();
+    let second = wait_for_new_pid(&nr, first).await;
+    let took = stopped.elapsed();
+    assert!(
+        !Path::new(&format!("/proc/{first}")).exists() || is_zombie(first),
+        "the hung pid {first} is still there"
+    );
+    // Hung after 3 s of silence, then 2 s of grace before SIGKILL.
+    assert!(took >= Duration::from_secs(3), "restarted after {took:?}");
+    nr.ready(START).await.expect("the new node-red answers");
+    assert_ne!(second, first);
+    let state = nr.launcher().unwrap().state().to_string();
+    assert!(state.contains("running"), "{state}");
+    nr.shutdown().await;
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

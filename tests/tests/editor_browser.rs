@@ -133,6 +133,7 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
         user_dir: None,
         port: node_red_port,
         user: tools::node_red_user(),
+        ..NodeRedConfig::default()
     };
     let agent = Agent::start(config).await.expect("agent starts");
     let device = agent.device_id();

@@ -117,6 +117,7 @@ fn config(state: &std::path::Path, node_red: &std::path::Path, port: u16) -> Con
         user_dir: None,
         port,
         user: tools::node_red_user(),
+        ..NodeRedConfig::default()
     };
     config.snapshot.health_timeout = Duration::from_secs(20);
     config

@@ -7,9 +7,14 @@
 //! it). Restarts wait 1 s doubling to 30 s, reset after a run of a minute.
 //! [`CRASH_LOOP_EXITS`] exits within [`CRASH_LOOP_WINDOW`] are a crash loop:
 //! the launcher stops restarting and says so ([`CrashLoop`]), rather than
-//! restarting a Node-RED that cannot run forever. Stopping sends SIGTERM
+//! restarting a Node-RED that cannot run forever. A Node-RED whose process
+//! lives but whose admin API stops answering is hung ([`HangWatch`]): it is
+//! stopped and started again, counted like an exit. Stopping sends SIGTERM
 //! and, after [`STOP_GRACE`], SIGKILL; dropping the [`Launcher`] kills the
-//! process. [`Launcher::restart`] starts it again at once running
+//! process, and Node-RED gets SIGKILL from the kernel when the agent dies
+//! (the parent-death signal), so it never outlives a killed agent. Output
+//! lines are forwarded to the log at most [`LINES_PER_SEC`] a second (bursts
+//! of [`LINE_BURST`]); the lines dropped are counted in the log. [`Launcher::restart`] starts it again at once running
 //! another snapshot ([`RunFrom`]); [`Launcher::pause`] and
 //! [`Launcher::resume`] stop and start it on request.
 //!
@@ -36,6 +41,8 @@ use crate::duration::Human;
 
 /// How long Node-RED gets to stop after SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a hung Node-RED gets after SIGTERM before SIGKILL.
+pub const HUNG_GRACE: Duration = Duration::from_secs(2);
 /// Longest output line forwarded; the rest of a longer line is cut.
 pub const MAX_LINE: usize = 4096;
 const RESTART_MIN: Duration = Duration::from_secs(1);
@@ -68,6 +75,102 @@ impl CrashLoop {
         self.exits.len() >= CRASH_LOOP_EXITS
     }
 }
+/// Lines of Node-RED's output forwarded per second, on average.
+pub const LINES_PER_SEC: u32 = 50;
+/// Lines forwarded in a burst before [`LINES_PER_SEC`] applies.
+pub const LINE_BURST: u32 = 200;
+/// A starting Node-RED is hung only after this long or the hang timeout,
+/// whichever is longer: a gateway may take a while to load many flows.
+pub const START_LIMIT: Duration = Duration::from_secs(120);
+
+/// Tells when a running Node-RED is hung: its process lives but its admin
+/// API has not answered for the hang timeout (before its first answer: for
+/// [`START_LIMIT`] or the hang timeout, whichever is longer). Time comes in
+/// with every call.
+#[derive(Debug)]
+pub struct HangWatch {
+    timeout: Duration,
+    started: Instant,
+    last_answer: Option<Instant>,
+}
+
+impl HangWatch {
+    /// Watching a Node-RED started at `now`.
+    pub fn new(timeout: Duration, now: Instant) -> HangWatch {
+        HangWatch {
+            timeout,
+            started: now,
+            last_answer: None,
+        }
+    }
+
+    /// How often to ask: a third of the timeout, from 200 ms to 10 s.
+    pub fn every(&self) -> Duration {
+        (self.timeout / 3).clamp(Duration::from_millis(200), Duration::from_secs(10))
+    }
+
+    /// Notes an answer at `now`.
+    pub fn answered(&mut self, now: Instant) {
+        self.last_answer = Some(now);
+    }
+
+    /// Why Node-RED is hung at `now`, if it is.
+    pub fn hung(&self, now: Instant) -> Option<String> {
+        match self.last_answer {
+            Some(last) if now.saturating_duration_since(last) > self.timeout => Some(format!(
+                "its admin API has not answered for {} while its process runs",
+                Human(now.saturating_duration_since(last))
+            )),
+            Some(_) => None,
+            None => {
+                let limit = self.timeout.max(START_LIMIT);
+                (now.saturating_duration_since(self.started) > limit).then(|| {
+                    format!(
+                        "its admin API has not answered in the {} since it started",
+                        Human(limit)
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// Admits Node-RED's output lines into the log at [`LINES_PER_SEC`] with
+/// bursts of [`LINE_BURST`] (a token bucket), counting what it drops. Time
+/// comes in with every line.
+#[derive(Debug)]
+pub struct LineBudget {
+    tokens: f64,
+    at: Instant,
+    dropped: u64,
+}
+
+impl LineBudget {
+    /// A full bucket at `now`.
+    pub fn new(now: Instant) -> LineBudget {
+        LineBudget {
+            tokens: f64::from(LINE_BURST),
+            at: now,
+            dropped: 0,
+        }
+    }
+
+    /// Whether a line at `now` goes to the log: `Some(n)` when it does,
+    /// `n` being the lines dropped since the last one that did.
+    pub fn admit(&mut self, now: Instant) -> Option<u64> {
+        let since = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + since * f64::from(LINES_PER_SEC)).min(f64::from(LINE_BURST));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.dropped))
+        } else {
+            self.dropped += 1;
+            None
+        }
+    }
+}
+
 const PROBE_EVERY: Duration = Duration::from_millis(200);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -83,6 +186,9 @@ pub struct LaunchSpec {
     /// The user to run Node-RED as (the agent runs as root), or `None` to
     /// run it as the agent's own user (`super::user`).
     pub run_as: Option<super::user::RunAs>,
+    /// A running Node-RED whose admin API has not answered for this long is
+    /// hung and restarted ([`HangWatch`]).
+    pub hang_timeout: Duration,
 }
 
 /// What Node-RED runs: a snapshot's folder (its controlled settings, read
@@ -284,6 +390,8 @@ enum Ended {
     /// Asked to stop, restart or exit: see the wanted state.
     Asked,
     Exited(std::io::Result<ExitStatus>),
+    /// Stopped because it was hung: why.
+    Hung(String),
 }
 
 async fn supervise(spec: LaunchSpec, mut want: watch::Receiver<(Want, u64)>, run: Arc<Mutex<Run>>) {
@@ -335,13 +443,17 @@ async fn supervise(spec: LaunchSpec, mut want: watch::Receiver<(Want, u64)>, run
                         .id()
                         .map_or(RunState::Starting, |pid| RunState::Running { pid }),
                 );
-                match run_once(child, &mut want, generation).await {
+                match run_once(child, &spec, &mut want, generation).await {
                     Ended::Asked => {
                         note(None, None, RunState::Restarting);
                         continue;
                     }
-                    Ended::Exited(status) => {
-                        let what = describe(&status);
+                    ended => {
+                        let what = match ended {
+                            Ended::Hung(why) => format!("was hung ({why}) and was stopped"),
+                            Ended::Exited(status) => describe(&status),
+                            Ended::Asked => unreachable!("handled above"),
+                        };
                         if crashes.exited(Instant::now()) {
                             let report = format!(
                                 "node-red {what}, its {CRASH_LOOP_EXITS}th exit within {}: a crash loop; it is not started again. help: see its output above in the log, fix its flows, settings or modules, then restart it (tether-platform device node-red ID restart, or restart tetherd)",
@@ -391,24 +503,29 @@ async fn asked_for(want: &mut watch::Receiver<(Want, u64)>, generation: u64) {
 }
 
 fn spawn(spec: &LaunchSpec, from: &RunFrom) -> Result<Child, NodeRedError> {
-    let mut command = match &spec.run_as {
-        // setpriv execs the command, so the child's pid is Node-RED's.
-        Some(run_as) => {
-            let mut command = Command::new("setpriv");
-            command
-                .arg(format!("--reuid={}", run_as.uid))
-                .arg(format!("--regid={}", run_as.gid))
-                .arg("--clear-groups")
-                .arg("--no-new-privs")
-                .arg("--")
-                .arg(&spec.command)
-                .env("HOME", &spec.user_dir)
-                .env("USER", &run_as.name)
-                .env("LOGNAME", &run_as.name);
-            command
-        }
-        None => Command::new(&spec.command),
-    };
+    // Node-RED starts through setpriv, which execs it (the child's pid is
+    // Node-RED's). `--pdeathsig KILL` has the kernel kill Node-RED when the
+    // agent dies, however it dies: it never outlives its agent (a second
+    // Node-RED on the port, flows running unsupervised). setpriv sets the
+    // signal after any change of user, which would clear it. The signal
+    // follows the thread that spawned the child: the launcher spawns from a
+    // task on the runtime's worker threads, which live as long as the agent.
+    let mut command = Command::new("setpriv");
+    if let Some(run_as) = &spec.run_as {
+        command
+            .arg(format!("--reuid={}", run_as.uid))
+            .arg(format!("--regid={}", run_as.gid))
+            .arg("--clear-groups")
+            .arg("--no-new-privs")
+            .env("HOME", &spec.user_dir)
+            .env("USER", &run_as.name)
+            .env("LOGNAME", &run_as.name);
+    }
+    command
+        .arg("--pdeathsig")
+        .arg("KILL")
+        .arg("--")
+        .arg(&spec.command);
     if let Some(snapshot) = &from.snapshot {
         command.env(ENV_SNAPSHOT, snapshot);
     }
@@ -431,7 +548,7 @@ fn spawn(spec: &LaunchSpec, from: &RunFrom) -> Result<Child, NodeRedError> {
         .map_err(|source| NodeRedError::Spawn {
             command: match &spec.run_as {
                 Some(run_as) => format!("setpriv ... {} (as {})", spec.command, run_as.name),
-                None => spec.command.clone(),
+                None => format!("setpriv --pdeathsig KILL -- {}", spec.command),
             },
             source,
         })?;
@@ -446,20 +563,78 @@ fn spawn(spec: &LaunchSpec, from: &RunFrom) -> Result<Child, NodeRedError> {
 
 async fn run_once(
     mut child: Child,
+    spec: &LaunchSpec,
     want: &mut watch::Receiver<(Want, u64)>,
     generation: u64,
 ) -> Ended {
     tokio::select! {
         status = child.wait() => Ended::Exited(status),
         _ = asked_for(want, generation) => {
-            terminate(&mut child).await;
+            terminate(&mut child, STOP_GRACE).await;
             Ended::Asked
+        }
+        why = watch_hang(spec.addr, spec.hang_timeout) => {
+            warn!("node-red is hung: {why}; stopping it");
+            // Its event loop is stuck, so it cannot act on SIGTERM: a
+            // short grace, then SIGKILL.
+            terminate(&mut child, HUNG_GRACE).await;
+            Ended::Hung(why)
         }
     }
 }
 
-/// SIGTERM, then SIGKILL after [`STOP_GRACE`].
-async fn terminate(child: &mut Child) {
+/// Asks Node-RED's admin API for an answer (any HTTP status) every
+/// [`HangWatch::every`]; resolves with the reason once it is hung.
+async fn watch_hang(addr: SocketAddr, timeout: Duration) -> String {
+    let mut watch = HangWatch::new(timeout, Instant::now());
+    let every = watch.every();
+    loop {
+        if let Ok(Ok(_)) = tokio::time::timeout(every, probe(addr)).await {
+            watch.answered(Instant::now());
+        }
+        if let Some(why) = watch.hung(Instant::now()) {
+            return why;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Checks, before the first start, that `setpriv` (util-linux) and
+/// Node-RED's command can be found: a missing one is an error now, not a
+/// crash loop later.
+pub fn check_programs(spec: &LaunchSpec) -> Result<(), NodeRedError> {
+    for program in ["setpriv", spec.command.as_str()] {
+        if find_program(program).is_none() {
+            return Err(NodeRedError::Spawn {
+                command: program.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such executable file (looked in PATH for a bare name)",
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `name` if it contains `/`, else the first executable `PATH/name`.
+fn find_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        return executable(&path).then_some(path);
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(name))
+        .find(|p| executable(p))
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+async fn terminate(child: &mut Child, grace: Duration) {
     let pid = child
         .id()
         .and_then(|id| rustix::process::Pid::from_raw(id as i32));
@@ -467,12 +642,12 @@ async fn terminate(child: &mut Child) {
         // An error means the process is already gone; wait() reaps it.
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
-    match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+    match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => info!("node-red stopped ({})", describe(&status)),
         Err(_) => {
             warn!(
                 "node-red did not stop within {} of SIGTERM; killing it",
-                Human(STOP_GRACE)
+                Human(grace)
             );
             let _ = child.kill().await;
         }
@@ -486,10 +661,22 @@ fn describe(status: &std::io::Result<ExitStatus>) -> String {
     }
 }
 
-/// Forwards a pipe to the log one line at a time. Node-RED's `[warn]` and
-/// `[error]` lines keep their level; other stderr lines are warnings.
+/// Forwards a pipe to the log one line at a time, within a [`LineBudget`].
+/// Node-RED's `[warn]` and `[error]` lines keep their level; other stderr
+/// lines are warnings.
 async fn forward_lines(pipe: impl AsyncRead + Unpin, stderr: bool) {
-    read_lines(pipe, |line, cut| emit(line, cut, stderr)).await;
+    let mut budget = LineBudget::new(Instant::now());
+    read_lines(pipe, |line, cut| {
+        if let Some(dropped) = budget.admit(Instant::now()) {
+            if dropped > 0 {
+                warn!(
+                    "node-red: {dropped} lines of its output were not logged (more than {LINES_PER_SEC} a second)"
+                );
+            }
+            emit(line, cut, stderr);
+        }
+    })
+    .await;
 }
 
 /// Calls `each(line, cut)` for every line of `pipe`, without its newline;
@@ -656,23 +843,90 @@ mod tests {
         assert!(matches!(err, NodeRedError::NotReady { .. }), "{err}");
     }
 
-    #[tokio::test]
-    async fn a_missing_command_is_reported_and_stop_returns() {
-        let dir = tempfile::tempdir().unwrap();
-        let launcher = Launcher::start(LaunchSpec {
-            command: "/nonexistent/node-red".into(),
-            user_dir: dir.path().to_owned(),
-            settings: dir.path().join("s.js"),
+    fn spec(command: &str, dir: &std::path::Path) -> LaunchSpec {
+        LaunchSpec {
+            command: command.into(),
+            user_dir: dir.to_owned(),
+            settings: dir.join("s.js"),
             addr: "127.0.0.1:9".parse().unwrap(),
             run_as: None,
-        });
+            hang_timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn a_missing_command_is_found_missing_before_it_is_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = check_programs(&spec("/nonexistent/node-red", dir.path())).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/nonexistent/node-red"), "{text}");
+        let err = check_programs(&spec("no-such-node-red-here", dir.path())).unwrap_err();
+        assert!(err.to_string().contains("no-such-node-red-here"), "{err}");
+        check_programs(&spec("sh", dir.path())).expect("sh and setpriv are in PATH");
+    }
+
+    #[tokio::test]
+    async fn a_command_that_cannot_run_is_reported_and_stop_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let launcher = Launcher::start(spec("/nonexistent/node-red", dir.path()));
         let err = launcher
             .ready(Duration::from_millis(500))
             .await
             .unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("/nonexistent/node-red"), "{text}");
+        assert!(matches!(err, NodeRedError::NotReady { .. }), "{err}");
         launcher.stop().await;
+    }
+
+    #[test]
+    fn a_node_red_is_hung_after_the_timeout_without_an_answer() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut watch = HangWatch::new(Duration::from_secs(30), start);
+        assert_eq!(watch.every(), Duration::from_secs(10));
+        // Starting: the longer start limit applies.
+        assert_eq!(watch.hung(at(100_000)), None);
+        let why = watch.hung(at(121_000)).expect("hung while starting");
+        assert!(why.contains("since it started"), "{why}");
+        // Answering, then silent: hung only after 30 s of silence.
+        watch.answered(at(5_000));
+        assert_eq!(watch.hung(at(35_000)), None);
+        watch.answered(at(40_000));
+        assert_eq!(watch.hung(at(70_000)), None);
+        let why = watch.hung(at(70_001)).expect("hung");
+        assert!(why.contains("has not answered for 30s"), "{why}");
+        // Short timeouts ask often, long ones at most every 10 s.
+        assert_eq!(
+            HangWatch::new(Duration::from_secs(3), start).every(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            HangWatch::new(Duration::from_millis(300), start).every(),
+            Duration::from_millis(200)
+        );
+    }
+
+    #[test]
+    fn output_lines_beyond_the_rate_are_dropped_and_counted() {
+        let start = Instant::now();
+        let mut budget = LineBudget::new(start);
+        // A burst is let through, then lines are dropped and counted.
+        for _ in 0..LINE_BURST {
+            assert_eq!(budget.admit(start), Some(0));
+        }
+        for _ in 0..1000 {
+            assert_eq!(budget.admit(start), None);
+        }
+        // 100 ms later: 5 more lines; the first says 1000 were dropped.
+        let later = start + Duration::from_millis(100);
+        assert_eq!(budget.admit(later), Some(1000));
+        for _ in 0..4 {
+            assert_eq!(budget.admit(later), Some(0));
+        }
+        assert_eq!(budget.admit(later), None);
+        // A quiet minute refills the burst, no more.
+        let quiet = later + Duration::from_secs(60);
+        let admitted = (0..1000).filter(|_| budget.admit(quiet).is_some()).count();
+        assert_eq!(admitted, LINE_BURST as usize);
     }
 
     /// A Node-RED that exits at once, started again 1, 2, 4 and 8 s later:
@@ -681,13 +935,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_red_that_keeps_exiting_is_given_up_on_as_a_crash_loop() {
         let dir = tempfile::tempdir().unwrap();
-        let launcher = Launcher::start(LaunchSpec {
-            command: "false".into(),
-            user_dir: dir.path().to_owned(),
-            settings: dir.path().join("s.js"),
-            addr: "127.0.0.1:9".parse().unwrap(),
-            run_as: None,
-        });
+        let launcher = Launcher::start(spec("false", dir.path()));
         let started = std::time::Instant::now();
         while !launcher.last_event().contains("crash loop") {
             assert!(

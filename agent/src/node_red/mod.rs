@@ -60,7 +60,7 @@ pub enum NodeRedError {
     )]
     KeyGeneration,
     #[error(
-        "cannot start Node-RED '{command}': {source}; help: install Node-RED 4 (tests/nodered/install.sh) or set [node_red] command to its absolute path"
+        "cannot start Node-RED '{command}': {source}; help: install Node-RED 4 (tests/nodered/install.sh) or set [node_red] command to its absolute path; Node-RED starts through setpriv (util-linux)"
     )]
     Spawn {
         command: String,
@@ -154,19 +154,21 @@ impl NodeRed {
             info!(user = %run_as.name, uid = run_as.uid, user_dir = %user_dir.display(), "Node-RED runs as its own user");
         }
         let auth = Arc::new(prepare(&user_dir, config.port)?);
-        let launcher = (config.mode == NodeRedMode::Launch).then(|| {
+        let launcher = if config.mode == NodeRedMode::Launch {
+            let spec = LaunchSpec {
+                command: config.command.clone(),
+                user_dir: user_dir.clone(),
+                settings: user_dir.join(SETTINGS_FILE),
+                addr: config.addr(),
+                run_as: run_as.clone(),
+                hang_timeout: config.hang_timeout,
+            };
+            launcher::check_programs(&spec)?;
             let from = from(&user_dir, run_as.as_ref());
-            Arc::new(Launcher::start_from(
-                LaunchSpec {
-                    command: config.command.clone(),
-                    user_dir: user_dir.clone(),
-                    settings: user_dir.join(SETTINGS_FILE),
-                    addr: config.addr(),
-                    run_as: run_as.clone(),
-                },
-                from,
-            ))
-        });
+            Some(Arc::new(Launcher::start_from(spec, from)))
+        } else {
+            None
+        };
         if launcher.is_none() {
             info!(
                 settings = %user_dir.join(SETTINGS_FILE).display(),

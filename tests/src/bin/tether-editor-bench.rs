@@ -277,6 +277,7 @@ async fn load(args: LoadArgs) -> Result<()> {
             user_dir: Some(dir.path().join("node-red")),
             port,
             user: tools::node_red_user(),
+            ..NodeRedConfig::default()
         },
         &state,
     )?
