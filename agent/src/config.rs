@@ -77,6 +77,15 @@ pub struct ServiceConfig {
     pub target: SocketAddr,
 }
 
+/// An npm registry URL: `http://` or `https://`, no spaces or control
+/// characters, at most 2,048 bytes.
+fn is_registry_url(s: &str) -> bool {
+    s.len() <= 2048
+        && (s.starts_with("https://") || s.starts_with("http://"))
+        && s.len() > "https://".len()
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 /// `[tunnel]`: keepalive and window overrides; `None` keeps the defaults.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TunnelConfig {
@@ -124,6 +133,15 @@ pub struct SnapshotConfig {
     /// `tunnel_timeout`: the tunnel must be up within this time of the
     /// switch (default 5 min); otherwise the snapshot is rolled back.
     pub tunnel_timeout: Duration,
+    /// `npm`: the npm that installs a snapshot's modules (default `npm`,
+    /// found in `PATH`).
+    pub npm: String,
+    /// `registry`: the npm registry for modules a snapshot does not carry
+    /// as tarballs (default: npm's own setting).
+    pub registry: Option<String>,
+    /// `install_timeout`: npm must have installed a snapshot's modules
+    /// within this time (default 10 min), else the snapshot is rejected.
+    pub install_timeout: Duration,
 }
 
 impl Default for SnapshotConfig {
@@ -131,6 +149,9 @@ impl Default for SnapshotConfig {
         SnapshotConfig {
             health_timeout: Duration::from_secs(60),
             tunnel_timeout: Duration::from_secs(300),
+            npm: "npm".into(),
+            registry: None,
+            install_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -525,7 +546,29 @@ impl Config {
                                         config.snapshot.tunnel_timeout = d;
                                     }
                                 }
-                                _ => check.unknown(&full, "health_timeout, tunnel_timeout"),
+                                "install_timeout" => {
+                                    if let Some(d) = check.duration_in(&full, v, SECOND, DAY) {
+                                        config.snapshot.install_timeout = d;
+                                    }
+                                }
+                                "npm" => {
+                                    if let Some(s) = check.command(&full, v) {
+                                        config.snapshot.npm = s;
+                                    }
+                                }
+                                "registry" => {
+                                    if let Some(s) = check.string(&full, v) {
+                                        if is_registry_url(s) {
+                                            config.snapshot.registry = Some(s.to_owned());
+                                        } else {
+                                            check.problem(&full, &format!("'{s}' is not an http:// or https:// URL"));
+                                        }
+                                    }
+                                }
+                                _ => check.unknown(
+                                    &full,
+                                    "health_timeout, tunnel_timeout, npm, registry, install_timeout",
+                                ),
                             }
                         }
                     }
@@ -782,7 +825,7 @@ impl Checker {
             match k.as_str() {
                 "mode" => out.mode = self.node_red_mode(&full, v).unwrap_or(out.mode),
                 "command" => {
-                    if let Some(c) = self.node_red_command(&full, v) {
+                    if let Some(c) = self.command(&full, v) {
                         out.command = c;
                     }
                     command_set = true;
@@ -840,7 +883,7 @@ impl Checker {
         }
     }
 
-    fn node_red_command(&mut self, key: &str, v: &Value) -> Option<String> {
+    fn command(&mut self, key: &str, v: &Value) -> Option<String> {
         let s = self.string(key, v)?;
         let valid = !s.is_empty()
             && !s.chars().any(char::is_control)
@@ -850,7 +893,7 @@ impl Checker {
         } else {
             self.problem(
                 key,
-                "expected a program name looked up in PATH (\"node-red\") or an absolute path",
+                "expected a program name looked up in PATH (\"node-red\", \"npm\") or an absolute path",
             );
             None
         }
@@ -1190,12 +1233,25 @@ mod snapshot_tests {
                 .unwrap();
         assert_eq!(config.snapshot.health_timeout, Duration::from_secs(20));
         assert_eq!(config.snapshot.tunnel_timeout, Duration::from_secs(600));
+        let config = Config::from_toml_str(
+            "[snapshot]\nnpm = \"/usr/bin/npm\"\nregistry = \"https://npm.plant.example/\"\ninstall_timeout = \"30m\"",
+        )
+        .unwrap();
+        assert_eq!(config.snapshot.npm, "/usr/bin/npm");
+        assert_eq!(
+            config.snapshot.registry.as_deref(),
+            Some("https://npm.plant.example/")
+        );
+        assert_eq!(config.snapshot.install_timeout, Duration::from_secs(1800));
         assert_eq!(
             Config::from_toml_str("").unwrap().snapshot,
             SnapshotConfig::default()
         );
         for bad in [
             "[snapshot]\nhealth_timeout = \"2h\"",
+            "[snapshot]\nregistry = \"ftp://npm.example\"",
+            "[snapshot]\nnpm = \"bin/npm\"",
+            "[snapshot]\ninstall_timeout = \"0s\"",
             "[snapshot]\nwindow = \"22:00-06:00\"",
         ] {
             let err = Config::from_toml_str(bad).unwrap_err().to_string();

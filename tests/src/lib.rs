@@ -5,8 +5,10 @@
 //! The library holds what the tests and the benchmark binaries share:
 //! [`bench`](mod@bench) (figures from `/proc`, verdict lines) and [`tools`] (where
 //! Node-RED, playwright-core and chromium are) and [`web`] (a browser's side
-//! of the platform's pages and editor origins).
+//! of the platform's pages and editor origins) and [`npm`] (npm packages
+//! made on the spot for a snapshot's modules).
 
 pub mod bench;
+pub mod npm;
 pub mod tools;
 pub mod web;

@@ -21,7 +21,7 @@ use tether_agent::config::Config;
 use tether_agent::config::{NodeRedConfig, NodeRedMode};
 use tether_agent::{Agent, TunnelState};
 use tether_e2e::bench::free_port;
-use tether_e2e::tools;
+use tether_e2e::{npm, tools};
 use tether_platform::Platform;
 
 /// A flow answering `GET /hello` with the environment variable GREETING,
@@ -57,11 +57,16 @@ fn files(greeting: &str, broken: bool) -> Vec<(String, Vec<u8>)> {
 
 /// `GET /hello` on Node-RED's port: the body, if it answered 200.
 async fn hello(port: u16) -> Option<String> {
+    get(port, "/hello").await
+}
+
+/// `GET path` on Node-RED's port: the body, if it answered 200.
+async fn get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    let request = "GET /hello HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
     tcp.write_all(request.as_bytes()).await.ok()?;
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
@@ -120,7 +125,31 @@ fn config(state: &std::path::Path, node_red: &std::path::Path, port: u16) -> Con
         ..NodeRedConfig::default()
     };
     config.snapshot.health_timeout = Duration::from_secs(20);
+    // An air-gapped factory: no registry answers.
+    config.snapshot.registry = Some("http://127.0.0.1:9/".into());
     config
+}
+
+/// Version `greeting`'s files plus a flow at `GET /module` that answers
+/// through the node type of a module the snapshot carries as tarballs.
+fn files_with_module(greeting: &str, work: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let npm = tools::required(npm::npm()).expect("npm (it comes with Node.js)");
+    let mut files = files(greeting, false);
+    let mut nodes: Vec<serde_json::Value> = serde_json::from_slice(&files[0].1).unwrap();
+    nodes.extend(
+        serde_json::from_value::<Vec<serde_json::Value>>(serde_json::json!([
+            {"id": "in2", "type": "http in", "z": "t1", "url": "/module", "method": "get",
+             "wires": [["mod2"]]},
+            {"id": "mod2", "type": npm::NODE_TYPE, "z": "t1", "wires": [["out2"]]},
+            {"id": "out2", "type": "http response", "z": "t1", "statusCode": "", "headers": {},
+             "wires": []}
+        ]))
+        .unwrap(),
+    );
+    files[0].1 = serde_json::to_vec(&nodes).unwrap();
+    files.extend(npm::packed_modules(&npm, work, "1.0.0", "from a tarball"));
+    files.push(npm::modules_json("1.0.0"));
+    files
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,6 +295,22 @@ async fn snapshots_apply_roll_back_and_refuse_with_a_real_node_red() {
     .await
     .expect("the endpoint answers after the restart");
     assert_eq!(answered, "hello from snapshot 1");
+
+    // Version 4 carries a module and its dependency as tarballs; no
+    // registry answers. npm installs them beside version 4 while version 1
+    // runs, and the flow's node of the module's type answers.
+    let files = files_with_module("hello from snapshot 4", &dir.path().join("npm"));
+    platform
+        .create_snapshot(&device, files, None)
+        .await
+        .expect("snapshot 4 created");
+    platform.push_snapshot(&device, 4).await.expect("pushed");
+    outcome(&agent, "applied 4", Duration::from_secs(180)).await;
+    assert_eq!(
+        get(port, "/module").await.as_deref(),
+        Some("from a tarball")
+    );
+    assert_eq!(hello(port).await.as_deref(), Some("hello from snapshot 4"));
     agent.shutdown().await;
     platform.shutdown().await;
 }

@@ -510,22 +510,13 @@ fn spawn(spec: &LaunchSpec, from: &RunFrom) -> Result<Child, NodeRedError> {
     // signal after any change of user, which would clear it. The signal
     // follows the thread that spawned the child: the launcher spawns from a
     // task on the runtime's worker threads, which live as long as the agent.
-    let mut command = Command::new("setpriv");
-    if let Some(run_as) = &spec.run_as {
-        command
-            .arg(format!("--reuid={}", run_as.uid))
-            .arg(format!("--regid={}", run_as.gid))
-            .arg("--clear-groups")
-            .arg("--no-new-privs")
-            .env("HOME", &spec.user_dir)
-            .env("USER", &run_as.name)
-            .env("LOGNAME", &run_as.name);
+    let mut command = Command::from(super::user::command_as(
+        spec.run_as.as_ref(),
+        spec.command.as_ref(),
+    ));
+    if spec.run_as.is_some() {
+        command.env("HOME", &spec.user_dir);
     }
-    command
-        .arg("--pdeathsig")
-        .arg("KILL")
-        .arg("--")
-        .arg(&spec.command);
     if let Some(snapshot) = &from.snapshot {
         command.env(ENV_SNAPSHOT, snapshot);
     }
@@ -618,7 +609,7 @@ pub fn check_programs(spec: &LaunchSpec) -> Result<(), NodeRedError> {
 }
 
 /// `name` if it contains `/`, else the first executable `PATH/name`.
-fn find_program(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &std::path::Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -18,6 +18,9 @@
 
 /// The settings file, in Node-RED's user directory.
 pub const SETTINGS_FILE: &str = "tether-settings.js";
+/// The folder, inside a snapshot's, that Node-RED loads the snapshot's
+/// modules from (its `node_modules`).
+pub const MODULES_DIR: &str = "lib";
 /// The request header that carries the token.
 pub const TOKEN_HEADER: &str = "x-tether-token";
 /// Node-RED's `httpAdminRoot`: the editor and admin API are at `/`.
@@ -31,6 +34,7 @@ pub fn render(port: u16) -> String {
         .replace("@KEYS_FILE@", super::token::KEYS_FILE)
         .replace("@ENV_SNAPSHOT@", super::launcher::ENV_SNAPSHOT)
         .replace("@ENV_FLOWS@", super::launcher::ENV_FLOWS)
+        .replace("@LIB@", MODULES_DIR)
 }
 
 const TEMPLATE: &str = r#"// Written by tetherd at every start: edits are lost. Node-RED's editor and
@@ -115,6 +119,15 @@ function controlledSettings() {
         }
     }
     return out;
+}
+
+// The snapshot's modules (`lib/`, installed by the agent with npm): Node-RED
+// loads them from there, so each snapshot runs the modules it was signed
+// with.
+function snapshotModules() {
+    if (!SNAPSHOT) return {};
+    const lib = path.join(SNAPSHOT, "@LIB@");
+    return fs.existsSync(path.join(lib, "node_modules")) ? { nodesDir: [lib] } : {};
 }
 
 let keys = [];
@@ -205,6 +218,7 @@ async function tokens(token) {
 
 module.exports = {
     ...controlledSettings(),
+    ...snapshotModules(),
     userDir: __dirname,
     flowFile: FLOW_FILE,
     uiHost: "127.0.0.1",

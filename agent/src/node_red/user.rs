@@ -27,6 +27,25 @@ use tracing::warn;
 
 use super::NodeRedError;
 
+/// `program`, started through `setpriv` as `run_as` (its uid and gid, no
+/// supplementary groups, `no_new_privs`; as the agent's own user when
+/// `None`), with the parent-death signal KILL set after the change of
+/// user: it never outlives the thread that spawned it. Arguments follow.
+pub fn command_as(run_as: Option<&RunAs>, program: &std::ffi::OsStr) -> std::process::Command {
+    let mut command = std::process::Command::new("setpriv");
+    if let Some(run_as) = run_as {
+        command
+            .arg(format!("--reuid={}", run_as.uid))
+            .arg(format!("--regid={}", run_as.gid))
+            .arg("--clear-groups")
+            .arg("--no-new-privs")
+            .env("USER", &run_as.name)
+            .env("LOGNAME", &run_as.name);
+    }
+    command.args(["--pdeathsig", "KILL", "--"]).arg(program);
+    command
+}
+
 /// The system user Node-RED runs as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunAs {

@@ -15,13 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_proto::control::SnapshotHealth;
-use tether_proto::snapshot::Trust;
+use tether_proto::snapshot::{Trust, modules};
 use tether_proto::tokio_io::Tunnel;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::content::{self, Content};
+use super::modules::Installer;
 use super::pull::{self, Checks};
 use super::{Folder, Phase, Recovered};
 use crate::agent::Shared;
@@ -139,6 +140,18 @@ impl Applier {
         out
     }
 
+    /// How this device installs a snapshot's modules.
+    fn installer(&self) -> Installer {
+        let config = &self.shared.config.snapshot;
+        Installer {
+            npm: config.npm.clone(),
+            registry: config.registry.clone(),
+            timeout: config.install_timeout,
+            cache: self.folder().root().join("npm"),
+            run_as: self.node_red.as_ref().and_then(|n| n.run_as.clone()),
+        }
+    }
+
     fn folder(&self) -> &Folder {
         match &self.folder {
             Some(folder) => folder,
@@ -178,16 +191,49 @@ impl Applier {
         };
         let runtime = tokio::runtime::Handle::current();
         let run_as = self.node_red.as_ref().and_then(|n| n.run_as.clone());
+        let installer = self.installer();
         let staged = self
             .with_folder(move |folder| {
-                let dir = pull::stage_from_stream(folder, &envelope, &manifest, stream, runtime)?;
-                let checked = content::check(&dir);
-                if checked.is_err() {
-                    folder.discard(manifest.version)?;
-                } else if let Some(run_as) = &run_as {
-                    super::share(folder, &dir, run_as)?;
+                // Checked in the staging folder, before npm runs and before
+                // the version is sealed: a content that fails never becomes
+                // a version, and counts as seen.
+                let mut checked = None;
+                let prepared = pull::stage_from_stream(
+                    folder,
+                    &envelope,
+                    &manifest,
+                    stream,
+                    runtime,
+                    |staging| {
+                        let content = modules::check_paths(
+                            manifest.components.iter().map(|c| c.path.as_str()),
+                        )
+                        .and_then(|()| content::check(staging));
+                        let ok = content.is_ok();
+                        checked = Some(content);
+                        if !ok {
+                            return Err(String::new());
+                        }
+                        installer.install(staging).map(|_| ())
+                    },
+                );
+                match (prepared, checked) {
+                    (Err(super::FolderError::Prepare(_)), Some(Err(why))) => {
+                        folder.discard(manifest.version)?;
+                        Ok(Err(why))
+                    }
+                    (Err(super::FolderError::Prepare(why)), _) => Ok(Err(why)),
+                    (Err(e), _) => Err(e),
+                    (Ok(dir), Some(Ok(content))) => {
+                        if let Some(run_as) = &run_as {
+                            super::share(folder, &dir, run_as)?;
+                        }
+                        Ok(Ok(content))
+                    }
+                    (Ok(_), _) => Err(super::FolderError::State(
+                        "the staged snapshot was not checked".into(),
+                    )),
                 }
-                Ok::<_, super::FolderError>(checked)
             })
             .await;
         let content = match staged {

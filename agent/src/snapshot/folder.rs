@@ -3,6 +3,7 @@
 //! ```text
 //! ROOT/journal.json      where an apply stands (written atomically)
 //! ROOT/versions/N/       a whole snapshot: its components and manifest.json
+//! ROOT/versions/N/lib/   its modules (installed before it was sealed)
 //! ROOT/current -> versions/N    what Node-RED runs
 //! ROOT/previous -> versions/M   what a rollback returns to
 //! ROOT/staging-N/        a snapshot being written (removed on recovery)
@@ -118,6 +119,9 @@ pub enum FolderError {
     Journal { path: PathBuf, why: String },
     #[error("{0}")]
     State(String),
+    /// What preparing a staged version (installing its modules) found.
+    #[error("{0}")]
+    Prepare(String),
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FileError + 'a {
@@ -296,7 +300,22 @@ impl Folder {
         &mut self,
         envelope: &[u8],
         manifest: &Manifest,
+        open: impl FnMut(&Component) -> std::io::Result<R>,
+    ) -> Result<PathBuf, FolderError> {
+        self.stage_with(envelope, manifest, open, |_| Ok(()))
+    }
+
+    /// [`Folder::stage`], with `prepare` run on the staging folder once
+    /// every component is written and `open` is dropped, before the folder
+    /// is sealed: what it adds (a version's modules) is part of the version
+    /// from the start. Its error removes the staging folder and is returned
+    /// as [`FolderError::Prepare`]; the version may be offered again.
+    pub fn stage_with<R: Read>(
+        &mut self,
+        envelope: &[u8],
+        manifest: &Manifest,
         mut open: impl FnMut(&Component) -> std::io::Result<R>,
+        prepare: impl FnOnce(&Path) -> Result<(), String>,
     ) -> Result<PathBuf, FolderError> {
         if manifest.version <= self.journal.highest {
             return Err(Refusal::NotNewer {
@@ -344,6 +363,11 @@ impl Folder {
             }
             check.finish()?;
             file.sync_all().map_err(io("sync", &path))?;
+        }
+        drop(open);
+        if let Err(why) = prepare(&staging) {
+            std::fs::remove_dir_all(&staging).map_err(io("remove", &staging))?;
+            return Err(FolderError::Prepare(why));
         }
         let manifest_path = staging.join(SNAPSHOT_MANIFEST);
         files::write_atomic(&manifest_path, envelope, Mode::Public)?;

@@ -15,6 +15,7 @@
 pub mod apply;
 pub mod content;
 mod folder;
+pub mod modules;
 pub mod pull;
 
 use std::os::unix::fs::PermissionsExt;

@@ -7,7 +7,9 @@
 //! This module never runs what it pulls and never writes outside the
 //! snapshot folder's staging area.
 
+use std::cell::RefCell;
 use std::io::Read;
+use std::rc::Rc;
 use std::time::Duration;
 
 use tether_proto::snapshot::pull::{self, Answer, Request};
@@ -117,15 +119,23 @@ pub fn stage_from_stream(
     manifest: &Manifest,
     stream: TunnelStream,
     runtime: tokio::runtime::Handle,
+    prepare: impl FnOnce(&std::path::Path) -> Result<(), String>,
 ) -> Result<std::path::PathBuf, FolderError> {
     let bytes = serde_json::to_vec(envelope).map_err(|e| FolderError::State(e.to_string()))?;
-    let source = std::cell::RefCell::new(Blocking { stream, runtime });
-    folder.stage(&bytes, manifest, |component| {
-        Ok(Part {
-            source: &source,
-            left: component.length,
-        })
-    })
+    // Owned by the `open` closure: the stream closes when the folder drops
+    // it, once every component is read, before `prepare` runs.
+    let source = Rc::new(RefCell::new(Blocking { stream, runtime }));
+    folder.stage_with(
+        &bytes,
+        manifest,
+        move |component| {
+            Ok(Part {
+                source: Rc::clone(&source),
+                left: component.length,
+            })
+        },
+        prepare,
+    )
 }
 
 /// The stream, read from blocking code.
@@ -152,12 +162,12 @@ impl Read for Blocking {
 
 /// One component: at most its length from the shared stream; the stream
 /// ending early is an error (the component's check reports the length).
-struct Part<'a> {
-    source: &'a std::cell::RefCell<Blocking>,
+struct Part {
+    source: Rc<RefCell<Blocking>>,
     left: u64,
 }
 
-impl Read for Part<'_> {
+impl Read for Part {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.left == 0 {
             return Ok(0);

@@ -336,6 +336,10 @@ fn prepare(
     if serde_json::from_slice::<Vec<serde_json::Map<String, serde_json::Value>>>(flows).is_err() {
         return Err(invalid("flows.json is not a JSON list of nodes".into()));
     }
+    snapshot::modules::check_paths(out.iter().map(|(p, _)| p.as_str())).map_err(invalid)?;
+    if let Some((_, list)) = out.iter().find(|(p, _)| p == snapshot::modules::MODULES) {
+        snapshot::modules::parse(list).map_err(invalid)?;
+    }
     if let Some((_, env)) = out.iter().find(|(p, _)| p == "env.json")
         && serde_json::from_slice::<std::collections::BTreeMap<String, String>>(env).is_err()
     {
@@ -434,4 +438,48 @@ async fn answer(
     }
     stream.flush().await?;
     Ok(Some(request.version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(extra: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
+        let mut out = vec![("flows.json".to_owned(), b"[]".to_vec())];
+        out.extend(extra.iter().map(|(p, b)| (p.to_string(), b.to_vec())));
+        out
+    }
+
+    #[test]
+    fn modules_are_pinned_exactly_and_tarballs_come_with_a_list() {
+        let ok = prepare(
+            files(&[
+                ("modules.json", br#"{"node-red-contrib-x": "1.2.3"}"#),
+                ("modules/node-red-contrib-x-1.2.3.tgz", b"tgz"),
+            ]),
+            "secret",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 4, "flows, list, tarball, settings");
+        for (extra, says) in [
+            (
+                vec![("modules.json", &br#"{"node-red-contrib-x": "^1.2.3"}"#[..])],
+                "not an exact version",
+            ),
+            (
+                vec![("modules/node-red-contrib-x-1.2.3.tgz", &b"tgz"[..])],
+                "no modules.json",
+            ),
+            (
+                vec![
+                    ("modules.json", &b"{}"[..]),
+                    ("modules/install.sh", &b"rm -rf /"[..]),
+                ],
+                "only npm tarballs",
+            ),
+        ] {
+            let err = prepare(files(&extra), "secret").unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        }
+    }
 }
