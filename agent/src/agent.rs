@@ -662,6 +662,17 @@ fn write_status_file(shared: &Shared, started_at: u64) {
         started_at,
         status: shared.status(),
         audit: Some(shared.audit.stats()),
+        snapshot_root: (shared.config.node_red.mode != crate::config::NodeRedMode::Off).then(
+            || {
+                shared
+                    .config
+                    .node_red
+                    .user_dir_in(&shared.config.state_dir)
+                    .join(crate::node_red::SNAPSHOTS_DIR)
+                    .display()
+                    .to_string()
+            },
+        ),
     };
     let mut file = file;
     file.status.snapshot = shared.snapshot_health();

@@ -71,6 +71,34 @@ enum Command {
     Run(RunArgs),
     /// Show whether the device is enrolled and what the daemon is doing.
     Status(StatusArgs),
+    /// Act on the device's signed snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Switch in the snapshot staged outside the maintenance window now,
+    /// as someone on site who knows the line may restart; waits for the
+    /// outcome. Recorded as an audit event with your account.
+    #[command(after_help = APPLY_NOW_EXIT_CODES)]
+    ApplyNow(ApplyNowArgs),
+}
+
+const APPLY_NOW_EXIT_CODES: &str = "Exit codes: 0 applied; 1 rolled back or rejected; \
+69 the agent is not running or nothing is staged; 75 no outcome within --wait; 78 bad config";
+
+#[derive(Debug, Args)]
+struct ApplyNowArgs {
+    /// The agent's config file (where its state and Node-RED's are).
+    #[arg(long, value_name = "FILE", conflicts_with = "state_dir")]
+    config: Option<PathBuf>,
+    /// The state directory [default: /var/lib/tether].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// How long to wait for the outcome [default: the health timeout and a minute].
+    #[arg(long, value_name = "DURATION")]
+    wait: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -133,20 +161,29 @@ struct StatusArgs {
 
 /// Runs `tetherd` with the process's arguments.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    ExitCode::from(main_with(std::env::args_os()))
+}
+
+/// Runs `tetherd` with `args` (the program name first); the exit code.
+pub fn main_with<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { exit::USAGE } else { 0 };
             let _ = e.print();
-            return ExitCode::from(code);
+            return code;
         }
     };
-    let code = match cli.command {
+    match cli.command {
         Command::Enroll(args) => enroll_command(args),
         Command::Run(args) => run_command(args),
         Command::Status(args) => status_command(args),
-    };
-    ExitCode::from(code)
+        Command::Snapshot(SnapshotCommand::ApplyNow(args)) => apply_now_command(args),
+    }
 }
 
 fn fail(message: impl std::fmt::Display, code: u8) -> u8 {
@@ -378,6 +415,93 @@ fn status_command(args: StatusArgs) -> u8 {
         print!("{}", status::render(&report, Clock::system()));
     }
     0
+}
+
+fn apply_now_command(args: ApplyNowArgs) -> u8 {
+    let config = match load_config(args.config.as_ref(), args.state_dir.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let wait = match args.wait.as_deref().map(crate::duration::parse) {
+        None => config.snapshot.health_timeout + std::time::Duration::from_secs(60),
+        Some(Ok(d)) => d,
+        Some(Err(e)) => return fail(format!("--wait: {e}"), exit::USAGE),
+    };
+    let state = StateDir::new(&config.state_dir);
+    let daemon = status::report(&state, Clock::system()).daemon;
+    if !daemon.running {
+        return fail(
+            "the agent is not running (tetherd status says why); start it first",
+            exit::UNAVAILABLE,
+        );
+    }
+    let Some(version) = daemon.snapshot.as_ref().and_then(|s| s.staged) else {
+        let last = daemon
+            .snapshot
+            .as_ref()
+            .map(status::snapshot_line)
+            .unwrap_or_else(|| "no snapshots".into());
+        return fail(
+            format!("no snapshot is staged and waiting ({last})"),
+            exit::UNAVAILABLE,
+        );
+    };
+    let Some(root) = daemon.snapshot_root.as_deref().map(PathBuf::from) else {
+        return fail(
+            "the agent runs without a local Node-RED, so it has no snapshots",
+            exit::UNAVAILABLE,
+        );
+    };
+    let request = crate::snapshot::ApplyNow {
+        version,
+        by: local_account(),
+    };
+    if let Err(e) = crate::snapshot::request_apply_now(&root, &request) {
+        return fail(
+            format!("{e}; help: run it as the agent's user (root, with sudo)"),
+            exit::NOPERM,
+        );
+    }
+    println!(
+        "asked the agent to switch in snapshot {version} now; waiting up to {}",
+        crate::duration::Human(wait)
+    );
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let report = status::report(&state, Clock::system()).daemon;
+        let outcome = report.snapshot.and_then(|s| s.outcome).unwrap_or_default();
+        if outcome.starts_with(&format!("applied {version}")) {
+            println!("{outcome}");
+            return 0;
+        }
+        for failed in ["rolled back", "rejected"] {
+            if outcome.starts_with(&format!("{failed} {version}")) {
+                println!("{outcome}");
+                return 1;
+            }
+        }
+    }
+    fail(
+        format!("no outcome for snapshot {version} yet; tetherd status shows it when there is one"),
+        exit::TEMPFAIL,
+    )
+}
+
+/// Who runs this command, for the audit trail: `alice (sudo)` or
+/// `operator (uid 1000)`.
+fn local_account() -> String {
+    if let Some(sudo) = std::env::var("SUDO_USER")
+        .ok()
+        .filter(|u| crate::node_red::user::is_user_name(u))
+    {
+        return format!("{sudo} (sudo)");
+    }
+    let uid = rustix::process::getuid().as_raw();
+    match crate::node_red::user::name_of(std::path::Path::new("/etc/passwd"), uid) {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
 }
 
 /// Logs to the journal when started by systemd with its journal on stderr

@@ -21,6 +21,7 @@ use toml::{Table, Value};
 
 use crate::clock::Clock;
 use crate::duration;
+use crate::window::Window;
 
 /// Where the agent keeps its identity and status unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
@@ -142,6 +143,14 @@ pub struct SnapshotConfig {
     /// `install_timeout`: npm must have installed a snapshot's modules
     /// within this time (default 10 min), else the snapshot is rejected.
     pub install_timeout: Duration,
+    /// `window`: the daily maintenance window in which a snapshot may be
+    /// switched in (`"22:00-06:00"`, local time); outside it a snapshot is
+    /// staged and waits. `None`: the platform's setting, if any, else at
+    /// once.
+    pub window: Option<Window>,
+    /// `timezone`: the IANA time zone the window is read in (default: the
+    /// system's).
+    pub timezone: Option<String>,
 }
 
 impl Default for SnapshotConfig {
@@ -152,6 +161,8 @@ impl Default for SnapshotConfig {
             npm: "npm".into(),
             registry: None,
             install_timeout: Duration::from_secs(600),
+            window: None,
+            timezone: None,
         }
     }
 }
@@ -565,9 +576,25 @@ impl Config {
                                         }
                                     }
                                 }
+                                "window" => {
+                                    if let Some(s) = check.string(&full, v) {
+                                        match Window::parse(s) {
+                                            Ok(w) => config.snapshot.window = Some(w),
+                                            Err(e) => check.problem(&full, &e),
+                                        }
+                                    }
+                                }
+                                "timezone" => {
+                                    if let Some(s) = check.string(&full, v) {
+                                        match crate::window::time_zone(Some(s)) {
+                                            Ok(_) => config.snapshot.timezone = Some(s.to_owned()),
+                                            Err(e) => check.problem(&full, &e),
+                                        }
+                                    }
+                                }
                                 _ => check.unknown(
                                     &full,
-                                    "health_timeout, tunnel_timeout, npm, registry, install_timeout",
+                                    "health_timeout, tunnel_timeout, npm, registry, install_timeout, window, timezone",
                                 ),
                             }
                         }
@@ -1243,6 +1270,11 @@ mod snapshot_tests {
             Some("https://npm.plant.example/")
         );
         assert_eq!(config.snapshot.install_timeout, Duration::from_secs(1800));
+        let config =
+            Config::from_toml_str("[snapshot]\nwindow = \"22:00-06:00\"\ntimezone = \"UTC\"")
+                .unwrap();
+        assert_eq!(config.snapshot.window.unwrap().to_string(), "22:00-06:00");
+        assert_eq!(config.snapshot.timezone.as_deref(), Some("UTC"));
         assert_eq!(
             Config::from_toml_str("").unwrap().snapshot,
             SnapshotConfig::default()
@@ -1252,7 +1284,9 @@ mod snapshot_tests {
             "[snapshot]\nregistry = \"ftp://npm.example\"",
             "[snapshot]\nnpm = \"bin/npm\"",
             "[snapshot]\ninstall_timeout = \"0s\"",
-            "[snapshot]\nwindow = \"22:00-06:00\"",
+            "[snapshot]\nwindow = \"22:00-30:00\"",
+            "[snapshot]\ntimezone = \"Mars/Olympus\"",
+            "[snapshot]\nwindows = \"22:00-06:00\"",
         ] {
             let err = Config::from_toml_str(bad).unwrap_err().to_string();
             assert!(err.contains("snapshot."), "{bad}: {err}");

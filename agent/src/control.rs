@@ -124,6 +124,10 @@ async fn drive(
                             shared.notify_snapshots(Notice::NodeRed { action, by });
                             continue;
                         }
+                        ControlMessage::MaintenanceWindow { window, by } => {
+                            shared.notify_snapshots(Notice::Window { window, by });
+                            continue;
+                        }
                         _ => {}
                     }
                     handle(shared, message, &mut pending, &mut renew_after).await;
@@ -256,7 +260,9 @@ async fn handle(
             }
         }
         // Handled by the stream's loop, which has the tunnel.
-        ControlMessage::SnapshotAvailable { .. } | ControlMessage::NodeRed { .. } => {}
+        ControlMessage::SnapshotAvailable { .. }
+        | ControlMessage::NodeRed { .. }
+        | ControlMessage::MaintenanceWindow { .. } => {}
         ControlMessage::Heartbeat(_)
         | ControlMessage::RenewRequest { .. }
         | ControlMessage::RenewNow

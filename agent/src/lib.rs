@@ -48,6 +48,7 @@ pub mod snapshot;
 pub mod status;
 pub mod tls;
 pub mod tunnel;
+pub mod window;
 
 pub use agent::{Agent, AgentError, AgentOptions};
 pub use clock::Clock;

@@ -154,6 +154,10 @@ pub struct StatusFile {
     /// The audit queue's figures when the file was written.
     #[serde(default)]
     pub audit: Option<crate::audit::QueueStats>,
+    /// The snapshot folder, where `tetherd snapshot apply-now` leaves its
+    /// request.
+    #[serde(default)]
+    pub snapshot_root: Option<String>,
 }
 
 /// Writes `status.json` atomically.
@@ -205,6 +209,9 @@ pub struct DaemonReport {
     /// The snapshots, as the daemon last wrote them.
     #[serde(default)]
     pub snapshot: Option<tether_proto::control::SnapshotHealth>,
+    /// The daemon's snapshot folder.
+    #[serde(default)]
+    pub snapshot_root: Option<String>,
 }
 
 /// `running 7, last: applied 7; 8 staged; node-red running (pid 12)`.
@@ -251,6 +258,7 @@ pub fn report(state: &StateDir, clock: Clock) -> Report {
             attempts: None,
             audit: None,
             snapshot: None,
+            snapshot_root: None,
         },
     };
     match state.load() {
@@ -283,6 +291,7 @@ pub fn report(state: &StateDir, clock: Clock) -> Report {
         d.attempts = Some(file.status.attempts);
         d.audit = file.audit.clone();
         d.snapshot = file.status.snapshot.clone();
+        d.snapshot_root = file.snapshot_root.clone();
         // The daemon's view of the certificate is the newest.
         if running && report.enrolled {
             report.cert_not_after = Some(file.status.cert_not_after);
@@ -437,6 +446,7 @@ mod tests {
                 error: Some("the disk holding '/x' is full".into()),
                 ..Default::default()
             }),
+            snapshot_root: Some("/var/lib/tether-node-red/snapshots".into()),
         };
         write_file(&state, &file).unwrap();
         let r = report(&state, Clock::system());

@@ -16,154 +16,23 @@ mod common;
 
 use std::time::Duration;
 
+use common::snapshot::*;
 use common::*;
-use tether_agent::config::Config;
-use tether_agent::config::{NodeRedConfig, NodeRedMode};
 use tether_agent::{Agent, TunnelState};
-use tether_e2e::bench::free_port;
-use tether_e2e::{npm, tools};
-use tether_platform::Platform;
-
-/// A flow answering `GET /hello` with the environment variable GREETING,
-/// plus, for a broken snapshot, a node of a type nobody installed.
-fn flows(broken: bool) -> Vec<u8> {
-    let mut nodes = serde_json::json!([
-        {"id": "t1", "type": "tab", "label": "hello"},
-        {"id": "in1", "type": "http in", "z": "t1", "url": "/hello", "method": "get",
-         "wires": [["set1"]]},
-        {"id": "set1", "type": "change", "z": "t1",
-         "rules": [{"t": "set", "p": "payload", "pt": "msg", "to": "GREETING", "tot": "env"}],
-         "wires": [["out1"]]},
-        {"id": "out1", "type": "http response", "z": "t1", "statusCode": "", "headers": {},
-         "wires": []}
-    ]);
-    if broken {
-        nodes.as_array_mut().unwrap().push(
-            serde_json::json!({"id": "x1", "type": "tether-not-installed", "z": "t1", "wires": []}),
-        );
-    }
-    serde_json::to_vec(&nodes).unwrap()
-}
-
-fn files(greeting: &str, broken: bool) -> Vec<(String, Vec<u8>)> {
-    vec![
-        ("flows.json".into(), flows(broken)),
-        (
-            "env.json".into(),
-            serde_json::to_vec(&serde_json::json!({ "GREETING": greeting })).unwrap(),
-        ),
-    ]
-}
-
-/// `GET /hello` on Node-RED's port: the body, if it answered 200.
-async fn hello(port: u16) -> Option<String> {
-    get(port, "/hello").await
-}
-
-/// `GET path` on Node-RED's port: the body, if it answered 200.
-async fn get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.ok()?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
-        .await
-        .ok()?
-        .ok()?;
-    let answer = String::from_utf8_lossy(&answer);
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
-
-/// Waits (up to `limit`) until the agent's snapshot outcome says `outcome`.
-async fn outcome(agent: &Agent, outcome: &str, limit: Duration) -> String {
-    let mut status = agent.status();
-    let reached = tokio::time::timeout(
-        limit,
-        status.wait_for(|s| {
-            s.snapshot
-                .as_ref()
-                .and_then(|h| h.outcome.as_deref())
-                .is_some_and(|o| o.starts_with(outcome))
-        }),
-    )
-    .await;
-    assert!(
-        reached.is_ok(),
-        "no outcome '{outcome}' within {limit:?}: {:?}",
-        agent.status().borrow().snapshot
-    );
-    let status = agent.status().borrow().clone();
-    status.snapshot.and_then(|h| h.outcome).unwrap_or_default()
-}
-
-/// The types of the device's audit events the platform stored.
-async fn audit_types(platform: &Platform, device: &str) -> Vec<(String, String)> {
-    let query = tether_platform::audit::AuditQuery {
-        device: Some(device.to_string()),
-        ..Default::default()
-    };
-    let report = platform.audit(query).await.expect("audit report");
-    report
-        .entries
-        .into_iter()
-        .map(|e| (e.kind, e.subject))
-        .collect()
-}
-
-fn config(state: &std::path::Path, node_red: &std::path::Path, port: u16) -> Config {
-    let mut config = agent_config(state);
-    config.node_red = NodeRedConfig {
-        mode: NodeRedMode::Launch,
-        command: node_red.display().to_string(),
-        user_dir: None,
-        port,
-        user: tools::node_red_user(),
-        ..NodeRedConfig::default()
-    };
-    config.snapshot.health_timeout = Duration::from_secs(20);
-    // An air-gapped factory: no registry answers.
-    config.snapshot.registry = Some("http://127.0.0.1:9/".into());
-    config
-}
-
-/// Version `greeting`'s files plus a flow at `GET /module` that answers
-/// through the node type of a module the snapshot carries as tarballs.
-fn files_with_module(greeting: &str, work: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let npm = tools::required(npm::npm()).expect("npm (it comes with Node.js)");
-    let mut files = files(greeting, false);
-    let mut nodes: Vec<serde_json::Value> = serde_json::from_slice(&files[0].1).unwrap();
-    nodes.extend(
-        serde_json::from_value::<Vec<serde_json::Value>>(serde_json::json!([
-            {"id": "in2", "type": "http in", "z": "t1", "url": "/module", "method": "get",
-             "wires": [["mod2"]]},
-            {"id": "mod2", "type": npm::NODE_TYPE, "z": "t1", "wires": [["out2"]]},
-            {"id": "out2", "type": "http response", "z": "t1", "statusCode": "", "headers": {},
-             "wires": []}
-        ]))
-        .unwrap(),
-    );
-    files[0].1 = serde_json::to_vec(&nodes).unwrap();
-    files.extend(npm::packed_modules(&npm, work, "1.0.0", "from a tarball"));
-    files.push(npm::modules_json("1.0.0"));
-    files
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_apply_roll_back_and_refuse_with_a_real_node_red() {
-    let Some(node_red) = tools::required(tools::node_red().find()) else {
+    let Some(Bench {
+        dir,
+        platform,
+        state,
+        node_red,
+        port,
+    }) = bench().await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    tools::traversable(dir.path());
-    let platform = platform(dir.path()).await;
-    let state = dir.path().join("device");
-    enrolled(&platform, &state).await;
     let other = enrolled(&platform, &dir.path().join("other-device")).await;
-    let port = free_port().expect("a free port");
     let agent = Agent::start(config(&state, &node_red, port))
         .await
         .expect("agent starts");

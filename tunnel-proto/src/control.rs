@@ -59,6 +59,11 @@ pub enum ControlMessage {
     /// Platform → device: start, stop or restart the local Node-RED
     /// (`start`, `stop`, `restart`), for the person named in `by`.
     NodeRed { action: String, by: String },
+    /// Platform → device: the device's maintenance window (`"22:00-06:00"`,
+    /// the device's local time), or none; set by the person in `by`. Sent
+    /// when it changes and after every tunnel start. A window in the
+    /// device's own config wins over this one.
+    MaintenanceWindow { window: Option<String>, by: String },
     /// Either direction: a request failed. `id` names the request.
     Error {
         id: Option<u64>,
@@ -245,6 +250,10 @@ mod tests {
             ControlMessage::SnapshotAvailable { version: 4 },
             ControlMessage::NodeRed {
                 action: "restart".into(),
+                by: "olga".into(),
+            },
+            ControlMessage::MaintenanceWindow {
+                window: Some("22:00-06:00".into()),
                 by: "olga".into(),
             },
         ];

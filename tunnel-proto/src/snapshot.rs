@@ -577,6 +577,7 @@ pub mod pull {
 use crate::hex::{decode32 as from_hex32, encode as hex};
 
 pub mod modules;
+pub mod window;
 
 #[cfg(test)]
 mod tests;

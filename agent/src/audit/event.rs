@@ -68,6 +68,11 @@ pub enum AuditEvent {
     /// The local Node-RED was started, stopped or restarted on a person's
     /// request through the platform.
     NodeRedAction { action: String, by: String },
+    /// Someone on site switched in a staged snapshot outside the
+    /// maintenance window (`tetherd snapshot apply-now`).
+    SnapshotApplyNow { version: u64, by: String },
+    /// The platform set (or cleared) the device's maintenance window.
+    MaintenanceWindow { window: Option<String>, by: String },
     /// Records that could not be written (the disk was full) and were
     /// lost from memory before it had room again.
     EventsLost { count: u64, reason: String },
@@ -247,6 +252,18 @@ impl AuditEvent {
                 "node-red".to_owned(),
                 json!({ "action": cut(action) }),
             ),
+            AuditEvent::SnapshotApplyNow { version, by } => (
+                "snapshot_apply_now",
+                user(by),
+                format!("snapshot {version}"),
+                json!({ "version": version }),
+            ),
+            AuditEvent::MaintenanceWindow { window, by } => (
+                "maintenance_window",
+                user(by),
+                "maintenance-window".to_owned(),
+                json!({ "window": window.as_deref().map(cut) }),
+            ),
             AuditEvent::EventsLost { count, reason } => (
                 "events_lost",
                 actor(ActorKind::Agent),
@@ -341,6 +358,14 @@ impl AuditEvent {
                 reason: text("reason")?,
                 method: text("method")?,
                 path: subject,
+            },
+            "snapshot_apply_now" => AuditEvent::SnapshotApplyNow {
+                version: number("version")?,
+                by: user()?,
+            },
+            "maintenance_window" => AuditEvent::MaintenanceWindow {
+                window: text("window"),
+                by: user()?,
             },
             kind if kind.starts_with("snapshot_") => AuditEvent::Snapshot {
                 version: number("version")?,
@@ -477,6 +502,18 @@ mod tests {
             AuditEvent::NodeRedAction {
                 action: "restart".into(),
                 by: "alice".into(),
+            },
+            AuditEvent::SnapshotApplyNow {
+                version: 5,
+                by: "root (uid 0)".into(),
+            },
+            AuditEvent::MaintenanceWindow {
+                window: Some("22:00-06:00".into()),
+                by: "olga".into(),
+            },
+            AuditEvent::MaintenanceWindow {
+                window: None,
+                by: "olga".into(),
             },
             AuditEvent::Other {
                 kind: "x_test".into(),

@@ -71,6 +71,16 @@ pub fn effective_uid() -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
+/// The name of user `uid` in the `passwd` file at `path`.
+pub fn name_of(path: &Path, uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string(path).ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let (name, _, id) = (fields.next()?, fields.next()?, fields.next()?);
+        (id.parse() == Ok(uid) && is_user_name(name)).then(|| name.to_owned())
+    })
+}
+
 /// Looks `name` up in the `passwd` file at `path`.
 pub fn lookup_in(path: &Path, name: &str) -> Option<RunAs> {
     let passwd = std::fs::read_to_string(path).ok()?;

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::tz::TimeZone;
 use tether_proto::control::SnapshotHealth;
 use tether_proto::snapshot::{Trust, modules};
 use tether_proto::tokio_io::Tunnel;
@@ -30,6 +31,7 @@ use crate::audit::{Audit, AuditEvent, SnapshotOutcome};
 use crate::duration::Human;
 use crate::node_red::{NodeRedHandle, RunFrom, probe};
 use crate::status::TunnelState;
+use crate::window::Window;
 
 /// Notices waiting for the task, at most.
 pub const MAX_NOTICES: usize = 16;
@@ -38,6 +40,9 @@ pub const MAX_NOTICES: usize = 16;
 const SETTLE: Duration = Duration::from_secs(2);
 /// Between two health probes.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// While a version waits for its window: how often the window and a local
+/// `apply-now` request are checked.
+const WAIT_TICK: Duration = Duration::from_secs(1);
 
 /// What the task is told.
 #[derive(Debug)]
@@ -46,6 +51,8 @@ pub enum Notice {
     Available { version: u64, tunnel: Tunnel },
     /// Start, stop or restart Node-RED, on a person's request.
     NodeRed { action: String, by: String },
+    /// The platform's maintenance window for this device (`None`: none).
+    Window { window: Option<String>, by: String },
 }
 
 /// The task's state.
@@ -55,6 +62,8 @@ pub struct Applier {
     folder: Option<Folder>,
     node_red: Option<NodeRedHandle>,
     trust: Trust,
+    /// The time zone maintenance windows are read in.
+    tz: TimeZone,
 }
 
 /// What Node-RED runs for `version` of `folder` (the flows in its user
@@ -79,11 +88,19 @@ impl Applier {
         node_red: Option<NodeRedHandle>,
         snapshot_key: &str,
     ) -> Applier {
+        let tz = match crate::window::time_zone(shared.config.snapshot.timezone.as_deref()) {
+            Ok(tz) => tz,
+            Err(e) => {
+                warn!(cause = %e, "maintenance windows are read in UTC");
+                TimeZone::UTC
+            }
+        };
         Applier {
             shared,
             folder: Some(folder),
             node_red,
             trust: Trust::pinned(snapshot_key),
+            tz,
         }
     }
 
@@ -108,12 +125,151 @@ impl Applier {
                 self.record(from, SnapshotOutcome::RolledBack, Some(reason));
             }
         }
-        while let Some(notice) = notices.recv().await {
+        loop {
+            // A staged version waits for its window or a local request:
+            // both are checked every tick, with the time read each time.
+            if let Some(version) = self.waiting() {
+                self.due(version).await;
+            }
+            let notice = if self.waiting().is_some() {
+                match tokio::time::timeout(WAIT_TICK, notices.recv()).await {
+                    Ok(notice) => notice,
+                    Err(_) => continue,
+                }
+            } else {
+                notices.recv().await
+            };
+            let Some(notice) = notice else { break };
             match notice {
                 Notice::Available { version, tunnel } => self.available(version, &tunnel).await,
                 Notice::NodeRed { action, by } => self.node_red_action(&action, &by).await,
+                Notice::Window { window, by } => self.platform_window(window, &by).await,
             }
         }
+    }
+
+    /// The version staged and waiting, if any.
+    fn waiting(&self) -> Option<u64> {
+        match self.folder().journal().phase {
+            Phase::Staged { version } => Some(version),
+            _ => None,
+        }
+    }
+
+    /// The window that applies, and where it comes from: the device's own
+    /// config wins over the platform's.
+    fn window(&self) -> Option<(Window, &'static str)> {
+        if let Some(window) = &self.shared.config.snapshot.window {
+            return Some((window.clone(), "the device's config"));
+        }
+        let set = self.folder().platform_window()?;
+        Window::parse(&set).ok().map(|w| (w, "set by the platform"))
+    }
+
+    /// The wall clock, read now, for the window.
+    fn now(&self) -> jiff::Timestamp {
+        let secs = i64::try_from(self.shared.config.clock.now_unix()).unwrap_or(i64::MAX);
+        jiff::Timestamp::from_second(secs).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    /// Why a staged version may not be switched in now, if it may not.
+    fn must_wait(&self) -> Option<String> {
+        let (window, source) = self.window()?;
+        let now = self.now();
+        if crate::window::is_open(&window, now, &self.tz) {
+            return None;
+        }
+        let zone = self.tz.iana_name().unwrap_or("the system's time zone");
+        info!(
+            window = %window,
+            opens_in = %Human(crate::window::until_open(&window, now, &self.tz)),
+            "outside the maintenance window: the snapshot waits"
+        );
+        Some(format!(
+            "waits for the maintenance window {window} ({zone}, {source}) or for `tetherd snapshot apply-now` on the device"
+        ))
+    }
+
+    /// Switches in the waiting `version` if someone on site asked for it or
+    /// its window is open.
+    async fn due(&mut self, version: u64) {
+        match self.folder().take_apply_now() {
+            Ok(Some(request)) if request.version == version => {
+                info!(version, by = %request.by, "switching in the staged snapshot on a local request");
+                self.shared.audit.record(AuditEvent::SnapshotApplyNow {
+                    version,
+                    by: request.by,
+                });
+                return self.apply_staged(version).await;
+            }
+            Ok(Some(request)) => warn!(
+                asked = request.version,
+                staged = version,
+                "an apply-now request for another version than the staged one: ignored"
+            ),
+            Ok(None) => {}
+            Err(e) => warn!(cause = %e, "an apply-now request could not be read: ignored"),
+        }
+        if self
+            .window()
+            .is_none_or(|(w, _)| crate::window::is_open(&w, self.now(), &self.tz))
+        {
+            info!(
+                version,
+                "the maintenance window is open: switching in the staged snapshot"
+            );
+            self.apply_staged(version).await;
+        }
+    }
+
+    /// Applies a staged version: its content checked again (it was staged
+    /// before a restart, maybe), then switched to and proved.
+    async fn apply_staged(&mut self, version: u64) {
+        let Some(launcher) = self.node_red.as_ref().and_then(|n| n.launcher.clone()) else {
+            let reason =
+                "snapshots need the agent to launch Node-RED ([node_red] mode = \"launch\")";
+            let _ = self.with_folder(move |f| f.discard(version)).await;
+            return self.reject(version, reason.into()).await;
+        };
+        match content::check(&self.folder().version_dir(version)) {
+            Ok(content) => self.apply(version, content, &launcher).await,
+            Err(why) => {
+                if let Err(e) = self.with_folder(move |f| f.discard(version)).await {
+                    warn!(cause = %e, "cannot discard the staged snapshot");
+                }
+                self.reject(version, why).await
+            }
+        }
+    }
+
+    /// Keeps the platform's maintenance window, and records a change.
+    async fn platform_window(&mut self, window: Option<String>, by: &str) {
+        if let Some(text) = &window
+            && let Err(e) = Window::parse(text)
+        {
+            warn!(window = %text, cause = %e, "the platform sent a maintenance window that is not valid: ignored");
+            return;
+        }
+        if self.folder().platform_window() == window {
+            return;
+        }
+        let keep = window.clone();
+        if let Err(e) = self
+            .with_folder(move |f| f.set_platform_window(keep.as_deref()))
+            .await
+        {
+            warn!(cause = %e, "cannot keep the platform's maintenance window");
+            return;
+        }
+        if self.shared.config.snapshot.window.is_some() {
+            info!(window = ?window, by, "the platform set a maintenance window; the device's config has its own, which wins");
+        } else {
+            info!(window = ?window, by, "the platform set the maintenance window");
+        }
+        self.shared.audit.record(AuditEvent::MaintenanceWindow {
+            window,
+            by: by.to_owned(),
+        });
     }
 
     fn journal_outcome(&self) -> Option<String> {
@@ -249,6 +405,17 @@ impl Applier {
         };
         info!(version, "snapshot verified and staged");
         self.record(version, SnapshotOutcome::Received, None);
+        if let Some(why) = self.must_wait() {
+            let outcome = format!("staged {version}: {why}");
+            if let Err(e) = self
+                .with_folder(move |folder| folder.note_outcome(outcome))
+                .await
+            {
+                warn!(cause = %e, "cannot note the outcome in the snapshot journal");
+            }
+            self.publish().await;
+            return;
+        }
         self.publish().await;
         self.apply(version, content, &launcher).await;
     }

@@ -40,6 +40,28 @@ const PREVIOUS: &str = "previous";
 pub const CREDENTIALS: &str = "flows_cred.json";
 /// Bytes read from a component at a time.
 const CHUNK: usize = 64 * 1024;
+/// A request from someone on site to switch in the staged version now.
+const APPLY_NOW: &str = "apply-now.json";
+/// The maintenance window the platform set.
+const WINDOW: &str = "window.json";
+/// Largest request or window file, bytes.
+const MAX_SMALL_FILE: u64 = 4096;
+
+/// `tetherd snapshot apply-now`'s request: switch in `version` (the one
+/// staged when it was asked), for the local account `by`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyNow {
+    pub version: u64,
+    pub by: String,
+}
+
+/// Leaves an [`ApplyNow`] request for the agent in the snapshot folder at
+/// `root` (written atomically, 0600: only the agent's own user can).
+pub fn request_apply_now(root: &Path, request: &ApplyNow) -> Result<(), FolderError> {
+    let json = serde_json::to_vec(request).map_err(|e| FolderError::State(e.to_string()))?;
+    files::write_atomic(&root.join(APPLY_NOW), &json, Mode::Secret)?;
+    Ok(())
+}
 
 /// Where an apply stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +299,38 @@ impl Folder {
         }
         self.journal.highest = self.journal.highest.max(version);
         self.save()
+    }
+
+    /// Takes (reads and removes) a waiting [`ApplyNow`] request; a
+    /// malformed one is removed and named in the error.
+    pub fn take_apply_now(&self) -> Result<Option<ApplyNow>, FolderError> {
+        let path = self.root.join(APPLY_NOW);
+        let bytes = match files::read_bounded(&path, MAX_SMALL_FILE) {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+        };
+        std::fs::remove_file(&path).map_err(io("remove", &path))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| FolderError::State(format!("{} is malformed: {e}", path.display())))
+    }
+
+    /// The maintenance window the platform set, if any (as it sent it).
+    pub fn platform_window(&self) -> Option<String> {
+        let bytes = files::read_bounded(&self.root.join(WINDOW), MAX_SMALL_FILE).ok()?;
+        serde_json::from_slice::<Option<String>>(&bytes).ok()?
+    }
+
+    /// Keeps the maintenance window the platform set (`None`: it cleared
+    /// it) across restarts.
+    pub fn set_platform_window(&self, window: Option<&str>) -> Result<(), FolderError> {
+        let json = serde_json::to_vec(&window).map_err(|e| FolderError::State(e.to_string()))?;
+        files::write_atomic(&self.root.join(WINDOW), &json, Mode::Public)?;
+        Ok(())
     }
 
     /// Notes an outcome for status without changing anything else.

@@ -22,7 +22,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 pub use folder::{
-    CREDENTIALS, Folder, FolderError, Journal, MAX_ATTEMPTS, Phase, Recovered, SNAPSHOT_MANIFEST,
+    ApplyNow, CREDENTIALS, Folder, FolderError, Journal, MAX_ATTEMPTS, Phase, Recovered,
+    SNAPSHOT_MANIFEST, request_apply_now,
 };
 
 use crate::files::FileError;

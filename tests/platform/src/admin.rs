@@ -119,6 +119,23 @@ pub struct NodeRedResponse {
     pub pushed: bool,
 }
 
+/// `PUT /v1/admin/devices/{id}/window` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowRequest {
+    /// `"22:00-06:00"` (the device's local time), or null to clear it.
+    pub window: Option<String>,
+}
+
+/// `PUT /v1/admin/devices/{id}/window` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WindowResponse {
+    pub device_id: String,
+    pub window: Option<String>,
+    /// True if the device is online and its control stream was told.
+    pub pushed: bool,
+}
+
 /// The name recorded for requests made with the admin token.
 pub const ADMIN_ACTOR: &str = "admin";
 
@@ -236,6 +253,10 @@ pub async fn handle(
                 format!("'{version}' is not a snapshot version number"),
             ),
         },
+        (&Method::PUT, ["devices", id, "window"]) => {
+            let id = id.to_string();
+            window(&state, &id, req.into_body()).await
+        }
         (&Method::POST, ["devices", id, "node-red"]) => {
             let id = id.to_string();
             node_red(&state, &id, req.into_body()).await
@@ -537,6 +558,38 @@ fn snapshot_error(id: &str, e: PlatformError) -> Response<Body> {
         ) => reply::error(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string()),
         e => {
             warn!(cause = %e, "snapshot operation failed");
+            reply::internal()
+        }
+    }
+}
+
+async fn window(state: &State, id: &str, body: Incoming) -> Response<Body> {
+    let request: WindowRequest = match reply::read_json(body, MAX_ADMIN_BODY).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    match state
+        .set_window(id, request.window.as_deref(), ADMIN_ACTOR)
+        .await
+    {
+        Ok((window, pushed)) => reply::json(
+            StatusCode::OK,
+            &WindowResponse {
+                device_id: id.to_string(),
+                window,
+                pushed,
+            },
+        ),
+        Err(PlatformError::NoDevice(_)) => no_device(id),
+        Err(e @ PlatformError::Snapshot(crate::snapshots::SnapshotError::BadWindow(_))) => {
+            reply::error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                e.to_string(),
+            )
+        }
+        Err(e) => {
+            warn!(cause = %e, "cannot set the maintenance window");
             reply::internal()
         }
     }

@@ -257,6 +257,24 @@ pub enum DeviceCommand {
     Show(DeviceShowArgs),
     /// Start, stop or restart the device's Node-RED (recorded in its audit trail).
     NodeRed(DeviceNodeRedArgs),
+    /// Set the device's maintenance window ("22:00-06:00", the device's local time; several
+    /// ranges separated by commas): snapshots are switched in only inside it, or when someone
+    /// on site runs `tetherd snapshot apply-now`. A window in the device's config wins.
+    Window(DeviceWindowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceWindowArgs {
+    /// The device id (`dev_...`).
+    pub id: String,
+    /// The window, e.g. "22:00-06:00".
+    #[arg(required_unless_present = "clear", conflicts_with = "clear")]
+    pub window: Option<String>,
+    /// Remove the window: snapshots are switched in as soon as they are staged.
+    #[arg(long)]
+    pub clear: bool,
+    #[command(flatten)]
+    pub data: DataDir,
 }
 
 #[derive(Debug, Args)]
@@ -478,6 +496,9 @@ pub fn device_text(d: &DeviceInfo, now: u64) -> String {
         }
         None if d.online => line("snapshot", "no local Node-RED reported".into()),
         None => {}
+    }
+    if let Some(w) = &d.window {
+        line("window", format!("{w} (device's local time)"));
     }
     out
 }
@@ -820,7 +841,9 @@ mod tests {
             superseded_seen_at: None,
             audit: None,
             snapshot: None,
+            window: Some("22:00-06:00".into()),
         };
+        assert!(device_text(&device, 100).contains("window       22:00-06:00"));
         let table = device_table(&[device], 100);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2);

@@ -302,6 +302,20 @@ impl AdminClient {
         self.json(Method::POST, &path, Some(b"{}".to_vec())).await
     }
 
+    /// `PUT /v1/admin/devices/{id}/window`.
+    pub async fn set_window(
+        &self,
+        device_id: &str,
+        window: Option<&str>,
+    ) -> Result<crate::admin::WindowResponse, ClientError> {
+        let body = serde_json::to_vec(&crate::admin::WindowRequest {
+            window: window.map(str::to_string),
+        })
+        .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let path = format!("/v1/admin/devices/{device_id}/window");
+        self.json(Method::PUT, &path, Some(body)).await
+    }
+
     /// `POST /v1/admin/devices/{id}/node-red`.
     pub async fn node_red(
         &self,

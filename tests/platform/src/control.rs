@@ -151,6 +151,7 @@ async fn handle(
         | ControlMessage::GrantKeys { .. }
         | ControlMessage::SnapshotAvailable { .. }
         | ControlMessage::NodeRed { .. }
+        | ControlMessage::MaintenanceWindow { .. }
         | ControlMessage::Unknown => None,
     }
 }
@@ -199,6 +200,10 @@ async fn push_settings(
     if let Some(version) = state.snapshots.target(device_id) {
         debug!(version, "telling the device which snapshot to run");
         send(stream, &ControlMessage::SnapshotAvailable { version }).await?;
+    }
+    if let Some((window, by)) = state.snapshots.window(device_id) {
+        debug!(?window, "telling the device its maintenance window");
+        send(stream, &ControlMessage::MaintenanceWindow { window, by }).await?;
     }
     let requests = state
         .node_red_requests

@@ -111,6 +111,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Device(DeviceCommand::Window(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let set = client.set_window(&args.id, args.window.as_deref()).await?;
+            let when = if set.pushed {
+                "the device was told"
+            } else {
+                "the device is told when it connects"
+            };
+            match &set.window {
+                Some(w) => println!("maintenance window of {} set to {w}; {when}", set.device_id),
+                None => println!("maintenance window of {} cleared; {when}", set.device_id),
+            }
+            Ok(())
+        }
         Command::Device(DeviceCommand::NodeRed(args)) => {
             let client = AdminClient::from_data_dir(&args.data.data_dir)?;
             let sent = client.node_red(&args.id, &args.action).await?;

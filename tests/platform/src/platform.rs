@@ -165,6 +165,9 @@ pub struct DeviceInfo {
     /// online.
     #[serde(default)]
     pub snapshot: Option<tether_proto::control::SnapshotHealth>,
+    /// The maintenance window the platform set for the device, if any.
+    #[serde(default)]
+    pub window: Option<String>,
 }
 
 /// Something that happened, for tests and dashboards.
@@ -539,6 +542,16 @@ impl Platform {
         self.state.snapshots.list(device_id)
     }
 
+    /// See [`State::set_window`].
+    pub async fn set_window(
+        &self,
+        device_id: &str,
+        window: Option<&str>,
+        by: &str,
+    ) -> Result<(Option<String>, bool), PlatformError> {
+        self.state.set_window(device_id, window, by).await
+    }
+
     /// See [`State::node_red_action`].
     pub async fn node_red_action(
         &self,
@@ -718,6 +731,7 @@ impl State {
                     last_heartbeat: live.as_ref().and_then(|l| l.last_heartbeat.map(unix)),
                     audit: live.as_ref().and_then(|l| l.audit.clone()),
                     snapshot: live.as_ref().and_then(|l| l.snapshot.clone()),
+                    window: self.snapshots.window(&d.id).and_then(|(w, _)| w),
                     rtt_micros: live
                         .as_ref()
                         .and_then(|l| l.tunnel.rtt())
@@ -912,6 +926,20 @@ impl State {
             .await?;
         let (info, told) = self.push_snapshot(device_id, info.version).await?;
         Ok((earlier, info, told))
+    }
+
+    /// Sets (or clears) a device's maintenance window, for `by`: the device
+    /// switches snapshots in only inside it. Returns the window as stored
+    /// and whether the device was told now (else at its next connection).
+    pub async fn set_window(
+        &self,
+        device_id: &str,
+        window: Option<&str>,
+        by: &str,
+    ) -> Result<(Option<String>, bool), PlatformError> {
+        self.known_device(device_id).await?;
+        let window = self.snapshots.set_window(device_id, window, by).await?;
+        Ok((window, self.registry.settings_changed(device_id)))
     }
 
     /// Asks a device to start, stop or restart its Node-RED, for `by`.

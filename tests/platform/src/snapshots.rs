@@ -32,6 +32,8 @@ use crate::platform::State;
 /// The folder under the data directory.
 pub const SNAPSHOTS_DIR: &str = "snapshots";
 const PUSHED: &str = "pushed.json";
+/// The device's maintenance window and who set it.
+const WINDOW: &str = "window.json";
 const SECRET: &str = "credential-secret";
 const MANIFEST: &str = "manifest.json";
 /// Default validity of a snapshot.
@@ -61,6 +63,8 @@ pub enum SnapshotError {
     NoVersion { device: String, version: u64 },
     #[error("device {0} has no earlier pushed snapshot to roll back to")]
     NothingToRollBack(String),
+    #[error("the maintenance window is not valid: {0}")]
+    BadWindow(String),
 }
 
 /// One file of a `create` request.
@@ -110,6 +114,38 @@ impl Snapshots {
 
     fn device_dir(&self, device: &str) -> PathBuf {
         self.dir.join(device)
+    }
+
+    /// The device's maintenance window (`None` inside: cleared) and who set
+    /// it, if it was ever set.
+    pub fn window(&self, device: &str) -> Option<(Option<String>, String)> {
+        files::read(&self.device_dir(device).join(WINDOW))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    /// Sets (or, with `None`, clears) the device's maintenance window.
+    pub async fn set_window(
+        &self,
+        device: &str,
+        window: Option<&str>,
+        by: &str,
+    ) -> Result<Option<String>, SnapshotError> {
+        let window = match window {
+            Some(text) => Some(
+                tether_proto::snapshot::window::Window::parse(text)
+                    .map_err(SnapshotError::BadWindow)?
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let _guard = self.lock.lock().await;
+        let dir = self.device_dir(device);
+        std::fs::create_dir_all(&dir).map_err(|e| file_error("create", &dir, e))?;
+        let json = serde_json::to_vec(&(&window, by)).unwrap_or_default();
+        files::write_atomic(&dir.join(WINDOW), &json, PUBLIC_MODE)?;
+        info!(device, window = ?window, by, "maintenance window set");
+        Ok(window)
     }
 
     /// The version the device should run, if one was pushed.

@@ -5,6 +5,8 @@
 //! service that hashes what it receives while it sends a stream of its own.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod snapshot;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
