@@ -93,6 +93,9 @@ pub(crate) struct Shared {
     pub(crate) audit: Arc<AuditQueue>,
     /// The local Node-RED, when the agent locked one down.
     pub(crate) node_red: Option<crate::node_red::NodeRedHandle>,
+    /// Where the flows are, for the platform's captures, when there is a
+    /// local Node-RED.
+    pub(crate) capture: Option<crate::snapshot::capture::Source>,
     /// The snapshot task's inbox, when there is a local Node-RED.
     pub(crate) snapshots: Option<tokio::sync::mpsc::Sender<crate::snapshot::apply::Notice>>,
     current: Mutex<Current>,
@@ -389,11 +392,20 @@ impl Agent {
             tokio::sync::mpsc::channel(crate::snapshot::apply::MAX_NOTICES);
         let snapshot_key = identity.keys.snapshot.clone();
         let node_red_handle = node_red.as_ref().map(NodeRed::handle);
+        let capture = match (&folder, &node_red_handle) {
+            (Some((folder, _)), Some(node_red)) => Some(crate::snapshot::capture::Source {
+                snapshots: folder.root().to_owned(),
+                user_dir: node_red.user_dir.clone(),
+            }),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             node_red: node_red_handle.clone(),
+            services: Services::new(&config.services, editor.is_some())
+                .with_capture(capture.is_some()),
+            capture,
             snapshots: folder.is_some().then_some(snapshots_tx),
             grant_keys,
-            services: Services::new(&config.services, editor.is_some()),
             editor,
             audit,
             config,

@@ -35,6 +35,7 @@ const COPY_BUFFER: usize = 64 * 1024;
 pub struct Services {
     targets: HashMap<String, SocketAddr>,
     editor: bool,
+    capture: bool,
 }
 
 /// Where an accepted stream goes.
@@ -44,6 +45,8 @@ pub enum Target {
     Tcp(SocketAddr),
     /// The editor proxy.
     Editor,
+    /// A capture of the flows (`snapshot::capture`).
+    Capture,
 }
 
 impl Services {
@@ -56,7 +59,15 @@ impl Services {
                 .map(|s| (s.name.clone(), s.target))
                 .collect(),
             editor,
+            capture: false,
         }
+    }
+
+    /// Also accepts the platform's captures of the flows (the agent has a
+    /// snapshot folder).
+    pub fn with_capture(mut self, capture: bool) -> Services {
+        self.capture = capture;
+        self
     }
 
     /// Whether a stream the platform opens may be accepted; the reset code
@@ -76,6 +87,16 @@ impl Services {
             ),
             Service::Mqtt => refuse(
                 "mqtt is not available in this version of tetherd; it arrives in a later version"
+                    .into(),
+            ),
+            Service::Snapshot if self.capture && crate::snapshot::capture::is_capture(header) => {
+                Ok(Target::Capture)
+            }
+            Service::Snapshot if self.capture => {
+                refuse("a snapshot stream from the platform must ask for a capture".into())
+            }
+            Service::Snapshot => refuse(
+                "this device has no local Node-RED launched or locked down by the agent, so no flows to capture"
                     .into(),
             ),
             Service::Control => {
@@ -118,6 +139,26 @@ pub(crate) async fn serve(shared: Arc<Shared>, tunnel: Tunnel) {
                 let serve = serve_editor(editor.clone(), shared.editor_device(), stream, header);
                 bridges.spawn(serve.instrument(span));
             }
+            (Target::Capture, _) => match &shared.capture {
+                Some(source) => {
+                    let span = info_span!("stream", id = stream.id().0, service = %header.service);
+                    let by = header
+                        .get(tether_proto::snapshot::capture::BY_KEY)
+                        .unwrap_or("the platform")
+                        .to_owned();
+                    let (source, shared) = (source.clone(), shared.clone());
+                    bridges.spawn(
+                        async move {
+                            crate::snapshot::capture::serve(source, stream, by, &shared.audit).await
+                        }
+                        .instrument(span),
+                    );
+                }
+                None => {
+                    let mut stream = stream;
+                    stream.reset(ResetCode::REFUSED, "no flows to capture on this device");
+                }
+            },
             // `decide` accepts editor streams only when there is an editor.
             (Target::Editor, None) => {
                 let mut stream = stream;
@@ -218,5 +259,19 @@ mod tests {
         let (code, reason) = services(false).decide(&editor).unwrap_err();
         assert_eq!(code, ResetCode::REFUSED);
         assert!(reason.contains("editor access is off"), "{reason}");
+    }
+
+    #[test]
+    fn captures_are_taken_only_with_a_snapshot_folder_and_when_asked_for() {
+        use tether_proto::snapshot::capture::{ACTION_KEY, CAPTURE};
+        let capture = ServiceHeader::new(Service::Snapshot).with(ACTION_KEY, CAPTURE);
+        let with = services(true).with_capture(true);
+        assert_eq!(with.decide(&capture), Ok(Target::Capture));
+        let (_, reason) = with
+            .decide(&ServiceHeader::new(Service::Snapshot))
+            .unwrap_err();
+        assert!(reason.contains("must ask for a capture"), "{reason}");
+        let (_, reason) = services(true).decide(&capture).unwrap_err();
+        assert!(reason.contains("no flows to capture"), "{reason}");
     }
 }

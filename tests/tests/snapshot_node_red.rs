@@ -180,6 +180,43 @@ async fn snapshots_apply_roll_back_and_refuse_with_a_real_node_red() {
         Some("from a tarball")
     );
     assert_eq!(hello(port).await.as_deref(), Some("hello from snapshot 4"));
+
+    // Flows deployed on the device (Node-RED saves them to its working
+    // copy of version 4) become a snapshot of their own: captured over the
+    // tunnel, with version 4's environment and modules, signed, pushed.
+    let user_dir = config(&state, &node_red, port).node_red.user_dir_in(&state);
+    let work = user_dir.join("snapshots/work/4/flows.json");
+    let deployed = String::from_utf8(std::fs::read(&work).unwrap())
+        .unwrap()
+        .replace("\"GREETING\"", "\"deployed on the device\"")
+        .replace("\"tot\":\"env\"", "\"tot\":\"str\"");
+    assert!(deployed.contains("\"tot\":\"str\""), "{deployed}");
+    std::fs::write(&work, deployed).unwrap();
+    let captured = platform
+        .snapshot_from_device(&device, "olga", None)
+        .await
+        .expect("snapshot from the device");
+    assert_eq!(captured.version, 5);
+    platform.push_snapshot(&device, 5).await.expect("pushed");
+    outcome(&agent, "applied 5", Duration::from_secs(180)).await;
+    assert_eq!(hello(port).await.as_deref(), Some("deployed on the device"));
+    assert_eq!(
+        get(port, "/module").await.as_deref(),
+        Some("from a tarball")
+    );
+    eventually("the capture in the audit trail", || async {
+        audit_types(&platform, &device)
+            .await
+            .iter()
+            .any(|(k, _)| k == "flows_captured")
+            .then_some(())
+    })
+    .await;
     agent.shutdown().await;
+    let offline = platform
+        .snapshot_from_device(&device, "olga", None)
+        .await
+        .unwrap_err();
+    assert!(offline.to_string().contains("offline"), "{offline}");
     platform.shutdown().await;
 }

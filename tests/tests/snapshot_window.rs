@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use common::snapshot::*;
 use common::*;
-use tether_agent::clock::Clock;
 use tether_agent::Agent;
+use tether_agent::clock::Clock;
 
 /// `HH:MM` (UTC) of a Unix time.
 fn hm(secs: u64) -> String {

@@ -576,6 +576,7 @@ pub mod pull {
 
 use crate::hex::{decode32 as from_hex32, encode as hex};
 
+pub mod capture;
 pub mod modules;
 pub mod window;
 

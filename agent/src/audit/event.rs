@@ -73,6 +73,9 @@ pub enum AuditEvent {
     SnapshotApplyNow { version: u64, by: String },
     /// The platform set (or cleared) the device's maintenance window.
     MaintenanceWindow { window: Option<String>, by: String },
+    /// The platform captured the flows Node-RED runs (to make a snapshot
+    /// of them), for `by`; `base` is the snapshot they were deployed on.
+    FlowsCaptured { by: String, base: Option<u64> },
     /// Records that could not be written (the disk was full) and were
     /// lost from memory before it had room again.
     EventsLost { count: u64, reason: String },
@@ -264,6 +267,12 @@ impl AuditEvent {
                 "maintenance-window".to_owned(),
                 json!({ "window": window.as_deref().map(cut) }),
             ),
+            AuditEvent::FlowsCaptured { by, base } => (
+                "flows_captured",
+                user(by),
+                "flows".to_owned(),
+                json!({ "base": base }),
+            ),
             AuditEvent::EventsLost { count, reason } => (
                 "events_lost",
                 actor(ActorKind::Agent),
@@ -362,6 +371,10 @@ impl AuditEvent {
             "snapshot_apply_now" => AuditEvent::SnapshotApplyNow {
                 version: number("version")?,
                 by: user()?,
+            },
+            "flows_captured" => AuditEvent::FlowsCaptured {
+                by: user()?,
+                base: number("base"),
             },
             "maintenance_window" => AuditEvent::MaintenanceWindow {
                 window: text("window"),
@@ -514,6 +527,14 @@ mod tests {
             AuditEvent::MaintenanceWindow {
                 window: None,
                 by: "olga".into(),
+            },
+            AuditEvent::FlowsCaptured {
+                by: "olga".into(),
+                base: Some(4),
+            },
+            AuditEvent::FlowsCaptured {
+                by: "olga".into(),
+                base: None,
             },
             AuditEvent::Other {
                 kind: "x_test".into(),

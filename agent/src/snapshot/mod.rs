@@ -13,6 +13,7 @@
 //! Nothing here decides what a role may do in the editor.
 
 pub mod apply;
+pub mod capture;
 pub mod content;
 mod folder;
 pub mod modules;

@@ -232,6 +232,10 @@ pub async fn handle(
             let id = id.to_string();
             create_snapshot(&state, &id, req.into_body()).await
         }
+        (&Method::POST, ["devices", id, "snapshots", "capture"]) => {
+            let id = id.to_string();
+            capture_snapshot(&state, &id, req.into_body()).await
+        }
         (&Method::POST, ["devices", id, "snapshots", "rollback"]) => snapshot_answer(
             id,
             state
@@ -523,6 +527,33 @@ async fn create_snapshot(state: &State, id: &str, body: Incoming) -> Response<Bo
         .await
     {
         Ok(info) => reply::json(StatusCode::CREATED, &info),
+        Err(e) => snapshot_error(id, e),
+    }
+}
+
+/// `POST /v1/admin/devices/{id}/snapshots/capture` body.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureRequest {
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+}
+
+async fn capture_snapshot(state: &State, id: &str, body: Incoming) -> Response<Body> {
+    let request: CaptureRequest = match reply::read_json(body, MAX_ADMIN_BODY).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    match state
+        .snapshot_from_device(id, ADMIN_ACTOR, request.expires_in_secs)
+        .await
+    {
+        Ok(info) => reply::json(StatusCode::CREATED, &info),
+        Err(e @ (PlatformError::Connect(_) | PlatformError::Capture(_))) => reply::error(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        ),
         Err(e) => snapshot_error(id, e),
     }
 }

@@ -321,7 +321,16 @@ pub struct SnapshotCreateArgs {
     #[arg(long)]
     pub device: String,
     /// The folder of files.
-    pub dir: PathBuf,
+    #[arg(
+        required_unless_present = "from_device",
+        conflicts_with = "from_device"
+    )]
+    pub dir: Option<PathBuf>,
+    /// Instead of a folder: the flows the device's Node-RED runs now (with their encrypted
+    /// credentials), captured over its tunnel, and the settings, environment and modules of
+    /// the snapshot they were deployed on. The device must be online.
+    #[arg(long)]
+    pub from_device: bool,
     /// How long the snapshot may be applied.
     #[arg(long, default_value = "30d", value_parser = parse_duration)]
     pub expires_in: Duration,

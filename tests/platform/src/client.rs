@@ -302,6 +302,18 @@ impl AdminClient {
         self.json(Method::POST, &path, Some(b"{}".to_vec())).await
     }
 
+    /// `POST /v1/admin/devices/{id}/snapshots/capture`.
+    pub async fn snapshot_from_device(
+        &self,
+        device_id: &str,
+        expires_in_secs: Option<u64>,
+    ) -> Result<crate::snapshots::SnapshotInfo, ClientError> {
+        let body = serde_json::to_vec(&crate::admin::CaptureRequest { expires_in_secs })
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let path = format!("/v1/admin/devices/{device_id}/snapshots/capture");
+        self.json(Method::POST, &path, Some(body)).await
+    }
+
     /// `PUT /v1/admin/devices/{id}/window`.
     pub async fn set_window(
         &self,

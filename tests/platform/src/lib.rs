@@ -36,6 +36,7 @@ pub mod admin;
 pub mod audit;
 mod bridge;
 pub mod ca;
+pub mod capture;
 pub mod certs;
 pub mod cli;
 pub mod client;

@@ -141,23 +141,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Snapshot(SnapshotCommand::Create(args)) => {
             let client = AdminClient::from_data_dir(&args.data.data_dir)?;
-            let files = tether_platform::cli::read_snapshot_dir(
-                &args.dir,
-                tether_platform::snapshots::MAX_CREATE_BODY as u64 / 4 * 3,
-            )
-            .map_err(anyhow::Error::msg)?;
-            use base64::Engine;
-            let request = tether_platform::snapshots::CreateRequest {
-                files: files
-                    .into_iter()
-                    .map(|(path, bytes)| tether_platform::snapshots::FileEntry {
-                        path,
-                        data: base64::engine::general_purpose::STANDARD.encode(bytes),
-                    })
-                    .collect(),
-                expires_in_secs: Some(args.expires_in.as_secs()),
+            let expires = Some(args.expires_in.as_secs());
+            let created = match &args.dir {
+                None => client.snapshot_from_device(&args.device, expires).await?,
+                Some(dir) => {
+                    let files = tether_platform::cli::read_snapshot_dir(
+                        dir,
+                        tether_platform::snapshots::MAX_CREATE_BODY as u64 / 4 * 3,
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    use base64::Engine;
+                    let request = tether_platform::snapshots::CreateRequest {
+                        files: files
+                            .into_iter()
+                            .map(|(path, bytes)| tether_platform::snapshots::FileEntry {
+                                path,
+                                data: base64::engine::general_purpose::STANDARD.encode(bytes),
+                            })
+                            .collect(),
+                        expires_in_secs: expires,
+                    };
+                    client.create_snapshot(&args.device, &request).await?
+                }
             };
-            let created = client.create_snapshot(&args.device, &request).await?;
             println!(
                 "snapshot {} for {}: {} files, {} bytes, signed, expires {}",
                 created.version,

@@ -83,6 +83,10 @@ pub enum PlatformError {
     UserExists(String),
     #[error("no user '{0}'")]
     NoUser(String),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Capture(#[from] crate::capture::CaptureError),
 }
 
 /// Why a stream to a device's service could not be opened.
@@ -440,6 +444,18 @@ impl Platform {
     /// The device's live tunnel.
     pub fn tunnel(&self, device_id: &str) -> Option<Tunnel> {
         self.state.registry.get(device_id).map(|live| live.tunnel)
+    }
+
+    /// See [`State::snapshot_from_device`].
+    pub async fn snapshot_from_device(
+        &self,
+        device_id: &str,
+        by: &str,
+        expires_in_secs: Option<u64>,
+    ) -> Result<crate::snapshots::SnapshotInfo, PlatformError> {
+        self.state
+            .snapshot_from_device(device_id, by, expires_in_secs)
+            .await
     }
 
     /// Opens `tcp:<service>` on the device and waits until it is accepted.
@@ -1042,6 +1058,50 @@ impl State {
         if header.validate().is_err() {
             return Err(ConnectError::BadService(service.to_string()));
         }
+        self.open_stream(device_id, header).await
+    }
+
+    /// Makes and signs a new snapshot for `device_id` from the flows its
+    /// Node-RED runs now (captured over the tunnel, for `by`) and the rest
+    /// of the version it should run (settings, environment, modules).
+    /// Not pushed.
+    pub async fn snapshot_from_device(
+        &self,
+        device_id: &str,
+        by: &str,
+        expires_in_secs: Option<u64>,
+    ) -> Result<crate::snapshots::SnapshotInfo, PlatformError> {
+        use tether_proto::snapshot::capture;
+        self.known_device(device_id).await?;
+        let header = ServiceHeader::new(Service::Snapshot)
+            .with(capture::ACTION_KEY, capture::CAPTURE)
+            .with(capture::BY_KEY, by);
+        let stream = self.open_stream(device_id, header).await?;
+        let captured = crate::capture::read(stream).await?;
+        // Only a version the device ran: the flows were deployed on it.
+        let base = captured.captured.base;
+        let (files, expiry) = match base {
+            Some(version) => self.snapshots.files(device_id, version)?,
+            None => (Vec::new(), crate::snapshots::DEFAULT_EXPIRY_SECS),
+        };
+        let files = crate::capture::merge(files, captured)
+            .map_err(crate::snapshots::SnapshotError::Invalid)?;
+        let expiry = expires_in_secs.unwrap_or(expiry);
+        let info = self
+            .snapshots
+            .create(&self.keys, device_id, files, expiry, unix_now())
+            .await?;
+        info!(device_id, version = info.version, by, base = ?base, "snapshot made from the device's flows");
+        Ok(info)
+    }
+
+    /// Opens a stream with `header` on the device's live tunnel and waits
+    /// for the device to accept it.
+    async fn open_stream(
+        &self,
+        device_id: &str,
+        header: ServiceHeader,
+    ) -> Result<TunnelStream, ConnectError> {
         let Some(live) = self.registry.get(device_id) else {
             let id = device_id.to_string();
             let known = self.store.blocking(move |s| s.device(&id)).await?;

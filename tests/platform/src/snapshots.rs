@@ -36,6 +36,8 @@ const PUSHED: &str = "pushed.json";
 const WINDOW: &str = "window.json";
 const SECRET: &str = "credential-secret";
 const MANIFEST: &str = "manifest.json";
+/// A snapshot's files: each path and its bytes.
+pub type Files = Vec<(String, Vec<u8>)>;
 /// Default validity of a snapshot.
 pub const DEFAULT_EXPIRY_SECS: u64 = 30 * 86_400;
 /// Largest `create` request body (base64 of every file), bytes.
@@ -322,15 +324,24 @@ impl Snapshots {
         let Some(&earlier) = pushed.len().checked_sub(2).and_then(|i| pushed.get(i)) else {
             return Err(SnapshotError::NothingToRollBack(device.to_owned()));
         };
-        let (_, manifest) = self.manifest(device, earlier)?;
-        let dir = self.device_dir(device).join(earlier.to_string());
+        let (given, expiry) = self.files(device, earlier)?;
+        let info = self.create(keys, device, given, expiry, now).await?;
+        Ok((earlier, info))
+    }
+
+    /// A version's files (path and bytes, the manifest's order) and how
+    /// long it was valid for.
+    pub fn files(&self, device: &str, version: u64) -> Result<(Files, u64), SnapshotError> {
+        let (_, manifest) = self.manifest(device, version)?;
+        let dir = self.device_dir(device).join(version.to_string());
         let mut given = Vec::new();
         for c in &manifest.components {
             given.push((c.path.clone(), files::read(&dir.join(&c.path))?));
         }
-        let expiry = manifest.expires_at.saturating_sub(manifest.created_at);
-        let info = self.create(keys, device, given, expiry, now).await?;
-        Ok((earlier, info))
+        Ok((
+            given,
+            manifest.expires_at.saturating_sub(manifest.created_at),
+        ))
     }
 }
 
