@@ -363,12 +363,15 @@ fn run_command(args: RunArgs) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(config.log_filter());
+    let reload = init_logging(config.log_filter());
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
+    let path = args.config.clone();
     rt.block_on(async move {
+        let systemd = crate::systemd::Notifier::from_env();
+        let running = config.clone();
         let agent = match Agent::start(config).await {
             Ok(agent) => agent,
             Err(e) => {
@@ -376,28 +379,117 @@ fn run_command(args: RunArgs) -> u8 {
                 return fail(&e, e.exit_code());
             }
         };
-        let signal = wait_for_signal().await;
+        let mut status = agent.status();
+        systemd.ready(&status.borrow().one_line());
+        let signal = serve_signals(&systemd, &mut status, path.as_deref(), &running, &reload).await;
         info!(signal, "stopping");
+        systemd.stopping();
         agent.shutdown().await;
         info!("stopped");
         0
     })
 }
 
-/// Waits for SIGTERM or SIGINT; returns its name.
-async fn wait_for_signal() -> &'static str {
+/// Runs the daemon's main loop until SIGTERM or SIGINT (returns its name):
+/// feeds systemd's watchdog, tells it the tunnel's state, and on SIGHUP
+/// reloads what can be reloaded.
+async fn serve_signals(
+    systemd: &crate::systemd::Notifier,
+    status: &mut tokio::sync::watch::Receiver<crate::Status>,
+    path: Option<&std::path::Path>,
+    running: &Config,
+    reload: &LogReload,
+) -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         warn!("cannot listen for signals; stop with SIGKILL");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    // The watchdog is fed from this loop: if it stops turning, systemd
+    // restarts the agent.
+    let every = systemd
+        .watchdog_every()
+        .unwrap_or(std::time::Duration::from_secs(3600));
+    let mut watchdog = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => {
+                systemd.reloading();
+                reload_config(path, running, reload);
+                systemd.ready(&status.borrow().one_line());
+            }
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return "the agent's end";
+                }
+                systemd.status(&status.borrow_and_update().one_line());
+            }
+            _ = watchdog.tick() => systemd.watchdog(),
+        }
     }
+}
+
+/// SIGHUP: reads the config again and applies what is safe to change
+/// while running (`log_level`); says what else changed and needs a
+/// restart. A config that no longer loads changes nothing.
+fn reload_config(path: Option<&std::path::Path>, running: &Config, reload: &LogReload) {
+    let Some(path) = path else {
+        info!("SIGHUP: no config file to reload (started with --state-dir)");
+        return;
+    };
+    let new = match Config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            error!(cause = %e, "SIGHUP: the config does not load; nothing changed");
+            return;
+        }
+    };
+    if new.log_filter() != running.log_filter() {
+        match reload(new.log_filter()) {
+            Ok(()) => info!(log_level = new.log_filter(), "SIGHUP: log level changed"),
+            Err(e) => warn!(cause = %e, "SIGHUP: the new log level is not valid; kept the old one"),
+        }
+    }
+    let needs_restart = config_changes(running, &new);
+    if needs_restart.is_empty() {
+        info!("SIGHUP: config reloaded");
+    } else {
+        warn!(
+            changed = %needs_restart.join(", "),
+            "SIGHUP: these settings changed and take effect only after a restart (systemctl restart tetherd)"
+        );
+    }
+}
+
+/// The parts of the config that differ, besides the log level.
+fn config_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    check("state_dir", old.state_dir == new.state_dir);
+    check("platform", old.platform == new.platform);
+    check("name", old.name == new.name);
+    check(
+        "heartbeat_interval",
+        old.heartbeat_interval == new.heartbeat_interval,
+    );
+    check("[[service]]", old.services == new.services);
+    check("[tunnel]", old.tunnel == new.tunnel);
+    check("[reconnect]", old.reconnect == new.reconnect);
+    check("[renewal]", old.renewal == new.renewal);
+    check("[node_red]", old.node_red == new.node_red);
+    check("[audit]", old.audit == new.audit);
+    check("[snapshot]", old.snapshot == new.snapshot);
+    out
 }
 
 fn status_command(args: StatusArgs) -> u8 {
@@ -504,16 +596,30 @@ fn local_account() -> String {
     }
 }
 
+/// Changes the log filter of a running daemon.
+type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Logs to the journal when started by systemd with its journal on stderr
 /// (`JOURNAL_STREAM`), to stderr otherwise. `TETHERD_LOG` overrides the
-/// config's `log_level`.
-fn init_logging(default_filter: &str) {
+/// config's `log_level` (and a reload's).
+fn init_logging(default_filter: &str) -> LogReload {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::prelude::*;
-    let filter = std::env::var(LOG_ENV)
+    let pinned = std::env::var(LOG_ENV)
         .ok()
-        .and_then(|f| EnvFilter::builder().parse(f).ok())
-        .unwrap_or_else(|| EnvFilter::builder().parse_lossy(default_filter));
+        .and_then(|f| EnvFilter::builder().parse(f).ok());
+    let from_env = pinned.is_some();
+    let filter = pinned.unwrap_or_else(|| EnvFilter::builder().parse_lossy(default_filter));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let reload: LogReload = Box::new(move |text: &str| {
+        if from_env {
+            return Err(format!("{LOG_ENV} is set and wins over the config"));
+        }
+        let filter = EnvFilter::builder()
+            .parse(text)
+            .map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some()
         && let Ok(journald) = tracing_journald::layer()
@@ -521,12 +627,13 @@ fn init_logging(default_filter: &str) {
         let _ = registry
             .with(journald.with_syslog_identifier("tetherd".into()))
             .try_init();
-        return;
+        return reload;
     }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     let _ = registry.with(fmt).try_init();
+    reload
 }
 
 #[cfg(test)]

@@ -46,6 +46,7 @@ pub mod services;
 mod session;
 pub mod snapshot;
 pub mod status;
+pub mod systemd;
 pub mod tls;
 pub mod tunnel;
 pub mod window;

@@ -80,6 +80,25 @@ pub struct Status {
 }
 
 impl Status {
+    /// One line for systemd's `STATUS=`: `tunnel connected (rtt 3.2 ms)`,
+    /// `tunnel backoff: WHY`.
+    pub fn one_line(&self) -> String {
+        let mut line = format!("tunnel {}", self.state.as_str());
+        match (self.state, self.rtt, &self.last_error) {
+            (TunnelState::Connected, Some(rtt), _) => {
+                line.push_str(&format!(" (rtt {:.1} ms)", rtt.as_secs_f64() * 1000.0))
+            }
+            (TunnelState::Backoff | TunnelState::Connecting, _, Some(why)) => {
+                line.push_str(&format!(": {why}"))
+            }
+            _ => {}
+        }
+        if let Some(outcome) = self.snapshot.as_ref().and_then(|s| s.outcome.as_ref()) {
+            line.push_str(&format!("; snapshot {outcome}"));
+        }
+        line
+    }
+
     /// The status of an agent that has not tried to connect yet.
     pub fn new(
         device_id: String,

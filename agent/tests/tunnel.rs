@@ -431,6 +431,98 @@ async fn a_platform_with_another_ca_is_refused_by_a_running_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tetherd_run_speaks_systemds_notify_protocol_and_reloads_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    enrolled(&platform, &state).await;
+    let config_path = dir.path().join("tetherd.toml");
+    let write_config = |level: &str, heartbeat: &str| {
+        std::fs::write(
+            &config_path,
+            format!(
+                "state_dir = {:?}\nheartbeat_interval = {heartbeat:?}\nlog_level = {level:?}\n",
+                state.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+    };
+    write_config("info", "1s");
+    let socket_path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tetherd"))
+        .args(["run", "--config", config_path.to_str().unwrap()])
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("TETHERD_LOG")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = std::sync::Arc::new(socket);
+    let next = |socket: std::sync::Arc<std::os::unix::net::UnixDatagram>| async move {
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; 4096];
+            let n = socket.recv(&mut buf).expect("a notification within 20 s");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+        .await
+        .unwrap()
+    };
+    // READY once started, the tunnel's state as it changes, the watchdog
+    // fed every half second.
+    let mut seen = Vec::new();
+    let mut watchdogs = 0;
+    while !(seen
+        .iter()
+        .any(|m: &String| m.starts_with("READY=1\nSTATUS=tunnel"))
+        && seen.iter().any(|m| m.contains("STATUS=tunnel connected"))
+        && watchdogs >= 3)
+    {
+        let message = next(socket.clone()).await;
+        if message == "WATCHDOG=1" {
+            watchdogs += 1;
+        }
+        seen.push(message);
+        assert!(seen.len() < 200, "{seen:?}");
+    }
+    // SIGHUP: the log level changes at once, the heartbeat needs a restart.
+    write_config("debug", "2s");
+    signal(&child, "HUP").await;
+    let mut reloading = false;
+    loop {
+        let message = next(socket.clone()).await;
+        if message.starts_with("RELOADING=1\nMONOTONIC_USEC=") {
+            reloading = true;
+        } else if reloading && message.starts_with("READY=1") {
+            break;
+        }
+    }
+    signal(&child, "TERM").await;
+    loop {
+        if next(socket.clone()).await == "STOPPING=1" {
+            break;
+        }
+    }
+    let (code, stderr) = stopped(child).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("log level changed"), "{stderr}");
+    assert!(
+        stderr.contains("take effect only after a restart")
+            && stderr.contains("heartbeat_interval"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("DEBUG"),
+        "debug lines after the reload: {stderr}"
+    );
+    platform.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tetherd_run_connects_and_stops_on_sigterm_with_exit_0() {
     let dir = tempfile::tempdir().unwrap();
     let platform = platform(dir.path()).await;
@@ -445,7 +537,7 @@ async fn tetherd_run_connects_and_stops_on_sigterm_with_exit_0() {
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tetherd"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tetherd"))
         .args(["run", "--config", config_path.to_str().unwrap()])
         .env_remove("JOURNAL_STREAM")
         .stderr(std::process::Stdio::piped())
@@ -459,26 +551,9 @@ async fn tetherd_run_connects_and_stops_on_sigterm_with_exit_0() {
     assert_eq!(report["daemon"]["running"], true, "{out}");
     assert_eq!(report["daemon"]["pid"], child.id().unwrap());
 
-    let pid = child.id().unwrap().to_string();
-    let kill = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("tetherd stops within 10 s")
-        .unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    signal(&child, "TERM").await;
+    let (code, stderr) = stopped(child).await;
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("SIGTERM"), "{stderr}");
     assert!(
         !stderr.contains("BEGIN"),
@@ -562,4 +637,32 @@ async fn a_second_agent_on_the_same_state_directory_is_refused_until_the_first_s
     connected(&again).await;
     again.shutdown().await;
     platform.shutdown().await;
+}
+
+/// Sends `signal` (`TERM`, `HUP`, ...) to the child.
+async fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().unwrap().to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Waits (up to 10 s) for the child to stop; its exit code and stderr.
+async fn stopped(mut child: tokio::process::Child) -> (Option<i32>, String) {
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("tetherd stops within 10 s")
+        .unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    (status.code(), stderr)
 }

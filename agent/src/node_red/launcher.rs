@@ -517,6 +517,10 @@ fn spawn(spec: &LaunchSpec, from: &RunFrom) -> Result<Child, NodeRedError> {
     if spec.run_as.is_some() {
         command.env("HOME", &spec.user_dir);
     }
+    // systemd's variables are the agent's: Node-RED must not notify as it.
+    for var in crate::systemd::ENV_VARS {
+        command.env_remove(var);
+    }
     if let Some(snapshot) = &from.snapshot {
         command.env(ENV_SNAPSHOT, snapshot);
     }
