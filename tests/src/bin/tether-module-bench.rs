@@ -148,11 +148,21 @@ fn pack_tree(npm: &Path, node_modules: &Path, work: &Path) -> Result<Vec<(String
             serde_json::from_slice(&std::fs::read(dir.join("package.json"))?)?;
         let spec = format!(
             "{}@{}",
-            manifest["name"].as_str().context("a package without a name")?,
-            manifest["version"].as_str().context("a package without a version")?
+            manifest["name"]
+                .as_str()
+                .context("a package without a name")?,
+            manifest["version"]
+                .as_str()
+                .context("a package without a version")?
         );
         let status = std::process::Command::new(npm)
-            .args(["pack", "--silent", "--ignore-scripts", &spec, "--pack-destination"])
+            .args([
+                "pack",
+                "--silent",
+                "--ignore-scripts",
+                &spec,
+                "--pack-destination",
+            ])
             .arg(&out)
             .current_dir(&out)
             .env("npm_config_cache", work.join("pack-cache"))
@@ -164,7 +174,11 @@ fn pack_tree(npm: &Path, node_modules: &Path, work: &Path) -> Result<Vec<(String
     let mut files = Vec::new();
     for entry in std::fs::read_dir(&out)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_owned();
         files.push((name, std::fs::read(&path)?));
     }
     files.sort();
