@@ -74,6 +74,31 @@ enum Command {
     /// Act on the device's signed snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Check what the agent needs, one line per check with what to do when
+    /// it fails: config, state directory, identity and certificate, the
+    /// platform (DNS, TCP, TLS), the clock, the local Node-RED, free disk.
+    #[command(after_help = "Exit codes: 0 nothing failed (warnings allowed); 1 a check failed")]
+    Doctor(DoctorArgs),
+}
+
+/// Where the agent's state is: its config file, or the state directory.
+#[derive(Debug, Args)]
+struct Where {
+    /// The agent's config file (the state directory and the rest from it).
+    #[arg(long, value_name = "FILE", conflicts_with = "state_dir")]
+    config: Option<PathBuf>,
+    /// The state directory, without a config file [default: /var/lib/tether].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    at: Where,
+    /// Print JSON: a list of {name, verdict, detail, help}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,12 +115,8 @@ const APPLY_NOW_EXIT_CODES: &str = "Exit codes: 0 applied; 1 rolled back or reje
 
 #[derive(Debug, Args)]
 struct ApplyNowArgs {
-    /// The agent's config file (where its state and Node-RED's are).
-    #[arg(long, value_name = "FILE", conflicts_with = "state_dir")]
-    config: Option<PathBuf>,
-    /// The state directory [default: /var/lib/tether].
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    at: Where,
     /// How long to wait for the outcome [default: the health timeout and a minute].
     #[arg(long, value_name = "DURATION")]
     wait: Option<String>,
@@ -148,12 +169,8 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct StatusArgs {
-    /// Read the state directory from this config file.
-    #[arg(long, value_name = "FILE", conflicts_with = "state_dir")]
-    config: Option<PathBuf>,
-    /// The state directory [default: /var/lib/tether].
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    at: Where,
     /// Print JSON (a stable format) instead of text.
     #[arg(long)]
     json: bool,
@@ -183,6 +200,7 @@ where
         Command::Run(args) => run_command(args),
         Command::Status(args) => status_command(args),
         Command::Snapshot(SnapshotCommand::ApplyNow(args)) => apply_now_command(args),
+        Command::Doctor(args) => doctor_command(args),
     }
 }
 
@@ -493,7 +511,7 @@ fn config_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 fn status_command(args: StatusArgs) -> u8 {
-    let config = match load_config(args.config.as_ref(), args.state_dir.as_ref()) {
+    let config = match load_config(args.at.config.as_ref(), args.at.state_dir.as_ref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -509,8 +527,41 @@ fn status_command(args: StatusArgs) -> u8 {
     0
 }
 
+fn doctor_command(args: DoctorArgs) -> u8 {
+    let loaded = match &args.at.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
+        None => Ok(Config::for_state_dir(
+            args.at
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        )),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let options = crate::doctor::Options::default();
+    let checks = rt.block_on(crate::doctor::run(
+        loaded.as_ref().map_err(Clone::clone),
+        &options,
+    ));
+    if args.json {
+        match serde_json::to_string_pretty(&checks) {
+            Ok(json) => println!("{json}"),
+            Err(e) => return fail(e, exit::SOFTWARE),
+        }
+    } else {
+        print!("{}", crate::doctor::render(&checks));
+    }
+    let failed = checks
+        .iter()
+        .any(|c| c.verdict == crate::doctor::Verdict::Fail);
+    u8::from(failed)
+}
+
 fn apply_now_command(args: ApplyNowArgs) -> u8 {
-    let config = match load_config(args.config.as_ref(), args.state_dir.as_ref()) {
+    let config = match load_config(args.at.config.as_ref(), args.at.state_dir.as_ref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
