@@ -1250,6 +1250,25 @@ mod tests {
 }
 
 #[cfg(test)]
+mod packaged_tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_example_config_loads() {
+        let text = include_str!("../../packaging/agent.toml.example");
+        let config = Config::from_toml_str(text).unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/tether"));
+        assert_eq!(config.node_red.mode, NodeRedMode::Launch);
+        assert_eq!(config.node_red.user.as_deref(), Some("tether-nodered"));
+        assert_eq!(
+            config.node_red.user_dir_in(&config.state_dir),
+            PathBuf::from("/var/lib/tether-node-red"),
+            "the unit's StateDirectory= names this directory"
+        );
+    }
+}
+
+#[cfg(test)]
 mod snapshot_tests {
     use super::*;
 
