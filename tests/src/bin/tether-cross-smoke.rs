@@ -99,7 +99,11 @@ async fn main() -> Result<()> {
         .await
         .context("the echo did not finish within 120 s")??;
     writer.await??;
-    ensure!(back.len() == BYTES, "{} bytes came back, not {BYTES}", back.len());
+    ensure!(
+        back.len() == BYTES,
+        "{} bytes came back, not {BYTES}",
+        back.len()
+    );
     ensure!(digest(&back) == sent, "the bytes that came back differ");
     println!(
         "tcp stream: {} MiB each way byte for byte in {:.2} s",
@@ -133,10 +137,7 @@ fn wrapped(args: &Args, dir: &Path) -> Result<PathBuf> {
         &script,
         format!("#!/bin/sh\nexec {runner} {} \"$@\"\n", binary.display()),
     )?;
-    std::fs::set_permissions(
-        &script,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     Ok(script)
 }
 
