@@ -165,6 +165,10 @@ struct RunArgs {
     /// Run without a config file, with the identity in DIR and no services.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Log lines as: `auto` (the journal when systemd started tetherd,
+    /// else text), `text` or `json` (one object per line, on stderr).
+    #[arg(long, value_name = "FORMAT", default_value = "auto", value_parser = ["auto", "text", "json"])]
+    log_format: String,
 }
 
 #[derive(Debug, Args)]
@@ -381,7 +385,7 @@ fn run_command(args: RunArgs) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let reload = init_logging(config.log_filter());
+    let reload = init_logging(config.log_filter(), &args.log_format);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -653,7 +657,7 @@ type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// Logs to the journal when started by systemd with its journal on stderr
 /// (`JOURNAL_STREAM`), to stderr otherwise. `TETHERD_LOG` overrides the
 /// config's `log_level` (and a reload's).
-fn init_logging(default_filter: &str) -> LogReload {
+fn init_logging(default_filter: &str, format: &str) -> LogReload {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::prelude::*;
     let pinned = std::env::var(LOG_ENV)
@@ -672,7 +676,16 @@ fn init_logging(default_filter: &str) -> LogReload {
         handle.reload(filter).map_err(|e| e.to_string())
     });
     let registry = tracing_subscriber::registry().with(filter);
-    if std::env::var_os("JOURNAL_STREAM").is_some()
+    if format == "json" {
+        let json = tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr);
+        let _ = registry.with(json).try_init();
+        return reload;
+    }
+    if format == "auto"
+        && std::env::var_os("JOURNAL_STREAM").is_some()
         && let Ok(journald) = tracing_journald::layer()
     {
         let _ = registry

@@ -666,3 +666,27 @@ async fn stopped(mut child: tokio::process::Child) -> (Option<i32>, String) {
         .unwrap();
     (status.code(), stderr)
 }
+
+#[tokio::test]
+async fn tetherd_run_logs_one_json_object_per_line_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("never-enrolled");
+    let (code, _, err) = tetherd(&[
+        "run",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--log-format",
+        "json",
+    ])
+    .await;
+    assert_ne!(code, 0, "an unenrolled agent does not start: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(!lines.is_empty(), "{err}");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    let (code, _, err) = tetherd(&["run", "--log-format", "xml"]).await;
+    assert_eq!(code, 64, "{err}");
+}
