@@ -104,6 +104,8 @@ pub(crate) struct Shared {
     status: watch::Sender<Status>,
     /// When the agent started, for heartbeat uptime.
     pub(crate) started: tokio::time::Instant,
+    /// Health figures, sampled at each heartbeat.
+    health: Mutex<crate::health::Health>,
 }
 
 impl Shared {
@@ -111,6 +113,19 @@ impl Shared {
         // Nothing panics while holding the lock; a poisoned lock still holds
         // a consistent identity.
         self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The device's and its processes' figures now.
+    pub(crate) fn health_sample(&self) -> tether_proto::control::DeviceHealth {
+        let node_red = self
+            .node_red
+            .as_ref()
+            .and_then(|n| n.launcher.as_ref())
+            .and_then(|l| l.pid());
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .sample(node_red)
     }
 
     pub(crate) fn device_id(&self) -> String {
@@ -399,6 +414,7 @@ impl Agent {
             }),
             _ => None,
         };
+        let state_root = state.root().to_owned();
         let shared = Arc::new(Shared {
             node_red: node_red_handle.clone(),
             services: Services::new(&config.services, editor.is_some())
@@ -413,6 +429,7 @@ impl Agent {
             current: Mutex::new(Current { identity, creds }),
             status: status_tx,
             started: tokio::time::Instant::now(),
+            health: Mutex::new(crate::health::Health::new(&state_root)),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         if let Some((folder, recovered)) = folder {

@@ -188,6 +188,7 @@ fn heartbeat_message(shared: &Shared, tunnel: &Tunnel, seq: u64) -> ControlMessa
         streams: Some(tunnel.stream_count() as u64),
         audit: Some(shared.audit.stats().into()),
         snapshot: shared.snapshot_health(),
+        health: Some(Box::new(shared.health_sample())),
     })
 }
 

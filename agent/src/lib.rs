@@ -39,6 +39,7 @@ pub mod editor;
 pub mod enroll;
 pub mod exit;
 pub mod files;
+pub mod health;
 pub mod identity;
 pub mod net;
 pub mod node_red;

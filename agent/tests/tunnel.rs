@@ -690,3 +690,48 @@ async fn tetherd_run_logs_one_json_object_per_line_when_asked() {
     let (code, _, err) = tetherd(&["run", "--log-format", "xml"]).await;
     assert_eq!(code, 64, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_carry_the_devices_health_and_the_platform_keeps_the_last_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = platform(dir.path()).await;
+    let state = dir.path().join("state");
+    let id = enrolled(&platform, &state).await.identity.device_id;
+    let agent = Agent::start(config(&state)).await.unwrap();
+    connected(&agent).await;
+    let device = eventually("three heartbeats with health figures", || async {
+        let device = platform
+            .devices()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.id == id)?;
+        (device.history.len() >= 3).then_some(device)
+    })
+    .await;
+    let health = device.health.expect("the last heartbeat's figures");
+    assert!(health.cpus >= 1);
+    assert!(health.memory_total > 0 && health.memory_used > 0);
+    assert!(health.disk_total > 0);
+    assert!(health.uptime_secs > 0);
+    // The agent runs in this test process: its memory is ours.
+    assert!(health.agent.rss_bytes > 1 << 20, "{health:?}");
+    assert_eq!(health.node_red, None, "no Node-RED launched");
+    let points = &device.history;
+    assert!(points.windows(2).all(|w| w[0].at <= w[1].at));
+    assert!(points.iter().all(|p| p.agent_rss > 0 && p.memory > 0.0));
+    let text = tether_platform::cli::device_text(
+        &platform
+            .devices()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.id == id)
+            .unwrap(),
+        tether_agent::Clock::system().now_unix(),
+    );
+    assert!(text.contains("cores, load"), "{text}");
+    assert!(text.contains("last hour"), "{text}");
+    agent.shutdown().await;
+    platform.shutdown().await;
+}

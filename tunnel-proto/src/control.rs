@@ -118,6 +118,43 @@ pub struct Heartbeat {
     /// The device's snapshots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotHealth>,
+    /// The device's and its processes' figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Box<DeviceHealth>>,
+}
+
+/// A device's health figures, in a heartbeat. CPU percentages are of one
+/// core (a busy 4-core device reads up to 400) over the time since the
+/// previous heartbeat; sizes are bytes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceHealth {
+    /// The whole device's CPU use, percent of one core.
+    pub cpu_percent: f32,
+    /// CPU cores.
+    pub cpus: u32,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f64; 3],
+    pub memory_total: u64,
+    pub memory_used: u64,
+    /// The file system of the agent's state.
+    pub disk_total: u64,
+    pub disk_free: u64,
+    /// Seconds since the device booted.
+    pub uptime_secs: u64,
+    /// The agent process.
+    pub agent: ProcessHealth,
+    /// The local Node-RED, when the agent launched it and it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_red: Option<ProcessHealth>,
+}
+
+/// One process's figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessHealth {
+    /// Percent of one core.
+    pub cpu_percent: f32,
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
 }
 
 /// Where a device's snapshots stand, in a heartbeat.

@@ -509,6 +509,53 @@ pub fn device_text(d: &DeviceInfo, now: u64) -> String {
     if let Some(w) = &d.window {
         line("window", format!("{w} (device's local time)"));
     }
+    if let Some(h) = &d.health {
+        let mib = |b: u64| b / (1024 * 1024);
+        line(
+            "device",
+            format!(
+                "CPU {:.0} % of {} cores, load {:.2} {:.2} {:.2}, memory {} of {} MiB, disk {} of {} MiB free, up {}",
+                h.cpu_percent / h.cpus.max(1) as f32,
+                h.cpus,
+                h.load[0],
+                h.load[1],
+                h.load[2],
+                mib(h.memory_used),
+                mib(h.memory_total),
+                mib(h.disk_free),
+                mib(h.disk_total),
+                span(h.uptime_secs)
+            ),
+        );
+        line(
+            "agent",
+            format!(
+                "CPU {:.1} %, {:.1} MiB",
+                h.agent.cpu_percent,
+                h.agent.rss_bytes as f64 / 1048576.0
+            ),
+        );
+        if let Some(n) = &h.node_red {
+            line(
+                "node-red",
+                format!(
+                    "CPU {:.1} %, {:.1} MiB",
+                    n.cpu_percent,
+                    n.rss_bytes as f64 / 1048576.0
+                ),
+            );
+        }
+    }
+    if d.history.len() > 1 {
+        let peak = d.history.iter().map(|p| p.cpu).fold(0.0f32, f32::max);
+        line(
+            "last hour",
+            format!(
+                "{} heartbeats, device CPU peak {peak:.0} %",
+                d.history.len()
+            ),
+        );
+    }
     out
 }
 
@@ -851,6 +898,8 @@ mod tests {
             audit: None,
             snapshot: None,
             window: Some("22:00-06:00".into()),
+            health: None,
+            history: Vec::new(),
         };
         assert!(device_text(&device, 100).contains("window       22:00-06:00"));
         let table = device_table(&[device], 100);

@@ -126,16 +126,13 @@ async fn handle(
     match message {
         ControlMessage::Heartbeat(beat) => {
             debug!(seq = beat.seq, rtt_micros = ?beat.rtt_micros, "heartbeat");
-            if let Some(error) =
-                state
-                    .registry
-                    .heartbeat(device_id, generation, beat.audit, beat.snapshot)
-            {
+            let seq = beat.seq;
+            if let Some(error) = state.registry.heartbeat(device_id, generation, beat) {
                 warn!(%error, "the device cannot write its audit trail; its events wait in its memory until it can");
             }
             state.emit(PlatformEvent::Heartbeat {
                 device_id: device_id.to_string(),
-                seq: beat.seq,
+                seq,
             });
             None
         }

@@ -48,6 +48,7 @@ pub mod editor;
 pub mod enroll;
 pub mod files;
 pub mod handoff;
+pub mod health;
 pub mod html;
 pub mod http;
 pub mod keys;

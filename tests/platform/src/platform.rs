@@ -134,7 +134,7 @@ impl Default for TokenSpec {
 }
 
 /// A device as the admin API lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceInfo {
     pub id: String,
     pub name: String,
@@ -172,6 +172,12 @@ pub struct DeviceInfo {
     /// The maintenance window the platform set for the device, if any.
     #[serde(default)]
     pub window: Option<String>,
+    /// The device's health figures, from its last heartbeat, while online.
+    #[serde(default)]
+    pub health: Option<tether_proto::control::DeviceHealth>,
+    /// Its health over the last hour, oldest first.
+    #[serde(default)]
+    pub history: Vec<crate::health::HealthPoint>,
 }
 
 /// Something that happened, for tests and dashboards.
@@ -748,6 +754,8 @@ impl State {
                     audit: live.as_ref().and_then(|l| l.audit.clone()),
                     snapshot: live.as_ref().and_then(|l| l.snapshot.clone()),
                     window: self.snapshots.window(&d.id).and_then(|(w, _)| w),
+                    health: live.as_ref().and_then(|l| l.health.clone()),
+                    history: self.registry.history(&d.id),
                     rtt_micros: live
                         .as_ref()
                         .and_then(|l| l.tunnel.rtt())

@@ -47,6 +47,8 @@ pub struct LiveTunnel {
     pub audit: Option<tether_proto::control::AuditHealth>,
     /// The snapshots, as the last heartbeat reported them.
     pub snapshot: Option<tether_proto::control::SnapshotHealth>,
+    /// The device's health figures, from its last heartbeat.
+    pub health: Option<tether_proto::control::DeviceHealth>,
     /// Signalled after what the platform pushes to the device changed
     /// (protection mode, a renewal request, the grant key's rotations); the
     /// control stream reads them again and pushes them.
@@ -64,6 +66,8 @@ pub struct Registry {
     /// up: two holders of one identity keep taking the tunnel from each
     /// other.
     takeovers: Mutex<HashMap<String, Vec<std::time::Instant>>>,
+    /// Each device's health figures over the last hour.
+    history: crate::health::History,
 }
 
 /// Takeovers of a live tunnel within [`TAKEOVER_WINDOW`] that make an
@@ -92,6 +96,7 @@ impl Registry {
             last_heartbeat: None,
             audit: None,
             snapshot: None,
+            health: None,
             settings: watch::channel(()).0,
             control_reset: Arc::new(tokio::sync::Notify::new()),
         };
@@ -140,6 +145,11 @@ impl Registry {
     }
 
     /// The device's live tunnel, if any.
+    /// A device's health figures over the last hour, oldest first.
+    pub fn history(&self, device_id: &str) -> Vec<crate::health::HealthPoint> {
+        self.history.of(device_id, unix_now())
+    }
+
     pub fn get(&self, device_id: &str) -> Option<LiveTunnel> {
         self.lock().get(device_id).cloned()
     }
@@ -151,8 +161,7 @@ impl Registry {
         &self,
         device_id: &str,
         generation: u64,
-        audit: Option<tether_proto::control::AuditHealth>,
-        snapshot: Option<tether_proto::control::SnapshotHealth>,
+        beat: tether_proto::control::Heartbeat,
     ) -> Option<String> {
         let mut live = self.lock();
         let t = live
@@ -160,8 +169,12 @@ impl Registry {
             .filter(|t| t.generation == generation)?;
         t.last_heartbeat = Some(SystemTime::now());
         let before = t.audit.as_ref().and_then(|a| a.error.clone());
-        t.audit = audit;
-        t.snapshot = snapshot;
+        t.audit = beat.audit;
+        t.snapshot = beat.snapshot;
+        if let Some(health) = &beat.health {
+            self.history.note(device_id, unix_now(), health);
+        }
+        t.health = beat.health.map(|h| *h);
         let now = t.audit.as_ref().and_then(|a| a.error.clone());
         now.filter(|e| before.as_ref() != Some(e))
     }

@@ -383,19 +383,20 @@ async fn index(state: &State, headers: &HeaderMap) -> Response<Body> {
         } else {
             String::new()
         };
+        let chart = crate::health::chart(&d.history, crate::platform::unix_now());
         rows.push_str(&format!(
-            "<tr><td>{}</td><td><code>{id}</code></td><td>{status}</td><td>{protection}{toggle}</td><td>{editor}</td></tr>\n",
+            "<tr><td>{}</td><td><code>{id}</code></td><td>{status}</td><td>{protection}{toggle}</td><td>{chart}</td><td>{editor}</td></tr>\n",
             escape(&d.name)
         ));
     }
     if rows.is_empty() {
-        rows.push_str("<tr><td colspan=\"5\">No devices in this team yet.</td></tr>\n");
+        rows.push_str("<tr><td colspan=\"6\">No devices in this team yet.</td></tr>\n");
     }
     let body = format!(
         "<h1>Tether</h1>\n<p>Logged in as <strong>{}</strong>, {} of team <strong>{}</strong>. \
 <form class=\"inline\" method=\"post\" action=\"/logout\">{token}<button type=\"submit\">Log out</button></form> \
 <a href=\"/audit\">Audit trail</a></p>\n\
-<table>\n<tr><th>Name</th><th>Device</th><th>Status</th><th>Protection</th><th></th></tr>\n{rows}</table>",
+<table>\n<tr><th>Name</th><th>Device</th><th>Status</th><th>Protection</th><th>Last hour: CPU (red), memory (blue)</th><th></th></tr>\n{rows}</table>",
         escape(&user.name),
         user.role,
         escape(&user.team)
