@@ -9,6 +9,7 @@
 //! made on the spot for a snapshot's modules).
 
 pub mod bench;
+pub mod flows;
 pub mod npm;
 pub mod tools;
 pub mod web;

@@ -19,6 +19,21 @@ use common::*;
 use tether_agent::Agent;
 use tether_agent::clock::Clock;
 
+/// `tetherd snapshot apply-now --state-dir STATE EXTRA...`; its exit code.
+async fn apply_now(state: &std::path::Path, extra: &[&str]) -> u8 {
+    let mut args = vec![
+        "tetherd".to_string(),
+        "snapshot".into(),
+        "apply-now".into(),
+        "--state-dir".into(),
+        state.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || tether_agent::cli::main_with(args))
+        .await
+        .unwrap()
+}
+
 /// `HH:MM` (UTC) of a Unix time.
 fn hm(secs: u64) -> String {
     format!("{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60)
@@ -98,32 +113,12 @@ async fn a_snapshot_outside_the_window_waits_for_it_or_for_apply_now() {
     let waits = outcome(&agent, "staged 2", ready).await;
     assert!(waits.contains(&closed), "{waits}");
     assert_eq!(hello(port).await.as_deref(), Some("hello from snapshot 1"));
-    let args = [
-        "tetherd".to_string(),
-        "snapshot".into(),
-        "apply-now".into(),
-        "--state-dir".into(),
-        state.display().to_string(),
-        "--wait".into(),
-        "90s".into(),
-    ];
-    let code = tokio::task::spawn_blocking(move || tether_agent::cli::main_with(args))
-        .await
-        .unwrap();
+    let code = apply_now(&state, &["--wait", "90s"]).await;
     assert_eq!(code, 0, "apply-now reports the snapshot applied");
     assert_eq!(hello(port).await.as_deref(), Some("hello from snapshot 2"));
 
     // Nothing is staged now: apply-now says so.
-    let args = [
-        "tetherd".to_string(),
-        "snapshot".into(),
-        "apply-now".into(),
-        "--state-dir".into(),
-        state.display().to_string(),
-    ];
-    let code = tokio::task::spawn_blocking(move || tether_agent::cli::main_with(args))
-        .await
-        .unwrap();
+    let code = apply_now(&state, &[]).await;
     assert_eq!(code, tether_agent::exit::UNAVAILABLE);
 
     // The platform's audit trail has the window changes and the request.

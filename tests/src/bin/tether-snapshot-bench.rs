@@ -376,23 +376,7 @@ async fn applied(agent: &Agent, version: u64) -> Result<()> {
 /// The flow of `tests/tests/snapshot_node_red.rs`: `GET /hello` answers
 /// the environment variable `GREETING`, which `env.json` sets.
 fn files(greeting: &str) -> Result<Vec<(String, Vec<u8>)>> {
-    let flows = serde_json::json!([
-        {"id": "t1", "type": "tab", "label": "hello"},
-        {"id": "in1", "type": "http in", "z": "t1", "url": "/hello", "method": "get",
-         "wires": [["set1"]]},
-        {"id": "set1", "type": "change", "z": "t1",
-         "rules": [{"t": "set", "p": "payload", "pt": "msg", "to": "GREETING", "tot": "env"}],
-         "wires": [["out1"]]},
-        {"id": "out1", "type": "http response", "z": "t1", "statusCode": "", "headers": {},
-         "wires": []}
-    ]);
-    Ok(vec![
-        ("flows.json".into(), serde_json::to_vec(&flows)?),
-        (
-            "env.json".into(),
-            serde_json::to_vec(&serde_json::json!({ "GREETING": greeting }))?,
-        ),
-    ])
+    Ok(tether_e2e::flows::hello_files(greeting, false))
 }
 
 /// What one request got.

@@ -8,35 +8,14 @@ use super::*;
 use tether_agent::config::{NodeRedConfig, NodeRedMode};
 use tether_e2e::{npm, tools};
 
-/// A flow answering `GET /hello` with the environment variable GREETING,
-/// plus, for a broken snapshot, a node of a type nobody installed.
+/// See [`tether_e2e::flows::hello`].
 pub fn flows(broken: bool) -> Vec<u8> {
-    let mut nodes = serde_json::json!([
-        {"id": "t1", "type": "tab", "label": "hello"},
-        {"id": "in1", "type": "http in", "z": "t1", "url": "/hello", "method": "get",
-         "wires": [["set1"]]},
-        {"id": "set1", "type": "change", "z": "t1",
-         "rules": [{"t": "set", "p": "payload", "pt": "msg", "to": "GREETING", "tot": "env"}],
-         "wires": [["out1"]]},
-        {"id": "out1", "type": "http response", "z": "t1", "statusCode": "", "headers": {},
-         "wires": []}
-    ]);
-    if broken {
-        nodes.as_array_mut().unwrap().push(
-            serde_json::json!({"id": "x1", "type": "tether-not-installed", "z": "t1", "wires": []}),
-        );
-    }
-    serde_json::to_vec(&nodes).unwrap()
+    tether_e2e::flows::hello(broken)
 }
 
+/// See [`tether_e2e::flows::hello_files`].
 pub fn files(greeting: &str, broken: bool) -> Vec<(String, Vec<u8>)> {
-    vec![
-        ("flows.json".into(), flows(broken)),
-        (
-            "env.json".into(),
-            serde_json::to_vec(&serde_json::json!({ "GREETING": greeting })).unwrap(),
-        ),
-    ]
+    tether_e2e::flows::hello_files(greeting, broken)
 }
 
 /// `GET /hello` on Node-RED's port: the body, if it answered 200.
