@@ -209,6 +209,14 @@ impl Envelope {
             .map_err(|_| Refusal::Malformed("`signed` is not base64url".into()))
     }
 
+    /// Whether `key` (hex) signed this envelope's document under
+    /// `context` (a signature that verifies, not just one listed under the
+    /// key's name). The platform uses it to recognise its own signatures.
+    pub fn is_signed_by(&self, context: &[u8], key: &str) -> bool {
+        self.document()
+            .is_ok_and(|document| self.signed_by(context, &document, key))
+    }
+
     /// Whether `key` (hex) signed the document under `context`.
     fn signed_by(&self, context: &[u8], document: &[u8], key: &str) -> bool {
         let Some(public) = from_hex32(key) else {
@@ -504,35 +512,61 @@ impl<'a> ComponentCheck<'a> {
 }
 
 /// The `snapshot` stream (`docs/protocol.md` §18): the device asks for a
-/// version, the platform answers with the manifest's envelope, then sends
-/// every component's bytes in the manifest's order, each exactly as long as
-/// the manifest says. The device verifies the envelope before it reads a
+/// version and says which root version it trusts; the platform answers
+/// with every newer root version it has (oldest first, at most
+/// [`MAX_ROOT_STEPS`]), then the manifest's envelope, then every
+/// component's bytes in the manifest's order, each exactly as long as the
+/// manifest says. The device walks the roots ([`Trust::update`]) and
+/// verifies the envelope with the trust it arrives at before it reads a
 /// component byte, and reads no more than the verified lengths.
 ///
-/// Both messages are framed: a 4-byte big-endian length, then that many
+/// Every message is framed: a 4-byte big-endian length, then that many
 /// bytes of JSON. This module only encodes and checks; it does no I/O.
 pub mod pull {
     use serde::{Deserialize, Serialize};
 
-    use super::{Envelope, MAX_ENVELOPE};
+    use super::{Envelope, MAX_ENVELOPE, MAX_KEYS, MAX_ROOT_STEPS};
 
     /// Largest request, bytes.
     pub const MAX_REQUEST: usize = 1024;
-    /// Largest answer header: an envelope (at most [`MAX_ENVELOPE`] once
-    /// serialised) and a little JSON around it.
+    /// Largest answer frame (a root, the snapshot's envelope or a
+    /// refusal): an envelope (at most [`MAX_ENVELOPE`] once serialised) and
+    /// a little JSON around it.
     pub const MAX_ANSWER: usize = MAX_ENVELOPE + 1024;
+    /// The root version of a device that never walked a rotation: the key
+    /// it pinned at enrollment.
+    pub const PINNED_ROOT: u64 = 1;
 
-    /// Device → platform: the version the notice named.
+    /// Device → platform: the version the notice named, and the root
+    /// version the device trusts.
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Request {
         pub version: u64,
+        /// The root version the device trusts. Left out when it is
+        /// [`PINNED_ROOT`], so a request reads the same as before rotation
+        /// existed (a platform that predates it still understands it); a
+        /// request without it means [`PINNED_ROOT`].
+        #[serde(default = "pinned_root", skip_serializing_if = "is_pinned_root")]
+        pub root_version: u64,
+    }
+
+    fn pinned_root() -> u64 {
+        PINNED_ROOT
+    }
+
+    fn is_pinned_root(version: &u64) -> bool {
+        *version == PINNED_ROOT
     }
 
     /// Platform → device.
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
     #[serde(tag = "type", rename_all = "snake_case")]
     pub enum Answer {
+        /// A root version newer than the one the device trusts, signed by
+        /// the root key before it and by its own; before the snapshot,
+        /// oldest first.
+        Root { envelope: Envelope },
         /// The manifest's envelope; the components follow, in order.
         Snapshot { envelope: Envelope },
         /// The platform has no such snapshot for this device (or will not
@@ -547,6 +581,8 @@ pub mod pull {
         TooLarge { len: usize, max: usize },
         #[error("a snapshot stream message is not valid JSON of the expected shape: {0}")]
         Malformed(String),
+        #[error("the platform sent more than {MAX_ROOT_STEPS} root versions before the snapshot")]
+        TooManyRoots,
     }
 
     /// `value` framed: its length, then its JSON.
@@ -571,6 +607,82 @@ pub mod pull {
     /// Parses a frame's body.
     pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, PullError> {
         serde_json::from_slice(body).map_err(|e| PullError::Malformed(e.to_string()))
+    }
+
+    /// What the answer frames of one pull came to.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Pulled {
+        /// The roots to walk (oldest first, maybe none), then the
+        /// manifest's envelope; the components follow on the stream.
+        Snapshot {
+            roots: Vec<Envelope>,
+            envelope: Envelope,
+        },
+        /// The platform will not send the snapshot.
+        Refused { message: String },
+    }
+
+    /// The device's side of the answers: root frames, at most
+    /// [`MAX_ROOT_STEPS`], then the snapshot or a refusal. Each frame's
+    /// size is checked by [`body_len`] before it is read; this counts the
+    /// roots (so at most `MAX_ROOT_STEPS` frames of [`MAX_ANSWER`] bytes
+    /// are held) and bounds each envelope's signatures. The roots are not
+    /// verified here: [`super::Trust::update`] does that.
+    #[derive(Debug, Default)]
+    pub struct Answers {
+        roots: Vec<Envelope>,
+    }
+
+    impl Answers {
+        pub fn new() -> Answers {
+            Answers::default()
+        }
+
+        /// Takes the next frame's body: `None` after a root (read the next
+        /// frame), the outcome after the snapshot or a refusal (read no
+        /// more frames: the components follow a snapshot).
+        pub fn take(&mut self, body: &[u8]) -> Result<Option<Pulled>, PullError> {
+            match decode::<Answer>(body)? {
+                Answer::Root { envelope } => {
+                    if self.roots.len() >= MAX_ROOT_STEPS {
+                        return Err(PullError::TooManyRoots);
+                    }
+                    bounded(&envelope)?;
+                    self.roots.push(envelope);
+                    Ok(None)
+                }
+                Answer::Snapshot { envelope } => {
+                    bounded(&envelope)?;
+                    Ok(Some(Pulled::Snapshot {
+                        roots: std::mem::take(&mut self.roots),
+                        envelope,
+                    }))
+                }
+                Answer::Refused { message } => Ok(Some(Pulled::Refused { message })),
+            }
+        }
+    }
+
+    fn bounded(envelope: &Envelope) -> Result<(), PullError> {
+        if envelope.signatures.len() > MAX_KEYS {
+            return Err(PullError::Malformed(format!(
+                "an envelope with {} signatures, more than {MAX_KEYS}",
+                envelope.signatures.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The platform's side: the root versions to send a device that
+    /// trusts `trusted` when the newest is `newest`, oldest first: each
+    /// after `trusted`, at most [`MAX_ROOT_STEPS`] of them (empty when the
+    /// device is not behind). Version 1 is the pinned key and has no
+    /// document, so the first version ever sent is 2. A device further
+    /// behind walks the rest at its next pull.
+    pub fn root_versions_after(trusted: u64, newest: u64) -> impl Iterator<Item = u64> {
+        (trusted.max(PINNED_ROOT)..newest)
+            .map(|before| before + 1)
+            .take(MAX_ROOT_STEPS)
     }
 }
 

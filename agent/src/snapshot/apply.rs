@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use jiff::tz::TimeZone;
 use tether_proto::control::SnapshotHealth;
-use tether_proto::snapshot::{Trust, modules};
+use tether_proto::snapshot::modules;
 use tether_proto::tokio_io::Tunnel;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 use super::content::{self, Content};
 use super::modules::Installer;
 use super::pull::{self, Checks};
+use super::trust::TrustStore;
 use super::{Folder, Phase, Recovered};
 use crate::agent::Shared;
 use crate::audit::{Audit, AuditEvent, SnapshotOutcome};
@@ -61,7 +62,8 @@ pub struct Applier {
     shared: Arc<Shared>,
     folder: Option<Folder>,
     node_red: Option<NodeRedHandle>,
-    trust: Trust,
+    /// The snapshot root trusted now, kept in the state directory.
+    trust: TrustStore,
     /// The time zone maintenance windows are read in.
     tz: TimeZone,
 }
@@ -95,11 +97,14 @@ impl Applier {
                 TimeZone::UTC
             }
         };
+        // A kept trust that cannot be read is logged here and refuses
+        // every snapshot with what to do; the running flows stay.
+        let trust = TrustStore::load(shared.state.root(), snapshot_key);
         Applier {
             shared,
             folder: Some(folder),
             node_red,
-            trust: Trust::pinned(snapshot_key),
+            trust,
             tz,
         }
     }
@@ -329,15 +334,13 @@ impl Applier {
             return;
         };
         let checks = Checks {
-            trust: self.trust.clone(),
             device: self.shared.device_id(),
             installed: journal.highest,
             now: self.shared.config.clock.now_unix(),
         };
         info!(version, "pulling snapshot");
-        let (envelope, manifest, stream) = match pull::fetch_manifest(tunnel, version, &checks)
-            .await
-        {
+        let fetched = pull::fetch_manifest(tunnel, version, &checks, &mut self.trust).await;
+        let (envelope, manifest, stream) = match fetched {
             Ok(fetched) => fetched,
             Err(e) if e.is_rejection() => return self.reject(version, e.to_string()).await,
             Err(e) => {

@@ -7,7 +7,9 @@
 //! stopped. It writes a component only after checking it against the
 //! manifest, never changes a version's folder once it exists, and never
 //! points `current` at anything but a whole, synced version.
-//! [`pull`] fetches a version on a `snapshot` stream, [`content`] checks
+//! [`pull`] fetches a version on a `snapshot` stream (walking the
+//! platform's key rotations into [`trust`], the root the device trusts),
+//! [`content`] checks
 //! what Node-RED will read, and [`apply`] is the task that ties them to the
 //! launcher and the health probe: it alone switches, commits and rolls back.
 //! Nothing here decides what a role may do in the editor.
@@ -18,6 +20,7 @@ pub mod content;
 mod folder;
 pub mod modules;
 pub mod pull;
+pub mod trust;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

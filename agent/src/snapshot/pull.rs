@@ -1,23 +1,27 @@
 //! Pulling a snapshot from the platform on a `snapshot` stream
-//! (`docs/protocol.md` §18): ask for a version, read the manifest's
-//! envelope (bounded before it is read), verify it, then stage the
+//! (`docs/protocol.md` §18): ask for a version, naming the root version
+//! the device trusts; read the root versions the platform sends first and
+//! the manifest's envelope (each frame bounded before it is read, the roots
+//! counted); walk the roots and keep the trust they lead to
+//! ([`super::trust`]), verify the envelope with it, then stage the
 //! components straight from the stream, each read only up to the length the
 //! verified manifest gives and checked while it is written.
 //!
 //! This module never runs what it pulls and never writes outside the
-//! snapshot folder's staging area.
+//! snapshot folder's staging area and the kept trust.
 
 use std::cell::RefCell;
 use std::io::Read;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tether_proto::snapshot::pull::{self, Answer, Request};
-use tether_proto::snapshot::{Envelope, Manifest, Refusal, Trust};
+use tether_proto::snapshot::pull::{self, Answers, Pulled, Request};
+use tether_proto::snapshot::{Envelope, Manifest, Refusal};
 use tether_proto::tokio_io::{Tunnel, TunnelStream};
 use tether_proto::{Service, ServiceHeader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::trust::{TrustError, TrustStore};
 use super::{Folder, FolderError};
 
 /// The platform must send something at least this often while a snapshot
@@ -39,6 +43,12 @@ pub enum PullError {
     Refused { version: u64, message: String },
     #[error("{0}")]
     Rejected(#[from] Refusal),
+    #[error(
+        "the platform's snapshot key rotation was refused: {refusal}; the device keeps trusting root version {trusted}"
+    )]
+    Root { trusted: u64, refusal: Refusal },
+    #[error("{0}")]
+    Trust(#[from] TrustError),
     #[error("{0}")]
     Folder(#[from] FolderError),
 }
@@ -49,15 +59,17 @@ impl PullError {
     pub fn is_rejection(&self) -> bool {
         matches!(
             self,
-            PullError::Rejected(_) | PullError::Folder(FolderError::Refused(_))
+            PullError::Rejected(_)
+                | PullError::Root { .. }
+                | PullError::Trust(TrustError::Unreadable { .. })
+                | PullError::Folder(FolderError::Refused(_))
         )
     }
 }
 
-/// What the device checks a manifest against.
+/// What the device checks a manifest against (besides the trust).
 #[derive(Clone, Debug)]
 pub struct Checks {
-    pub trust: Trust,
     pub device: String,
     /// The highest version the device ever switched to.
     pub installed: u64,
@@ -65,33 +77,64 @@ pub struct Checks {
     pub now: u64,
 }
 
-/// Asks for `version` and reads the answer's envelope; returns it verified,
-/// with the stream positioned at the first component.
+/// Asks for `version` and reads the answers: the root versions newer than
+/// the trusted one, walked and kept in `trust` (written before it is
+/// used), then the envelope, verified with the trust they lead to. Returns
+/// it verified, with the stream positioned at the first component. A walk
+/// that fails changes nothing and rejects the snapshot; so does a kept
+/// trust that cannot be read.
 pub async fn fetch_manifest(
     tunnel: &Tunnel,
     version: u64,
     checks: &Checks,
+    trust: &mut TrustStore,
 ) -> Result<(Envelope, Manifest, TunnelStream), PullError> {
+    let trusted = trust
+        .current()
+        .map_err(|e| PullError::Trust(e.clone()))?
+        .clone();
     let mut stream = tunnel
         .open(ServiceHeader::new(Service::Snapshot))
         .map_err(|e| PullError::Open(e.to_string()))?;
-    stream
-        .write_all(&pull::encode(&Request { version }))
-        .await?;
+    let request = Request {
+        version,
+        root_version: trusted.root.version,
+    };
+    stream.write_all(&pull::encode(&request)).await?;
     stream.flush().await?;
-    let mut header = [0u8; 4];
-    idle(stream.read_exact(&mut header)).await?;
-    let len = pull::body_len(header, pull::MAX_ANSWER)?;
-    let mut body = vec![0u8; len];
-    idle(stream.read_exact(&mut body)).await?;
-    let envelope = match pull::decode::<Answer>(&body)? {
-        Answer::Snapshot { envelope } => envelope,
-        Answer::Refused { message } => return Err(PullError::Refused { version, message }),
+    let mut answers = Answers::new();
+    let (roots, envelope) = loop {
+        let mut header = [0u8; 4];
+        idle(stream.read_exact(&mut header)).await?;
+        let len = pull::body_len(header, pull::MAX_ANSWER)?;
+        let mut body = vec![0u8; len];
+        idle(stream.read_exact(&mut body)).await?;
+        match answers.take(&body)? {
+            None => continue,
+            Some(Pulled::Snapshot { roots, envelope }) => break (roots, envelope),
+            Some(Pulled::Refused { message }) => {
+                return Err(PullError::Refused { version, message });
+            }
+        }
+    };
+    let walked = if roots.is_empty() {
+        trusted
+    } else {
+        let walked = trusted
+            .update(&roots, checks.now)
+            .map_err(|refusal| PullError::Root {
+                trusted: trusted.root.version,
+                refusal,
+            })?;
+        // Kept once the roots verified, before the manifest is checked
+        // (as TUF does): the walk stands whatever the snapshot turns out
+        // to be, and a device too far behind for one pull gets on at the
+        // next one.
+        trust.keep(walked.clone()).await?;
+        walked
     };
     let manifest =
-        checks
-            .trust
-            .verify_manifest(&envelope, &checks.device, checks.installed, checks.now)?;
+        walked.verify_manifest(&envelope, &checks.device, checks.installed, checks.now)?;
     if manifest.version != version {
         return Err(PullError::Rejected(Refusal::Malformed(format!(
             "asked for version {version}, the platform sent version {}",

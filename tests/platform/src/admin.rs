@@ -175,6 +175,31 @@ pub struct RotateGrantKeyResponse {
     pub rotations: usize,
 }
 
+/// `POST /v1/admin/keys/snapshot/rotate` body.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSnapshotKeysRequest {
+    /// Revoke the old root key and snapshot key: after a leak. Devices then
+    /// refuse anything they sign.
+    #[serde(default)]
+    pub revoke_old: bool,
+}
+
+/// `POST /v1/admin/keys/snapshot/rotate` answer: the new root.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RotateSnapshotKeysResponse {
+    /// The new root version.
+    pub root_version: u64,
+    /// Its root key (Ed25519 public key, hex): signs the next rotation.
+    pub root_key: String,
+    /// Its snapshot key (hex): signs every manifest from now on.
+    pub snapshot_key: String,
+    /// The keys this rotation revoked (hex; empty without `revoke_old`).
+    pub revoked: Vec<String>,
+    /// When the new root expires (Unix seconds).
+    pub expires_at: u64,
+}
+
 /// `DELETE /v1/admin/users/{name}` answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RemoveUserResponse {
@@ -281,6 +306,9 @@ pub async fn handle(
                 reply::internal()
             }
         },
+        (&Method::POST, ["keys", "snapshot", "rotate"]) => {
+            rotate_snapshot_keys(&state, req.into_body()).await
+        }
         (&Method::POST, ["devices", id, "certificates", fp, "revoke"]) => {
             revoke_certificate(&state, id, fp).await
         }
@@ -729,6 +757,29 @@ async fn protect(state: &State, id: &str, body: Incoming) -> Response<Body> {
         Err(PlatformError::NoDevice(_)) => no_device(id),
         Err(e) => {
             warn!(cause = %e, "cannot set the protection mode");
+            reply::internal()
+        }
+    }
+}
+
+async fn rotate_snapshot_keys(state: &Arc<State>, body: Incoming) -> Response<Body> {
+    let request: RotateSnapshotKeysRequest = match reply::read_json(body, MAX_ADMIN_BODY).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    match state.rotate_snapshot_keys(request.revoke_old).await {
+        Ok(root) => reply::json(
+            StatusCode::OK,
+            &RotateSnapshotKeysResponse {
+                root_version: root.version,
+                root_key: root.root_key,
+                snapshot_key: root.snapshot_keys.first().cloned().unwrap_or_default(),
+                revoked: root.revoked,
+                expires_at: root.expires_at,
+            },
+        ),
+        Err(e) => {
+            warn!(cause = %e, "cannot rotate the snapshot keys");
             reply::internal()
         }
     }

@@ -237,6 +237,20 @@ pub enum KeysCommand {
     /// signed by the old one, without enrolling again; grants signed by the old key are
     /// refused once the grants signed before the rotation have expired.
     RotateGrant(DataDir),
+    /// Rotate the snapshot keys: a new root key and a new snapshot key, announced as the next
+    /// root version signed by the old root key and the new one. Every snapshot is signed with
+    /// the new key from now on; devices walk the new root at their next snapshot pull.
+    RotateSnapshot(RotateSnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateSnapshotArgs {
+    /// Revoke the old root key and snapshot key (after a leak): devices refuse anything they
+    /// sign once they have walked the new root.
+    #[arg(long)]
+    pub revoke_old: bool,
+    #[command(flatten)]
+    pub data: DataDir,
 }
 
 #[derive(Debug, Subcommand)]
@@ -985,5 +999,27 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn keys_rotate_snapshot_revokes_the_old_keys_only_when_asked() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["tether-platform", "keys", "rotate-snapshot"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|cli| cli.command) {
+                Ok(Command::Keys(KeysCommand::RotateSnapshot(args))) => {
+                    Ok((args.revoke_old, args.data.data_dir))
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.kind()),
+            }
+        };
+        assert_eq!(parse(&["--data-dir", "d"]), Ok((false, "d".into())));
+        assert_eq!(
+            parse(&["--revoke-old", "--data-dir", "d"]),
+            Ok((true, "d".into()))
+        );
+        assert!(parse(&[]).is_err(), "the data directory is required");
+        assert!(parse(&["--revoke", "--data-dir", "d"]).is_err());
     }
 }

@@ -27,8 +27,8 @@ use tokio_rustls::TlsConnector;
 use crate::admin::{
     CreateTokenRequest, CreateTokenResponse, CreateUserRequest, ProtectionRequest,
     ProtectionResponse, RemoveUserResponse, RenewResponse, RevokeCertificateResponse,
-    RevokeResponse, RotateGrantKeyResponse, SetPasswordRequest, SetRoleRequest, TCP_UPGRADE,
-    UserChangeResponse,
+    RevokeResponse, RotateGrantKeyResponse, RotateSnapshotKeysRequest, RotateSnapshotKeysResponse,
+    SetPasswordRequest, SetRoleRequest, TCP_UPGRADE, UserChangeResponse,
 };
 use crate::ca::CA_CERT_FILE;
 use crate::files;
@@ -223,6 +223,17 @@ impl AdminClient {
             Some(Vec::new()),
         )
         .await
+    }
+
+    /// `POST /v1/admin/keys/snapshot/rotate`.
+    pub async fn rotate_snapshot_keys(
+        &self,
+        revoke_old: bool,
+    ) -> Result<RotateSnapshotKeysResponse, ClientError> {
+        let body = serde_json::to_vec(&RotateSnapshotKeysRequest { revoke_old })
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        self.json(Method::POST, "/v1/admin/keys/snapshot/rotate", Some(body))
+            .await
     }
 
     /// `POST /v1/admin/devices/{id}/renew`.

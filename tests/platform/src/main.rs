@@ -235,6 +235,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Keys(KeysCommand::RotateSnapshot(args)) => {
+            let client = AdminClient::from_data_dir(&args.data.data_dir)?;
+            let rotated = client.rotate_snapshot_keys(args.revoke_old).await?;
+            println!(
+                "snapshot keys rotated: root version {}, snapshot key {}, root key {}, expires {}",
+                rotated.root_version,
+                rotated.snapshot_key,
+                rotated.root_key,
+                tether_platform::cli::rfc3339(rotated.expires_at)
+            );
+            if rotated.revoked.is_empty() {
+                println!("nothing revoked; devices walk the new root at their next snapshot pull");
+            } else {
+                println!(
+                    "revoked {}; devices refuse what those keys sign once they walk the new root (at their next snapshot pull: push a new snapshot version to make it now)",
+                    rotated.revoked.join(", ")
+                );
+            }
+            Ok(())
+        }
         Command::Device(DeviceCommand::Renew(args)) => {
             let client = AdminClient::from_data_dir(&args.data.data_dir)?;
             let renew = client.request_renewal(&args.id).await?;

@@ -602,6 +602,18 @@ impl Platform {
         self.state.rotate_grant_key().await
     }
 
+    /// Rotates the snapshot keys (`keys::SigningKeys::rotate_snapshot_keys`):
+    /// a new root version signed by the old root key and the new one, and a
+    /// new snapshot key that signs every manifest from now on; with
+    /// `revoke_old`, the old root and snapshot keys are revoked. Devices
+    /// walk the new root at their next snapshot pull. Returns the new root.
+    pub async fn rotate_snapshot_keys(
+        &self,
+        revoke_old: bool,
+    ) -> Result<tether_proto::snapshot::Root, PlatformError> {
+        self.state.rotate_snapshot_keys(revoke_old).await
+    }
+
     /// Ends the control stream of a device's live tunnel; a device does
     /// not run without one, so it closes the tunnel and connects again.
     /// True if the device was online.
@@ -1030,6 +1042,25 @@ impl State {
         let told = self.registry.signal_all();
         info!(new_key = %rotation.to, devices_told = told, "grant key rotated");
         Ok(rotation.to)
+    }
+
+    /// Rotates the snapshot keys; see [`Platform::rotate_snapshot_keys`].
+    pub async fn rotate_snapshot_keys(
+        self: &Arc<Self>,
+        revoke_old: bool,
+    ) -> Result<tether_proto::snapshot::Root, PlatformError> {
+        let state = self.clone();
+        let root = tokio::task::spawn_blocking(move || {
+            state.keys.rotate_snapshot_keys(revoke_old, unix_now())
+        })
+        .await
+        .map_err(|e| PlatformError::Task(e.to_string()))??;
+        info!(
+            root_version = root.version,
+            revoked = root.revoked.len(),
+            "snapshot keys rotated"
+        );
+        Ok(root)
     }
 
     /// Stores the device's protection mode, then tells its live control

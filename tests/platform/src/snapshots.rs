@@ -457,7 +457,7 @@ async fn answer(
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await?;
     let request: Request = pull::decode(&body).map_err(std::io::Error::other)?;
-    let (envelope, manifest) = match state.snapshots.manifest(device, request.version) {
+    let (stored, manifest) = match state.snapshots.manifest(device, request.version) {
         Ok(found) => found,
         Err(e) => {
             warn!(
@@ -472,6 +472,42 @@ async fn answer(
             return Ok(None);
         }
     };
+    // The roots the device has not walked yet, oldest first: it verifies
+    // the manifest, signed with the newest root's key, with the trust it
+    // reaches.
+    let (roots, envelope, again) = match state.keys.snapshot_answer(request.root_version, stored) {
+        Ok(answer) => answer,
+        Err(e) => {
+            warn!(device, cause = %e, "cannot read the snapshot root chain");
+            let refused = Answer::Refused {
+                message:
+                    "the platform cannot read its snapshot root chain; an operator must restore it"
+                        .into(),
+            };
+            stream.write_all(&pull::encode(&refused)).await?;
+            return Ok(None);
+        }
+    };
+    if !roots.is_empty() {
+        debug!(
+            device,
+            from = request.root_version,
+            roots = roots.len(),
+            "sending the device the snapshot roots it has not walked"
+        );
+    }
+    for envelope in roots {
+        stream
+            .write_all(&pull::encode(&Answer::Root { envelope }))
+            .await?;
+    }
+    if again {
+        debug!(
+            device,
+            version = request.version,
+            "snapshot signed before a key rotation: signed again with the current snapshot key"
+        );
+    }
     stream
         .write_all(&pull::encode(&Answer::Snapshot { envelope }))
         .await?;

@@ -351,13 +351,14 @@ fn paths_are_plain_relative_paths() {
 #[test]
 fn pull_frames_round_trip_and_oversized_ones_are_refused_before_reading() {
     use super::pull::{self, Answer, Request};
-    let wire = pull::encode(&Request { version: 7 });
+    let request = Request {
+        version: 7,
+        root_version: 2,
+    };
+    let wire = pull::encode(&request);
     let len = pull::body_len(wire[..4].try_into().unwrap(), pull::MAX_REQUEST).unwrap();
     assert_eq!(len, wire.len() - 4);
-    assert_eq!(
-        pull::decode::<Request>(&wire[4..]).unwrap(),
-        Request { version: 7 }
-    );
+    assert_eq!(pull::decode::<Request>(&wire[4..]).unwrap(), request);
     let refused = Answer::Refused {
         message: "no such version".into(),
     };
@@ -371,4 +372,251 @@ fn pull_frames_round_trip_and_oversized_ones_are_refused_before_reading() {
     ));
     assert!(pull::decode::<Request>(br#"{"version": 1, "extra": 2}"#).is_err());
     assert!(pull::decode::<Answer>(b"not json").is_err());
+}
+
+/// A chain of `n` rotations from `pinned`: roots 2..=n+1, each signed by the
+/// root key before it and its own, with their snapshot keys.
+fn chain(pinned: &Ed25519KeyPair, n: usize) -> (Vec<Envelope>, Vec<Ed25519KeyPair>) {
+    let mut roots = Vec::new();
+    let mut snapshot_keys = Vec::new();
+    let mut previous: Option<Ed25519KeyPair> = None;
+    for i in 0..n {
+        let (root, snap) = (key(), key());
+        let by = previous.as_ref().unwrap_or(pinned);
+        roots.push(seal(
+            ROOT_CONTEXT,
+            &root_doc(i as u64 + 2, &root, &[&snap], &[]),
+            &[by, &root],
+        ));
+        previous = Some(root);
+        snapshot_keys.push(snap);
+    }
+    (roots, snapshot_keys)
+}
+
+#[test]
+fn requests_name_the_trusted_root_and_read_like_before_at_the_pinned_one() {
+    use super::pull::{self, PINNED_ROOT, Request};
+    // At the pinned root the field is left out: a platform that predates
+    // rotation reads the request as before.
+    let pinned = Request {
+        version: 7,
+        root_version: PINNED_ROOT,
+    };
+    assert_eq!(serde_json::to_string(&pinned).unwrap(), r#"{"version":7}"#);
+    // A request without it (an agent that predates rotation) means the
+    // pinned root.
+    assert_eq!(
+        pull::decode::<Request>(br#"{"version": 7}"#).unwrap(),
+        pinned
+    );
+    let rotated = Request {
+        version: 7,
+        root_version: 3,
+    };
+    let wire = pull::encode(&rotated);
+    assert_eq!(
+        std::str::from_utf8(&wire[4..]).unwrap(),
+        r#"{"version":7,"root_version":3}"#
+    );
+    assert_eq!(pull::decode::<Request>(&wire[4..]).unwrap(), rotated);
+    assert!(wire.len() - 4 <= pull::MAX_REQUEST);
+    for bad in [
+        &br#"{"version": 7, "root_version": -1}"#[..],
+        br#"{"version": 7, "root_version": "3"}"#,
+        br#"{"root_version": 3}"#,
+    ] {
+        assert!(
+            matches!(
+                pull::decode::<Request>(bad),
+                Err(pull::PullError::Malformed(_))
+            ),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+#[test]
+fn root_frames_come_before_the_snapshot_and_the_device_walks_them() {
+    use super::pull::{self, Answer, Answers, Pulled};
+    let pinned = key();
+    let (roots, snapshot_keys) = chain(&pinned, 2);
+    let envelope = signed(&manifest(1), &snapshot_keys[1]);
+
+    // What the platform writes: each newer root, oldest first, then the
+    // snapshot; each frame within the answer limit.
+    let mut wire = Vec::new();
+    for version in pull::root_versions_after(1, 3) {
+        wire.extend(pull::encode(&Answer::Root {
+            envelope: roots[version as usize - 2].clone(),
+        }));
+    }
+    wire.extend(pull::encode(&Answer::Snapshot {
+        envelope: envelope.clone(),
+    }));
+
+    // What the device reads.
+    let mut answers = Answers::new();
+    let mut rest = &wire[..];
+    let pulled = loop {
+        let len = pull::body_len(rest[..4].try_into().unwrap(), pull::MAX_ANSWER).unwrap();
+        let (body, after) = rest[4..].split_at(len);
+        rest = after;
+        if let Some(pulled) = answers.take(body).unwrap() {
+            break pulled;
+        }
+    };
+    assert!(rest.is_empty());
+    let Pulled::Snapshot {
+        roots: walked,
+        envelope: got,
+    } = pulled
+    else {
+        panic!("a snapshot")
+    };
+    assert_eq!(walked, roots);
+    assert_eq!(got, envelope);
+    let trust = Trust::pinned(&public(&pinned))
+        .update(&walked, NOW)
+        .unwrap();
+    assert_eq!(trust.root.version, 3);
+    assert!(trust.verify_manifest(&got, DEVICE, 0, NOW).is_ok());
+    // Without the roots, the pinned trust refuses the new key's manifest.
+    assert!(matches!(
+        Trust::pinned(&public(&pinned)).verify_manifest(&got, DEVICE, 0, NOW),
+        Err(Refusal::BadSignature(_))
+    ));
+
+    // A refusal ends the answers too, roots or not.
+    let mut answers = Answers::new();
+    let refused = serde_json::to_vec(&Answer::Refused {
+        message: "no such version".into(),
+    })
+    .unwrap();
+    assert_eq!(
+        answers.take(&refused).unwrap(),
+        Some(Pulled::Refused {
+            message: "no such version".into()
+        })
+    );
+}
+
+#[test]
+fn root_frames_are_bounded_in_number_size_and_signatures_and_malformed_ones_are_refused() {
+    use super::pull::{self, Answer, Answers, PullError};
+    let pinned = key();
+    let (roots, _) = chain(&pinned, 1);
+    let root = serde_json::to_vec(&Answer::Root {
+        envelope: roots[0].clone(),
+    })
+    .unwrap();
+
+    // At most MAX_ROOT_STEPS roots before the snapshot.
+    let mut answers = Answers::new();
+    for _ in 0..MAX_ROOT_STEPS {
+        assert_eq!(answers.take(&root), Ok(None));
+    }
+    assert_eq!(answers.take(&root), Err(PullError::TooManyRoots));
+
+    // A frame larger than an answer may be is refused from its header.
+    let huge = ((pull::MAX_ANSWER + 1) as u32).to_be_bytes();
+    assert!(matches!(
+        pull::body_len(huge, pull::MAX_ANSWER),
+        Err(PullError::TooLarge { .. })
+    ));
+    // A root that fills an envelope to its limit still fits a frame.
+    let mut padded = roots[0].clone();
+    padded
+        .signed
+        .push_str(&"A".repeat(MAX_ENVELOPE - padded.signed.len() - 2048));
+    let frame = pull::encode(&Answer::Root { envelope: padded });
+    assert!(frame.len() - 4 <= pull::MAX_ANSWER);
+
+    // More signatures than any root may carry.
+    let mut crowded = roots[0].clone();
+    crowded.signatures = vec![crowded.signatures[0].clone(); MAX_KEYS + 1];
+    let crowded = serde_json::to_vec(&Answer::Root { envelope: crowded }).unwrap();
+    assert!(matches!(
+        Answers::new().take(&crowded),
+        Err(PullError::Malformed(_))
+    ));
+
+    // Malformed frames: not JSON, an unknown type, a root without its
+    // envelope, an envelope with a field too many.
+    for bad in [
+        &b"not json"[..],
+        br#"{"type": "roots", "envelopes": []}"#,
+        br#"{"type": "root"}"#,
+        br#"{"type": "root", "envelope": {"signed": "", "signatures": [], "x": 1}}"#,
+        br#"{"type": "root", "envelope": {"signed": 1, "signatures": []}}"#,
+    ] {
+        assert!(
+            matches!(Answers::new().take(bad), Err(PullError::Malformed(_))),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+
+    // Well-formed frames whose roots are not a rotation the device can
+    // walk are refused by the walk, with its reason.
+    let junk = serde_json::to_vec(&Answer::Root {
+        envelope: Envelope {
+            signed: "not base64!".into(),
+            signatures: Vec::new(),
+        },
+    })
+    .unwrap();
+    let mut answers = Answers::new();
+    assert_eq!(answers.take(&junk), Ok(None));
+    let snapshot = serde_json::to_vec(&Answer::Snapshot {
+        envelope: signed(&manifest(1), &pinned),
+    })
+    .unwrap();
+    let Ok(Some(pull::Pulled::Snapshot { roots: got, .. })) = answers.take(&snapshot) else {
+        panic!("a snapshot");
+    };
+    assert!(matches!(
+        Trust::pinned(&public(&pinned)).update(&got, NOW),
+        Err(Refusal::Malformed(_))
+    ));
+}
+
+#[test]
+fn the_platform_sends_the_roots_after_the_trusted_version_at_most_max_steps() {
+    use super::pull::root_versions_after;
+    let after = |trusted, newest| root_versions_after(trusted, newest).collect::<Vec<u64>>();
+    let range = |r: std::ops::RangeInclusive<u64>| r.collect::<Vec<u64>>();
+    // Newest root 4: a device at the pinned root (or one that did not say)
+    // gets 2, 3, 4; one at 3 gets 4; one at 4, or ahead, nothing.
+    assert_eq!(after(0, 4), [2, 3, 4]);
+    assert_eq!(after(1, 4), [2, 3, 4]);
+    assert_eq!(after(3, 4), [4]);
+    assert!(after(4, 4).is_empty());
+    assert!(after(9, 4).is_empty());
+    assert!(after(u64::MAX, u64::MAX).is_empty());
+    assert_eq!(after(u64::MAX - 1, u64::MAX), [u64::MAX]);
+    // A platform that never rotated sends nothing.
+    assert!(after(1, 1).is_empty());
+    // A device far behind gets the oldest MAX_ROOT_STEPS; it walks the rest
+    // at its next pull.
+    let steps = MAX_ROOT_STEPS as u64;
+    assert_eq!(after(1, 100), range(2..=steps + 1));
+    assert_eq!(after(steps + 1, 100), range(steps + 2..=100));
+    assert_eq!(after(steps + 1, 1000), range(steps + 2..=2 * steps + 1));
+    assert_eq!(after(7, steps + 7).len(), MAX_ROOT_STEPS);
+}
+
+#[test]
+fn a_signature_counts_only_when_it_verifies_under_its_context() {
+    let (k, other) = (key(), key());
+    let envelope = signed(&manifest(1), &k);
+    assert!(envelope.is_signed_by(MANIFEST_CONTEXT, &public(&k)));
+    assert!(!envelope.is_signed_by(ROOT_CONTEXT, &public(&k)));
+    assert!(!envelope.is_signed_by(MANIFEST_CONTEXT, &public(&other)));
+    // Listed under another key's name: not that key's signature.
+    let mut renamed = envelope.clone();
+    renamed.signatures[0].key = public(&other);
+    assert!(!renamed.is_signed_by(MANIFEST_CONTEXT, &public(&other)));
+    assert!(!renamed.is_signed_by(MANIFEST_CONTEXT, "not hex"));
 }
