@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Builds the amd64 .deb and proves its life cycle in a throwaway root (a CI
-# step): contents and modes (dpkg-deb), install (Node-RED's system user with
-# its own group, /etc/tether/agent.toml 0640, the state directory 0700),
-# upgrade to a newer version (the device's state and an edited config
-# kept), purge (state and config removed). dpkg runs with --root and
+# step): contents and modes (dpkg-deb), install (the agent's system user
+# tether and Node-RED's tether-nodered, each with its own group;
+# /etc/tether/agent.toml root:tether 0640; the state directory tether's,
+# 0700; Node-RED's user directory tether:tether-nodered, 1770), upgrade to
+# a newer version (the device's state and an edited config kept, and what
+# an agent that ran as root left handed to tether), purge (state and
+# config removed). dpkg runs with --root and
 # --force-script-chrootless: the maintainer scripts honour DPKG_ROOT and
 # start nothing there. Needs root (files owned by root, useradd --prefix).
 #
@@ -44,24 +47,52 @@ dpkg_root() { dpkg --root="$root" --force-script-chrootless --force-depends "$@"
 
 echo "== install $(basename "$old")"
 dpkg_root -i "$old" >/dev/null
-grep -q '^tether-nodered:' "$root/etc/passwd" || fail "no tether-nodered user"
-gid="$(awk -F: '$1 == "tether-nodered" { print $4 }' "$root/etc/passwd")"
-grep -q "^tether-nodered:x:$gid:" "$root/etc/group" || fail "tether-nodered has no group of its own"
-[ "$(stat -c %a "$root/etc/tether/agent.toml")" = 640 ] || fail "agent.toml is not 0640"
-[ "$(stat -c %a "$root/var/lib/tether")" = 700 ] || fail "/var/lib/tether is not 0700"
+for user in tether-nodered tether; do
+    grep -q "^$user:" "$root/etc/passwd" || fail "no $user user"
+    gid="$(awk -F: -v u="$user" '$1 == u { print $4 }' "$root/etc/passwd")"
+    grep -q "^$user:x:$gid:" "$root/etc/group" || fail "$user has no group of its own"
+done
+uid_of() { awk -F: -v u="$1" '$1 == u { print $3 }' "$root/etc/passwd"; }
+gid_of() { awk -F: -v g="$1" '$1 == g { print $3 }' "$root/etc/group"; }
+agent="$(uid_of tether):$(gid_of tether)"
+shared="$(uid_of tether):$(gid_of tether-nodered)"
+[ "$(stat -c %a:%u:%g "$root/etc/tether/agent.toml")" = "640:0:$(gid_of tether)" ] ||
+    fail "agent.toml is not root:tether 0640"
+[ "$(stat -c %a:%u:%g "$root/var/lib/tether")" = "700:$agent" ] ||
+    fail "/var/lib/tether is not tether's, 0700"
+[ "$(stat -c %a:%u:%g "$root/var/lib/tether-node-red")" = "1770:$shared" ] ||
+    fail "/var/lib/tether-node-red is not tether:tether-nodered, 1770"
 "$root/usr/bin/tetherd" --version
 
-echo "== upgrade to $(basename "$new"), with state and an edited config"
+echo "== upgrade to $(basename "$new"), with state and an edited config left by an agent that ran as root"
 echo '{"device": "kept"}' > "$root/var/lib/tether/identity.json"
 echo '# edited on site' >> "$root/etc/tether/agent.toml"
+nr="$root/var/lib/tether-node-red"
+mkdir -p "$nr/snapshots/versions/1" "$nr/snapshots/npm/cache"
+echo '[]' > "$nr/snapshots/versions/1/flows.json"
+echo '[]' > "$nr/tether-settings.js"
+echo '{}' > "$nr/.config.runtime.json"
+chmod 0600 "$nr/.config.runtime.json"
+chown "$(uid_of tether-nodered):$(gid_of tether-nodered)" "$nr/.config.runtime.json"
+chown -R 0:0 "$root/var/lib/tether" "$nr/snapshots" "$nr/tether-settings.js"
+chown "0:$(gid_of tether-nodered)" "$nr"
 dpkg_root --force-confold -i "$new" >/dev/null
 dpkg --root="$root" -s tetherd | grep -q "^Version: $(dpkg-deb -f "$new" Version)$" || fail "not upgraded"
 grep -q kept "$root/var/lib/tether/identity.json" || fail "the state was lost on upgrade"
 grep -q 'edited on site' "$root/etc/tether/agent.toml" || fail "the edited config was replaced"
+[ "$(stat -c %u:%g "$root/var/lib/tether/identity.json")" = "$agent" ] ||
+    fail "the state was not handed to tether"
+for path in "$nr" "$nr/tether-settings.js" "$nr/snapshots/versions/1/flows.json"; do
+    [ "$(stat -c %u:%g "$path")" = "$shared" ] || fail "$path is not tether:tether-nodered"
+done
+[ ! -e "$nr/snapshots/npm" ] || fail "npm's cache of the root agent was kept"
+[ "$(stat -c %a:%u "$nr/.config.runtime.json")" = "660:$(uid_of tether-nodered)" ] ||
+    fail "Node-RED's own file is not its own, shared with its group"
 
 echo "== purge"
 dpkg_root --purge tetherd >/dev/null
 [ ! -e "$root/var/lib/tether" ] || fail "the state survived the purge"
+[ ! -e "$root/var/lib/tether-node-red" ] || fail "Node-RED's directory survived the purge"
 [ ! -e "$root/etc/tether/agent.toml" ] || fail "the config survived the purge"
 [ ! -e "$root/usr/bin/tetherd" ] || fail "the binary survived the purge"
-echo "PASS .deb: contents, install, upgrade (state and config kept), purge (state removed)"
+echo "PASS .deb: contents, users, install, upgrade (state and config kept, a root agent's files handed over), purge (state removed)"

@@ -73,7 +73,7 @@ PLATFORM_DIR="$WORK/platform"
 STATE_DIR="$WORK/device"
 
 say "1. Starting the reference platform on https://localhost:$PLATFORM_PORT (data in $PLATFORM_DIR)"
-"$BIN/tether-platform" serve --data-dir "$PLATFORM_DIR" --listen "127.0.0.1:$PLATFORM_PORT" \
+"$BIN/tether-platform" serve --data-dir "$PLATFORM_DIR" --listen "127.0.0.1:$PLATFORM_PORT" --mqtt-port 0 \
     >"$WORK/platform.log" 2>&1 &
 PIDS+=($!)
 wait_port "$PLATFORM_PORT"

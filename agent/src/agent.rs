@@ -55,6 +55,8 @@ pub enum AgentError {
     Audit(crate::audit::AuditError),
     #[error("cannot open the snapshot folder: {0}")]
     Snapshot(#[from] crate::snapshot::FolderError),
+    #[error("cannot start the MQTT bridge: {0}")]
+    Mqtt(#[from] crate::mqtt::MqttError),
 }
 
 impl AgentError {
@@ -66,7 +68,9 @@ impl AgentError {
             AgentError::Identity(_)
             | AgentError::Lock { .. }
             | AgentError::Audit(_)
-            | AgentError::Snapshot(_) => crate::exit::CANTCREAT,
+            | AgentError::Snapshot(_)
+            | AgentError::Mqtt(crate::mqtt::MqttError::Outbox(_)) => crate::exit::CANTCREAT,
+            AgentError::Mqtt(_) => crate::exit::CONFIG,
             AgentError::AlreadyRunning(_) => crate::exit::TEMPFAIL,
             AgentError::NodeRed(NodeRedError::Write(_)) => crate::exit::CANTCREAT,
             AgentError::NodeRed(_) => crate::exit::CONFIG,
@@ -96,6 +100,8 @@ pub(crate) struct Shared {
     /// Where the flows are, for the platform's captures, when there is a
     /// local Node-RED.
     pub(crate) capture: Option<crate::snapshot::capture::Source>,
+    /// The MQTT bridge, when `[mqtt]` is configured.
+    pub(crate) mqtt: Option<Arc<crate::mqtt::Bridge>>,
     /// The snapshot task's inbox, when there is a local Node-RED.
     pub(crate) snapshots: Option<tokio::sync::mpsc::Sender<crate::snapshot::apply::Notice>>,
     current: Mutex<Current>,
@@ -415,7 +421,18 @@ impl Agent {
             _ => None,
         };
         let state_root = state.root().to_owned();
+        let mqtt = match &config.mqtt {
+            Some(mqtt) => Some(crate::mqtt::Bridge::start(
+                mqtt,
+                &config.state_dir,
+                &identity.device_id,
+                audit.clone(),
+                crate::audit::unix_ms(&config.clock),
+            )?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            mqtt,
             node_red: node_red_handle.clone(),
             services: Services::new(&config.services, editor.is_some())
                 .with_capture(capture.is_some()),
@@ -463,6 +480,11 @@ impl Agent {
     /// The agent's status; changes are announced on the channel.
     pub fn status(&self) -> watch::Receiver<Status> {
         self.status.clone()
+    }
+
+    /// The MQTT bridge's figures, with `[mqtt]`.
+    pub fn mqtt_figures(&self) -> Option<tether_proto::mqtt::Figures> {
+        self.shared.mqtt.as_ref().map(|m| m.figures())
     }
 
     /// The device id in use.
@@ -525,7 +547,7 @@ fn run_from_current(
     if let (Some(run_as), Some(version)) = (run_as, current) {
         let prepared = crate::snapshot::share(folder, &folder.version_dir(version), run_as)
             .and_then(|()| folder.prepare_work(version))
-            .and_then(|work| crate::snapshot::own(&work, run_as));
+            .and_then(|work| crate::snapshot::share_work(&work, run_as));
         if let Err(e) = prepared {
             warn!(cause = %e, "cannot give Node-RED's user the current snapshot");
         }
@@ -691,6 +713,7 @@ fn write_status_file(shared: &Shared, started_at: u64) {
         started_at,
         status: shared.status(),
         audit: Some(shared.audit.stats()),
+        mqtt: shared.mqtt.as_ref().map(|m| m.figures()),
         snapshot_root: (shared.config.node_red.mode != crate::config::NodeRedMode::Off).then(
             || {
                 shared

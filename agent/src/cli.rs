@@ -292,6 +292,15 @@ fn enroll_command(args: EnrollArgs) -> u8 {
                     "tetherd: the provisioning_token in the config is no longer used and may be removed"
                 );
             }
+            if let Err(e) = hand_to_owner(&options.state_dir) {
+                return fail(
+                    format!(
+                        "enrolled, but {e}; help: chown -R the agent's user {}",
+                        options.state_dir.display()
+                    ),
+                    exit::CANTCREAT,
+                );
+            }
             0
         }
         Err(e) => fail(format!("enrollment failed: {e}"), e.exit_code()),
@@ -599,13 +608,37 @@ fn apply_now_command(args: ApplyNowArgs) -> u8 {
             exit::UNAVAILABLE,
         );
     };
+    use std::os::unix::fs::MetadataExt;
+    // Root or the agent's own user (the state directory's owner) may ask;
+    // root's request is handed to the agent's user, which must read it.
+    let me = rustix::process::geteuid().as_raw();
+    let owner = match std::fs::metadata(&config.state_dir) {
+        Ok(meta) => (meta.uid(), meta.gid()),
+        Err(e) => {
+            return fail(
+                format!("cannot read {}: {e}", config.state_dir.display()),
+                exit::NOPERM,
+            );
+        }
+    };
+    if me != 0 && me != owner.0 {
+        return fail(
+            format!(
+                "only root or the agent's user (uid {}, the owner of {}) may ask the agent; help: sudo tetherd snapshot apply-now",
+                owner.0,
+                config.state_dir.display()
+            ),
+            exit::NOPERM,
+        );
+    }
     let request = crate::snapshot::ApplyNow {
         version,
         by: local_account(),
     };
-    if let Err(e) = crate::snapshot::request_apply_now(&root, &request) {
+    let hand_to = (me != owner.0).then_some(owner);
+    if let Err(e) = crate::snapshot::request_apply_now(&root, &request, hand_to) {
         return fail(
-            format!("{e}; help: run it as the agent's user (root, with sudo)"),
+            format!("{e}; help: run it as root (sudo) or as the agent's user"),
             exit::NOPERM,
         );
     }
@@ -633,6 +666,30 @@ fn apply_now_command(args: ApplyNowArgs) -> u8 {
         format!("no outcome for snapshot {version} yet; tetherd status shows it when there is one"),
         exit::TEMPFAIL,
     )
+}
+
+/// Run as root in a state directory that belongs to another user (the
+/// packaged service's `tether`), gives that user what root wrote there: the
+/// agent must read its key and identity.
+fn hand_to_owner(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(dir)?;
+    if rustix::process::geteuid().as_raw() != 0 || owner.uid() == 0 {
+        return Ok(());
+    }
+    let mut pending = vec![dir.to_owned()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.uid() == 0 {
+            std::os::unix::fs::lchown(&path, Some(owner.uid()), Some(owner.gid()))?;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Who runs this command, for the audit trail: `alice (sudo)` or
@@ -714,5 +771,34 @@ mod tests {
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn root_hands_what_it_wrote_in_the_agent_users_state_directory_to_that_user() {
+        use std::os::unix::fs::MetadataExt;
+        if rustix::process::geteuid().as_raw() != 0 {
+            return; // Only root writes files for another user.
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        // Root's own state directory: nothing changes.
+        std::fs::write(state.join("identity.json"), "{}").unwrap();
+        hand_to_owner(&state).unwrap();
+        assert_eq!(
+            std::fs::metadata(state.join("identity.json"))
+                .unwrap()
+                .uid(),
+            0
+        );
+        // The agent user's (uid 1 here): what root wrote becomes its own.
+        std::os::unix::fs::chown(&state, Some(1), Some(1)).unwrap();
+        std::fs::create_dir(state.join("sub")).unwrap();
+        std::fs::write(state.join("sub/device-1.key"), "k").unwrap();
+        hand_to_owner(&state).unwrap();
+        for path in ["identity.json", "sub", "sub/device-1.key"] {
+            let meta = std::fs::metadata(state.join(path)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (1, 1), "{path}");
+        }
     }
 }

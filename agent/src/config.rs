@@ -62,6 +62,9 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `[snapshot]`: how a new snapshot proves healthy.
     pub snapshot: SnapshotConfig,
+    /// `[mqtt]`: the bridge between the local broker and the platform's;
+    /// off without the section.
+    pub mqtt: Option<MqttConfig>,
     /// SHA-256 (hex) of the file this config was loaded from; not a file
     /// key. The agent records `config_changed` when it differs from the
     /// last start's.
@@ -69,6 +72,62 @@ pub struct Config {
     /// The wall clock; not a file key. Tests shift it to play a device whose
     /// clock is far off.
     pub clock: Clock,
+}
+
+/// `[mqtt]`: the local broker and what the bridge carries
+/// (`docs/mqtt.md`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct MqttConfig {
+    /// The local broker, `HOST:PORT`.
+    pub broker: String,
+    /// The agent's client id on it (`tetherd-<device id>` without it).
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    /// Never logged, never in `Debug`.
+    pub password: Option<String>,
+    /// Local topic filters whose messages go to the platform
+    /// (`tether/+/<device id>/out/#` without it).
+    pub publish: Vec<String>,
+    /// Filters the platform routes to the device (its inbound topics and
+    /// its team's broadcast topics without it).
+    pub subscribe: Option<Vec<String>>,
+    /// Largest payload carried; larger messages are refused and audited.
+    pub max_payload: usize,
+    /// Bounds of the outbox on disk.
+    pub outbox_max_bytes: u64,
+    pub outbox_max_messages: u64,
+}
+
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("broker", &self.broker)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("publish", &self.publish)
+            .field("subscribe", &self.subscribe)
+            .field("max_payload", &self.max_payload)
+            .field("outbox_max_bytes", &self.outbox_max_bytes)
+            .field("outbox_max_messages", &self.outbox_max_messages)
+            .finish()
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            broker: "127.0.0.1:1883".into(),
+            client_id: None,
+            username: None,
+            password: None,
+            publish: Vec::new(),
+            subscribe: None,
+            max_payload: 256 * 1024,
+            outbox_max_bytes: 64 * 1024 * 1024,
+            outbox_max_messages: 100_000,
+        }
+    }
 }
 
 /// One `[[service]]` entry: a name the platform asks for and where it leads.
@@ -219,8 +278,9 @@ pub struct NodeRedConfig {
     /// The port Node-RED listens on, on 127.0.0.1 only.
     pub port: u16,
     /// The system user launch mode runs Node-RED as (`node_red::user`);
-    /// needed when the agent runs as root, so that flows never run with the
-    /// agent's rights.
+    /// needed when the agent runs as root, and what the packaged service
+    /// (its own user, able to switch users) sets, so that flows never run
+    /// with the agent's rights.
     pub user: Option<String>,
     /// Launch mode: a Node-RED whose process lives but whose admin API has
     /// not answered for this long (or, while starting, for this long or
@@ -371,6 +431,7 @@ impl Config {
             node_red: NodeRedConfig::default(),
             audit: AuditConfig::default(),
             snapshot: SnapshotConfig::default(),
+            mqtt: None,
             source_sha256: None,
             clock: Clock::system(),
         }
@@ -600,11 +661,16 @@ impl Config {
                         }
                     }
                 }
+                "mqtt" => {
+                    if let Some(t) = check.table(key, value) {
+                        config.mqtt = Some(check.mqtt(t));
+                    }
+                }
                 _ => check.unknown(
                     key,
                     "state_dir, platform, ca, provisioning_token, name, log_level, \
                      heartbeat_interval, [[service]], [tunnel], [reconnect], [renewal], \
-                     [node_red], [audit], [snapshot]",
+                     [node_red], [audit], [snapshot], [mqtt]",
                 ),
             }
         }
@@ -844,6 +910,81 @@ impl Checker {
 }
 
 impl Checker {
+    fn mqtt(&mut self, t: &Table) -> MqttConfig {
+        let mut mqtt = MqttConfig::default();
+        for (k, v) in t {
+            let full = format!("mqtt.{k}");
+            match k.as_str() {
+                "broker" => {
+                    if let Some(s) = self.string(&full, v) {
+                        match s.rsplit_once(':') {
+                            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                                mqtt.broker = s.to_owned()
+                            }
+                            _ => self.problem(&full, &format!("'{s}' is not HOST:PORT (for example \"127.0.0.1:1883\")")),
+                        }
+                    }
+                }
+                "client_id" | "username" | "password" => {
+                    if let Some(s) = self.string(&full, v) {
+                        if s.is_empty() || s.len() > 256 {
+                            self.problem(&full, "expected 1 to 256 bytes");
+                            continue;
+                        }
+                        let s = Some(s.to_owned());
+                        match k.as_str() {
+                            "client_id" => mqtt.client_id = s,
+                            "username" => mqtt.username = s,
+                            _ => mqtt.password = s,
+                        }
+                    }
+                }
+                "publish" | "subscribe" => {
+                    let Some(list) = v.as_array() else {
+                        self.wrong_type(&full, "an array of topic filters", v);
+                        continue;
+                    };
+                    if list.is_empty() || list.len() > tether_proto::mqtt::MAX_FILTERS {
+                        self.problem(&full, "expected 1 to 64 topic filters");
+                        continue;
+                    }
+                    let mut filters = Vec::new();
+                    for item in list {
+                        match item.as_str().map(|f| (f, tether_proto::mqtt::check_filter(f))) {
+                            Some((f, Ok(()))) => filters.push(f.to_owned()),
+                            Some((_, Err(e))) => self.problem(&full, &e.to_string()),
+                            None => self.wrong_type(&full, "an array of topic filters", v),
+                        }
+                    }
+                    if k == "publish" {
+                        mqtt.publish = filters;
+                    } else {
+                        mqtt.subscribe = Some(filters);
+                    }
+                }
+                "max_payload_kib" => match v.as_integer() {
+                    Some(kib) if (1..=1024).contains(&kib) => mqtt.max_payload = kib as usize * 1024,
+                    _ => self.problem(&full, "expected a whole number of KiB from 1 to 1024"),
+                },
+                "outbox_max_mib" => match v.as_integer() {
+                    Some(mib) if (1..=4096).contains(&mib) => {
+                        mqtt.outbox_max_bytes = mib as u64 * 1024 * 1024
+                    }
+                    _ => self.problem(&full, "expected a whole number of MiB from 1 to 4096"),
+                },
+                "outbox_max_messages" => match v.as_integer() {
+                    Some(n) if (100..=10_000_000).contains(&n) => mqtt.outbox_max_messages = n as u64,
+                    _ => self.problem(&full, "expected a whole number from 100 to 10000000"),
+                },
+                _ => self.unknown(
+                    &full,
+                    "broker, client_id, username, password, publish, subscribe, max_payload_kib, outbox_max_mib, outbox_max_messages",
+                ),
+            }
+        }
+        mqtt
+    }
+
     fn node_red(&mut self, t: &Table) -> NodeRedConfig {
         let mut out = NodeRedConfig::default();
         let mut command_set = false;
@@ -1152,6 +1293,40 @@ mod tests {
         std::fs::write(&path, "name = \"gw\"\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         Config::load(&path).unwrap();
+    }
+
+    #[test]
+    fn mqtt_is_off_without_its_section_and_checked_with_it() {
+        assert_eq!(Config::from_toml_str("").unwrap().mqtt, None);
+        let config = Config::from_toml_str(
+            "[mqtt]\nbroker = \"127.0.0.1:1884\"\nusername = \"agent\"\npassword = \"s3cret\"\npublish = [\"tether/+/d/out/#\"]\nsubscribe = [\"tether/t/+/out/#\"]\nmax_payload_kib = 64\noutbox_max_mib = 8\noutbox_max_messages = 1000",
+        )
+        .unwrap();
+        let mqtt = config.mqtt.unwrap();
+        assert_eq!(mqtt.broker, "127.0.0.1:1884");
+        assert_eq!(mqtt.max_payload, 64 * 1024);
+        assert_eq!(mqtt.outbox_max_bytes, 8 << 20);
+        assert_eq!(
+            mqtt.subscribe.as_deref(),
+            Some(&["tether/t/+/out/#".to_owned()][..])
+        );
+        // The password never shows in Debug (nor, so, in a log line).
+        assert!(!format!("{mqtt:?}").contains("s3cret"));
+        let defaults = Config::from_toml_str("[mqtt]").unwrap().mqtt.unwrap();
+        assert_eq!(defaults, MqttConfig::default());
+        let err = Config::from_toml_str(
+            "[mqtt]\nbroker = \"nohost\"\npublish = [\"a/#/b\"]\nmax_payload_kib = 4096\nretain = true",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "mqtt.broker",
+            "mqtt.publish",
+            "mqtt.max_payload_kib",
+            "mqtt.retain",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
     }
 
     #[test]

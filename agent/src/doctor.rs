@@ -180,10 +180,7 @@ pub async fn run(config: Result<&Config, String>, options: &Options) -> Vec<Chec
         }
     }
     out.push(node_red(config).await);
-    out.push(Check::skip(
-        "mqtt broker",
-        "no MQTT bridge in this version of tetherd",
-    ));
+    out.push(mqtt_broker(config).await);
     out.push(disk(&config.state_dir, options));
     out
 }
@@ -211,7 +208,13 @@ fn state_dir(dir: &Path) -> Check {
         );
     }
     let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
+    // Root checks the packaged service's directory, which is its user's.
+    let whose = if meta.uid() == me {
+        format!("uid {me}")
+    } else {
+        format!("uid {}, the agent's user; checked as root", meta.uid())
+    };
+    if meta.uid() != me && me != 0 {
         return Check::bad(
             NAME,
             Verdict::Fail,
@@ -221,7 +224,7 @@ fn state_dir(dir: &Path) -> Check {
                 meta.uid()
             ),
             format!(
-                "run tetherd as its owner, or chown -R {me} {}",
+                "run tetherd as its owner or as root, or chown -R {me} {}",
                 dir.display()
             ),
         );
@@ -238,7 +241,7 @@ fn state_dir(dir: &Path) -> Check {
             format!("chmod 700 {}", dir.display()),
         );
     }
-    Check::ok(NAME, format!("{} (mode 700, uid {me})", dir.display()))
+    Check::ok(NAME, format!("{} (mode 700, {whose})", dir.display()))
 }
 
 /// The certificate is valid now and not about to expire.
@@ -480,6 +483,107 @@ async fn node_red(config: &Config) -> Check {
             "Node-RED may be hung; the agent restarts a hung Node-RED it launched",
         ),
     }
+}
+
+/// The local MQTT broker: an MQTT 5 CONNECT with the agent's login (and a
+/// client id of its own, so the running agent's session is untouched),
+/// answered by a CONNACK.
+async fn mqtt_broker(config: &Config) -> Check {
+    const NAME: &str = "mqtt broker";
+    let Some(mqtt) = &config.mqtt else {
+        return Check::skip(NAME, "no [mqtt] section: the bridge is off");
+    };
+    let connect = mqtt_connect(
+        &format!("tetherd-doctor-{}", std::process::id()),
+        mqtt.username.as_deref(),
+        mqtt.password.as_deref(),
+    );
+    let answer = async {
+        let mut tcp = tokio::net::TcpStream::connect(&mqtt.broker).await?;
+        tcp.write_all(&connect).await?;
+        let mut head = [0u8; 4];
+        tcp.read_exact(&mut head).await?;
+        Ok::<_, std::io::Error>(head)
+    };
+    let broker = &mqtt.broker;
+    match tokio::time::timeout(STEP_TIMEOUT, answer).await {
+        Ok(Ok([0x20, _, _, 0])) => {
+            Check::ok(NAME, format!("{broker} accepts the agent's MQTT 5 login"))
+        }
+        Ok(Ok([0x20, _, _, code @ (0x86 | 0x87)])) => Check::bad(
+            NAME,
+            Verdict::Fail,
+            format!("{broker} refuses the agent's login (reason 0x{code:02x})"),
+            "set [mqtt] username and password to a login the broker accepts",
+        ),
+        Ok(Ok([0x20, _, _, 0x84])) => Check::bad(
+            NAME,
+            Verdict::Fail,
+            format!("{broker} does not speak MQTT 5"),
+            "use a broker with MQTT 5 (mosquitto 1.6 or later, EMQX, HiveMQ, rumqttd)",
+        ),
+        Ok(Ok(head)) => Check::bad(
+            NAME,
+            Verdict::Fail,
+            format!(
+                "{broker} answered the CONNECT with {head:02x?}, not a CONNACK that accepts it"
+            ),
+            "check that [mqtt] broker is an MQTT broker and its log for why it refused",
+        ),
+        Ok(Err(e)) => Check::bad(
+            NAME,
+            Verdict::Fail,
+            format!("nothing answers MQTT on {broker}: {e}"),
+            "start the local broker, or fix [mqtt] broker",
+        ),
+        Err(_) => Check::bad(
+            NAME,
+            Verdict::Fail,
+            format!("{broker} did not answer within {}s", STEP_TIMEOUT.as_secs()),
+            "check the local broker",
+        ),
+    }
+}
+
+/// An MQTT 5 CONNECT packet (clean start, 30 s keep-alive).
+fn mqtt_connect(client_id: &str, user: Option<&str>, password: Option<&str>) -> Vec<u8> {
+    let field = |out: &mut Vec<u8>, s: &str| {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    };
+    let mut flags = 0x02u8;
+    let mut body = Vec::new();
+    field(&mut body, "MQTT");
+    body.push(5);
+    let flags_at = body.len();
+    body.push(0);
+    body.extend_from_slice(&30u16.to_be_bytes());
+    body.push(0); // no properties
+    field(&mut body, client_id);
+    if let Some(user) = user {
+        flags |= 0x80;
+        field(&mut body, user);
+    }
+    if let Some(password) = password {
+        flags |= 0x40;
+        field(&mut body, password);
+    }
+    body[flags_at] = flags;
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    packet
 }
 
 /// Free space where the stores are.

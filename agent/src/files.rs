@@ -62,6 +62,27 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Replaces `path` with `contents` atomically, with the given mode. The
 /// parent directory must exist.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: Mode) -> Result<(), FileError> {
+    write_atomic_as(path, contents, mode, None)
+}
+
+/// [`write_atomic`], the file given to `owner` (uid, gid) before it
+/// appears under its name: root writing a file the agent's own user must
+/// read.
+pub fn write_atomic_owned(
+    path: &Path,
+    contents: &[u8],
+    mode: Mode,
+    owner: (u32, u32),
+) -> Result<(), FileError> {
+    write_atomic_as(path, contents, mode, Some(owner))
+}
+
+fn write_atomic_as(
+    path: &Path,
+    contents: &[u8],
+    mode: Mode,
+    owner: Option<(u32, u32)>,
+) -> Result<(), FileError> {
     let dir = parent(path);
     let name = path
         .file_name()
@@ -72,7 +93,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: Mode) -> Result<(), File
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let result = write_then_rename(&tmp, path, contents, mode);
+    let result = write_then_rename(&tmp, path, contents, mode, owner);
     if result.is_err() {
         // Best effort: the temporary file is garbage either way.
         let _ = fs::remove_file(&tmp);
@@ -86,6 +107,7 @@ fn write_then_rename(
     path: &Path,
     contents: &[u8],
     mode: Mode,
+    owner: Option<(u32, u32)>,
 ) -> Result<(), FileError> {
     let mut file = OpenOptions::new()
         .write(true)
@@ -97,6 +119,10 @@ fn write_then_rename(
     // exactly, so a public file is readable whatever the umask.
     file.set_permissions(fs::Permissions::from_mode(mode.bits()))
         .map_err(|e| FileError::new("set the mode of", tmp, e))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+            .map_err(|e| FileError::new("change the owner of", tmp, e))?;
+    }
     file.write_all(contents)
         .map_err(|e| FileError::new("write", tmp, e))?;
     file.sync_all()

@@ -41,6 +41,7 @@ pub mod exit;
 pub mod files;
 pub mod health;
 pub mod identity;
+pub mod mqtt;
 pub mod net;
 pub mod node_red;
 pub mod reconnect;

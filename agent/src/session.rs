@@ -67,6 +67,9 @@ pub(crate) async fn run(
     // Not among `tasks`: it ends before the graceful close, which would
     // otherwise wait for its stream.
     let audit = tokio::spawn(ship_audit(shared.clone(), tunnel.clone()).instrument(span.clone()));
+    if let Some(bridge) = &shared.mqtt {
+        tasks.spawn(bridge_mqtt(bridge.clone(), tunnel.clone()).instrument(span.clone()));
+    }
 
     let mut rtt = tokio::time::interval(RTT_REFRESH);
     let end = loop {
@@ -167,6 +170,30 @@ async fn ship_audit(shared: std::sync::Arc<Shared>, tunnel: Tunnel) {
         }
         if let Err(e) = result {
             warn!(cause = %e, retry_in = ?AUDIT_RETRY, "audit shipping stopped; opening a new audit stream");
+        }
+        tokio::time::sleep(AUDIT_RETRY).await;
+    }
+}
+
+/// Runs the MQTT bridge on an `mqtt` stream for the session's life,
+/// opening a new stream after one fails.
+async fn bridge_mqtt(bridge: std::sync::Arc<crate::mqtt::Bridge>, tunnel: Tunnel) {
+    loop {
+        let stream = match tunnel.open(ServiceHeader::new(Service::Mqtt)) {
+            Ok(stream) => stream,
+            Err(e) => return debug!(cause = %e, "cannot open the mqtt stream"),
+        };
+        let result = match stream.accepted().await {
+            Ok(()) => crate::mqtt::stream::run(bridge.clone(), stream).await,
+            Err(e) => Err(crate::mqtt::stream::StreamError::Io(std::io::Error::other(
+                e,
+            ))),
+        };
+        if tunnel.is_closed() {
+            return;
+        }
+        if let Err(e) = result {
+            warn!(cause = %e, retry_in = ?AUDIT_RETRY, "the MQTT bridge stopped; opening a new mqtt stream");
         }
         tokio::time::sleep(AUDIT_RETRY).await;
     }

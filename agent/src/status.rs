@@ -173,6 +173,9 @@ pub struct StatusFile {
     /// The audit queue's figures when the file was written.
     #[serde(default)]
     pub audit: Option<crate::audit::QueueStats>,
+    /// The MQTT bridge's figures, with `[mqtt]`.
+    #[serde(default)]
+    pub mqtt: Option<tether_proto::mqtt::Figures>,
     /// The snapshot folder, where `tetherd snapshot apply-now` leaves its
     /// request.
     #[serde(default)]
@@ -228,6 +231,9 @@ pub struct DaemonReport {
     /// The snapshots, as the daemon last wrote them.
     #[serde(default)]
     pub snapshot: Option<tether_proto::control::SnapshotHealth>,
+    /// The MQTT bridge, as the daemon last wrote it.
+    #[serde(default)]
+    pub mqtt: Option<tether_proto::mqtt::Figures>,
     /// The daemon's snapshot folder.
     #[serde(default)]
     pub snapshot_root: Option<String>,
@@ -277,6 +283,7 @@ pub fn report(state: &StateDir, clock: Clock) -> Report {
             attempts: None,
             audit: None,
             snapshot: None,
+            mqtt: None,
             snapshot_root: None,
         },
     };
@@ -310,6 +317,7 @@ pub fn report(state: &StateDir, clock: Clock) -> Report {
         d.attempts = Some(file.status.attempts);
         d.audit = file.audit.clone();
         d.snapshot = file.status.snapshot.clone();
+        d.mqtt = file.mqtt.clone();
         d.snapshot_root = file.snapshot_root.clone();
         // The daemon's view of the certificate is the newest.
         if running && report.enrolled {
@@ -404,6 +412,25 @@ pub fn render(report: &Report, clock: Clock) -> String {
     if let Some(s) = &d.snapshot {
         rows.push(("snapshot", snapshot_line(s)));
     }
+    if let Some(m) = &d.mqtt {
+        let mut line = format!(
+            "{} messages in the outbox ({} KiB), {} sent, {} received",
+            m.outbox_messages,
+            m.outbox_bytes / 1024,
+            m.sent,
+            m.received
+        );
+        if m.outbox_dropped + m.qos0_dropped > 0 {
+            line.push_str(&format!(
+                ", dropped: {} from a full outbox, {} QoS 0 while offline",
+                m.outbox_dropped, m.qos0_dropped
+            ));
+        }
+        if m.refused > 0 {
+            line.push_str(&format!(", {} refused", m.refused));
+        }
+        rows.push(("mqtt", line));
+    }
     if let Some(t) = report.cert_not_after {
         let left = if t > now {
             format!("in {}", Human(Duration::from_secs(t - now)))
@@ -465,6 +492,12 @@ mod tests {
                 error: Some("the disk holding '/x' is full".into()),
                 ..Default::default()
             }),
+            mqtt: Some(tether_proto::mqtt::Figures {
+                outbox_messages: 7,
+                outbox_dropped: 3,
+                refused: 2,
+                ..Default::default()
+            }),
             snapshot_root: Some("/var/lib/tether-node-red/snapshots".into()),
         };
         write_file(&state, &file).unwrap();
@@ -472,6 +505,9 @@ mod tests {
         assert!(r.daemon.running);
         let text = render(&r, Clock::system());
         assert!(text.contains("12 events not yet shipped"), "{text}");
+        assert!(text.contains("7 messages in the outbox"), "{text}");
+        assert!(text.contains("3 from a full outbox"), "{text}");
+        assert!(text.contains("2 refused"), "{text}");
         assert!(
             text.contains("ERROR: the disk holding '/x' is full"),
             "{text}"

@@ -39,9 +39,49 @@ pub enum TlsError {
     NotTheTokensCa,
 }
 
-/// The ring provider, the only one this project uses.
+/// The ring provider, the only one this project uses, with the cipher
+/// suites in the order this CPU runs fastest (`docs/decisions.md` 19).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(provider_for(aes_in_hardware()))
+}
+
+/// The ring provider with ChaCha20-Poly1305 first when the CPU has no AES
+/// instructions (a Raspberry Pi 4's Cortex-A72, most ARMv7 gateways):
+/// there ring's AES-GCM runs in constant-time software several times
+/// slower than ChaCha20. The platform's rustls follows the client's order.
+fn provider_for(aes: bool) -> rustls::crypto::CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !aes {
+        // A stable sort: the AES suites keep their order behind ChaCha20.
+        provider.cipher_suites.sort_by_key(|suite| {
+            suite
+                .suite()
+                .as_str()
+                .is_none_or(|name| !name.contains("CHACHA20"))
+        });
+    }
+    provider
+}
+
+/// Does this CPU have AES (and carry-less multiply) instructions, which
+/// ring's AES-GCM uses?
+pub fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        // 32-bit ARM: ring's AES runs without the ARMv8 crypto extensions
+        // there, and ChaCha20 with NEON is the faster cipher.
+        false
+    }
 }
 
 /// SHA-256 of a certificate's SubjectPublicKeyInfo (DER), or `None` if the
@@ -342,6 +382,72 @@ pub fn find_cause<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn chacha20_comes_first_only_without_aes_instructions_and_is_what_a_handshake_picks() {
+        use rustls::{ClientConnection, ServerConnection};
+        let name = |p: &rustls::crypto::CryptoProvider| format!("{:?}", p.cipher_suites[0].suite());
+        assert!(name(&super::provider_for(false)).contains("CHACHA20"));
+        assert!(name(&super::provider_for(true)).contains("AES"));
+        // Every suite is still offered: only the order changes.
+        assert_eq!(
+            super::provider_for(false).cipher_suites.len(),
+            super::provider_for(true).cipher_suites.len()
+        );
+
+        // A real handshake in memory with a rustls server of default
+        // settings (as the platform's): the client's order decides.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["platform.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let negotiated = |aes: bool| {
+            let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(cert.der().clone()).unwrap();
+            let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                super::provider_for(aes),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let mut c = ClientConnection::new(
+                std::sync::Arc::new(client),
+                "platform.test".try_into().unwrap(),
+            )
+            .unwrap();
+            let mut s = ServerConnection::new(std::sync::Arc::new(server)).unwrap();
+            while c.is_handshaking() || s.is_handshaking() {
+                let mut buf = Vec::new();
+                c.write_tls(&mut buf).unwrap();
+                s.read_tls(&mut buf.as_slice()).unwrap();
+                s.process_new_packets().unwrap();
+                let mut buf = Vec::new();
+                s.write_tls(&mut buf).unwrap();
+                c.read_tls(&mut buf.as_slice()).unwrap();
+                c.process_new_packets().unwrap();
+            }
+            format!("{:?}", c.negotiated_cipher_suite().unwrap().suite())
+        };
+        assert!(
+            negotiated(false).contains("CHACHA20"),
+            "{}",
+            negotiated(false)
+        );
+        assert!(negotiated(true).contains("AES"), "{}", negotiated(true));
+    }
+
     use super::*;
 
     #[test]

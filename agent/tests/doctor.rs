@@ -198,3 +198,100 @@ fn tether_e2e_free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A real mosquitto on 127.0.0.1 that accepts only `agent` / `s3cret`.
+struct Mosquitto {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn mosquitto_with_login() -> Mosquitto {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwords");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["agent", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd runs (apt-get install mosquitto)");
+    assert!(made.success());
+    let port = tether_e2e_free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+            passwords.display()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto runs (apt-get install mosquitto)");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Mosquitto {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn the_mqtt_broker_check_names_a_missing_broker_and_a_refused_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_state_dir(dir.path());
+    let checks = doctor::run(Ok(&config), &options(0)).await;
+    assert_eq!(verdict(&checks, "mqtt broker").verdict, Verdict::Skip);
+
+    let broker = mosquitto_with_login().await;
+    let mut mqtt = tether_agent::config::MqttConfig {
+        broker: format!("127.0.0.1:{}", broker.port),
+        username: Some("agent".into()),
+        password: Some("s3cret".into()),
+        ..Default::default()
+    };
+    config.mqtt = Some(mqtt.clone());
+    let checks = doctor::run(Ok(&config), &options(0)).await;
+    let check = verdict(&checks, "mqtt broker");
+    assert_eq!(check.verdict, Verdict::Ok, "{check:?}");
+
+    mqtt.password = Some("wrong".into());
+    config.mqtt = Some(mqtt.clone());
+    let checks = doctor::run(Ok(&config), &options(0)).await;
+    let check = verdict(&checks, "mqtt broker");
+    assert_eq!(check.verdict, Verdict::Fail, "{check:?}");
+    assert!(
+        check.detail.contains("refuses the agent's login"),
+        "{check:?}"
+    );
+    assert!(
+        !format!("{check:?}").contains("wrong"),
+        "the password is never shown"
+    );
+
+    drop(broker);
+    let checks = doctor::run(Ok(&config), &options(0)).await;
+    let check = verdict(&checks, "mqtt broker");
+    assert_eq!(check.verdict, Verdict::Fail, "{check:?}");
+    assert!(check.detail.contains("nothing answers MQTT"), "{check:?}");
+}

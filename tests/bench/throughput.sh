@@ -126,7 +126,7 @@ wait_port "$RH_PORT"
 
 # --- tether ------------------------------------------------------------------
 PLATFORM_PORT=$(free_port)
-"$BIN/tether-platform" serve --data-dir "$WORK/platform" --listen "127.0.0.1:$PLATFORM_PORT" \
+"$BIN/tether-platform" serve --data-dir "$WORK/platform" --listen "127.0.0.1:$PLATFORM_PORT" --no-mqtt \
     >"$WORK/platform.log" 2>&1 &
 PLATFORM=$!
 PIDS+=($PLATFORM)

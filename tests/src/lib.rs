@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod flows;
+pub mod mqtt;
 pub mod npm;
 pub mod tools;
 pub mod web;

@@ -38,6 +38,8 @@ pub mod grant;
 pub mod hello;
 #[cfg(any(feature = "grant", feature = "audit", feature = "snapshot"))]
 pub mod hex;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod service;
 #[cfg(feature = "snapshot")]
 pub mod snapshot;

@@ -76,6 +76,16 @@ pub enum AuditEvent {
     /// The platform captured the flows Node-RED runs (to make a snapshot
     /// of them), for `by`; `base` is the snapshot they were deployed on.
     FlowsCaptured { by: String, base: Option<u64> },
+    /// An MQTT message or filter outside the device's namespace or over a
+    /// limit was refused: `by` the agent before it left the device, or by
+    /// the platform (`agent` / `platform`).
+    MqttRefused {
+        topic: String,
+        reason: String,
+        by: String,
+    },
+    /// The MQTT outbox was full: its `count` oldest messages were dropped.
+    MqttOutboxDropped { count: u64 },
     /// Records that could not be written (the disk was full) and were
     /// lost from memory before it had room again.
     EventsLost { count: u64, reason: String },
@@ -273,6 +283,18 @@ impl AuditEvent {
                 "flows".to_owned(),
                 json!({ "base": base }),
             ),
+            AuditEvent::MqttRefused { topic, reason, by } => (
+                "mqtt_refused",
+                actor(ActorKind::Agent),
+                cut(topic),
+                json!({ "reason": cut(reason), "by": cut(by) }),
+            ),
+            AuditEvent::MqttOutboxDropped { count } => (
+                "mqtt_outbox_dropped",
+                actor(ActorKind::Agent),
+                "mqtt-outbox".to_owned(),
+                json!({ "count": count }),
+            ),
             AuditEvent::EventsLost { count, reason } => (
                 "events_lost",
                 actor(ActorKind::Agent),
@@ -390,6 +412,14 @@ impl AuditEvent {
             "node_red_action" => AuditEvent::NodeRedAction {
                 action: text("action")?,
                 by: user()?,
+            },
+            "mqtt_refused" => AuditEvent::MqttRefused {
+                topic: record.subject.clone(),
+                reason: text("reason")?,
+                by: text("by")?,
+            },
+            "mqtt_outbox_dropped" => AuditEvent::MqttOutboxDropped {
+                count: number("count")?,
             },
             "events_lost" => AuditEvent::EventsLost {
                 count: number("count")?,
@@ -536,6 +566,12 @@ mod tests {
                 by: "olga".into(),
                 base: None,
             },
+            AuditEvent::MqttRefused {
+                topic: "tether/t/other/out/x".into(),
+                reason: "outside".into(),
+                by: "agent".into(),
+            },
+            AuditEvent::MqttOutboxDropped { count: 12 },
             AuditEvent::Other {
                 kind: "x_test".into(),
                 actor: actor(ActorKind::NodeRed),

@@ -183,7 +183,7 @@ pub struct LaunchSpec {
     pub settings: PathBuf,
     /// Where the settings make Node-RED listen.
     pub addr: SocketAddr,
-    /// The user to run Node-RED as (the agent runs as root), or `None` to
+    /// The user to run Node-RED as (the agent can switch users), or `None` to
     /// run it as the agent's own user (`super::user`).
     pub run_as: Option<super::user::RunAs>,
     /// A running Node-RED whose admin API has not answered for this long is

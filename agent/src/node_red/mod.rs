@@ -86,13 +86,29 @@ pub enum NodeRedError {
     #[error("[node_red] user '{0}' is root; help: name an unprivileged user")]
     RootUser(String),
     #[error(
-        "[node_red] user '{user}' is not the agent's own user (uid {euid}), and only root can start Node-RED as another user; help: run tetherd as root (the packaged service does), or remove [node_red] user"
+        "[node_red] user '{user}' is not the agent's own user (uid {euid}), and the agent cannot start Node-RED as another user without {missing}; help: run tetherd as the packaged service (User=tether with AmbientCapabilities=CAP_SETUID CAP_SETGID CAP_KILL), start it with those capabilities (setpriv --inh-caps=+setuid,+setgid,+kill --ambient-caps=+setuid,+setgid,+kill), run it as root, or remove [node_red] user"
     )]
-    CannotSwitch { user: String, euid: u32 },
+    CannotSwitch {
+        user: String,
+        euid: u32,
+        missing: String,
+    },
     #[error(
-        "cannot prepare Node-RED's user directory for its user: {0}; help: check that the agent runs as root and the directory's file system allows ownership changes"
+        "the agent shares Node-RED's files through the group of [node_red] user '{user}', '{group}' (gid {gid}), and is not a member of it; help: add SupplementaryGroups={group} to the unit (the packaged one has SupplementaryGroups=tether-nodered), or usermod --append --groups {group} AGENT_USER, or run tetherd as root"
     )]
-    Ownership(#[source] std::io::Error),
+    NotInGroup {
+        user: String,
+        group: String,
+        gid: u32,
+    },
+    #[error(
+        "cannot prepare Node-RED's user directory '{}' for its user: {source}; help: it must belong to the agent's user, in Node-RED's group (chown AGENT_USER:NODE_RED_GROUP '{}'; the package does), on a file system with Unix owners", .dir.display(), .dir.display()
+    )]
+    Ownership {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "{addr} answers GET /settings with {status} without a token: it is not a Node-RED locked down by the agent; help: stop it, or start it with --settings USER_DIR/{SETTINGS_FILE}"
     )]
@@ -138,10 +154,9 @@ impl NodeRed {
             return Ok(None);
         }
         let user_dir = config.user_dir_in(state_dir);
+        let me = user::Privileges::current();
         let run_as = match config.mode {
-            NodeRedMode::Launch => {
-                user::plan(config.user.as_deref(), user::effective_uid().unwrap_or(0))?
-            }
+            NodeRedMode::Launch => user::plan(config.user.as_deref(), &me)?,
             _ => None,
         };
         if let Some(run_as) = &run_as {
@@ -149,8 +164,12 @@ impl NodeRed {
                 &user_dir,
                 run_as,
                 &[SETTINGS_FILE, KEYS_FILE, SNAPSHOTS_DIR],
+                &me,
             )
-            .map_err(NodeRedError::Ownership)?;
+            .map_err(|source| NodeRedError::Ownership {
+                dir: user_dir.clone(),
+                source,
+            })?;
             info!(user = %run_as.name, uid = run_as.uid, user_dir = %user_dir.display(), "Node-RED runs as its own user");
         }
         let auth = Arc::new(prepare(&user_dir, config.port)?);

@@ -451,7 +451,7 @@ impl Applier {
             .with_folder(move |folder| {
                 let work = folder.prepare_work(version)?;
                 if let Some(run_as) = &run_as {
-                    super::own(&work, run_as)?;
+                    super::share_work(&work, run_as)?;
                 }
                 folder.switch(version)
             })

@@ -56,10 +56,19 @@ pub struct ApplyNow {
 }
 
 /// Leaves an [`ApplyNow`] request for the agent in the snapshot folder at
-/// `root` (written atomically, 0600: only the agent's own user can).
-pub fn request_apply_now(root: &Path, request: &ApplyNow) -> Result<(), FolderError> {
+/// `root` (written atomically, 0600: only the agent's own user can), given
+/// to `owner` (uid, gid: the agent's user) when root writes it.
+pub fn request_apply_now(
+    root: &Path,
+    request: &ApplyNow,
+    owner: Option<(u32, u32)>,
+) -> Result<(), FolderError> {
     let json = serde_json::to_vec(request).map_err(|e| FolderError::State(e.to_string()))?;
-    files::write_atomic(&root.join(APPLY_NOW), &json, Mode::Secret)?;
+    let path = root.join(APPLY_NOW);
+    match owner {
+        Some(owner) => files::write_atomic_owned(&path, &json, Mode::Secret, owner)?,
+        None => files::write_atomic(&path, &json, Mode::Secret)?,
+    }
     Ok(())
 }
 

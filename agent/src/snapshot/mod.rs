@@ -71,16 +71,27 @@ pub fn share(folder: &Folder, dir: &Path, run_as: &RunAs) -> Result<(), FolderEr
     Ok(())
 }
 
-/// Gives Node-RED's user a working copy (`Folder::prepare_work`): it
-/// writes its deploys there.
-pub fn own(dir: &Path, run_as: &RunAs) -> Result<(), FolderError> {
+/// Lets Node-RED's user change a working copy (`Folder::prepare_work`): it
+/// writes its deploys there. The agent keeps owning it and shares it
+/// through Node-RED's group: the directory `0770`, its files `0660`. What
+/// Node-RED wrote there is its own (readable and removable by its group:
+/// it runs with umask `0007`) and stays as it is, unless the agent may
+/// change others' files (root).
+pub fn share_work(dir: &Path, run_as: &RunAs) -> Result<(), FolderError> {
+    let me = crate::node_red::user::Privileges::current();
     if let Some(parent) = dir.parent() {
         set(parent, None, run_as.gid, 0o750)?;
     }
-    set(dir, Some(run_as.uid), run_as.gid, 0o700)?;
+    let mut entries = vec![(dir.to_owned(), 0o770)];
     for entry in std::fs::read_dir(dir).map_err(fs_err("list", dir))? {
-        let path = entry.map_err(fs_err("list", dir))?.path();
-        set(&path, Some(run_as.uid), run_as.gid, 0o600)?;
+        entries.push((entry.map_err(fs_err("list", dir))?.path(), 0o660));
+    }
+    for (path, mode) in entries {
+        let meta = std::fs::symlink_metadata(&path).map_err(fs_err("inspect", &path))?;
+        if meta.file_type().is_symlink() || !me.may_change(&meta) {
+            continue;
+        }
+        set(&path, None, run_as.gid, mode)?;
     }
     Ok(())
 }

@@ -11,7 +11,10 @@
 //! configured registry. npm runs as Node-RED's user when it has one (a
 //! module's install scripts never run with the agent's rights), with its
 //! own cache and configuration, a time limit, and its output kept out of
-//! the log but for the tail of a failure. After npm, every pinned module
+//! the log but for the tail of a failure. It then installs into a scratch
+//! folder beside its cache, which the agent copies into `lib/` as its own
+//! files: Node-RED's user cannot change a sealed version's modules, and no
+//! file of its stays in a version's folder. After npm, every pinned module
 //! must be installed at its pinned version, and everything is synced to
 //! disk before the version's folder is sealed.
 //!
@@ -30,6 +33,8 @@ use crate::node_red::user::RunAs;
 /// Where a version's modules are installed, inside its folder (where the
 /// generated settings tell Node-RED to look).
 pub const LIB: &str = crate::node_red::settings::MODULES_DIR;
+/// Where npm, as Node-RED's user, installs, inside the cache folder.
+const SCRATCH: &str = "lib";
 /// How much of npm's output a failure quotes.
 const TAIL: u64 = 1500;
 /// Environment variables passed through to npm (a proxy to the registry).
@@ -87,29 +92,43 @@ impl Installer {
             )
         })?;
         let lib = dir.join(LIB);
-        crate::files::ensure_dir(&lib).map_err(|e| e.to_string())?;
+        // Where npm writes: `lib/` itself, or, as Node-RED's user, a
+        // scratch folder copied into `lib/` afterwards.
+        let target = match &self.run_as {
+            Some(run_as) => {
+                let scratch = self.cache.join(SCRATCH);
+                remove_tree(&scratch, run_as)?;
+                scratch
+            }
+            None => lib.clone(),
+        };
+        crate::files::ensure_dir(&target).map_err(|e| e.to_string())?;
         crate::files::ensure_dir(&self.cache).map_err(|e| e.to_string())?;
+        let package = target.join("package.json");
         std::fs::write(
-            lib.join("package.json"),
+            &package,
             br#"{"name": "tether-snapshot-modules", "version": "0.0.0", "private": true}"#,
         )
-        .map_err(|e| format!("cannot write {}: {e}", lib.join("package.json").display()))?;
+        .map_err(|e| format!("cannot write {}: {e}", package.display()))?;
         if let Some(run_as) = &self.run_as {
-            // npm, as Node-RED's user, reads the tarballs and writes `lib/`
-            // and its cache; it is given back to the agent afterwards.
-            let mut readable = vec![(dir.to_owned(), 0o750)];
+            // npm, as Node-RED's user, reads the tarballs and writes its
+            // scratch folder and cache, all shared through its group.
+            let mut shared = vec![(dir.to_owned(), 0o750)];
             if let Some(root) = dir.parent() {
-                readable.push((root.to_owned(), 0o750));
+                shared.push((root.to_owned(), 0o750));
             }
             if !tarballs.is_empty() {
-                readable.push((dir.join(TARBALLS), 0o750));
+                shared.push((dir.join(TARBALLS), 0o750));
             }
-            readable.extend(tarballs.iter().map(|t| (t.clone(), 0o640)));
-            for (path, mode) in readable {
+            shared.extend(tarballs.iter().map(|t| (t.clone(), 0o640)));
+            shared.extend([
+                (self.cache.clone(), 0o770),
+                (target.clone(), 0o770),
+                (package.clone(), 0o660),
+            ]);
+            for (path, mode) in shared {
                 share_with(&path, run_as.gid, mode)?;
             }
-            chown_tree(&lib, run_as.uid, run_as.gid)?;
-            chown_tree(&self.cache, run_as.uid, run_as.gid)?;
         }
         let specs: Vec<String> = if tarballs.is_empty() {
             list.iter().map(Module::spec).collect()
@@ -117,16 +136,18 @@ impl Installer {
             tarballs.iter().map(|p| p.display().to_string()).collect()
         };
         let started = Instant::now();
-        self.run_npm(&npm, &lib, &specs, !tarballs.is_empty())?;
+        self.run_npm(&npm, &target, &specs, !tarballs.is_empty())?;
         tracing::info!(
             modules = list.len(),
             from_tarballs = !tarballs.is_empty(),
             took_ms = started.elapsed().as_millis() as u64,
             "npm installed the snapshot's modules"
         );
-        if self.run_as.is_some() {
-            let (uid, gid) = (rustix::process::geteuid(), rustix::process::getegid());
-            chown_tree(&lib, uid.as_raw(), gid.as_raw())?;
+        if let Some(run_as) = &self.run_as {
+            copy_tree(&target, &lib)?;
+            if let Err(e) = remove_tree(&target, run_as) {
+                tracing::warn!("{e}; it is removed before the next install");
+            }
         }
         for module in &list {
             check_installed(&lib, module)?;
@@ -314,13 +335,66 @@ fn share_with(path: &Path, gid: u32, mode: u32) -> Result<(), String> {
         .map_err(|e| format!("cannot let Node-RED's group read {}: {e}", path.display()))
 }
 
-/// Gives `root` and everything under it (links themselves, not followed)
-/// to `uid:gid`.
-fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    walk(root, &mut |path| {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-            .map_err(|e| format!("cannot give {} to {uid}:{gid}: {e}", path.display()))
-    })
+/// Copies the tree at `from` into `to` as the agent's own files:
+/// directories (merged with those there: a snapshot may carry files under
+/// `lib/`), regular files with their modes and links as links (each
+/// replacing a file there); nothing else.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let failed =
+        |e: std::io::Error| format!("cannot copy {} to {}: {e}", from.display(), to.display());
+    let kind = std::fs::symlink_metadata(from).map_err(failed)?.file_type();
+    if kind.is_dir() {
+        match std::fs::DirBuilder::new().mode(0o750).create(to) {
+            Err(e) if !(e.kind() == std::io::ErrorKind::AlreadyExists && to.is_dir()) => {
+                return Err(failed(e));
+            }
+            _ => {}
+        }
+        for entry in std::fs::read_dir(from).map_err(failed)? {
+            let entry = entry.map_err(failed)?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        return Ok(());
+    }
+    if !kind.is_symlink() && !kind.is_file() {
+        return Ok(());
+    }
+    match std::fs::remove_file(to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(failed(e)),
+        _ => {}
+    }
+    if kind.is_symlink() {
+        let link = std::fs::read_link(from).map_err(failed)?;
+        std::os::unix::fs::symlink(link, to).map_err(failed)
+    } else {
+        std::fs::copy(from, to).map(|_| ()).map_err(failed)
+    }
+}
+
+/// Removes the tree at `path`, which npm wrote as `run_as`; what the agent
+/// cannot remove (a folder an install script made without group write)
+/// Node-RED's user removes.
+fn remove_tree(path: &Path, run_as: &RunAs) -> Result<(), String> {
+    let first = match std::fs::remove_dir_all(path) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => e,
+    };
+    let removed = crate::node_red::user::command_as(Some(run_as), "rm".as_ref())
+        .args(["-rf", "--"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match removed {
+        Ok(status) if status.success() && std::fs::symlink_metadata(path).is_err() => Ok(()),
+        _ => Err(format!(
+            "cannot remove npm's scratch folder {}: {first}",
+            path.display()
+        )),
+    }
 }
 
 /// Syncs what npm wrote to disk: the whole file system `root` is on, in
@@ -334,17 +408,50 @@ fn sync_tree(root: &Path) -> Result<(), String> {
         })
 }
 
-/// Calls `f` on everything under `root`, children before their folder.
-fn walk(root: &Path, f: &mut dyn FnMut(&Path) -> Result<(), String>) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(root)
-        .map_err(|e| format!("cannot inspect {}: {e}", root.display()))?;
-    if meta.is_dir() {
-        let entries =
-            std::fs::read_dir(root).map_err(|e| format!("cannot list {}: {e}", root.display()))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| format!("cannot list {}: {e}", root.display()))?;
-            walk(&entry.path(), f)?;
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn npm_s_tree_is_copied_with_folders_modes_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("scratch");
+        std::fs::create_dir_all(from.join("node_modules/m/bin")).unwrap();
+        std::fs::write(from.join("package.json"), "{}").unwrap();
+        let bin = from.join("node_modules/m/bin/m.js");
+        std::fs::write(&bin, "#!/usr/bin/env node\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::fs::create_dir(from.join("node_modules/.bin")).unwrap();
+        std::os::unix::fs::symlink("../m/bin/m.js", from.join("node_modules/.bin/m")).unwrap();
+        let to = dir.path().join("lib");
+        copy_tree(&from, &to).unwrap();
+        assert_eq!(std::fs::read(to.join("package.json")).unwrap(), b"{}");
+        let copied = to.join("node_modules/m/bin/m.js");
+        assert_eq!(
+            std::fs::metadata(&copied).unwrap().permissions().mode() & 0o777,
+            0o750
+        );
+        let link = to.join("node_modules/.bin/m");
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("../m/bin/m.js")
+        );
+        assert_eq!(std::fs::read(&link).unwrap(), b"#!/usr/bin/env node\n");
+        // Into a lib/ the snapshot carries files in: merged, npm's files
+        // replacing the snapshot's of the same name.
+        let carried = dir.path().join("carried");
+        std::fs::create_dir_all(carried.join("node_modules/m")).unwrap();
+        std::fs::write(carried.join("own.js"), "mine").unwrap();
+        std::fs::write(carried.join("package.json"), "old").unwrap();
+        copy_tree(&from, &carried).unwrap();
+        assert_eq!(std::fs::read(carried.join("own.js")).unwrap(), b"mine");
+        assert_eq!(std::fs::read(carried.join("package.json")).unwrap(), b"{}");
+        assert!(carried.join("node_modules/m/bin/m.js").is_file());
+        // A file where npm made a folder is an error.
+        std::fs::remove_dir_all(&carried).unwrap();
+        std::fs::create_dir(&carried).unwrap();
+        std::fs::write(carried.join("node_modules"), "").unwrap();
+        assert!(copy_tree(&from, &carried).is_err());
     }
-    f(root)
 }

@@ -120,6 +120,57 @@ pub struct ServeArgs {
     /// (browsers resolve `*.localhost` on their own).
     #[arg(long, value_name = "DOMAIN")]
     pub editor_domain: Option<String>,
+    /// Port of the embedded MQTT broker (MQTT 5) on 127.0.0.1; 0 picks a free one
+    /// (`platform.json` names it).
+    #[arg(long, default_value_t = 1883, value_name = "PORT")]
+    pub mqtt_port: u16,
+    /// Also an MQTT 3.1.1 listener of the embedded broker on this port of 127.0.0.1, for
+    /// clients that do not speak MQTT 5 (0 picks a free one).
+    #[arg(long, value_name = "PORT", conflicts_with_all = ["mqtt_broker", "no_mqtt"])]
+    pub mqtt_v311_port: Option<u16>,
+    /// Bridge devices to this running broker instead of an embedded one:
+    /// `mqtt://[USER[:PASSWORD]@]HOST[:PORT]`.
+    #[arg(long, value_name = "URL", conflicts_with = "no_mqtt")]
+    pub mqtt_broker: Option<crate::mqtt::BrokerUrl>,
+    /// No MQTT broker: devices' mqtt streams are refused.
+    #[arg(long)]
+    pub no_mqtt: bool,
+    /// Messages a second one device may publish (past it, it is slowed down, never dropped).
+    #[arg(long, default_value_t = 50_000, value_name = "N")]
+    pub mqtt_rate: u32,
+    /// Messages kept for one device until it acknowledges them, also while it is offline
+    /// (oldest dropped and counted when full).
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub mqtt_queue: usize,
+    /// Bytes of those messages, at most.
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    pub mqtt_queue_bytes: usize,
+    /// Largest payload a device may publish, bytes (at most 1 MiB).
+    #[arg(long, default_value_t = tether_proto::mqtt::MAX_PAYLOAD, value_name = "BYTES")]
+    pub mqtt_max_payload: usize,
+}
+
+impl ServeArgs {
+    /// The MQTT configuration these arguments ask for.
+    pub fn mqtt_config(&self) -> crate::mqtt::MqttConfig {
+        use crate::mqtt::MqttBroker;
+        let broker = match (&self.mqtt_broker, self.no_mqtt) {
+            (_, true) => MqttBroker::Off,
+            (Some(url), false) => MqttBroker::External(url.clone()),
+            (None, false) => MqttBroker::Embedded {
+                port: self.mqtt_port,
+                v4_port: self.mqtt_v311_port,
+            },
+        };
+        crate::mqtt::MqttConfig {
+            broker,
+            max_payload: self.mqtt_max_payload,
+            rate_per_sec: self.mqtt_rate,
+            rate_burst: self.mqtt_rate.saturating_mul(2),
+            queue_messages: self.mqtt_queue,
+            queue_bytes: self.mqtt_queue_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -570,7 +621,70 @@ pub fn device_text(d: &DeviceInfo, now: u64) -> String {
             ),
         );
     }
+    if let Some(m) = &d.mqtt {
+        mqtt_lines(m, &mut line);
+    }
     out
+}
+
+/// The MQTT bridge's lines of `device show`.
+fn mqtt_lines(m: &crate::mqtt::MqttStats, line: &mut impl FnMut(&str, String)) {
+    line(
+        "mqtt",
+        format!(
+            "stream {}, broker {}; filters: {}",
+            if m.stream { "up" } else { "down" },
+            match (m.broker_connected, m.subscribed) {
+                (true, true) => "connected",
+                (true, false) => "connected (subscribing)",
+                (false, _) => "NOT CONNECTED",
+            },
+            if m.filters.is_empty() {
+                "none".to_string()
+            } else {
+                m.filters.join(", ")
+            }
+        ),
+    );
+    line(
+        "mqtt in",
+        format!(
+            "{} from the device (handled through #{}), {} sent again and ignored",
+            m.from_device, m.delivered, m.duplicates
+        ),
+    );
+    line(
+        "mqtt out",
+        format!(
+            "{} to the device, {} acknowledged, {} waiting ({} B); {} queued while offline, {} dropped (queue full), {} QoS 0 dropped while offline",
+            m.to_device,
+            m.acked_by_device,
+            m.waiting,
+            m.waiting_bytes,
+            m.queued_offline,
+            m.dropped,
+            m.qos0_dropped
+        ),
+    );
+    if m.refused > 0 {
+        line(
+            "mqtt refused",
+            format!(
+                "{}, last: {}",
+                m.refused,
+                m.last_refusal.as_deref().unwrap_or("-")
+            ),
+        );
+    }
+    if let Some(f) = &m.figures {
+        line(
+            "outbox",
+            format!(
+                "{} messages ({} B) on the device, {} dropped (full), {} QoS 0 dropped while offline, {} refused by the device",
+                f.outbox_messages, f.outbox_bytes, f.outbox_dropped, f.qos0_dropped, f.refused
+            ),
+        );
+    }
 }
 
 #[derive(Debug, Args)]
@@ -914,8 +1028,40 @@ mod tests {
             window: Some("22:00-06:00".into()),
             health: None,
             history: Vec::new(),
+            mqtt: None,
         };
         assert!(device_text(&device, 100).contains("window       22:00-06:00"));
+        assert!(!device_text(&device, 100).contains("mqtt"));
+        let mut with_mqtt = device.clone();
+        with_mqtt.mqtt = Some(crate::mqtt::MqttStats {
+            stream: true,
+            broker_connected: true,
+            subscribed: true,
+            filters: vec!["tether/line-3/d/in/#".into()],
+            from_device: 7,
+            refused: 1,
+            last_refusal: Some("'elsewhere': outside".into()),
+            dropped: 2,
+            figures: Some(tether_proto::mqtt::Figures {
+                outbox_messages: 12,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let text = device_text(&with_mqtt, 100);
+        assert!(
+            text.contains(
+                "mqtt         stream up, broker connected; filters: tether/line-3/d/in/#"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("mqtt in      7 from the device"), "{text}");
+        assert!(text.contains("2 dropped (queue full)"), "{text}");
+        assert!(
+            text.contains("mqtt refused 1, last: 'elsewhere': outside"),
+            "{text}"
+        );
+        assert!(text.contains("outbox       12 messages"), "{text}");
         let table = device_table(&[device], 100);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2);

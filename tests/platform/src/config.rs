@@ -106,6 +106,10 @@ pub struct PlatformConfig {
     /// `tether_proto::grant::MAX_LIFETIME_SECS` (five minutes, the
     /// default). Shorter in tests of what outlives a grant.
     pub grant_lifetime: Duration,
+    /// The MQTT bridge (`crate::mqtt`): off by default here, so tests and
+    /// embedders start no broker they do not use; `tether-platform serve`
+    /// starts an embedded one unless told otherwise.
+    pub mqtt: crate::mqtt::MqttConfig,
 }
 
 impl PlatformConfig {
@@ -143,6 +147,7 @@ impl PlatformConfig {
             editor_timeout: Duration::from_secs(30),
             editor_domain: None,
             grant_lifetime: Duration::from_secs(tether_proto::grant::MAX_LIFETIME_SECS),
+            mqtt: crate::mqtt::MqttConfig::default(),
         }
     }
 
@@ -266,6 +271,7 @@ impl PlatformConfig {
         if self.editor_timeout.is_zero() {
             return Err("editor_timeout must be more than 0".into());
         }
+        self.mqtt.validate()?;
         Ok(())
     }
 }

@@ -23,6 +23,8 @@
 //!   streams with signed access grants), `users` (names, roles, Argon2
 //!   password hashes), `sessions` (the session cookie, live editor streams
 //!   per session), `html` (the pages' layout and escaping).
+//! - `mqtt`: the MQTT bridge: the broker (embedded rumqttd or external),
+//!   one broker client per device, the devices' `mqtt` streams.
 //! - `store` (redb), `ca` (certificates), `keys` (Ed25519 keys, admin token,
 //!   randomness, hashes), `files` (atomic 0600 writes), `rate_limit`.
 //! - `cli`, `client`, `connect`: the `tether-platform` command, its admin
@@ -53,6 +55,7 @@ pub mod html;
 pub mod http;
 pub mod keys;
 pub mod listen;
+pub mod mqtt;
 pub mod origin;
 pub mod platform;
 pub mod rate_limit;

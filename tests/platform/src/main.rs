@@ -43,7 +43,11 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     use std::io::IsTerminal;
-    let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env(LOG_ENV)
+        // rumqttd (the embedded broker) logs every connection at info and
+        // every disconnection as an error; the platform logs what matters
+        // about it itself (TETHER_PLATFORM_LOG=info,rumqttd=info shows it).
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -385,6 +389,7 @@ async fn add_user(args: UserAddArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = PlatformConfig::new(&args.data.data_dir, args.listen);
+    config.mqtt = args.mqtt_config();
     if !args.names.is_empty() {
         config.names = args.names;
     }
@@ -403,6 +408,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.editor_domain = args.editor_domain;
     let platform = Platform::start(config).await?;
     eprintln!("listening on {}", platform.url());
+    match (platform.mqtt_broker_url(), platform.mqtt_v311_addr()) {
+        (Some(url), Some(v311)) => eprintln!("MQTT broker {url} (MQTT 3.1.1 on {v311})"),
+        (Some(url), None) => eprintln!("MQTT broker {url}"),
+        (None, _) => eprintln!("MQTT off"),
+    }
     wait_for_signal().await;
     platform.shutdown().await;
     Ok(())

@@ -87,6 +87,8 @@ pub enum PlatformError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Capture(#[from] crate::capture::CaptureError),
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::BrokerError),
 }
 
 /// Why a stream to a device's service could not be opened.
@@ -178,6 +180,10 @@ pub struct DeviceInfo {
     /// Its health over the last hour, oldest first.
     #[serde(default)]
     pub history: Vec<crate::health::HealthPoint>,
+    /// Its MQTT bridge counts, if it opened an `mqtt` stream since the
+    /// platform started.
+    #[serde(default)]
+    pub mqtt: Option<crate::mqtt::MqttStats>,
 }
 
 /// Something that happened, for tests and dashboards.
@@ -226,6 +232,13 @@ pub struct PlatformFile {
     pub url: String,
     /// The bound socket address.
     pub listen: SocketAddr,
+    /// The MQTT broker devices' messages go to, `mqtt://HOST:PORT`
+    /// (MQTT 5), if MQTT is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<String>,
+    /// The embedded broker's MQTT 3.1.1 listener, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_v311: Option<String>,
 }
 
 /// Everything the handlers share.
@@ -263,6 +276,8 @@ pub struct State {
     /// control stream: (action, requested by).
     pub node_red_requests:
         std::sync::Mutex<std::collections::HashMap<String, Vec<(String, String)>>>,
+    /// The MQTT bridge, unless MQTT is off.
+    pub mqtt: Option<crate::mqtt::Bridge>,
     events: broadcast::Sender<PlatformEvent>,
 }
 
@@ -300,6 +315,7 @@ impl Platform {
             .await
             .map_err(|e| PlatformError::Task(e.to_string()))??;
         let acceptor = server::tls_acceptor(&loaded.ca, loaded.identity)?;
+        let mqtt = crate::mqtt::Bridge::start(&config.mqtt).await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -316,6 +332,11 @@ impl Platform {
         let platform_file = PlatformFile {
             url: format!("https://{host}:{port}"),
             listen: local_addr,
+            mqtt: mqtt.as_ref().map(crate::mqtt::Bridge::broker_url),
+            mqtt_v311: mqtt
+                .as_ref()
+                .and_then(crate::mqtt::Bridge::v4_addr)
+                .map(|a| format!("mqtt://{a}")),
         };
         let json = serde_json::to_vec_pretty(&platform_file).unwrap_or_default();
         files::write_atomic(&config.data_dir.join(PLATFORM_JSON), &json, PUBLIC_MODE)?;
@@ -340,6 +361,7 @@ impl Platform {
             editor_sessions: EditorSessions::default(),
             snapshots: crate::snapshots::Snapshots::new(&config.data_dir),
             node_red_requests: std::sync::Mutex::default(),
+            mqtt,
             events: broadcast::channel(EVENT_BACKLOG).0,
             config,
         });
@@ -363,6 +385,33 @@ impl Platform {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The MQTT broker devices' messages go to: the embedded broker's
+    /// MQTT 5 listener, or the external broker's address when its host is
+    /// an IP address. `None` when MQTT is off.
+    pub fn mqtt_broker_addr(&self) -> Option<SocketAddr> {
+        self.state.mqtt.as_ref()?.broker_addr()
+    }
+
+    /// `mqtt://HOST:PORT` of the broker (without credentials), if MQTT is
+    /// on.
+    pub fn mqtt_broker_url(&self) -> Option<String> {
+        self.state
+            .mqtt
+            .as_ref()
+            .map(crate::mqtt::Bridge::broker_url)
+    }
+
+    /// The embedded broker's MQTT 3.1.1 listener, if configured.
+    pub fn mqtt_v311_addr(&self) -> Option<SocketAddr> {
+        self.state.mqtt.as_ref()?.v4_addr()
+    }
+
+    /// A device's MQTT bridge counts, if it opened an `mqtt` stream since
+    /// the platform started.
+    pub fn mqtt_stats(&self, device_id: &str) -> Option<crate::mqtt::MqttStats> {
+        self.state.mqtt.as_ref()?.stats(device_id)
     }
 
     /// `https://HOST:PORT`, HOST being the first configured name.
@@ -656,6 +705,9 @@ impl Platform {
             .registry
             .shutdown_all(self.state.config.shutdown_grace)
             .await;
+        if let Some(mqtt) = &self.state.mqtt {
+            mqtt.shutdown();
+        }
         self.state.store.close_and_wait().await;
         info!("platform stopped");
     }
@@ -768,6 +820,7 @@ impl State {
                     window: self.snapshots.window(&d.id).and_then(|(w, _)| w),
                     health: live.as_ref().and_then(|l| l.health.clone()),
                     history: self.registry.history(&d.id),
+                    mqtt: self.mqtt.as_ref().and_then(|m| m.stats(&d.id)),
                     rtt_micros: live
                         .as_ref()
                         .and_then(|l| l.tunnel.rtt())
@@ -802,6 +855,9 @@ impl State {
             CloseCode::REVOKED,
             "device revoked by a fleet manager",
         );
+        if let Some(mqtt) = &self.mqtt {
+            mqtt.forget(device_id);
+        }
         info!(%device_id, disconnected = closed, "device revoked");
         Ok(closed)
     }

@@ -6,8 +6,9 @@
 //! WebSocket upgrade, one device has at most one live tunnel (a new one
 //! replaces the old), and revocation closes a live tunnel with
 //! `CloseCode::REVOKED`. Streams the device opens are accepted only for the
-//! control service ([`crate::control`] serves them) and the audit trail
-//! ([`crate::audit`]); anything else is refused. Each live tunnel carries a signal that its device's protection
+//! control service ([`crate::control`] serves them), the audit trail
+//! ([`crate::audit`]), snapshots ([`crate::snapshots`]) and MQTT
+//! ([`crate::mqtt`], unless it is off); anything else is refused. Each live tunnel carries a signal that its device's protection
 //! mode changed, which its control stream turns into a push. It never parses certificates: rustls has verified the chain and
 //! the validity before a request reaches here.
 
@@ -462,8 +463,9 @@ async fn is_revoked(state: &State, device_id: &str) -> bool {
     )
 }
 
-/// Accepts the device's control and audit streams until the tunnel
-/// closes; refuses every other service.
+/// Accepts the device's control, audit, snapshot and mqtt streams until
+/// the tunnel closes; refuses every other service (mqtt too when MQTT is
+/// off).
 async fn accept_streams(
     state: &Arc<State>,
     device_id: &str,
@@ -473,6 +475,11 @@ async fn accept_streams(
 ) {
     let only_control = |header: &ServiceHeader| match header.service {
         Service::Control | Service::Audit | Service::Snapshot => Ok(()),
+        Service::Mqtt if state.mqtt.is_some() => Ok(()),
+        Service::Mqtt => Err((
+            ResetCode::REFUSED,
+            crate::mqtt::StreamError::Off.to_string(),
+        )),
         ref other => Err((
             ResetCode::REFUSED,
             format!("the platform does not serve '{other}' streams opened by a device"),
@@ -483,6 +490,10 @@ async fn accept_streams(
         let (device_id, fingerprint) = (device_id.to_string(), fingerprint.to_string());
         if header.service == Service::Audit {
             tokio::spawn(crate::audit::serve(state, device_id, stream).in_current_span());
+            continue;
+        }
+        if header.service == Service::Mqtt {
+            tokio::spawn(crate::mqtt::serve_tunnel(state, device_id, stream).in_current_span());
             continue;
         }
         if header.service == Service::Snapshot {

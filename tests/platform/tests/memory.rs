@@ -42,6 +42,7 @@ async fn an_idle_tunnel_costs_the_platform_less_than_64_kib() {
             "127.0.0.1:0",
             "--enroll-burst",
             "100000",
+            "--no-mqtt",
         ])
         .args(["--ws-read-buffer", &read_buffer])
         .env("TETHER_PLATFORM_LOG", "warn")

@@ -677,7 +677,7 @@ fn spawn_platform(bin: &Path, data: &Path, port: u16, agents: u32, log: &Path) -
         .arg(format!("127.0.0.1:{port}"))
         .arg("--enroll-burst")
         .arg((agents + 10).to_string())
-        .args(["--enroll-refill", "1s"])
+        .args(["--enroll-refill", "1s", "--no-mqtt"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -564,8 +564,8 @@ fn state_and_parent(stat: &str) -> Option<(char, u32)> {
 }
 
 /// The running children of this process: the agent runs in it, so the
-/// Node-RED it launches is one (setpriv and `env node` exec, keeping the
-/// pid).
+/// Node-RED it launches is one (setpriv, the umask shell and `env node`
+/// exec, keeping the pid).
 fn children() -> Vec<u32> {
     let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -175,3 +175,21 @@ fn an_apply_that_keeps_crashing_is_rolled_back_after_max_attempts() {
     assert_eq!(recovered, Recovered::RolledBack { from: 1, to: None });
     assert_eq!(folder.current(), None);
 }
+
+#[test]
+fn roots_apply_now_request_is_the_agent_users_to_read() {
+    use std::os::unix::fs::MetadataExt;
+    if rustix::process::geteuid().as_raw() != 0 {
+        return; // Only root writes a file for another user.
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, _) = Folder::open(dir.path()).unwrap();
+    let request = ApplyNow {
+        version: 3,
+        by: "alice (sudo)".into(),
+    };
+    request_apply_now(dir.path(), &request, Some((1, 1))).unwrap();
+    let meta = std::fs::metadata(dir.path().join(APPLY_NOW)).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (1, 1, 0o600));
+    assert_eq!(folder.take_apply_now().unwrap(), Some(request));
+}

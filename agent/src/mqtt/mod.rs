@@ -1,0 +1,176 @@
+//! The MQTT bridge between the device's local broker and the platform's,
+//! over the tunnel's `mqtt` stream (`docs/mqtt.md`, `docs/protocol.md`
+//! §19).
+//!
+//! This module owns the agent's MQTT client of the local broker
+//! ([`local`]), the durable outbox of QoS 1 and 2 messages
+//! ([`outbox`]), and one `mqtt` stream per tunnel session ([`stream`]). A
+//! message from the local broker is acknowledged there only once it is in
+//! the outbox (QoS 1 and 2) or handed to a live stream (QoS 0); it leaves
+//! the outbox only once the platform acknowledged it. The namespace
+//! (`tether_proto::mqtt::Namespace`) is applied before anything leaves the
+//! device, and each refusal is audited.
+//!
+//! It never holds broker credentials of the platform (there are none: the
+//! tunnel's certificate is the device's identity), never logs the local
+//! broker's password, and never publishes on the local broker what the
+//! platform did not route to this device.
+
+pub mod local;
+pub mod outbox;
+pub mod stream;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tether_proto::mqtt::{Figures, Message};
+use tokio::sync::{mpsc, watch};
+
+use crate::audit::{Audit, AuditEvent, AuditQueue};
+use crate::config::MqttConfig;
+use outbox::{Outbox, OutboxError};
+
+/// QoS 0 messages waiting for the live stream, at most.
+const LIVE_QUEUE: usize = 1024;
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(
+        "[mqtt] broker '{0}' is not HOST:PORT; help: set it to the local broker's address, for example \"127.0.0.1:1883\""
+    )]
+    Broker(String),
+}
+
+/// Counters shown in `tetherd status` and sent to the platform.
+#[derive(Debug, Default)]
+struct Counters {
+    qos0_dropped: AtomicU64,
+    refused: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// The bridge's shared state: the outbox, the local client, the counters.
+pub struct Bridge {
+    config: MqttConfig,
+    device: String,
+    outbox: Mutex<Outbox>,
+    /// The outbox's figures after its last change (read without waiting
+    /// for a write in progress).
+    stats: Mutex<outbox::OutboxStats>,
+    /// The outbox's next sequence number, announced after each append.
+    appended: watch::Sender<u64>,
+    /// The live stream's QoS 0 queue, while a stream is up.
+    live: Mutex<Option<mpsc::Sender<Message>>>,
+    counters: Counters,
+    audit: Arc<AuditQueue>,
+    local: local::Local,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("broker", &self.config.broker)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bridge {
+    /// Opens the outbox in `state_dir` and starts the local broker's
+    /// client for `device`.
+    pub fn start(
+        config: &MqttConfig,
+        state_dir: &std::path::Path,
+        device: &str,
+        audit: Arc<AuditQueue>,
+        now_ms: u64,
+    ) -> Result<Arc<Bridge>, MqttError> {
+        let outbox = Outbox::open(
+            state_dir,
+            config.outbox_max_bytes,
+            config.outbox_max_messages,
+            now_ms,
+        )?;
+        let (local, events) = local::Local::new(config, device)?;
+        let (appended, _) = watch::channel(outbox.stats().next);
+        let bridge = Arc::new(Bridge {
+            config: config.clone(),
+            device: device.to_owned(),
+            stats: Mutex::new(outbox.stats()),
+            outbox: Mutex::new(outbox),
+            appended,
+            live: Mutex::new(None),
+            counters: Counters::default(),
+            audit,
+            local,
+        });
+        local::spawn(bridge.clone(), events);
+        Ok(bridge)
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        // Nothing panics while holding it; a poisoned outbox is still the
+        // file's last committed state.
+        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the outbox on a blocking thread.
+    async fn with_outbox<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Outbox) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        let bridge = self.clone();
+        let work = move || {
+            let mut outbox = bridge.outbox();
+            let result = f(&mut outbox);
+            *bridge.stats.lock().unwrap_or_else(PoisonError::into_inner) = outbox.stats();
+            result
+        };
+        match tokio::task::spawn_blocking(work).await {
+            Ok(result) => result,
+            Err(e) => Err(OutboxError::Store {
+                path: outbox::FILE.into(),
+                why: e.to_string(),
+            }),
+        }
+    }
+
+    /// The bridge's figures now.
+    pub fn figures(&self) -> Figures {
+        let stats = *self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = &self.counters;
+        Figures {
+            outbox_messages: stats.messages,
+            outbox_bytes: stats.bytes,
+            outbox_dropped: stats.dropped,
+            qos0_dropped: c.qos0_dropped.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            sent: c.sent.load(Ordering::Relaxed),
+            received: c.received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records a refusal: counted, audited, logged without the payload.
+    fn refused(&self, topic: &str, reason: &str, by: &str) {
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(topic, reason, by, "MQTT message refused");
+        self.audit.record(AuditEvent::MqttRefused {
+            topic: topic.to_owned(),
+            reason: reason.to_owned(),
+            by: by.to_owned(),
+        });
+    }
+
+    /// Hands a QoS 0 message to the live stream, or counts it dropped.
+    fn send_live(&self, message: Message) {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let sent = live.as_ref().is_some_and(|tx| tx.try_send(message).is_ok());
+        if !sent {
+            self.counters.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

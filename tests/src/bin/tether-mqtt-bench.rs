@@ -1,0 +1,315 @@
+//! `tether-mqtt-bench`: the MQTT bridge against a mosquitto bridge, same
+//! machine, same brokers, same run (`docs/benchmarks.md`, "MQTT bridge").
+//!
+//! ```sh
+//! cargo build --release -p tether-e2e -p tether-agent --bins
+//! target/release/tether-mqtt-bench            # --round-trips 2000 --messages 100000
+//! ```
+//!
+//! Brokers: mosquitto as the platform's broker (plain for the platform and
+//! the measuring clients, mutual TLS for the bridge), and one mosquitto per
+//! device side. The anchor is what a user would pick instead: the device's
+//! mosquitto bridged to the platform's (`topic tether/# both 1`, MQTT 5,
+//! mutual TLS). Tether: a release `tetherd` with `[mqtt]` on its own
+//! mosquitto, tunnelled to an in-process platform whose broker is the same
+//! central mosquitto.
+//!
+//! Figures: the round trip of a 100-byte QoS 1 message from a device-side
+//! client, through the platform's broker (where a client echoes it to the
+//! device's inbound topic), back to the device-side client: p50 and p99;
+//! and sustained QoS 1 throughput from a device-side publisher to a
+//! platform-side subscriber, with `tetherd`'s CPU per 100,000 messages and
+//! its peak memory.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use rumqttc::v5::mqttbytes::QoS;
+use tether_e2e::bench::{Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict};
+use tether_e2e::mqtt::{Client, client};
+use tether_platform::mqtt::{BrokerUrl, MqttBroker, MqttConfig};
+use tether_platform::{Platform, PlatformConfig};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const BUDGET_P99_MS: f64 = 10.0;
+const BUDGET_P50_RATIO: f64 = 1.2;
+const BUDGET_RATE: f64 = 20_000.0;
+
+#[derive(Debug, Parser)]
+#[command(name = "tether-mqtt-bench")]
+struct Args {
+    /// Round trips measured per path (after 100 to warm up).
+    #[arg(long, default_value_t = 2000)]
+    round_trips: usize,
+    /// Messages in the throughput run per path.
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+}
+
+/// A mosquitto process on 127.0.0.1.
+struct Mosquitto {
+    _child: Child,
+    port: u16,
+}
+
+async fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Mosquitto> {
+    let port = free_port()?;
+    let conf = dir.join(format!("{name}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings false\nallow_anonymous true\nmax_queued_messages 200000\nmax_inflight_messages 1000\nlistener {port} 127.0.0.1\n{extra}"
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start mosquitto (apt-get install mosquitto)")?;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(Mosquitto {
+                _child: child,
+                port,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("mosquitto {name} did not listen on {port}")
+}
+
+/// On the platform's broker: echoes every `.../out/rt` to `.../in/rt` of
+/// the same device.
+async fn echo(port: u16) -> Result<Client> {
+    let mut echo = client(port, "echo", &["tether/+/+/out/rt".into()]).await?;
+    let publisher = echo.client.clone();
+    let mut rx = std::mem::replace(&mut echo.rx, mpsc::unbounded_channel().1);
+    tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            let topic = String::from_utf8_lossy(&p.topic).replace("/out/rt", "/in/rt");
+            let _ = publisher
+                .publish(topic, QoS::AtLeastOnce, false, p.payload)
+                .await;
+        }
+    });
+    Ok(echo)
+}
+
+struct RoundTrips {
+    p50: f64,
+    p99: f64,
+}
+
+async fn round_trips(device_port: u16, prefix: &str, n: usize) -> Result<RoundTrips> {
+    let mut c = client(device_port, "rt-client", &[format!("{prefix}/in/rt")]).await?;
+    let out = format!("{prefix}/out/rt");
+    let payload = Bytes::from(vec![b'x'; 100]);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + 100 {
+        let start = Instant::now();
+        c.client
+            .publish(&out, QoS::AtLeastOnce, false, payload.clone())
+            .await?;
+        tokio::time::timeout(Duration::from_secs(10), c.rx.recv())
+            .await
+            .context("a round trip did not come back within 10 s")?
+            .context("the client stopped")?;
+        if i >= 100 {
+            samples.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Ok(RoundTrips {
+        p50: at(0.50),
+        p99: at(0.99),
+    })
+}
+
+/// Messages a second from a device-side publisher to a platform-side
+/// subscriber, `n` QoS 1 messages of 100 bytes.
+async fn throughput(device_port: u16, central_port: u16, prefix: &str, n: usize) -> Result<f64> {
+    let topic = format!("{prefix}/out/tp");
+    let mut sink = client(central_port, "tp-sink", std::slice::from_ref(&topic)).await?;
+    let source = client(device_port, "tp-source", &[]).await?;
+    let payload = Bytes::from(vec![b'y'; 100]);
+    let start = Instant::now();
+    let publisher = source.client.clone();
+    let send = tokio::spawn(async move {
+        for _ in 0..n {
+            if publisher
+                .publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    for got in 0..n {
+        tokio::time::timeout(Duration::from_secs(30), sink.rx.recv())
+            .await
+            .with_context(|| format!("only {got} of {n} messages arrived"))?
+            .context("the sink stopped")?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    send.await?;
+    Ok(n as f64 / secs)
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
+fn tls_files(dir: &Path) -> Result<()> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    for name in ["server", "client"] {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse()?));
+        let cert = params.signed_by(&key, &issuer)?;
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let tetherd = sibling("tetherd")?;
+    let ticks = clock_ticks().await;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    tls_files(d)?;
+
+    // The platform's broker: plain, and mutual TLS for the bridge.
+    let tls_port = free_port()?;
+    let central = mosquitto(
+        d,
+        "central",
+        &format!(
+            "listener {tls_port} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\nrequire_certificate true\n",
+            d.display()
+        ),
+    )
+    .await?;
+    let _echo = echo(central.port).await?;
+
+    // The anchor: a device mosquitto bridged to it.
+    let bridged = mosquitto(
+        d,
+        "bridged",
+        &format!(
+            "connection platform\naddress 127.0.0.1:{tls_port}\nbridge_protocol_version mqttv50\ntopic tether/# both 1\nbridge_cafile {0}/ca.pem\nbridge_certfile {0}/client.pem\nbridge_keyfile {0}/client.key\ncleansession true\n",
+            d.display()
+        ),
+    )
+    .await?;
+
+    // Tether: a device mosquitto, tetherd, an in-process platform.
+    let local = mosquitto(d, "local", "").await?;
+    let mut config = PlatformConfig::new(d.join("platform"), "127.0.0.1:0".parse()?);
+    config.mqtt = MqttConfig {
+        broker: MqttBroker::External(BrokerUrl::parse(&format!(
+            "mqtt://127.0.0.1:{}",
+            central.port
+        ))?),
+        ..MqttConfig::embedded()
+    };
+    let platform = Platform::start(config).await?;
+    let agent_dir = d.join("device");
+    std::fs::create_dir_all(&agent_dir)?;
+    let agent = Tetherd::start(
+        &tetherd,
+        &platform,
+        &agent_dir,
+        &format!(
+            "[mqtt]\nbroker = \"127.0.0.1:{}\"\nsubscribe = [\"tether/_/+/in/#\"]\n",
+            local.port
+        ),
+    )
+    .await?;
+    let prefix = format!("tether/_/{}", agent.device);
+    for _ in 0..200 {
+        if platform
+            .mqtt_stats(&agent.device)
+            .is_some_and(|s| s.stream && s.subscribed)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give the bridge a moment to connect.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    println!("round trip, 100-byte QoS 1, {} each:", args.round_trips);
+    let anchor = round_trips(bridged.port, "tether/_/bridge", args.round_trips).await?;
+    println!(
+        "  mosquitto bridge  p50 {:.3} ms  p99 {:.3} ms",
+        anchor.p50, anchor.p99
+    );
+    let ours = round_trips(local.port, &prefix, args.round_trips).await?;
+    println!(
+        "  tether            p50 {:.3} ms  p99 {:.3} ms  (p50 {:.2}x the bridge's)",
+        ours.p50,
+        ours.p99,
+        ours.p50 / anchor.p50
+    );
+
+    println!(
+        "sustained QoS 1, device to platform, {} messages of 100 bytes:",
+        args.messages
+    );
+    let anchor_rate =
+        throughput(bridged.port, central.port, "tether/_/bridge", args.messages).await?;
+    println!("  mosquitto bridge  {anchor_rate:.0} messages/s");
+    let cpu_before = cpu_secs(agent.pid, ticks)?;
+    let rate = throughput(local.port, central.port, &prefix, args.messages).await?;
+    let cpu = cpu_secs(agent.pid, ticks)? - cpu_before;
+    let mem = memory(agent.pid)?;
+    println!(
+        "  tether            {rate:.0} messages/s ({:.2}x the bridge's); tetherd {:.2} CPU-s per 100,000 messages, peak resident {}",
+        rate / anchor_rate,
+        cpu * 100_000.0 / args.messages as f64,
+        mib(mem.hwm)
+    );
+
+    verdict(
+        ours.p99 < BUDGET_P99_MS,
+        format!(
+            "round trip p99 {:.3} ms (budget {BUDGET_P99_MS} ms)",
+            ours.p99
+        ),
+    );
+    verdict(
+        ours.p50 <= anchor.p50 * BUDGET_P50_RATIO,
+        format!(
+            "round trip p50 {:.2}x the mosquitto bridge's (budget {BUDGET_P50_RATIO}x)",
+            ours.p50 / anchor.p50
+        ),
+    );
+    verdict(
+        rate >= anchor_rate && rate >= BUDGET_RATE,
+        format!(
+            "QoS 1 throughput {rate:.0}/s against the bridge's {anchor_rate:.0}/s (budget: at least the bridge's and {BUDGET_RATE:.0}/s)"
+        ),
+    );
+    agent.stop(Duration::from_secs(5)).await?;
+    Ok(())
+}

@@ -1,0 +1,540 @@
+//! The MQTT bridge end to end: two agents, each with a local broker
+//! (rumqttd in a process of its own, so it can be restarted), a platform
+//! with its broker (embedded rumqttd, or mosquitto where the platform must
+//! restart while its broker stays), and MQTT 5 clients on every broker as
+//! the flows would be: a request and its reply between two devices with
+//! their properties, a platform client reaching a device's inbound topic,
+//! QoS 1 across a platform outage, a restarted local broker, a namespace
+//! violation, an oversize message, and a burst larger than the outbox.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use tether_agent::Agent;
+use tether_agent::config::MqttConfig as AgentMqtt;
+use tether_e2e::mqtt::Client;
+use tether_platform::audit::AuditQuery;
+use tether_platform::mqtt::{MqttBroker, MqttConfig};
+use tether_platform::{Platform, TokenSpec};
+
+const TEAM: &str = "line-3";
+
+/// A broker in a process of its own on 127.0.0.1.
+struct Broker {
+    child: Child,
+    port: u16,
+}
+
+impl Broker {
+    async fn rumqttd(port: Option<u16>) -> Broker {
+        let port = port.unwrap_or_else(|| tether_e2e::bench::free_port().unwrap());
+        let child = Command::new(env!("CARGO_BIN_EXE_tether-test-broker"))
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tether-test-broker starts");
+        listening(port).await;
+        Broker { child, port }
+    }
+
+    async fn mosquitto() -> Broker {
+        let port = tether_e2e::bench::free_port().unwrap();
+        let child = Command::new("mosquitto")
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto runs (apt-get install mosquitto)");
+        listening(port).await;
+        Broker { child, port }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn listening(port: u16) {
+    eventually(&format!("a broker listens on {port}"), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
+}
+
+/// A client of the broker at `addr` (`127.0.0.1:PORT`).
+async fn client(addr: &str, id: &str, filters: &[String]) -> Client {
+    let port = addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    tether_e2e::mqtt::client(port, id, filters).await.unwrap()
+}
+
+/// What the tests do with a client.
+trait Flows {
+    async fn publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        payload: impl Into<Bytes>,
+        props: PublishProperties,
+    );
+    async fn next(&mut self) -> Publish;
+    async fn next_on(&mut self, topic: &str) -> Publish;
+}
+
+impl Flows for Client {
+    async fn publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        payload: impl Into<Bytes>,
+        props: PublishProperties,
+    ) {
+        self.client
+            .publish_with_properties(topic, qos, false, payload.into(), props)
+            .await
+            .unwrap();
+    }
+
+    /// The next message, within the tests' patience.
+    async fn next(&mut self) -> Publish {
+        tokio::time::timeout(patience(), self.rx.recv())
+            .await
+            .expect("a message arrives in time")
+            .expect("the client runs")
+    }
+
+    /// The next message on `topic`, skipping others.
+    async fn next_on(&mut self, topic: &str) -> Publish {
+        loop {
+            let p = self.next().await;
+            if p.topic == topic.as_bytes() {
+                return p;
+            }
+        }
+    }
+}
+
+/// A platform whose broker is `broker` (embedded rumqttd without one).
+fn platform_with(
+    dir: &std::path::Path,
+    broker: Option<&Broker>,
+) -> tether_platform::PlatformConfig {
+    let mut config = platform_config(&dir.join("platform"), "127.0.0.1:0".parse().unwrap());
+    config.mqtt = match broker {
+        None => MqttConfig::embedded(),
+        Some(b) => MqttConfig {
+            broker: MqttBroker::External(
+                tether_platform::mqtt::BrokerUrl::parse(&format!("mqtt://{}", b.addr())).unwrap(),
+            ),
+            ..MqttConfig::embedded()
+        },
+    };
+    config
+}
+
+/// A device of the team, enrolled in `dir/NAME`, with its bridge to `local`.
+async fn device(
+    platform: &Platform,
+    dir: &std::path::Path,
+    name: &str,
+    local: &Broker,
+    tune: impl FnOnce(&mut AgentMqtt, &str),
+) -> Agent {
+    let state = dir.join(name);
+    let token = platform
+        .create_token(TokenSpec {
+            team: TEAM.into(),
+            ..TokenSpec::default()
+        })
+        .await
+        .unwrap();
+    let enrolled = tether_agent::enroll::enroll(&enroll_options(platform, token, &state))
+        .await
+        .expect("enrollment");
+    let mut config = agent_config(&state);
+    let mut mqtt = AgentMqtt {
+        broker: local.addr(),
+        ..AgentMqtt::default()
+    };
+    tune(&mut mqtt, &enrolled.identity.device_id);
+    config.mqtt = Some(mqtt);
+    Agent::start(config).await.expect("agent starts")
+}
+
+/// Waits until the platform routes to `device` (its stream is up and its
+/// filters subscribed on the platform's broker).
+async fn bridged(platform: &Platform, device: &str) {
+    eventually(&format!("{device}'s MQTT bridge is up"), || async move {
+        platform
+            .mqtt_stats(device)
+            .filter(|s| s.stream && s.subscribed)
+            .map(|_| ())
+    })
+    .await;
+}
+
+fn topic(device: &str, rest: &str) -> String {
+    format!("tether/{TEAM}/{device}/{rest}")
+}
+
+async fn audit_kinds(platform: &Platform, device: &str, kind: &str) -> Vec<serde_json::Value> {
+    let report = platform
+        .audit(AuditQuery {
+            device: Some(device.into()),
+            kind: Some(kind.into()),
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    report
+        .entries
+        .into_iter()
+        .map(|e| serde_json::json!({"subject": e.subject, "details": e.details}))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_and_its_reply_cross_between_two_devices_with_their_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(platform_with(dir.path(), None))
+        .await
+        .unwrap();
+    let (local_a, local_b) = (Broker::rumqttd(None).await, Broker::rumqttd(None).await);
+    let a = device(&platform, dir.path(), "a", &local_a, |_, _| {}).await;
+    let b = device(&platform, dir.path(), "b", &local_b, |_, _| {}).await;
+    let (ida, idb) = (a.device_id(), b.device_id());
+    bridged(&platform, &ida).await;
+    bridged(&platform, &idb).await;
+    let platform_broker = platform.mqtt_broker_addr().unwrap().to_string();
+
+    let call = topic(&ida, &format!("out/call/{idb}"));
+    let reply = topic(&idb, &format!("out/reply/{ida}"));
+    let mut on_a = client(
+        &local_a.addr(),
+        "flows-a",
+        &[topic(&ida, "in/#"), reply.clone()],
+    )
+    .await;
+    let mut on_b = client(
+        &local_b.addr(),
+        "flows-b",
+        &[format!("tether/{TEAM}/+/out/call/{idb}"), "tether/#".into()],
+    )
+    .await;
+    let mut on_platform = client(
+        &platform_broker,
+        "platform-flows",
+        &[format!("tether/{TEAM}/+/out/#")],
+    )
+    .await;
+
+    // A calls B: QoS 1, MQTT 5 request/response properties.
+    let props = PublishProperties {
+        response_topic: Some(reply.clone()),
+        correlation_data: Some(Bytes::from_static(b"corr-1")),
+        user_properties: vec![("trace".into(), "t-42".into())],
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    on_a.publish(&call, QoS::AtLeastOnce, &b"{\"q\":1}"[..], props)
+        .await;
+    let request = on_b.next_on(&call).await;
+    assert_eq!(&request.payload[..], b"{\"q\":1}");
+    let got = request.properties.clone().unwrap();
+    assert_eq!(got.response_topic.as_deref(), Some(reply.as_str()));
+    assert_eq!(got.correlation_data.as_deref(), Some(&b"corr-1"[..]));
+    assert_eq!(got.user_properties, vec![("trace".into(), "t-42".into())]);
+    assert_eq!(got.content_type.as_deref(), Some("application/json"));
+    assert_eq!(on_platform.next_on(&call).await.payload, request.payload);
+
+    // B replies on the response topic (its own out/), correlation kept.
+    let answer = PublishProperties {
+        correlation_data: got.correlation_data.clone(),
+        ..Default::default()
+    };
+    on_b.publish(&reply, QoS::AtLeastOnce, &b"{\"a\":2}"[..], answer)
+        .await;
+    let response = on_a.next_on(&reply).await;
+    assert_eq!(&response.payload[..], b"{\"a\":2}");
+    assert_eq!(
+        response.properties.unwrap().correlation_data.as_deref(),
+        Some(&b"corr-1"[..])
+    );
+
+    // A platform client reaches A's inbound topic; B never sees it.
+    let command = topic(&ida, "in/cmd");
+    on_platform
+        .publish(
+            &command,
+            QoS::AtLeastOnce,
+            &b"stop"[..],
+            PublishProperties::default(),
+        )
+        .await;
+    assert_eq!(&on_a.next_on(&command).await.payload[..], b"stop");
+    let marker = topic(&idb, "in/marker");
+    on_platform
+        .publish(
+            &marker,
+            QoS::AtLeastOnce,
+            &b"m"[..],
+            PublishProperties::default(),
+        )
+        .await;
+    loop {
+        let p = on_b.next().await;
+        assert_ne!(
+            p.topic,
+            command.as_bytes(),
+            "another device's inbound topic reached B"
+        );
+        if p.topic == marker.as_bytes() {
+            break;
+        }
+    }
+    let stats = platform.mqtt_stats(&ida).unwrap();
+    assert!(stats.from_device >= 1 && stats.to_device >= 2, "{stats:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Waits until the agent's bridge figures satisfy `pred`.
+async fn outbox(agent: &Agent, what: &str, pred: impl Fn(&tether_proto::mqtt::Figures) -> bool) {
+    eventually(what, || {
+        let figures = agent.mqtt_figures();
+        let met = figures.as_ref().is_some_and(&pred);
+        async move { met.then_some(()) }
+    })
+    .await;
+}
+
+/// Payloads `0..n` published by `client` on `topic`, QoS 1.
+async fn publish_numbered(client: &Client, topic: &str, range: std::ops::Range<u32>) {
+    for i in range {
+        client
+            .publish(
+                topic,
+                QoS::AtLeastOnce,
+                i.to_string(),
+                PublishProperties::default(),
+            )
+            .await;
+    }
+}
+
+/// The numbers the next `n` messages on `topic` carry.
+async fn numbers(client: &mut Client, topic: &str, n: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let p = client.next_on(topic).await;
+        out.push(std::str::from_utf8(&p.payload).unwrap().parse().unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_messages_wait_out_a_platform_outage_in_order_and_a_full_outbox_drops_the_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    // The platform's broker is mosquitto, which stays up while the
+    // platform restarts; its client sees what the devices delivered.
+    let central = Broker::mosquitto().await;
+    let config = platform_with(dir.path(), Some(&central));
+    let platform = Platform::start(config.clone()).await.unwrap();
+    let local = Broker::rumqttd(None).await;
+    let agent = device(&platform, dir.path(), "a", &local, |m, _| {
+        m.outbox_max_messages = 100
+    })
+    .await;
+    let id = agent.device_id();
+    bridged(&platform, &id).await;
+    let data = topic(&id, "out/line/temperature");
+    let mut on_platform = client(&central.addr(), "historian", std::slice::from_ref(&data)).await;
+    let flows = client(&local.addr(), "flows", &[]).await;
+
+    // Online: in order.
+    publish_numbered(&flows, &data, 0..50).await;
+    assert_eq!(
+        numbers(&mut on_platform, &data, 50).await,
+        (0..50).collect::<Vec<_>>()
+    );
+
+    // The platform goes away: 80 messages wait in the outbox.
+    let listen = platform.local_addr();
+    platform.shutdown().await;
+    drop(platform);
+    publish_numbered(&flows, &data, 50..130).await;
+    outbox(&agent, "80 messages wait in the outbox", |f| {
+        f.outbox_messages == 80
+    })
+    .await;
+    let mut restarted = config.clone();
+    restarted.listen = listen;
+    let platform = start_retrying_bind(restarted.clone()).await;
+    assert_eq!(
+        numbers(&mut on_platform, &data, 80).await,
+        (50..130).collect::<Vec<_>>()
+    );
+
+    // Offline again, a burst of 250 into an outbox of 100: the oldest 150
+    // are dropped, counted and audited; the newest 100 arrive in order.
+    platform.shutdown().await;
+    drop(platform);
+    publish_numbered(&flows, &data, 1000..1250).await;
+    outbox(&agent, "the oldest 150 dropped", |f| {
+        f.outbox_messages == 100 && f.outbox_dropped == 150
+    })
+    .await;
+    let platform = start_retrying_bind(restarted).await;
+    assert_eq!(
+        numbers(&mut on_platform, &data, 100).await,
+        (1150..1250).collect::<Vec<_>>()
+    );
+    let dropped = eventually("the drop is audited on the platform", || async {
+        let entries = audit_kinds(&platform, &id, "mqtt_outbox_dropped").await;
+        (!entries.is_empty()).then_some(entries)
+    })
+    .await;
+    let total: u64 = dropped
+        .iter()
+        .map(|e| e["details"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 150, "{dropped:?}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_local_broker_is_subscribed_again_and_refusals_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = Platform::start(platform_with(dir.path(), None))
+        .await
+        .unwrap();
+    let mut local = Broker::rumqttd(None).await;
+    let agent = device(&platform, dir.path(), "a", &local, |m, id| {
+        // A filter outside the namespace (not overlapping the device's own:
+        // rumqttd would deliver a message once per matching filter), and a
+        // 1 KiB payload limit.
+        m.publish = vec![
+            format!("tether/+/{id}/out/#"),
+            format!("tether/{TEAM}/elsewhere/#"),
+        ];
+        m.max_payload = 1024;
+    })
+    .await;
+    let id = agent.device_id();
+    bridged(&platform, &id).await;
+    let broker = platform.mqtt_broker_addr().unwrap().to_string();
+    let mut on_platform = client(&broker, "platform-flows", &[format!("tether/{TEAM}/#")]).await;
+    let data = topic(&id, "out/x");
+
+    // The local broker restarts (its sessions gone): the agent subscribes
+    // again, and what a flow publishes after the restart arrives.
+    local.stop();
+    let local = Broker::rumqttd(Some(local.port)).await;
+    let flows = client(&local.addr(), "flows", &[]).await;
+    let deadline = tokio::time::Instant::now() + patience();
+    loop {
+        flows
+            .publish(
+                &data,
+                QoS::AtLeastOnce,
+                "after",
+                PublishProperties::default(),
+            )
+            .await;
+        let got = tokio::time::timeout(Duration::from_millis(500), on_platform.rx.recv()).await;
+        if matches!(got, Ok(Some(p)) if p.topic == data.as_bytes()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not subscribe again on its restarted local broker"
+        );
+    }
+    // What the retries left on the way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while on_platform.rx.try_recv().is_ok() {}
+
+    // Another device's namespace (under a filter the agent was given) and
+    // a payload over the limit: refused on the device, audited, never sent.
+    let foreign = format!("tether/{TEAM}/elsewhere/out/x");
+    flows
+        .publish(
+            &foreign,
+            QoS::AtLeastOnce,
+            "no",
+            PublishProperties::default(),
+        )
+        .await;
+    flows
+        .publish(
+            &data,
+            QoS::AtLeastOnce,
+            vec![b'x'; 2048],
+            PublishProperties::default(),
+        )
+        .await;
+    flows
+        .publish(
+            &data,
+            QoS::AtLeastOnce,
+            "marker",
+            PublishProperties::default(),
+        )
+        .await;
+    loop {
+        let p = on_platform.next().await;
+        assert_ne!(
+            p.topic,
+            foreign.as_bytes(),
+            "a foreign topic left the device"
+        );
+        assert!(
+            p.payload.len() < 2048,
+            "an oversize message left the device"
+        );
+        if &p.payload[..] == b"marker" {
+            break;
+        }
+    }
+    let refused = eventually("both refusals audited", || async {
+        let entries = audit_kinds(&platform, &id, "mqtt_refused").await;
+        (entries.len() >= 2).then_some(entries)
+    })
+    .await;
+    assert!(
+        refused.iter().any(|e| e["subject"] == foreign.as_str()
+            && e["details"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("namespace")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.iter().any(|e| e["details"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("larger than")),
+        "{refused:?}"
+    );
+    assert_eq!(agent.mqtt_figures().unwrap().refused, 2);
+    agent.shutdown().await;
+}
