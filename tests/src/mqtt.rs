@@ -32,6 +32,9 @@ pub async fn client(port: u16, id: &str, filters: &[String]) -> Result<Client> {
         .set_keep_alive(Duration::from_secs(30))
         .set_outgoing_inflight_upper_limit(1000)
         .set_receive_maximum(Some(1000));
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    options.set_network_options(network);
     let (client, mut events) = AsyncClient::new(options, 10_000);
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, mut ready) = mpsc::unbounded_channel();

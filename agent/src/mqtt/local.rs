@@ -84,6 +84,11 @@ impl Local {
             .set_outgoing_inflight_upper_limit(INFLIGHT)
             .set_receive_maximum(Some(INFLIGHT))
             .set_request_channel_capacity(usize::from(INFLIGHT));
+        // Each message is its own small write: without this, Nagle's
+        // algorithm holds it for the broker's delayed acknowledgement.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
         if let Some(user) = &config.username {
             options.set_credentials(user, config.password.clone().unwrap_or_default());
         }

@@ -35,6 +35,9 @@ use tether_platform::{Platform, PlatformConfig};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+/// The anchor's device topics: another team than the tether device's
+/// (`default`), so that nothing of the anchor's traffic reaches it.
+const ANCHOR: &str = "tether/other/bridge";
 const BUDGET_P99_MS: f64 = 10.0;
 const BUDGET_P50_RATIO: f64 = 1.2;
 const BUDGET_RATE: f64 = 20_000.0;
@@ -62,7 +65,7 @@ async fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Mosquitto> {
     std::fs::write(
         &conf,
         format!(
-            "per_listener_settings false\nallow_anonymous true\nmax_queued_messages 200000\nmax_inflight_messages 1000\nlistener {port} 127.0.0.1\n{extra}"
+            "per_listener_settings false\nset_tcp_nodelay true\nallow_anonymous true\nmax_queued_messages 200000\nmax_inflight_messages 1000\nlistener {port} 127.0.0.1\n{extra}"
         ),
     )?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
@@ -173,12 +176,22 @@ fn tls_files(dir: &Path) -> Result<()> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "bench CA");
     let ca = ca_params.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     std::fs::write(dir.join("ca.pem"), ca.pem())?;
     for name in ["server", "client"] {
         let key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("bench {name}"));
         params
             .subject_alt_names
             .push(rcgen::SanType::IpAddress("127.0.0.1".parse()?));
@@ -194,8 +207,10 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let tetherd = sibling("tetherd")?;
     let ticks = clock_ticks().await;
-    let dir = tempfile::tempdir()?;
-    let d = dir.path();
+    // Kept (brokers' configurations and logs) for a look after a run.
+    let dir = tempfile::tempdir()?.keep();
+    let d = dir.as_path();
+    println!("work directory: {}", d.display());
     tls_files(d)?;
 
     // The platform's broker: plain, and mutual TLS for the bridge.
@@ -239,13 +254,17 @@ async fn main() -> Result<()> {
         &tetherd,
         &platform,
         &agent_dir,
-        &format!(
-            "[mqtt]\nbroker = \"127.0.0.1:{}\"\nsubscribe = [\"tether/_/+/in/#\"]\n",
-            local.port
-        ),
+        &format!("[mqtt]\nbroker = \"127.0.0.1:{}\"\n", local.port),
     )
     .await?;
-    let prefix = format!("tether/_/{}", agent.device);
+    let team = platform
+        .devices()
+        .await?
+        .into_iter()
+        .find(|d| d.id == agent.device)
+        .map(|d| d.team)
+        .context("the device is not on the platform")?;
+    let prefix = format!("tether/{team}/{}", agent.device);
     for _ in 0..200 {
         if platform
             .mqtt_stats(&agent.device)
@@ -259,7 +278,7 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     println!("round trip, 100-byte QoS 1, {} each:", args.round_trips);
-    let anchor = round_trips(bridged.port, "tether/_/bridge", args.round_trips).await?;
+    let anchor = round_trips(bridged.port, ANCHOR, args.round_trips).await?;
     println!(
         "  mosquitto bridge  p50 {:.3} ms  p99 {:.3} ms",
         anchor.p50, anchor.p99
@@ -276,8 +295,7 @@ async fn main() -> Result<()> {
         "sustained QoS 1, device to platform, {} messages of 100 bytes:",
         args.messages
     );
-    let anchor_rate =
-        throughput(bridged.port, central.port, "tether/_/bridge", args.messages).await?;
+    let anchor_rate = throughput(bridged.port, central.port, ANCHOR, args.messages).await?;
     println!("  mosquitto bridge  {anchor_rate:.0} messages/s");
     let cpu_before = cpu_secs(agent.pid, ticks)?;
     let rate = throughput(local.port, central.port, &prefix, args.messages).await?;
