@@ -89,27 +89,21 @@ async fn client(addr: &str, id: &str, filters: &[String]) -> Client {
 
 /// What the tests do with a client.
 trait Flows {
-    async fn publish(
-        &self,
-        topic: &str,
-        qos: QoS,
-        payload: impl Into<Bytes>,
-        props: PublishProperties,
-    );
+    /// Publishes at QoS 1 with `props`.
+    async fn publish(&self, topic: &str, payload: impl Into<Bytes>, props: PublishProperties);
+    /// Publishes at QoS 1 without properties.
+    async fn send(&self, topic: &str, payload: impl Into<Bytes>) {
+        self.publish(topic, payload, PublishProperties::default())
+            .await
+    }
     async fn next(&mut self) -> Publish;
     async fn next_on(&mut self, topic: &str) -> Publish;
 }
 
 impl Flows for Client {
-    async fn publish(
-        &self,
-        topic: &str,
-        qos: QoS,
-        payload: impl Into<Bytes>,
-        props: PublishProperties,
-    ) {
+    async fn publish(&self, topic: &str, payload: impl Into<Bytes>, props: PublishProperties) {
         self.client
-            .publish_with_properties(topic, qos, false, payload.into(), props)
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload.into(), props)
             .await
             .unwrap();
     }
@@ -255,8 +249,7 @@ async fn a_request_and_its_reply_cross_between_two_devices_with_their_properties
         content_type: Some("application/json".into()),
         ..Default::default()
     };
-    on_a.publish(&call, QoS::AtLeastOnce, &b"{\"q\":1}"[..], props)
-        .await;
+    on_a.publish(&call, &b"{\"q\":1}"[..], props).await;
     let request = on_b.next_on(&call).await;
     assert_eq!(&request.payload[..], b"{\"q\":1}");
     let got = request.properties.clone().unwrap();
@@ -271,8 +264,7 @@ async fn a_request_and_its_reply_cross_between_two_devices_with_their_properties
         correlation_data: got.correlation_data.clone(),
         ..Default::default()
     };
-    on_b.publish(&reply, QoS::AtLeastOnce, &b"{\"a\":2}"[..], answer)
-        .await;
+    on_b.publish(&reply, &b"{\"a\":2}"[..], answer).await;
     let response = on_a.next_on(&reply).await;
     assert_eq!(&response.payload[..], b"{\"a\":2}");
     assert_eq!(
@@ -282,24 +274,10 @@ async fn a_request_and_its_reply_cross_between_two_devices_with_their_properties
 
     // A platform client reaches A's inbound topic; B never sees it.
     let command = topic(&ida, "in/cmd");
-    on_platform
-        .publish(
-            &command,
-            QoS::AtLeastOnce,
-            &b"stop"[..],
-            PublishProperties::default(),
-        )
-        .await;
+    on_platform.send(&command, &b"stop"[..]).await;
     assert_eq!(&on_a.next_on(&command).await.payload[..], b"stop");
     let marker = topic(&idb, "in/marker");
-    on_platform
-        .publish(
-            &marker,
-            QoS::AtLeastOnce,
-            &b"m"[..],
-            PublishProperties::default(),
-        )
-        .await;
+    on_platform.send(&marker, &b"m"[..]).await;
     loop {
         let p = on_b.next().await;
         assert_ne!(
@@ -330,14 +308,7 @@ async fn outbox(agent: &Agent, what: &str, pred: impl Fn(&tether_proto::mqtt::Fi
 /// Payloads `0..n` published by `client` on `topic`, QoS 1.
 async fn publish_numbered(client: &Client, topic: &str, range: std::ops::Range<u32>) {
     for i in range {
-        client
-            .publish(
-                topic,
-                QoS::AtLeastOnce,
-                i.to_string(),
-                PublishProperties::default(),
-            )
-            .await;
+        client.send(topic, i.to_string()).await;
     }
 }
 
@@ -452,14 +423,7 @@ async fn a_restarted_local_broker_is_subscribed_again_and_refusals_are_audited()
     let flows = client(&local.addr(), "flows", &[]).await;
     let deadline = tokio::time::Instant::now() + patience();
     loop {
-        flows
-            .publish(
-                &data,
-                QoS::AtLeastOnce,
-                "after",
-                PublishProperties::default(),
-            )
-            .await;
+        flows.send(&data, "after").await;
         let got = tokio::time::timeout(Duration::from_millis(500), on_platform.rx.recv()).await;
         if matches!(got, Ok(Some(p)) if p.topic == data.as_bytes()) {
             break;
@@ -476,30 +440,9 @@ async fn a_restarted_local_broker_is_subscribed_again_and_refusals_are_audited()
     // Another device's namespace (under a filter the agent was given) and
     // a payload over the limit: refused on the device, audited, never sent.
     let foreign = format!("tether/{TEAM}/elsewhere/out/x");
-    flows
-        .publish(
-            &foreign,
-            QoS::AtLeastOnce,
-            "no",
-            PublishProperties::default(),
-        )
-        .await;
-    flows
-        .publish(
-            &data,
-            QoS::AtLeastOnce,
-            vec![b'x'; 2048],
-            PublishProperties::default(),
-        )
-        .await;
-    flows
-        .publish(
-            &data,
-            QoS::AtLeastOnce,
-            "marker",
-            PublishProperties::default(),
-        )
-        .await;
+    flows.send(&foreign, "no").await;
+    flows.send(&data, vec![b'x'; 2048]).await;
+    flows.send(&data, "marker").await;
     loop {
         let p = on_platform.next().await;
         assert_ne!(
