@@ -63,18 +63,10 @@ where
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 16 * 1024];
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, async {
-        loop {
-            if let Some(frame) = decoder.next_frame()? {
-                return Ok(frame);
-            }
-            let n = rd.read(&mut buf).await?;
-            if n == 0 {
-                return Err(StreamError::Closed);
-            }
-            decoder.push(&buf[..n]);
-        }
-    })
+    let hello = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        next_frame(&mut rd, &mut decoder, &mut buf),
+    )
     .await
     {
         Err(_) => return Err(StreamError::NoHello),
@@ -204,48 +196,42 @@ where
             continue;
         }
         tokio::select! {
-            n = rd.read(&mut buf) => {
-                let n = n?;
-                if n == 0 {
-                    return Err(StreamError::Closed);
-                }
-                decoder.push(&buf[..n]);
-                while let Some(frame) = decoder.next_frame()? {
-                    match frame {
-                        Frame::Ack { seq } => {
-                            while let Some(&(s, bytes)) = in_flight.front() && s <= seq {
-                                in_flight.pop_front();
-                                in_flight_bytes -= bytes;
+            frame = next_frame(&mut rd, &mut decoder, &mut buf) => {
+                let frame = frame?;
+                match frame {
+                    Frame::Ack { seq } => {
+                        while let Some(&(s, bytes)) = in_flight.front() && s <= seq {
+                            in_flight.pop_front();
+                            in_flight_bytes -= bytes;
+                        }
+                        bridge.with_outbox(move |o| o.ack(seq)).await?;
+                    }
+                    Frame::Refused(r) => {
+                        bridge.refused(&r.topic, &r.reason, "platform");
+                    }
+                    Frame::Publish { seq, message } => {
+                        bridge.counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let routed = namespace.delivers(&message.topic)
+                            && message.check(bridge.config.max_payload).is_ok();
+                        if seq != 0 && seq <= received_up_to {
+                            // Sent again after a reconnect: handled or on its way.
+                        } else if !routed {
+                            bridge.refused(&message.topic, "the platform routed a message outside this device's namespace or over its limits", "agent");
+                            received_up_to = received_up_to.max(seq);
+                        } else {
+                            received_up_to = received_up_to.max(seq);
+                            if seq != 0 {
+                                outstanding.insert(seq);
                             }
-                            bridge.with_outbox(move |o| o.ack(seq)).await?;
-                        }
-                        Frame::Refused(r) => {
-                            bridge.refused(&r.topic, &r.reason, "platform");
-                        }
-                        Frame::Publish { seq, message } => {
-                            bridge.counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let routed = namespace.delivers(&message.topic)
-                                && message.check(bridge.config.max_payload).is_ok();
-                            if seq != 0 && seq <= received_up_to {
-                                // Sent again after a reconnect: handled or on its way.
-                            } else if !routed {
-                                bridge.refused(&message.topic, "the platform routed a message outside this device's namespace or over its limits", "agent");
-                                received_up_to = received_up_to.max(seq);
-                            } else {
-                                received_up_to = received_up_to.max(seq);
-                                if seq != 0 {
-                                    outstanding.insert(seq);
-                                }
-                                if !bridge.local.publish(epoch, seq, message).await {
-                                    return Err(StreamError::Closed);
-                                }
+                            if !bridge.local.publish(epoch, seq, message).await {
+                                return Err(StreamError::Closed);
                             }
-                            ack_platform(&outstanding, received_up_to, &mut acked_to_platform, &mut out)?;
                         }
-                        Frame::Hello(_) => return Err(StreamError::Unexpected("a second hello")),
-                        Frame::Subscribe(_) | Frame::Figures(_) => {
-                            return Err(StreamError::Unexpected("a device's frame"));
-                        }
+                        ack_platform(&outstanding, received_up_to, &mut acked_to_platform, &mut out)?;
+                    }
+                    Frame::Hello(_) => return Err(StreamError::Unexpected("a second hello")),
+                    Frame::Subscribe(_) | Frame::Figures(_) => {
+                        return Err(StreamError::Unexpected("a device's frame"));
                     }
                 }
             }
@@ -282,6 +268,27 @@ where
     }
 }
 
+/// The next frame: one already buffered, else read until one is whole.
+/// Cancel-safe (a read's bytes are pushed in the same poll that returns
+/// them), so it can race other work in a `select!`; frames that arrived in
+/// one read with an earlier one are handed out without waiting for more.
+async fn next_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    decoder: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> Result<Frame, StreamError> {
+    loop {
+        if let Some(frame) = decoder.next_frame()? {
+            return Ok(frame);
+        }
+        let n = rd.read(buf).await?;
+        if n == 0 {
+            return Err(StreamError::Closed);
+        }
+        decoder.push(&buf[..n]);
+    }
+}
+
 /// Acknowledges to the platform every message up to the first one the
 /// local broker has not acknowledged yet.
 fn ack_platform(
@@ -312,5 +319,84 @@ impl Drop for Reset {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.0.local.ack_to(None);
         debug!("MQTT bridge stream ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditQueue;
+    use crate::config::MqttConfig;
+    use tether_proto::mqtt::{Hello, Message, Properties};
+
+    async fn frame<R: AsyncRead + Unpin>(rd: &mut R, decoder: &mut FrameDecoder) -> Frame {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(f) = decoder.next_frame().unwrap() {
+                return f;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf))
+                .await
+                .expect("a frame in time")
+                .unwrap();
+            assert!(n > 0, "the device closed the stream");
+            decoder.push(&buf[..n]);
+        }
+    }
+
+    /// The platform's side played by the test: a message routed outside the
+    /// device's namespace is refused and audited, never published locally,
+    /// and acknowledged so it is not sent again; a resend is ignored.
+    #[tokio::test]
+    async fn a_message_the_platform_routes_outside_the_namespace_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit =
+            Arc::new(AuditQueue::open(dir.path(), 4 << 20, crate::clock::Clock::system()).unwrap());
+        // Nothing listens there: the local client keeps retrying, and a
+        // message handed to it would be counted as received and never acked.
+        let config = MqttConfig {
+            broker: "127.0.0.1:9".into(),
+            ..MqttConfig::default()
+        };
+        let bridge = Bridge::start(&config, dir.path(), "dev-a", audit, 0).unwrap();
+        let (device, platform) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(run(bridge.clone(), device));
+        let (mut rd, mut wr) = tokio::io::split(platform);
+        let mut decoder = FrameDecoder::new();
+        let mut out = BytesMut::new();
+        Frame::Hello(Hello {
+            team: "t".into(),
+            epoch: 1,
+            delivered: 0,
+            max_payload: 1 << 20,
+        })
+        .encode(&mut out)
+        .unwrap();
+        let foreign = Message {
+            topic: "tether/t/dev-b/in/cmd".into(),
+            qos: 1,
+            retain: false,
+            properties: Properties::default(),
+            payload: bytes::Bytes::from_static(b"x"),
+        };
+        for _ in 0..2 {
+            Frame::Publish {
+                seq: 1,
+                message: foreign.clone(),
+            }
+            .encode(&mut out)
+            .unwrap();
+        }
+        wr.write_all(&out).await.unwrap();
+        let Frame::Subscribe(filters) = frame(&mut rd, &mut decoder).await else {
+            panic!("subscriptions first");
+        };
+        assert_eq!(filters.len(), 2);
+        // The publishes came in the same read as the hello: they are
+        // handled without waiting for more bytes.
+        assert_eq!(frame(&mut rd, &mut decoder).await, Frame::Ack { seq: 1 });
+        let figures = bridge.figures();
+        assert_eq!((figures.refused, figures.received), (1, 2), "{figures:?}");
+        task.abort();
     }
 }
