@@ -26,8 +26,6 @@ use crate::editor::{self, Editor};
 
 /// Deadline for connecting to a local service.
 pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Copy buffer per direction.
-const COPY_BUFFER: usize = 64 * 1024;
 
 /// The allow-list: service name to local address, and whether editor
 /// streams are served.
@@ -209,9 +207,7 @@ async fn bridge(mut stream: TunnelStream, target: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let mut tcp = tcp;
     debug!("stream open");
-    match tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, COPY_BUFFER, COPY_BUFFER)
-        .await
-    {
+    match tether_proto::tokio_io::copy_bidirectional(&mut stream, &mut tcp).await {
         Ok((to_service, from_service)) => info!(to_service, from_service, "stream closed"),
         Err(e) => {
             info!(cause = %e, "stream ended with an error");

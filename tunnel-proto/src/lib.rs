@@ -23,6 +23,7 @@
 
 #[cfg(feature = "api")]
 pub mod api;
+mod arena;
 #[cfg(feature = "audit")]
 pub mod audit;
 pub mod codes;

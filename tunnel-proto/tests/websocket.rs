@@ -223,7 +223,19 @@ async fn a_socket_that_ends_without_a_websocket_close_is_a_transport_loss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_bridges_to_a_real_tcp_service_with_copy_bidirectional() {
+async fn a_stream_bridges_to_a_real_tcp_service_with_the_tunnels_own_copy() {
+    bridge_to_tcp_echo(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_bridges_to_a_real_tcp_service_with_tokios_copy_bidirectional() {
+    bridge_to_tcp_echo(false).await;
+}
+
+/// 4 MiB through a tunnel stream to a TCP echo service and back, the
+/// platform side half-closing first; the device side bridges with
+/// `tether_proto::tokio_io::copy_bidirectional` (`own`) or tokio's.
+async fn bridge_to_tcp_echo(own: bool) {
     // A local TCP echo service on 127.0.0.1, as a device's allow-listed
     // service would be.
     let service = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -239,14 +251,18 @@ async fn a_stream_bridges_to_a_real_tcp_service_with_copy_bidirectional() {
     let (device, platform) = common::configs();
     let (device, platform, _drivers) = common::tunnel_pair(device, platform).await;
     // The device side bridges each accepted stream to the local service.
-    tokio::spawn(async move {
+    let bridge = tokio::spawn(async move {
         let (mut stream, _) = device.accept().await.expect("incoming stream");
         let mut socket = tokio::net::TcpStream::connect(service_addr)
             .await
             .expect("connect");
-        tokio::io::copy_bidirectional(&mut stream, &mut socket)
-            .await
-            .expect("bridge");
+        let (to_service, from_service) = if own {
+            tether_proto::tokio_io::copy_bidirectional(&mut stream, &mut socket).await
+        } else {
+            tokio::io::copy_bidirectional(&mut stream, &mut socket).await
+        }
+        .expect("bridge");
+        assert_eq!((to_service, from_service), (4 << 20, 4 << 20));
     });
 
     let stream = platform
@@ -266,6 +282,10 @@ async fn a_stream_bridges_to_a_real_tcp_service_with_copy_bidirectional() {
         .expect("read");
     writer.await.expect("writer");
     assert!(echoed == payload, "bytes through the TCP bridge differ");
+    tokio::time::timeout(Duration::from_secs(5), bridge)
+        .await
+        .expect("the bridge ends once both directions have")
+        .expect("bridge task");
 }
 
 fn platform_config() -> tether_proto::Config {

@@ -35,6 +35,12 @@ pub const FIGURES_EVERY: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages read from the outbox at once.
 const READ_BATCH: usize = 256;
+/// Messages the platform has acknowledged are deleted from the outbox
+/// together, once this many numbers are acknowledged or nothing is in
+/// flight: one store transaction per batch instead of one per
+/// acknowledgement. A crash before the delete only resends them, and the
+/// platform ignores what it already has.
+const DELETE_BATCH: u64 = 512;
 
 /// Why the stream ended.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +120,9 @@ where
     let mut received_up_to = 0u64;
     let mut outstanding: BTreeSet<u64> = BTreeSet::new();
     let mut acked_to_platform = 0u64;
+    // Platform acknowledgements: the highest, and the highest deleted.
+    let mut acked_by_platform = hello.delivered;
+    let mut deleted = hello.delivered;
     let mut figures_tick = tokio::time::interval(FIGURES_EVERY);
     let mut last_figures = Figures::default();
     if hello.delivered > 0 {
@@ -204,7 +213,14 @@ where
                             in_flight.pop_front();
                             in_flight_bytes -= bytes;
                         }
-                        bridge.with_outbox(move |o| o.ack(seq)).await?;
+                        acked_by_platform = acked_by_platform.max(seq);
+                        if acked_by_platform.saturating_sub(deleted) >= DELETE_BATCH
+                            || (in_flight.is_empty() && acked_by_platform > deleted)
+                        {
+                            let upto = acked_by_platform;
+                            bridge.with_outbox(move |o| o.ack(upto)).await?;
+                            deleted = upto;
+                        }
                     }
                     Frame::Refused(r) => {
                         bridge.refused(&r.topic, &r.reason, "platform");

@@ -99,8 +99,9 @@ pub struct ServeArgs {
     /// WebSocket read buffer per tunnel, bytes (allocated for every tunnel).
     #[arg(long, default_value_t = 8 * 1024)]
     pub ws_read_buffer: usize,
-    /// WebSocket write buffer target per tunnel, bytes.
-    #[arg(long, default_value_t = 16 * 1024)]
+    /// WebSocket write buffer target per tunnel, bytes (grown only when a
+    /// tunnel carries traffic).
+    #[arg(long, default_value_t = 128 * 1024)]
     pub ws_write_buffer: usize,
     /// Let `connect` ask the platform to listen on addresses other than loopback.
     #[arg(long)]

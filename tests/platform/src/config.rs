@@ -57,6 +57,11 @@ pub struct PlatformConfig {
     /// Larger messages still arrive: the buffer grows to fit them.
     pub ws_read_buffer: usize,
     /// tungstenite's write buffer target per tunnel (grown only when used).
+    /// Messages are written to TLS once this much is buffered, or when there
+    /// is nothing more to send: below one DATA frame (16 KiB) every message
+    /// became its own TLS write, a full record and a tiny one, and its own
+    /// system call, which made the platform's send path cost a third more
+    /// CPU per byte (`docs/benchmarks.md`).
     pub ws_write_buffer: usize,
     /// Whether platform-side listeners (the admin listen endpoint) may bind
     /// addresses other than loopback.
@@ -131,7 +136,7 @@ impl PlatformConfig {
             shutdown_grace: Duration::from_secs(2),
             tunnel: Config::new(Role::Platform),
             ws_read_buffer: 8 * 1024,
-            ws_write_buffer: 16 * 1024,
+            ws_write_buffer: 128 * 1024,
             allow_remote_listen: false,
             max_listeners: 64,
             max_listener_connections: 256,

@@ -66,5 +66,5 @@ async fn session(client: AdminClient, mut tcp: TcpStream, device_id: &str, servi
         Ok(remote) => remote,
         Err(e) => return warn!("cannot open the session: {e}"),
     };
-    crate::bridge::bridge(&mut tcp, &mut remote).await;
+    crate::bridge::bridge_io(&mut tcp, &mut remote).await;
 }

@@ -5,9 +5,10 @@
 //! the header is filled in and the buffer handed out without another copy.
 //! Only when credit allows less than a chunk is a smaller frame copied out.
 //!
-//! Chunks are carved from the connection's [`SendArena`], whose blocks are
-//! reused in place once every frame cut from them has been dropped by the
-//! transport: in steady state a frame costs no allocation and no fresh pages.
+//! Chunks are carved from the connection's [`SendArena`]
+//! ([`crate::arena`]), whose blocks are reused once every frame cut from
+//! them has been dropped by the transport: in steady state a frame costs no
+//! allocation and no fresh pages.
 
 use std::collections::VecDeque;
 
@@ -15,26 +16,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::{HEADER_LEN, StreamId, flags, kind};
 
-/// Size of each block chunks are carved from.
-const ARENA_BLOCK: usize = 256 * 1024;
-
 /// The memory DATA frames are built in, shared by a connection's streams.
-#[derive(Debug, Default)]
-pub(crate) struct SendArena {
-    block: BytesMut,
-}
-
-impl SendArena {
-    /// An empty buffer with room for exactly `size` bytes.
-    fn carve(&mut self, size: usize) -> BytesMut {
-        if self.block.capacity() < size {
-            // Reuses the block in place when no frame cut from it is alive.
-            self.block.reserve(ARENA_BLOCK.max(size));
-        }
-        let rest = self.block.split_off(size);
-        std::mem::replace(&mut self.block, rest)
-    }
-}
+pub(crate) type SendArena = crate::arena::Arena;
 
 #[derive(Debug, Default)]
 pub(crate) struct SendBuffer {

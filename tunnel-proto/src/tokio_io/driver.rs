@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
@@ -22,6 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::{Shared, now};
+use crate::arena::Arena;
 use crate::{CloseCode, ConnectionError};
 
 /// Most messages read from the socket before they are handed in.
@@ -33,32 +34,6 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 const TURNS_PER_POLL: usize = 16;
 /// How long a closing tunnel waits for the final frames to leave.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Size of each block of the receive arena.
-const ARENA_BLOCK: usize = 256 * 1024;
-
-/// Where received messages are kept until the application reads them.
-///
-/// tungstenite hands out slices of its own read buffer; holding one until
-/// the application reads it would make tungstenite allocate a fresh, zeroed
-/// buffer for every read. So each message is copied out, into blocks that are
-/// reused once everything in them has been read: in steady state no
-/// allocation and no fresh pages per message.
-#[derive(Debug, Default)]
-struct Arena {
-    block: BytesMut,
-}
-
-impl Arena {
-    fn keep(&mut self, msg: &[u8]) -> Bytes {
-        if self.block.capacity() < msg.len() {
-            // Reuses the block in place when nothing in it is still held.
-            self.block.reserve(ARENA_BLOCK.max(msg.len()));
-        }
-        self.block.extend_from_slice(msg);
-        self.block.split().freeze()
-    }
-}
 
 /// Why a tunnel ended, as the driver reports it.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +56,10 @@ pub struct Driver<S> {
     /// Frames taken from the state machine and not yet given to the socket.
     outbox: VecDeque<Bytes>,
     outbox_bytes: usize,
+    /// Where received messages are kept until the application reads them:
+    /// tungstenite hands out slices of its own read buffer, and holding one
+    /// would make it allocate a fresh, zeroed buffer for every read
+    /// (`docs/decisions.md`, 5).
     arena: Arena,
     unflushed: bool,
     read_closed: bool,

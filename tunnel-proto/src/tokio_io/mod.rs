@@ -18,6 +18,7 @@
 //! This module reads the clock (`tokio::time::Instant`, so paused time in
 //! tests works) and passes it in; the core never does.
 
+pub mod copy;
 mod driver;
 mod stream;
 
@@ -33,6 +34,7 @@ use crate::{
     CloseCode, Config, ConfigError, Connection, ConnectionError, Event, Hello, OpenError,
     ResetCode, ServiceHeader, Settings, Stats, StreamId,
 };
+pub use copy::copy_bidirectional;
 pub use driver::{Driver, DriverError};
 pub use stream::TunnelStream;
 

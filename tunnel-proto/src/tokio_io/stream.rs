@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Shared;
@@ -61,22 +62,41 @@ impl TunnelStream {
     }
 }
 
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl TunnelStream {
+    /// Takes received bytes without copying them: appends the chunks the
+    /// tunnel holds for this stream to `out`, at most `max` bytes, and
+    /// returns how many bytes it appended. `Ready(Ok(0))` with `max > 0` is
+    /// the end of the stream. Reading returns the bytes' credit to the peer,
+    /// as [`AsyncRead::poll_read`] does.
+    pub fn poll_read_chunks(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_take(cx, max, |chunk| out.push(chunk))
+    }
+
+    /// Reads chunks of at most `max` bytes in all, handing each to `put`.
+    fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        mut put: impl FnMut(Bytes),
+    ) -> Poll<io::Result<usize>> {
         let mut inner = self.shared.lock();
-        let start = buf.filled().len();
+        let mut taken = 0;
         let result = loop {
-            if buf.remaining() == 0 {
-                break Poll::Ready(Ok(()));
+            if taken == max {
+                break Poll::Ready(Ok(taken));
             }
-            match inner.conn.read(self.id, buf.remaining()) {
-                Ok(Some(chunk)) => buf.put_slice(&chunk),
-                Ok(None) => break Poll::Ready(Ok(())),
-                Err(_) if buf.filled().len() > start => break Poll::Ready(Ok(())),
+            match inner.conn.read(self.id, max - taken) {
+                Ok(Some(chunk)) => {
+                    taken += chunk.len();
+                    put(chunk);
+                }
+                Ok(None) => break Poll::Ready(Ok(taken)),
+                Err(_) if taken > 0 => break Poll::Ready(Ok(taken)),
                 Err(ReadError::Blocked) => {
                     inner.readers.insert(self.id, cx.waker().clone());
                     break Poll::Pending;
@@ -84,10 +104,22 @@ impl AsyncRead for TunnelStream {
                 Err(e) => break Poll::Ready(Err(read_error(e))),
             }
         };
-        if buf.filled().len() > start {
+        if taken > 0 {
             inner.dispatch();
         }
         result
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let max = buf.remaining();
+        self.poll_take(cx, max, |chunk| buf.put_slice(&chunk))
+            .map_ok(|_| ())
     }
 }
 
