@@ -24,15 +24,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::Parser;
 use rumqttc::v5::mqttbytes::QoS;
 use tether_e2e::bench::{Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict};
-use tether_e2e::mqtt::{Client, client};
+use tether_e2e::mqtt::{Broker, Client, client};
 use tether_platform::mqtt::{BrokerUrl, MqttBroker, MqttConfig};
 use tether_platform::{Platform, PlatformConfig};
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 /// The anchor's device topics: another team than the tether device's
@@ -51,45 +50,6 @@ struct Args {
     /// Messages in the throughput run per path.
     #[arg(long, default_value_t = 100_000)]
     messages: usize,
-}
-
-/// A mosquitto process on 127.0.0.1.
-struct Mosquitto {
-    _child: Child,
-    port: u16,
-}
-
-async fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Mosquitto> {
-    let port = free_port()?;
-    let conf = dir.join(format!("{name}.conf"));
-    std::fs::write(
-        &conf,
-        format!(
-            "per_listener_settings false\nset_tcp_nodelay true\nallow_anonymous true\nmax_queued_messages 200000\nmax_inflight_messages 1000\nlistener {port} 127.0.0.1\n{extra}"
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start mosquitto (apt-get install mosquitto)")?;
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(Mosquitto {
-                _child: child,
-                port,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    bail!("mosquitto {name} did not listen on {port}")
 }
 
 /// On the platform's broker: echoes every `.../out/rt` to `.../in/rt` of
@@ -215,7 +175,7 @@ async fn main() -> Result<()> {
 
     // The platform's broker: plain, and mutual TLS for the bridge.
     let tls_port = free_port()?;
-    let central = mosquitto(
+    let central = Broker::mosquitto(
         d,
         "central",
         &format!(
@@ -227,7 +187,7 @@ async fn main() -> Result<()> {
     let _echo = echo(central.port).await?;
 
     // The anchor: a device mosquitto bridged to it.
-    let bridged = mosquitto(
+    let bridged = Broker::mosquitto(
         d,
         "bridged",
         &format!(
@@ -238,7 +198,7 @@ async fn main() -> Result<()> {
     .await?;
 
     // Tether: a device mosquitto, tetherd, an in-process platform.
-    let local = mosquitto(d, "local", "").await?;
+    let local = Broker::mosquitto(d, "local", "").await?;
     let mut config = PlatformConfig::new(d.join("platform"), "127.0.0.1:0".parse()?);
     config.mqtt = MqttConfig {
         broker: MqttBroker::External(BrokerUrl::parse(&format!(
