@@ -96,6 +96,9 @@ pub struct MqttConfig {
     /// Bounds of the outbox on disk.
     pub outbox_max_bytes: u64,
     pub outbox_max_messages: u64,
+    /// `[[mqtt.topic]]`: short local topics for the wire's (none: topics
+    /// cross unchanged).
+    pub topics: Vec<crate::mqtt::topics::TopicMap>,
 }
 
 impl std::fmt::Debug for MqttConfig {
@@ -110,6 +113,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("max_payload", &self.max_payload)
             .field("outbox_max_bytes", &self.outbox_max_bytes)
             .field("outbox_max_messages", &self.outbox_max_messages)
+            .field("topics", &self.topics)
             .finish()
     }
 }
@@ -126,6 +130,7 @@ impl Default for MqttConfig {
             max_payload: 256 * 1024,
             outbox_max_bytes: 64 * 1024 * 1024,
             outbox_max_messages: 100_000,
+            topics: Vec::new(),
         }
     }
 }
@@ -976,13 +981,89 @@ impl Checker {
                     Some(n) if (100..=10_000_000).contains(&n) => mqtt.outbox_max_messages = n as u64,
                     _ => self.problem(&full, "expected a whole number from 100 to 10000000"),
                 },
+                "topic" => {
+                    let Some(list) = v.as_array() else {
+                        self.wrong_type(&full, "[[mqtt.topic]] tables", v);
+                        continue;
+                    };
+                    if list.len() > tether_proto::mqtt::MAX_FILTERS {
+                        self.problem(&full, "expected at most 64 [[mqtt.topic]] entries");
+                        continue;
+                    }
+                    for (i, item) in list.iter().enumerate() {
+                        let key = format!("{full}[{i}]");
+                        match item.as_table() {
+                            Some(t) => {
+                                if let Some(map) = self.topic_map(&key, t) {
+                                    mqtt.topics.push(map);
+                                }
+                            }
+                            None => self.wrong_type(&key, "a table", item),
+                        }
+                    }
+                }
                 _ => self.unknown(
                     &full,
-                    "broker, client_id, username, password, publish, subscribe, max_payload_kib, outbox_max_mib, outbox_max_messages",
+                    "broker, client_id, username, password, publish, subscribe, max_payload_kib, outbox_max_mib, outbox_max_messages, topic",
                 ),
             }
         }
         mqtt
+    }
+
+    /// One `[[mqtt.topic]]` entry (`key` names it in problems).
+    fn topic_map(&mut self, key: &str, t: &Table) -> Option<crate::mqtt::topics::TopicMap> {
+        use crate::mqtt::topics::{Direction, TopicMap};
+        let mut map = TopicMap::new("#", "", "", Direction::Both);
+        let (mut local, mut remote) = (false, false);
+        let before = self.problems.len();
+        for (k, v) in t {
+            let full = format!("{key}.{k}");
+            match k.as_str() {
+                "pattern" | "local" | "remote" => {
+                    let Some(s) = self.string(&full, v) else {
+                        continue;
+                    };
+                    if s.len() > tether_proto::mqtt::MAX_TOPIC {
+                        self.problem(&full, "expected at most 1024 bytes");
+                        continue;
+                    }
+                    match k.as_str() {
+                        "pattern" => map.pattern = s.to_owned(),
+                        "local" => (map.local, local) = (s.to_owned(), true),
+                        _ => (map.remote, remote) = (s.to_owned(), true),
+                    }
+                }
+                "direction" => match v.as_str() {
+                    Some("out") => map.direction = Direction::Out,
+                    Some("in") => map.direction = Direction::In,
+                    Some("both") => map.direction = Direction::Both,
+                    _ => self.problem(&full, "expected \"out\", \"in\" or \"both\""),
+                },
+                "qos" => match v.as_integer() {
+                    Some(q) if (0..=2).contains(&q) => map.qos = q as u8,
+                    _ => self.problem(&full, "expected 0, 1 or 2"),
+                },
+                _ => self.unknown(&full, "pattern, local, remote, direction, qos"),
+            }
+        }
+        if !local || !remote {
+            self.problem(
+                key,
+                "expected both 'local' (the flows' prefix, \"\" for none) and 'remote' (the wire's, \"tether/{team}/{device}/out/...\")",
+            );
+            return None;
+        }
+        if self.problems.len() != before {
+            return None;
+        }
+        match map.check() {
+            Ok(()) => Some(map),
+            Err(e) => {
+                self.problem(key, &e.to_string());
+                None
+            }
+        }
     }
 
     fn node_red(&mut self, t: &Table) -> NodeRedConfig {
@@ -1293,6 +1374,39 @@ mod tests {
         std::fs::write(&path, "name = \"gw\"\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         Config::load(&path).unwrap();
+    }
+
+    #[test]
+    fn mqtt_topic_mappings_are_read_and_one_leaving_the_namespace_is_named() {
+        let config = Config::from_toml_str(
+            "[mqtt]\n[[mqtt.topic]]\nlocal = \"sensors/\"\nremote = \"tether/{team}/{device}/out/sensors/\"\ndirection = \"out\"\nqos = 1\n[[mqtt.topic]]\npattern = \"+/out/#\"\nlocal = \"team/\"\nremote = \"tether/{team}/\"\ndirection = \"in\"",
+        )
+        .unwrap();
+        let topics = config.mqtt.unwrap().topics;
+        assert_eq!(topics.len(), 2);
+        assert_eq!(topics[0].pattern, "#");
+        assert_eq!(topics[0].qos, 1);
+        assert_eq!(topics[1].direction, crate::mqtt::topics::Direction::In);
+        let err = Config::from_toml_str(
+            "[mqtt]\n[[mqtt.topic]]\nlocal = \"x/\"\nremote = \"tether/{team}/other/out/\"\n[[mqtt.topic]]\nlocal = \"y/\"\ndirection = \"sideways\"",
+        )
+        .unwrap_err();
+        let problems = err.problems();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "'mqtt.topic[0]': remote 'tether/{team}/other/out/' leaves the device's namespace"
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("'mqtt.topic[1].direction'"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].contains("'mqtt.topic[1]': expected both 'local'"),
+            "{problems:?}"
+        );
     }
 
     #[test]

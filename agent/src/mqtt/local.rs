@@ -48,7 +48,8 @@ struct Tracker {
 /// The client and what the stream needs from it.
 pub struct Local {
     client: AsyncClient,
-    filters: Vec<String>,
+    /// What the agent subscribes to, with the QoS it asks for.
+    filters: Vec<(String, QoS)>,
     tracker: Mutex<Tracker>,
     /// Where acknowledgements of platform messages go: the live stream's.
     acks: Mutex<Option<mpsc::UnboundedSender<(u64, u64)>>>,
@@ -92,11 +93,16 @@ impl Local {
         if let Some(user) = &config.username {
             options.set_credentials(user, config.password.clone().unwrap_or_default());
         }
-        let filters = if config.publish.is_empty() {
+        let mut filters: Vec<(String, QoS)> = if config.publish.is_empty() {
             vec![format!("{}/+/{device}/out/#", tether_proto::mqtt::ROOT)]
         } else {
             config.publish.clone()
-        };
+        }
+        .into_iter()
+        .map(|f| (f, QoS::ExactlyOnce))
+        .collect();
+        filters
+            .extend(super::topics::local_filters(&config.topics).map(|(f, qos)| (f, qos_of(qos))));
         let (client, events) = AsyncClient::new(options, usize::from(INFLIGHT));
         Ok((
             Local {
@@ -223,9 +229,9 @@ async fn poll(bridge: Arc<Bridge>, mut events: EventLoop, intake: mpsc::Sender<P
                 info!(broker = %bridge.config.broker, "connected to the local MQTT broker");
                 retry = Duration::from_secs(1);
                 reported = false;
-                let filters = local.filters.iter().map(|f| Filter {
+                let filters = local.filters.iter().map(|(f, qos)| Filter {
                     nolocal: true,
-                    ..Filter::new(f.clone(), QoS::ExactlyOnce)
+                    ..Filter::new(f.clone(), *qos)
                 });
                 if let Err(e) = local.client.try_subscribe_many(filters) {
                     warn!(cause = %e, "cannot subscribe on the local MQTT broker");

@@ -19,6 +19,7 @@
 pub mod local;
 pub mod outbox;
 pub mod stream;
+pub mod topics;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
