@@ -78,8 +78,14 @@ pub struct Config {
 /// (`docs/mqtt.md`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct MqttConfig {
-    /// The local broker, `HOST:PORT`.
+    /// The local broker: `HOST:PORT`, `mqtt://HOST[:PORT]` or
+    /// `mqtts://HOST[:PORT]` ([`BrokerAddr`]).
     pub broker: String,
+    /// With `mqtts://`: the CA (PEM) that the broker's certificate must
+    /// chain to, and the agent's own certificate and key for mutual TLS.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     /// The agent's client id on it (`tetherd-<device id>` without it).
     pub client_id: Option<String>,
     pub username: Option<String>,
@@ -105,6 +111,9 @@ impl std::fmt::Debug for MqttConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MqttConfig")
             .field("broker", &self.broker)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
             .field("client_id", &self.client_id)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
@@ -122,6 +131,9 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             broker: "127.0.0.1:1883".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
             client_id: None,
             username: None,
             password: None,
@@ -132,6 +144,61 @@ impl Default for MqttConfig {
             outbox_max_messages: 100_000,
             topics: Vec::new(),
         }
+    }
+}
+
+impl MqttConfig {
+    /// Where the local broker is (`None` if `broker` does not say: the
+    /// config check refuses that).
+    pub fn endpoint(&self) -> Option<BrokerAddr> {
+        BrokerAddr::parse(&self.broker)
+    }
+}
+
+/// The local broker's address as `[mqtt] broker` gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerAddr {
+    /// A name or an IP address (without the brackets of an IPv6 one): what
+    /// the broker's certificate must name with TLS.
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddr {
+    /// `HOST:PORT`, `mqtt://HOST[:PORT]` (port 1883) or
+    /// `mqtts://HOST[:PORT]` (TLS, port 8883); an IPv6 address in brackets.
+    pub fn parse(s: &str) -> Option<BrokerAddr> {
+        let (rest, tls, default) = if let Some(rest) = s.strip_prefix("mqtts://") {
+            (rest, true, Some(8883))
+        } else if let Some(rest) = s.strip_prefix("mqtt://") {
+            (rest, false, Some(1883))
+        } else {
+            (s, false, None)
+        };
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed.split_once(']')?;
+            match after {
+                "" => (host, default?),
+                port => (host, port.strip_prefix(':')?.parse::<u16>().ok()?),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) if !host.contains(':') => (host, port.parse::<u16>().ok()?),
+                Some(_) => return None,
+                None => (rest, default?),
+            }
+        };
+        let bad = host.is_empty()
+            || port == 0
+            || host
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "/@?#[]".contains(c));
+        (!bad).then(|| BrokerAddr {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
     }
 }
 
@@ -922,12 +989,18 @@ impl Checker {
             match k.as_str() {
                 "broker" => {
                     if let Some(s) = self.string(&full, v) {
-                        match s.rsplit_once(':') {
-                            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-                                mqtt.broker = s.to_owned()
-                            }
-                            _ => self.problem(&full, &format!("'{s}' is not HOST:PORT (for example \"127.0.0.1:1883\")")),
+                        match BrokerAddr::parse(s) {
+                            Some(_) => mqtt.broker = s.to_owned(),
+                            None => self.problem(&full, &format!("'{s}' is not HOST:PORT, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (for example \"127.0.0.1:1883\")")),
                         }
+                    }
+                }
+                "ca_file" | "cert_file" | "key_file" => {
+                    let path = self.absolute_file(&full, v);
+                    match k.as_str() {
+                        "ca_file" => mqtt.ca_file = path,
+                        "cert_file" => mqtt.cert_file = path,
+                        _ => mqtt.key_file = path,
                     }
                 }
                 "client_id" | "username" | "password" => {
@@ -1004,9 +1077,28 @@ impl Checker {
                 }
                 _ => self.unknown(
                     &full,
-                    "broker, client_id, username, password, publish, subscribe, max_payload_kib, outbox_max_mib, outbox_max_messages, topic",
+                    "broker, ca_file, cert_file, key_file, client_id, username, password, publish, subscribe, max_payload_kib, outbox_max_mib, outbox_max_messages, topic",
                 ),
             }
+        }
+        let tls = mqtt.endpoint().is_some_and(|b| b.tls);
+        if tls && mqtt.ca_file.is_none() {
+            self.problem(
+                "mqtt.ca_file",
+                "an mqtts:// broker needs the CA its certificate chains to (a PEM file)",
+            );
+        }
+        if !tls && (mqtt.ca_file.is_some() || mqtt.cert_file.is_some() || mqtt.key_file.is_some()) {
+            self.problem(
+                "mqtt.ca_file",
+                "ca_file, cert_file and key_file are for TLS; help: write the broker as \"mqtts://HOST[:PORT]\"",
+            );
+        }
+        if mqtt.cert_file.is_some() != mqtt.key_file.is_some() {
+            self.problem(
+                "mqtt.cert_file",
+                "cert_file and key_file go together (mutual TLS)",
+            );
         }
         mqtt
     }
@@ -1148,14 +1240,23 @@ impl Checker {
         }
     }
 
+    fn absolute_file(&mut self, key: &str, v: &Value) -> Option<PathBuf> {
+        self.absolute(key, v, "file", "/etc/tether/mqtt-ca.pem")
+    }
+
     fn absolute_dir(&mut self, key: &str, v: &Value) -> Option<PathBuf> {
+        self.absolute(key, v, "directory", "/var/lib/tether/node-red")
+    }
+
+    /// An absolute path (a `what`, like `example`).
+    fn absolute(&mut self, key: &str, v: &Value, what: &str, example: &str) -> Option<PathBuf> {
         let s = self.string(key, v)?;
         if s.starts_with('/') && !s.chars().any(char::is_control) {
             Some(PathBuf::from(s))
         } else {
             self.problem(
                 key,
-                &format!("'{s}' is not an absolute directory path; expected one like \"/var/lib/tether/node-red\""),
+                &format!("'{s}' is not an absolute {what} path; expected one like \"{example}\""),
             );
             None
         }
@@ -1374,6 +1475,47 @@ mod tests {
         std::fs::write(&path, "name = \"gw\"\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         Config::load(&path).unwrap();
+    }
+
+    #[test]
+    fn mqtt_brokers_are_host_port_or_mqtt_urls_and_tls_needs_its_ca() {
+        let addr = |s: &str| BrokerAddr::parse(s).map(|b| (b.host, b.port, b.tls));
+        let cases = [
+            ("127.0.0.1:1883", Some(("127.0.0.1", 1883, false))),
+            ("mqtt://broker.local", Some(("broker.local", 1883, false))),
+            ("mqtts://127.0.0.1", Some(("127.0.0.1", 8883, true))),
+            ("mqtts://[::1]:9883", Some(("::1", 9883, true))),
+            ("[::1]:1883", Some(("::1", 1883, false))),
+            ("nohost", None),
+            ("::1:1883", None),
+            ("mqtts://h:0", None),
+            ("mqtts://user@h", None),
+            ("http://h:1", None),
+        ];
+        for (s, want) in cases {
+            let want = want.map(|(h, p, t)| (h.to_owned(), p, t));
+            assert_eq!(addr(s), want, "{s}");
+        }
+        let config = Config::from_toml_str(
+            "[mqtt]\nbroker = \"mqtts://127.0.0.1:8883\"\nca_file = \"/etc/tether/ca.pem\"\ncert_file = \"/etc/tether/c.pem\"\nkey_file = \"/etc/tether/c.key\"",
+        )
+        .unwrap();
+        assert_eq!(
+            config.mqtt.unwrap().ca_file.as_deref(),
+            Some(Path::new("/etc/tether/ca.pem"))
+        );
+        let problems = |toml: &str| Config::from_toml_str(toml).unwrap_err().problems();
+        let p = problems("[mqtt]\nbroker = \"mqtts://127.0.0.1\"\ncert_file = \"/c.pem\"");
+        assert!(
+            p[0].contains("'mqtt.ca_file': an mqtts:// broker needs the CA"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].contains("'mqtt.cert_file': cert_file and key_file go together"),
+            "{p:?}"
+        );
+        let p = problems("[mqtt]\nbroker = \"127.0.0.1:1883\"\nca_file = \"/ca.pem\"");
+        assert!(p[0].contains("are for TLS"), "{p:?}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and `tether-mqtt-bench`: subscribes to its filters on every ConnAck and
 //! hands over what arrives.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -106,7 +107,7 @@ impl Broker {
     /// Debian's mosquitto on a free port of 127.0.0.1, with its config
     /// (`dir/NAME.conf`: anonymous clients, `extra` lines after the
     /// listener's, so they apply to it) and its log (`dir/NAME.log`).
-    pub async fn mosquitto(dir: &std::path::Path, name: &str, extra: &str) -> Result<Broker> {
+    pub async fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Broker> {
         let port = crate::bench::free_port()?;
         let conf = dir.join(format!("{name}.conf"));
         std::fs::write(
@@ -243,5 +244,37 @@ pub async fn publish(port: u16, topic: &str, payload: &str, extra: &[String]) ->
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );
+    Ok(())
+}
+
+/// A CA (`ca.pem`) and two certificates for `localhost` and 127.0.0.1 it
+/// signed (`server.pem`/`.key`, `client.pem`/`.key`), as PEM files in `dir`.
+pub fn tls_files(dir: &Path) -> Result<()> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    for name in ["server", "client"] {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("test {name}"));
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse()?));
+        let cert = params.signed_by(&key, &issuer)?;
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
+    }
     Ok(())
 }

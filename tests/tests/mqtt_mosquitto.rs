@@ -75,3 +75,87 @@ async fn mosquitto_on_every_side_carries_a_device_message_and_refuses_a_foreign_
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_broker_behind_mutual_tls_is_bridged_and_doctor_checks_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    tether_e2e::mqtt::tls_files(dir.path()).unwrap();
+    let pem = |name: &str| dir.path().join(name);
+    // A broker that speaks only TLS and wants a client certificate.
+    let local = Broker::mosquitto(
+        dir.path(),
+        "local-tls",
+        &format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            pem("ca.pem").display(),
+            pem("server.pem").display(),
+            pem("server.key").display()
+        ),
+    )
+    .await
+    .unwrap();
+    let platform = Platform::start(platform_with(dir.path(), None))
+        .await
+        .unwrap();
+    let tls_config = |m: &mut tether_agent::config::MqttConfig| {
+        m.broker = format!("mqtts://127.0.0.1:{}", local.port);
+        m.ca_file = Some(pem("ca.pem"));
+        m.cert_file = Some(pem("client.pem"));
+        m.key_file = Some(pem("client.key"));
+    };
+    let agent = device(&platform, dir.path(), "a", &local, |m, _| tls_config(m)).await;
+    let id = agent.device_id();
+    bridged(&platform, &id).await;
+    let cli_tls: Vec<String> = [
+        ("--cafile", "ca.pem"),
+        ("--cert", "client.pem"),
+        ("--key", "client.key"),
+    ]
+    .into_iter()
+    .flat_map(|(flag, file)| [flag.to_owned(), pem(file).display().to_string()])
+    .collect();
+
+    // Out: a flow's message over TLS reaches the platform's broker.
+    let broker = platform.mqtt_broker_addr().unwrap().to_string();
+    let data = topic(&id, "out/line/temperature");
+    let mut on_platform = client(&broker, "platform-flows", std::slice::from_ref(&data)).await;
+    publish(local.port, &data, "over TLS", &cli_tls)
+        .await
+        .unwrap();
+    assert_eq!(&on_platform.next_on(&data).await.payload[..], b"over TLS");
+
+    // In: a platform message reaches a flow on the TLS broker.
+    let command = topic(&id, "in/valve");
+    let mut on_device = Sub::start(local.port, &topic(&id, "in/#"), &cli_tls)
+        .await
+        .unwrap();
+    on_platform.send(&command, &b"open"[..]).await;
+    assert_eq!(
+        on_device.next(patience()).await.unwrap(),
+        Some((command, "open".to_owned()))
+    );
+
+    // tetherd doctor: the same TLS; a CA that did not sign the broker's
+    // certificate fails the check and says what to look at.
+    let mut config = agent_config(&dir.path().join("a"));
+    let mut mqtt = tether_agent::config::MqttConfig::default();
+    tls_config(&mut mqtt);
+    config.mqtt = Some(mqtt);
+    let check = |checks: Vec<tether_agent::doctor::Check>| {
+        checks
+            .into_iter()
+            .find(|c| c.name == "mqtt broker")
+            .unwrap()
+    };
+    let options = tether_agent::doctor::Options::default();
+    let ok = check(tether_agent::doctor::run(Ok(&config), &options).await);
+    assert_eq!(ok.verdict, tether_agent::doctor::Verdict::Ok, "{ok:?}");
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    tether_e2e::mqtt::tls_files(&other).unwrap();
+    config.mqtt.as_mut().unwrap().ca_file = Some(other.join("ca.pem"));
+    let bad = check(tether_agent::doctor::run(Ok(&config), &options).await);
+    assert_eq!(bad.verdict, tether_agent::doctor::Verdict::Fail, "{bad:?}");
+    assert!(bad.detail.contains("certificate"), "{bad:?}");
+    agent.shutdown().await;
+}

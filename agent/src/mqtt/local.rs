@@ -13,10 +13,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tether_proto::mqtt::{Message, Properties};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -66,16 +66,18 @@ impl std::fmt::Debug for Local {
 impl Local {
     /// The client for `device` and its event loop (not yet polled).
     pub(super) fn new(config: &MqttConfig, device: &str) -> Result<(Local, EventLoop), MqttError> {
-        let (host, port) = config
-            .broker
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        let endpoint = config
+            .endpoint()
             .ok_or_else(|| MqttError::Broker(config.broker.clone()))?;
+        let tls = super::broker_tls(config)?;
         let client_id = config
             .client_id
             .clone()
             .unwrap_or_else(|| format!("tetherd-{device}"));
-        let mut options = MqttOptions::new(client_id, host, port);
+        let mut options = MqttOptions::new(client_id, endpoint.host, endpoint.port);
+        if let Some(tls) = tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        }
         options
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_start(false)

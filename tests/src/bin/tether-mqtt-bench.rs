@@ -21,7 +21,6 @@
 //! platform-side subscriber, with `tetherd`'s CPU per 100,000 messages and
 //! its peak memory.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -29,7 +28,7 @@ use bytes::Bytes;
 use clap::Parser;
 use rumqttc::v5::mqttbytes::QoS;
 use tether_e2e::bench::{Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict};
-use tether_e2e::mqtt::{Broker, Client, client};
+use tether_e2e::mqtt::{Broker, Client, client, tls_files};
 use tether_platform::mqtt::{BrokerUrl, MqttBroker, MqttConfig};
 use tether_platform::{Platform, PlatformConfig};
 use tokio::sync::mpsc;
@@ -129,37 +128,6 @@ async fn throughput(device_port: u16, central_port: u16, prefix: &str, n: usize)
     let secs = start.elapsed().as_secs_f64();
     send.await?;
     Ok(n as f64 / secs)
-}
-
-/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
-fn tls_files(dir: &Path) -> Result<()> {
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "bench CA");
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    std::fs::write(dir.join("ca.pem"), ca.pem())?;
-    for name in ["server", "client"] {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("bench {name}"));
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse()?));
-        let cert = params.signed_by(&key, &issuer)?;
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
-    }
-    Ok(())
 }
 
 #[tokio::main]
