@@ -108,24 +108,37 @@ impl Broker {
     /// (`dir/NAME.conf`: anonymous clients, `extra` lines after the
     /// listener's, so they apply to it) and its log (`dir/NAME.log`).
     pub async fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Broker> {
-        let port = crate::bench::free_port()?;
-        let conf = dir.join(format!("{name}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "per_listener_settings false\nset_tcp_nodelay true\nallow_anonymous true\nmax_queued_messages 200000\nmax_inflight_messages 1000\nlistener {port} 127.0.0.1\n{extra}"
-            ),
-        )?;
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let mut command = std::process::Command::new("mosquitto");
-        command
-            .arg("-c")
-            .arg(&conf)
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        Broker::spawn(command, port)
-            .await
-            .context("mosquitto did not start (apt-get install mosquitto)")
+        // The free port may be taken by another test's process before
+        // mosquitto binds it: then it exits, and a new port is tried.
+        let mut failed = None;
+        for _ in 0..3 {
+            let port = crate::bench::free_port()?;
+            let conf = dir.join(format!("{name}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "per_listener_settings false\nset_tcp_nodelay true\nallow_anonymous true\nmax_queued_messages 200000\nmax_inflight_messages 1000\nlistener {port} 127.0.0.1\n{extra}"
+                ),
+            )?;
+            let log_path = dir.join(format!("{name}.log"));
+            let log = std::fs::File::create(&log_path)?;
+            let mut command = std::process::Command::new("mosquitto");
+            command
+                .arg("-c")
+                .arg(&conf)
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            match Broker::spawn(command, port).await {
+                Ok(broker) => return Ok(broker),
+                Err(e) => {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    failed = Some(e.context(format!("mosquitto's log: {}", log.trim())));
+                }
+            }
+        }
+        Err(failed
+            .unwrap_or_else(|| anyhow::anyhow!("no attempt"))
+            .context("mosquitto did not start (apt-get install mosquitto)"))
     }
 
     /// Stops the broker (its sessions are gone with it).

@@ -4,7 +4,10 @@
 //! another, and `mosquitto_pub` / `mosquitto_sub` (MQTT 5, QoS 1) publish
 //! and listen. Device A's message reaches device B's local broker and the
 //! platform's; a message A's flows publish under B's namespace is refused
-//! on A, audited, and never arrives anywhere.
+//! on A, audited, and never arrives anywhere. With TLS: a device's local
+//! broker that requires a client certificate (`mqtts://`, mutual TLS) and a
+//! platform broker reached over `mqtts://`, and `tetherd doctor` checking
+//! the local broker's certificate.
 //!
 //! Needs mosquitto and mosquitto-clients (`.ci/run` installs them).
 
@@ -16,6 +19,7 @@ use common::mqtt::*;
 use common::*;
 use tether_e2e::mqtt::{Broker, Sub, publish};
 use tether_platform::Platform;
+use tether_platform::mqtt::{BrokerUrl, MqttBroker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_on_every_side_carries_a_device_message_and_refuses_a_foreign_topic() {
@@ -77,26 +81,40 @@ async fn mosquitto_on_every_side_carries_a_device_message_and_refuses_a_foreign_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_broker_behind_mutual_tls_is_bridged_and_doctor_checks_its_certificate() {
+async fn brokers_behind_tls_are_bridged_on_both_sides_and_doctor_checks_the_certificate() {
     let dir = tempfile::tempdir().unwrap();
     tether_e2e::mqtt::tls_files(dir.path()).unwrap();
     let pem = |name: &str| dir.path().join(name);
+    // mosquitto's TLS settings for the listener above them.
+    let server_tls = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\n",
+        pem("ca.pem").display(),
+        pem("server.pem").display(),
+        pem("server.key").display()
+    );
     // A broker that speaks only TLS and wants a client certificate.
     let local = Broker::mosquitto(
         dir.path(),
         "local-tls",
-        &format!(
-            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
-            pem("ca.pem").display(),
-            pem("server.pem").display(),
-            pem("server.key").display()
-        ),
+        &format!("{server_tls}require_certificate true\n"),
     )
     .await
     .unwrap();
-    let platform = Platform::start(platform_with(dir.path(), None))
-        .await
-        .unwrap();
+    // The platform's broker: mosquitto, which the platform reaches over TLS
+    // (mqtts://, its CA given) and the test's client over plain MQTT.
+    let tls_port = tether_e2e::bench::free_port().unwrap();
+    let central = Broker::mosquitto(
+        dir.path(),
+        "central",
+        &format!("listener {tls_port} 127.0.0.1\n{server_tls}"),
+    )
+    .await
+    .unwrap();
+    let mut config = platform_with(dir.path(), Some(&central));
+    let mut url = BrokerUrl::parse(&format!("mqtts://127.0.0.1:{tls_port}")).unwrap();
+    url.ca_file = Some(pem("ca.pem"));
+    config.mqtt.broker = MqttBroker::External(url);
+    let platform = Platform::start(config).await.unwrap();
     let tls_config = |m: &mut tether_agent::config::MqttConfig| {
         m.broker = format!("mqtts://127.0.0.1:{}", local.port);
         m.ca_file = Some(pem("ca.pem"));
@@ -116,7 +134,7 @@ async fn a_local_broker_behind_mutual_tls_is_bridged_and_doctor_checks_its_certi
     .collect();
 
     // Out: a flow's message over TLS reaches the platform's broker.
-    let broker = platform.mqtt_broker_addr().unwrap().to_string();
+    let broker = central.addr();
     let data = topic(&id, "out/line/temperature");
     let mut on_platform = client(&broker, "platform-flows", std::slice::from_ref(&data)).await;
     publish(local.port, &data, "over TLS", &cli_tls)
