@@ -78,8 +78,14 @@ pub struct Config {
 /// (`docs/mqtt.md`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct MqttConfig {
-    /// The local broker, `HOST:PORT`.
+    /// The local broker: `HOST:PORT`, `mqtt://HOST[:PORT]` or
+    /// `mqtts://HOST[:PORT]` ([`BrokerAddr`]).
     pub broker: String,
+    /// With `mqtts://`: the CA (PEM) that the broker's certificate must
+    /// chain to, and the agent's own certificate and key for mutual TLS.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     /// The agent's client id on it (`tetherd-<device id>` without it).
     pub client_id: Option<String>,
     pub username: Option<String>,
@@ -96,12 +102,18 @@ pub struct MqttConfig {
     /// Bounds of the outbox on disk.
     pub outbox_max_bytes: u64,
     pub outbox_max_messages: u64,
+    /// `[[mqtt.topic]]`: short local topics for the wire's (none: topics
+    /// cross unchanged).
+    pub topics: Vec<crate::mqtt::topics::TopicMap>,
 }
 
 impl std::fmt::Debug for MqttConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MqttConfig")
             .field("broker", &self.broker)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
             .field("client_id", &self.client_id)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
@@ -110,6 +122,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("max_payload", &self.max_payload)
             .field("outbox_max_bytes", &self.outbox_max_bytes)
             .field("outbox_max_messages", &self.outbox_max_messages)
+            .field("topics", &self.topics)
             .finish()
     }
 }
@@ -118,6 +131,9 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             broker: "127.0.0.1:1883".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
             client_id: None,
             username: None,
             password: None,
@@ -126,7 +142,63 @@ impl Default for MqttConfig {
             max_payload: 256 * 1024,
             outbox_max_bytes: 64 * 1024 * 1024,
             outbox_max_messages: 100_000,
+            topics: Vec::new(),
         }
+    }
+}
+
+impl MqttConfig {
+    /// Where the local broker is (`None` if `broker` does not say: the
+    /// config check refuses that).
+    pub fn endpoint(&self) -> Option<BrokerAddr> {
+        BrokerAddr::parse(&self.broker)
+    }
+}
+
+/// The local broker's address as `[mqtt] broker` gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerAddr {
+    /// A name or an IP address (without the brackets of an IPv6 one): what
+    /// the broker's certificate must name with TLS.
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddr {
+    /// `HOST:PORT`, `mqtt://HOST[:PORT]` (port 1883) or
+    /// `mqtts://HOST[:PORT]` (TLS, port 8883); an IPv6 address in brackets.
+    pub fn parse(s: &str) -> Option<BrokerAddr> {
+        let (rest, tls, default) = if let Some(rest) = s.strip_prefix("mqtts://") {
+            (rest, true, Some(8883))
+        } else if let Some(rest) = s.strip_prefix("mqtt://") {
+            (rest, false, Some(1883))
+        } else {
+            (s, false, None)
+        };
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed.split_once(']')?;
+            match after {
+                "" => (host, default?),
+                port => (host, port.strip_prefix(':')?.parse::<u16>().ok()?),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) if !host.contains(':') => (host, port.parse::<u16>().ok()?),
+                Some(_) => return None,
+                None => (rest, default?),
+            }
+        };
+        let bad = host.is_empty()
+            || port == 0
+            || host
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "/@?#[]".contains(c));
+        (!bad).then(|| BrokerAddr {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
     }
 }
 
@@ -917,12 +989,18 @@ impl Checker {
             match k.as_str() {
                 "broker" => {
                     if let Some(s) = self.string(&full, v) {
-                        match s.rsplit_once(':') {
-                            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-                                mqtt.broker = s.to_owned()
-                            }
-                            _ => self.problem(&full, &format!("'{s}' is not HOST:PORT (for example \"127.0.0.1:1883\")")),
+                        match BrokerAddr::parse(s) {
+                            Some(_) => mqtt.broker = s.to_owned(),
+                            None => self.problem(&full, &format!("'{s}' is not HOST:PORT, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (for example \"127.0.0.1:1883\")")),
                         }
+                    }
+                }
+                "ca_file" | "cert_file" | "key_file" => {
+                    let path = self.absolute_file(&full, v);
+                    match k.as_str() {
+                        "ca_file" => mqtt.ca_file = path,
+                        "cert_file" => mqtt.cert_file = path,
+                        _ => mqtt.key_file = path,
                     }
                 }
                 "client_id" | "username" | "password" => {
@@ -976,13 +1054,108 @@ impl Checker {
                     Some(n) if (100..=10_000_000).contains(&n) => mqtt.outbox_max_messages = n as u64,
                     _ => self.problem(&full, "expected a whole number from 100 to 10000000"),
                 },
+                "topic" => {
+                    let Some(list) = v.as_array() else {
+                        self.wrong_type(&full, "[[mqtt.topic]] tables", v);
+                        continue;
+                    };
+                    if list.len() > tether_proto::mqtt::MAX_FILTERS {
+                        self.problem(&full, "expected at most 64 [[mqtt.topic]] entries");
+                        continue;
+                    }
+                    for (i, item) in list.iter().enumerate() {
+                        let key = format!("{full}[{i}]");
+                        match item.as_table() {
+                            Some(t) => {
+                                if let Some(map) = self.topic_map(&key, t) {
+                                    mqtt.topics.push(map);
+                                }
+                            }
+                            None => self.wrong_type(&key, "a table", item),
+                        }
+                    }
+                }
                 _ => self.unknown(
                     &full,
-                    "broker, client_id, username, password, publish, subscribe, max_payload_kib, outbox_max_mib, outbox_max_messages",
+                    "broker, ca_file, cert_file, key_file, client_id, username, password, publish, subscribe, max_payload_kib, outbox_max_mib, outbox_max_messages, topic",
                 ),
             }
         }
+        let tls = mqtt.endpoint().is_some_and(|b| b.tls);
+        if tls && mqtt.ca_file.is_none() {
+            self.problem(
+                "mqtt.ca_file",
+                "an mqtts:// broker needs the CA its certificate chains to (a PEM file)",
+            );
+        }
+        if !tls && (mqtt.ca_file.is_some() || mqtt.cert_file.is_some() || mqtt.key_file.is_some()) {
+            self.problem(
+                "mqtt.ca_file",
+                "ca_file, cert_file and key_file are for TLS; help: write the broker as \"mqtts://HOST[:PORT]\"",
+            );
+        }
+        if mqtt.cert_file.is_some() != mqtt.key_file.is_some() {
+            self.problem(
+                "mqtt.cert_file",
+                "cert_file and key_file go together (mutual TLS)",
+            );
+        }
         mqtt
+    }
+
+    /// One `[[mqtt.topic]]` entry (`key` names it in problems).
+    fn topic_map(&mut self, key: &str, t: &Table) -> Option<crate::mqtt::topics::TopicMap> {
+        use crate::mqtt::topics::{Direction, TopicMap};
+        let mut map = TopicMap::new("#", "", "", Direction::Both);
+        let (mut local, mut remote) = (false, false);
+        let before = self.problems.len();
+        for (k, v) in t {
+            let full = format!("{key}.{k}");
+            match k.as_str() {
+                "pattern" | "local" | "remote" => {
+                    let Some(s) = self.string(&full, v) else {
+                        continue;
+                    };
+                    if s.len() > tether_proto::mqtt::MAX_TOPIC {
+                        self.problem(&full, "expected at most 1024 bytes");
+                        continue;
+                    }
+                    match k.as_str() {
+                        "pattern" => map.pattern = s.to_owned(),
+                        "local" => (map.local, local) = (s.to_owned(), true),
+                        _ => (map.remote, remote) = (s.to_owned(), true),
+                    }
+                }
+                "direction" => match v.as_str() {
+                    Some("out") => map.direction = Direction::Out,
+                    Some("in") => map.direction = Direction::In,
+                    Some("both") => map.direction = Direction::Both,
+                    _ => self.problem(&full, "expected \"out\", \"in\" or \"both\""),
+                },
+                "qos" => match v.as_integer() {
+                    Some(q) if (0..=2).contains(&q) => map.qos = q as u8,
+                    _ => self.problem(&full, "expected 0, 1 or 2"),
+                },
+                _ => self.unknown(&full, "pattern, local, remote, direction, qos"),
+            }
+        }
+        if !local || !remote {
+            self.problem(
+                key,
+                "expected both 'local' (the flows' prefix, \"\" for none) and 'remote' (the wire's, \"tether/{team}/{device}/out/...\")",
+            );
+            return None;
+        }
+        if self.problems.len() != before {
+            return None;
+        }
+        match map.check() {
+            Ok(()) => Some(map),
+            Err(e) => {
+                self.problem(key, &e.to_string());
+                None
+            }
+        }
     }
 
     fn node_red(&mut self, t: &Table) -> NodeRedConfig {
@@ -1067,14 +1240,23 @@ impl Checker {
         }
     }
 
+    fn absolute_file(&mut self, key: &str, v: &Value) -> Option<PathBuf> {
+        self.absolute(key, v, "file", "/etc/tether/mqtt-ca.pem")
+    }
+
     fn absolute_dir(&mut self, key: &str, v: &Value) -> Option<PathBuf> {
+        self.absolute(key, v, "directory", "/var/lib/tether/node-red")
+    }
+
+    /// An absolute path (a `what`, like `example`).
+    fn absolute(&mut self, key: &str, v: &Value, what: &str, example: &str) -> Option<PathBuf> {
         let s = self.string(key, v)?;
         if s.starts_with('/') && !s.chars().any(char::is_control) {
             Some(PathBuf::from(s))
         } else {
             self.problem(
                 key,
-                &format!("'{s}' is not an absolute directory path; expected one like \"/var/lib/tether/node-red\""),
+                &format!("'{s}' is not an absolute {what} path; expected one like \"{example}\""),
             );
             None
         }
@@ -1293,6 +1475,80 @@ mod tests {
         std::fs::write(&path, "name = \"gw\"\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         Config::load(&path).unwrap();
+    }
+
+    #[test]
+    fn mqtt_brokers_are_host_port_or_mqtt_urls_and_tls_needs_its_ca() {
+        let addr = |s: &str| BrokerAddr::parse(s).map(|b| (b.host, b.port, b.tls));
+        let cases = [
+            ("127.0.0.1:1883", Some(("127.0.0.1", 1883, false))),
+            ("mqtt://broker.local", Some(("broker.local", 1883, false))),
+            ("mqtts://127.0.0.1", Some(("127.0.0.1", 8883, true))),
+            ("mqtts://[::1]:9883", Some(("::1", 9883, true))),
+            ("[::1]:1883", Some(("::1", 1883, false))),
+            ("nohost", None),
+            ("::1:1883", None),
+            ("mqtts://h:0", None),
+            ("mqtts://user@h", None),
+            ("http://h:1", None),
+        ];
+        for (s, want) in cases {
+            let want = want.map(|(h, p, t)| (h.to_owned(), p, t));
+            assert_eq!(addr(s), want, "{s}");
+        }
+        let config = Config::from_toml_str(
+            "[mqtt]\nbroker = \"mqtts://127.0.0.1:8883\"\nca_file = \"/etc/tether/ca.pem\"\ncert_file = \"/etc/tether/c.pem\"\nkey_file = \"/etc/tether/c.key\"",
+        )
+        .unwrap();
+        assert_eq!(
+            config.mqtt.unwrap().ca_file.as_deref(),
+            Some(Path::new("/etc/tether/ca.pem"))
+        );
+        let problems = |toml: &str| Config::from_toml_str(toml).unwrap_err().problems();
+        let p = problems("[mqtt]\nbroker = \"mqtts://127.0.0.1\"\ncert_file = \"/c.pem\"");
+        assert!(
+            p[0].contains("'mqtt.ca_file': an mqtts:// broker needs the CA"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].contains("'mqtt.cert_file': cert_file and key_file go together"),
+            "{p:?}"
+        );
+        let p = problems("[mqtt]\nbroker = \"127.0.0.1:1883\"\nca_file = \"/ca.pem\"");
+        assert!(p[0].contains("are for TLS"), "{p:?}");
+    }
+
+    #[test]
+    fn mqtt_topic_mappings_are_read_and_one_leaving_the_namespace_is_named() {
+        let config = Config::from_toml_str(
+            "[mqtt]\n[[mqtt.topic]]\nlocal = \"sensors/\"\nremote = \"tether/{team}/{device}/out/sensors/\"\ndirection = \"out\"\nqos = 1\n[[mqtt.topic]]\npattern = \"+/out/#\"\nlocal = \"team/\"\nremote = \"tether/{team}/\"\ndirection = \"in\"",
+        )
+        .unwrap();
+        let topics = config.mqtt.unwrap().topics;
+        assert_eq!(topics.len(), 2);
+        assert_eq!(topics[0].pattern, "#");
+        assert_eq!(topics[0].qos, 1);
+        assert_eq!(topics[1].direction, crate::mqtt::topics::Direction::In);
+        let err = Config::from_toml_str(
+            "[mqtt]\n[[mqtt.topic]]\nlocal = \"x/\"\nremote = \"tether/{team}/other/out/\"\n[[mqtt.topic]]\nlocal = \"y/\"\ndirection = \"sideways\"",
+        )
+        .unwrap_err();
+        let problems = err.problems();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "'mqtt.topic[0]': remote 'tether/{team}/other/out/' leaves the device's namespace"
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("'mqtt.topic[1].direction'"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].contains("'mqtt.topic[1]': expected both 'local'"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -498,14 +498,42 @@ async fn mqtt_broker(config: &Config) -> Check {
         mqtt.username.as_deref(),
         mqtt.password.as_deref(),
     );
-    let answer = async {
-        let mut tcp = tokio::net::TcpStream::connect(&mqtt.broker).await?;
-        tcp.write_all(&connect).await?;
-        let mut head = [0u8; 4];
-        tcp.read_exact(&mut head).await?;
-        Ok::<_, std::io::Error>(head)
-    };
     let broker = &mqtt.broker;
+    let Some(endpoint) = mqtt.endpoint() else {
+        return Check::bad(
+            NAME,
+            Verdict::Fail,
+            format!("'{broker}' is not a broker address"),
+            "fix [mqtt] broker",
+        );
+    };
+    let tls = match crate::mqtt::broker_tls(mqtt) {
+        Ok(tls) => tls,
+        Err(e) => {
+            return Check::bad(
+                NAME,
+                Verdict::Fail,
+                e.to_string(),
+                "fix [mqtt] ca_file, cert_file and key_file",
+            );
+        }
+    };
+    let answer = async {
+        let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+        match tls {
+            // The same TLS as the bridge's: the broker's certificate must
+            // chain to ca_file and name the host.
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from(endpoint.host.clone())
+                    .map_err(std::io::Error::other)?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await?;
+                connack_head(stream, &connect).await
+            }
+            None => connack_head(tcp, &connect).await,
+        }
+    };
     match tokio::time::timeout(STEP_TIMEOUT, answer).await {
         Ok(Ok([0x20, _, _, 0])) => {
             Check::ok(NAME, format!("{broker} accepts the agent's MQTT 5 login"))
@@ -534,7 +562,11 @@ async fn mqtt_broker(config: &Config) -> Check {
             NAME,
             Verdict::Fail,
             format!("nothing answers MQTT on {broker}: {e}"),
-            "start the local broker, or fix [mqtt] broker",
+            if endpoint.tls {
+                "start the local broker, or fix [mqtt] broker; with mqtts://, check that its certificate chains to ca_file and names the host"
+            } else {
+                "start the local broker, or fix [mqtt] broker"
+            },
         ),
         Err(_) => Check::bad(
             NAME,
@@ -543,6 +575,17 @@ async fn mqtt_broker(config: &Config) -> Check {
             "check the local broker",
         ),
     }
+}
+
+/// Sends `connect` on `stream` and reads the first 4 bytes of the answer.
+async fn connack_head<S>(mut stream: S, connect: &[u8]) -> std::io::Result<[u8; 4]>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(connect).await?;
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).await?;
+    Ok(head)
 }
 
 /// An MQTT 5 CONNECT packet (clean start, 30 s keep-alive).

@@ -281,6 +281,40 @@ pub fn tunnel_config(creds: &Credentials, clock: Clock) -> Result<ClientConfig, 
     Ok(config)
 }
 
+/// For the local MQTT broker (`mqtts://`): trust only the CAs in `ca`, and
+/// present `client` (a certificate chain and its key) when given. The
+/// system clock checks validity: the local broker is not the platform,
+/// whose clock the tunnel's checks may follow.
+pub fn broker_config(
+    ca: &[CertificateDer<'static>],
+    client: Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in ca {
+        roots
+            .add(cert.clone())
+            .map_err(|e| TlsError::NoRoots(format!("the broker's CA is unusable: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoRoots(
+            "the broker's CA file holds no certificate".into(),
+        ));
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Setup)?
+        .with_root_certificates(roots);
+    match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(TlsError::ClientCert),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
 /// What a TLS failure means for the operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TlsFailure {

@@ -9,202 +9,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::mqtt::*;
 use common::*;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tether_agent::Agent;
-use tether_agent::config::MqttConfig as AgentMqtt;
-use tether_e2e::mqtt::Client;
-use tether_platform::audit::AuditQuery;
-use tether_platform::mqtt::{MqttBroker, MqttConfig};
-use tether_platform::{Platform, TokenSpec};
-
-const TEAM: &str = "line-3";
-
-/// A broker in a process of its own on 127.0.0.1.
-struct Broker {
-    child: Child,
-    port: u16,
-}
-
-impl Broker {
-    async fn rumqttd(port: Option<u16>) -> Broker {
-        let port = port.unwrap_or_else(|| tether_e2e::bench::free_port().unwrap());
-        let child = Command::new(env!("CARGO_BIN_EXE_tether-test-broker"))
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tether-test-broker starts");
-        listening(port).await;
-        Broker { child, port }
-    }
-
-    async fn mosquitto() -> Broker {
-        let port = tether_e2e::bench::free_port().unwrap();
-        let child = Command::new("mosquitto")
-            .args(["-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto runs (apt-get install mosquitto)");
-        listening(port).await;
-        Broker { child, port }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-async fn listening(port: u16) {
-    eventually(&format!("a broker listens on {port}"), || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-    })
-    .await;
-}
-
-/// A client of the broker at `addr` (`127.0.0.1:PORT`).
-async fn client(addr: &str, id: &str, filters: &[String]) -> Client {
-    let port = addr.rsplit_once(':').unwrap().1.parse().unwrap();
-    tether_e2e::mqtt::client(port, id, filters).await.unwrap()
-}
-
-/// What the tests do with a client.
-trait Flows {
-    /// Publishes at QoS 1 with `props`.
-    async fn publish(&self, topic: &str, payload: impl Into<Bytes>, props: PublishProperties);
-    /// Publishes at QoS 1 without properties.
-    async fn send(&self, topic: &str, payload: impl Into<Bytes>) {
-        self.publish(topic, payload, PublishProperties::default())
-            .await
-    }
-    async fn next(&mut self) -> Publish;
-    async fn next_on(&mut self, topic: &str) -> Publish;
-}
-
-impl Flows for Client {
-    async fn publish(&self, topic: &str, payload: impl Into<Bytes>, props: PublishProperties) {
-        self.client
-            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload.into(), props)
-            .await
-            .unwrap();
-    }
-
-    /// The next message, within the tests' patience.
-    async fn next(&mut self) -> Publish {
-        tokio::time::timeout(patience(), self.rx.recv())
-            .await
-            .expect("a message arrives in time")
-            .expect("the client runs")
-    }
-
-    /// The next message on `topic`, skipping others.
-    async fn next_on(&mut self, topic: &str) -> Publish {
-        loop {
-            let p = self.next().await;
-            if p.topic == topic.as_bytes() {
-                return p;
-            }
-        }
-    }
-}
-
-/// A platform whose broker is `broker` (embedded rumqttd without one).
-fn platform_with(
-    dir: &std::path::Path,
-    broker: Option<&Broker>,
-) -> tether_platform::PlatformConfig {
-    let mut config = platform_config(&dir.join("platform"), "127.0.0.1:0".parse().unwrap());
-    config.mqtt = match broker {
-        None => MqttConfig::embedded(),
-        Some(b) => MqttConfig {
-            broker: MqttBroker::External(
-                tether_platform::mqtt::BrokerUrl::parse(&format!("mqtt://{}", b.addr())).unwrap(),
-            ),
-            ..MqttConfig::embedded()
-        },
-    };
-    config
-}
-
-/// A device of the team, enrolled in `dir/NAME`, with its bridge to `local`.
-async fn device(
-    platform: &Platform,
-    dir: &std::path::Path,
-    name: &str,
-    local: &Broker,
-    tune: impl FnOnce(&mut AgentMqtt, &str),
-) -> Agent {
-    let state = dir.join(name);
-    let token = platform
-        .create_token(TokenSpec {
-            team: TEAM.into(),
-            ..TokenSpec::default()
-        })
-        .await
-        .unwrap();
-    let enrolled = tether_agent::enroll::enroll(&enroll_options(platform, token, &state))
-        .await
-        .expect("enrollment");
-    let mut config = agent_config(&state);
-    let mut mqtt = AgentMqtt {
-        broker: local.addr(),
-        ..AgentMqtt::default()
-    };
-    tune(&mut mqtt, &enrolled.identity.device_id);
-    config.mqtt = Some(mqtt);
-    Agent::start(config).await.expect("agent starts")
-}
-
-/// Waits until the platform routes to `device` (its stream is up and its
-/// filters subscribed on the platform's broker).
-async fn bridged(platform: &Platform, device: &str) {
-    eventually(&format!("{device}'s MQTT bridge is up"), || async move {
-        platform
-            .mqtt_stats(device)
-            .filter(|s| s.stream && s.subscribed)
-            .map(|_| ())
-    })
-    .await;
-}
-
-fn topic(device: &str, rest: &str) -> String {
-    format!("tether/{TEAM}/{device}/{rest}")
-}
-
-async fn audit_kinds(platform: &Platform, device: &str, kind: &str) -> Vec<serde_json::Value> {
-    let report = platform
-        .audit(AuditQuery {
-            device: Some(device.into()),
-            kind: Some(kind.into()),
-            ..AuditQuery::default()
-        })
-        .await
-        .unwrap();
-    report
-        .entries
-        .into_iter()
-        .map(|e| serde_json::json!({"subject": e.subject, "details": e.details}))
-        .collect()
-}
+use tether_e2e::mqtt::{Broker, Client};
+use tether_platform::Platform;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_and_its_reply_cross_between_two_devices_with_their_properties() {
@@ -212,7 +25,7 @@ async fn a_request_and_its_reply_cross_between_two_devices_with_their_properties
     let platform = Platform::start(platform_with(dir.path(), None))
         .await
         .unwrap();
-    let (local_a, local_b) = (Broker::rumqttd(None).await, Broker::rumqttd(None).await);
+    let (local_a, local_b) = (rumqttd(None).await, rumqttd(None).await);
     let a = device(&platform, dir.path(), "a", &local_a, |_, _| {}).await;
     let b = device(&platform, dir.path(), "b", &local_b, |_, _| {}).await;
     let (ida, idb) = (a.device_id(), b.device_id());
@@ -327,10 +140,10 @@ async fn qos1_messages_wait_out_a_platform_outage_in_order_and_a_full_outbox_dro
     let dir = tempfile::tempdir().unwrap();
     // The platform's broker is mosquitto, which stays up while the
     // platform restarts; its client sees what the devices delivered.
-    let central = Broker::mosquitto().await;
+    let central = Broker::mosquitto(dir.path(), "central", "").await.unwrap();
     let config = platform_with(dir.path(), Some(&central));
     let platform = Platform::start(config.clone()).await.unwrap();
-    let local = Broker::rumqttd(None).await;
+    let local = rumqttd(None).await;
     let agent = device(&platform, dir.path(), "a", &local, |m, _| {
         m.outbox_max_messages = 100
     })
@@ -398,7 +211,7 @@ async fn a_restarted_local_broker_is_subscribed_again_and_refusals_are_audited()
     let platform = Platform::start(platform_with(dir.path(), None))
         .await
         .unwrap();
-    let mut local = Broker::rumqttd(None).await;
+    let mut local = rumqttd(None).await;
     let agent = device(&platform, dir.path(), "a", &local, |m, id| {
         // A filter outside the namespace (not overlapping the device's own:
         // rumqttd would deliver a message once per matching filter), and a
@@ -419,7 +232,7 @@ async fn a_restarted_local_broker_is_subscribed_again_and_refusals_are_audited()
     // The local broker restarts (its sessions gone): the agent subscribes
     // again, and what a flow publishes after the restart arrives.
     local.stop();
-    let local = Broker::rumqttd(Some(local.port)).await;
+    let local = rumqttd(Some(local.port)).await;
     let flows = client(&local.addr(), "flows", &[]).await;
     let deadline = tokio::time::Instant::now() + patience();
     loop {

@@ -13,10 +13,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tether_proto::mqtt::{Message, Properties};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -48,7 +48,8 @@ struct Tracker {
 /// The client and what the stream needs from it.
 pub struct Local {
     client: AsyncClient,
-    filters: Vec<String>,
+    /// What the agent subscribes to, with the QoS it asks for.
+    filters: Vec<(String, QoS)>,
     tracker: Mutex<Tracker>,
     /// Where acknowledgements of platform messages go: the live stream's.
     acks: Mutex<Option<mpsc::UnboundedSender<(u64, u64)>>>,
@@ -65,16 +66,18 @@ impl std::fmt::Debug for Local {
 impl Local {
     /// The client for `device` and its event loop (not yet polled).
     pub(super) fn new(config: &MqttConfig, device: &str) -> Result<(Local, EventLoop), MqttError> {
-        let (host, port) = config
-            .broker
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        let endpoint = config
+            .endpoint()
             .ok_or_else(|| MqttError::Broker(config.broker.clone()))?;
+        let tls = super::broker_tls(config)?;
         let client_id = config
             .client_id
             .clone()
             .unwrap_or_else(|| format!("tetherd-{device}"));
-        let mut options = MqttOptions::new(client_id, host, port);
+        let mut options = MqttOptions::new(client_id, endpoint.host, endpoint.port);
+        if let Some(tls) = tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        }
         options
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_start(false)
@@ -92,11 +95,16 @@ impl Local {
         if let Some(user) = &config.username {
             options.set_credentials(user, config.password.clone().unwrap_or_default());
         }
-        let filters = if config.publish.is_empty() {
+        let mut filters: Vec<(String, QoS)> = if config.publish.is_empty() {
             vec![format!("{}/+/{device}/out/#", tether_proto::mqtt::ROOT)]
         } else {
             config.publish.clone()
-        };
+        }
+        .into_iter()
+        .map(|f| (f, QoS::ExactlyOnce))
+        .collect();
+        filters
+            .extend(super::topics::local_filters(&config.topics).map(|(f, qos)| (f, qos_of(qos))));
         let (client, events) = AsyncClient::new(options, usize::from(INFLIGHT));
         Ok((
             Local {
@@ -223,9 +231,9 @@ async fn poll(bridge: Arc<Bridge>, mut events: EventLoop, intake: mpsc::Sender<P
                 info!(broker = %bridge.config.broker, "connected to the local MQTT broker");
                 retry = Duration::from_secs(1);
                 reported = false;
-                let filters = local.filters.iter().map(|f| Filter {
+                let filters = local.filters.iter().map(|(f, qos)| Filter {
                     nolocal: true,
-                    ..Filter::new(f.clone(), QoS::ExactlyOnce)
+                    ..Filter::new(f.clone(), *qos)
                 });
                 if let Err(e) = local.client.try_subscribe_many(filters) {
                     warn!(cause = %e, "cannot subscribe on the local MQTT broker");

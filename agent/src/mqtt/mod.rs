@@ -19,6 +19,7 @@
 pub mod local;
 pub mod outbox;
 pub mod stream;
+pub mod topics;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -39,9 +40,50 @@ pub enum MqttError {
     #[error(transparent)]
     Outbox(#[from] OutboxError),
     #[error(
-        "[mqtt] broker '{0}' is not HOST:PORT; help: set it to the local broker's address, for example \"127.0.0.1:1883\""
+        "[mqtt] broker '{0}' is not HOST:PORT or mqtt(s)://HOST[:PORT]; help: set it to the local broker's address, for example \"127.0.0.1:1883\""
     )]
     Broker(String),
+    #[error(
+        "[mqtt] TLS to the local broker cannot be set up: {0}; help: check ca_file (the CA that signed the broker's certificate), cert_file and key_file (PEM)"
+    )]
+    Tls(String),
+}
+
+/// The TLS settings for the local broker: `None` for a plain `mqtt://` or
+/// `HOST:PORT` broker, else a rustls config (ring provider) trusting
+/// `ca_file`, with `cert_file` and `key_file` for mutual TLS. Read once,
+/// when the bridge (or `tetherd doctor`) starts.
+pub fn broker_tls(config: &MqttConfig) -> Result<Option<Arc<rustls::ClientConfig>>, MqttError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    /// PEM files larger than this are not a CA, a certificate or a key.
+    const MAX_PEM: u64 = 256 * 1024;
+    if !config.endpoint().is_some_and(|b| b.tls) {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path| {
+        crate::files::read_bounded(path, MAX_PEM).map_err(|e| MqttError::Tls(e.to_string()))
+    };
+    let certs = |path: &std::path::Path| -> Result<Vec<CertificateDer<'static>>, MqttError> {
+        CertificateDer::pem_slice_iter(&read(path)?)
+            .collect::<Result<_, _>>()
+            .map_err(|e| MqttError::Tls(format!("'{}': {e}", path.display())))
+    };
+    let ca = match &config.ca_file {
+        Some(path) => certs(path)?,
+        None => return Err(MqttError::Tls("no ca_file".into())),
+    };
+    let client = match (&config.cert_file, &config.key_file) {
+        (Some(cert), Some(key)) => {
+            let der = PrivateKeyDer::from_pem_slice(&read(key)?)
+                .map_err(|e| MqttError::Tls(format!("'{}': {e}", key.display())))?;
+            Some((certs(cert)?, der))
+        }
+        _ => None,
+    };
+    crate::tls::broker_config(&ca, client)
+        .map(|c| Some(Arc::new(c)))
+        .map_err(|e| MqttError::Tls(e.to_string()))
 }
 
 /// Counters shown in `tetherd status` and sent to the platform.

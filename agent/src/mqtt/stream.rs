@@ -24,6 +24,7 @@ use tracing::{debug, info};
 
 use super::Bridge;
 use super::outbox::OutboxError;
+use super::topics::Topics;
 
 /// Bytes of messages sent and not yet acknowledged, at most.
 pub const WINDOW_BYTES: usize = 1024 * 1024;
@@ -90,10 +91,15 @@ where
         .subscribe
         .clone()
         .unwrap_or_else(|| namespace.default_inbound());
+    let topics = Topics::new(&bridge.config.topics, &namespace, &bridge.device);
     let mut subscriptions = Vec::new();
-    for filter in filters {
+    let filters = filters
+        .into_iter()
+        .map(|f| (f, 2))
+        .chain(topics.remote_filters());
+    for (filter, qos) in filters {
         match namespace.check_subscribe(&filter) {
-            Ok(()) => subscriptions.push(Subscription { filter, qos: 2 }),
+            Ok(()) => subscriptions.push(Subscription { filter, qos }),
             Err(e) => bridge.refused(&filter, &e.to_string(), "agent"),
         }
     }
@@ -169,13 +175,16 @@ where
                         "(unreadable)".to_owned(),
                         "the stored message cannot be read".to_owned(),
                     )),
-                    Some(m) => match namespace
-                        .check_publish(&m.topic)
-                        .and_then(|()| m.check(max_payload))
-                    {
-                        Ok(()) => Ok(m),
-                        Err(e) => Err((m.topic.clone(), e.to_string())),
-                    },
+                    Some(m) => {
+                        let m = topics.to_wire(m);
+                        match namespace
+                            .check_publish(&m.topic)
+                            .and_then(|()| m.check(max_payload))
+                        {
+                            Ok(()) => Ok(m),
+                            Err(e) => Err((m.topic.clone(), e.to_string())),
+                        }
+                    }
                 };
                 let message = match checked {
                     Ok(m) => m,
@@ -239,7 +248,7 @@ where
                             if seq != 0 {
                                 outstanding.insert(seq);
                             }
-                            if !bridge.local.publish(epoch, seq, message).await {
+                            if !bridge.local.publish(epoch, seq, topics.to_local(message)).await {
                                 return Err(StreamError::Closed);
                             }
                         }
@@ -259,6 +268,7 @@ where
             }
             message = live_rx.recv() => {
                 let Some(message) = message else { return Ok(()) };
+                let message = topics.to_wire(message);
                 match namespace.check_publish(&message.topic).and_then(|()| message.check(max_payload)) {
                     Ok(()) => {
                         Frame::Publish { seq: 0, message }.encode(&mut out)?;

@@ -32,7 +32,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the platform: enrollment, tunnels and the admin API on one HTTPS listener.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Provisioning tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -130,9 +130,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PORT", conflicts_with_all = ["mqtt_broker", "no_mqtt"])]
     pub mqtt_v311_port: Option<u16>,
     /// Bridge devices to this running broker instead of an embedded one:
-    /// `mqtt://[USER[:PASSWORD]@]HOST[:PORT]`.
+    /// `mqtt://[USER[:PASSWORD]@]HOST[:PORT]`, or `mqtts://...` (TLS, with --mqtt-ca).
     #[arg(long, value_name = "URL", conflicts_with = "no_mqtt")]
     pub mqtt_broker: Option<crate::mqtt::BrokerUrl>,
+    /// The CA (PEM file) that signed the certificate of an mqtts:// --mqtt-broker.
+    #[arg(long, value_name = "FILE", requires = "mqtt_broker")]
+    pub mqtt_ca: Option<std::path::PathBuf>,
     /// No MQTT broker: devices' mqtt streams are refused.
     #[arg(long)]
     pub no_mqtt: bool,
@@ -157,7 +160,10 @@ impl ServeArgs {
         use crate::mqtt::MqttBroker;
         let broker = match (&self.mqtt_broker, self.no_mqtt) {
             (_, true) => MqttBroker::Off,
-            (Some(url), false) => MqttBroker::External(url.clone()),
+            (Some(url), false) => MqttBroker::External(crate::mqtt::BrokerUrl {
+                ca_file: self.mqtt_ca.clone(),
+                ..url.clone()
+            }),
             (None, false) => MqttBroker::Embedded {
                 port: self.mqtt_port,
                 v4_port: self.mqtt_v311_port,

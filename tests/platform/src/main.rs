@@ -57,7 +57,7 @@ fn init_logging() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Token(TokenCommand::Create(args)) => {
             let client = AdminClient::from_data_dir(&args.data.data_dir)?;
             let request = tether_platform::admin::CreateTokenRequest {

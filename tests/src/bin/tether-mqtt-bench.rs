@@ -23,18 +23,16 @@
 //! throughput from a device-side publisher to a platform-side subscriber,
 //! with `tetherd`'s CPU per 100,000 messages and its peak memory.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::Parser;
 use rumqttc::v5::mqttbytes::QoS;
 use tether_e2e::bench::{Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict};
-use tether_e2e::mqtt::{Client, client};
+use tether_e2e::mqtt::{Broker, Client, client, tls_files};
 use tether_platform::mqtt::{BrokerUrl, MqttBroker, MqttConfig};
 use tether_platform::{Platform, PlatformConfig};
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 /// The anchor's device topics: another team than the tether device's
@@ -55,45 +53,6 @@ struct Args {
     /// Messages in the throughput run per path.
     #[arg(long, default_value_t = 100_000)]
     messages: usize,
-}
-
-/// A mosquitto process on 127.0.0.1.
-struct Mosquitto {
-    _child: Child,
-    port: u16,
-}
-
-async fn mosquitto(dir: &Path, name: &str, extra: &str) -> Result<Mosquitto> {
-    let port = free_port()?;
-    let conf = dir.join(format!("{name}.conf"));
-    std::fs::write(
-        &conf,
-        format!(
-            "per_listener_settings false\nset_tcp_nodelay true\nallow_anonymous true\nmax_queued_messages 200000\nmax_inflight_messages 1000\nlistener {port} 127.0.0.1\n{extra}"
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start mosquitto (apt-get install mosquitto)")?;
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(Mosquitto {
-                _child: child,
-                port,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    bail!("mosquitto {name} did not listen on {port}")
 }
 
 /// On the platform's broker: echoes every `.../out/rt` to `.../in/rt` of
@@ -217,37 +176,6 @@ async fn bulk(
     }))
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
-fn tls_files(dir: &Path) -> Result<()> {
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "bench CA");
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    std::fs::write(dir.join("ca.pem"), ca.pem())?;
-    for name in ["server", "client"] {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("bench {name}"));
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse()?));
-        let cert = params.signed_by(&key, &issuer)?;
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -261,7 +189,7 @@ async fn main() -> Result<()> {
 
     // The platform's broker: plain, and mutual TLS for the bridge.
     let tls_port = free_port()?;
-    let central = mosquitto(
+    let central = Broker::mosquitto(
         d,
         "central",
         &format!(
@@ -273,7 +201,7 @@ async fn main() -> Result<()> {
     let _echo = echo(central.port).await?;
 
     // The anchor: a device mosquitto bridged to it.
-    let bridged = mosquitto(
+    let bridged = Broker::mosquitto(
         d,
         "bridged",
         &format!(
@@ -284,7 +212,7 @@ async fn main() -> Result<()> {
     .await?;
 
     // Tether: a device mosquitto, tetherd, an in-process platform.
-    let local = mosquitto(d, "local", "").await?;
+    let local = Broker::mosquitto(d, "local", "").await?;
     let mut config = PlatformConfig::new(d.join("platform"), "127.0.0.1:0".parse()?);
     config.mqtt = MqttConfig {
         broker: MqttBroker::External(BrokerUrl::parse(&format!(

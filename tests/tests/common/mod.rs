@@ -5,6 +5,7 @@
 //! service that hashes what it receives while it sends a stream of its own.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod mqtt;
 pub mod snapshot;
 
 use std::future::Future;

@@ -1,5 +1,6 @@
 //! Which MQTT broker the platform bridges devices to: an embedded rumqttd
-//! on loopback, or an external broker named by a `mqtt://` URL.
+//! on loopback, or an external broker named by a `mqtt://` or `mqtts://`
+//! URL (TLS: rustls with the ring provider, trusting only `--mqtt-ca`).
 //!
 //! This module owns choosing and starting the broker and the broker's
 //! address and credentials. It never logs or prints a password (the
@@ -12,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_proto::api::Secret;
@@ -43,6 +45,10 @@ pub enum BrokerError {
     Port { port: u16, cause: std::io::Error },
     #[error("the embedded MQTT broker did not start: {0}")]
     Start(String),
+    #[error(
+        "TLS to the MQTT broker cannot be set up: {0}; help: pass --mqtt-ca with the PEM file of the CA that signed the broker's certificate"
+    )]
+    Tls(String),
 }
 
 /// Where the platform's broker is.
@@ -58,18 +64,25 @@ pub enum MqttBroker {
     External(BrokerUrl),
 }
 
-/// `mqtt://[USER[:PASSWORD]@]HOST[:PORT]` (port 1883 by default).
+/// `mqtt://[USER[:PASSWORD]@]HOST[:PORT]` (port 1883 by default), or
+/// `mqtts://...` (TLS, port 8883 by default).
 #[derive(Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// `mqtts://`: TLS, the broker's certificate checked against
+    /// [`BrokerUrl::ca_file`] and the host.
+    pub tls: bool,
+    /// The CA (PEM) of an `mqtts://` broker; not part of the URL
+    /// (`--mqtt-ca`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl BrokerUrl {
-    /// Parses a broker URL. `tcp://` is taken as `mqtt://`; TLS
-    /// (`mqtts://`) is not supported.
+    /// Parses a broker URL. `tcp://` is taken as `mqtt://`, `ssl://` as
+    /// `mqtts://`; WebSocket is not supported.
     pub fn parse(url: &str) -> Result<BrokerUrl, BrokerError> {
         // The error shows the URL without its user part (it may hold a password).
         let shown = match url.rsplit_once('@') {
@@ -83,14 +96,15 @@ impl BrokerUrl {
             url: shown.clone(),
             why: why.to_owned(),
         };
-        let rest = match url.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some(("mqtts" | "ssl" | "ws" | "wss", _)) => {
+        let (rest, tls) = match url.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (rest, false),
+            Some(("mqtts" | "ssl", rest)) => (rest, true),
+            Some(("ws" | "wss", _)) => {
                 return Err(bad(
-                    "only plain mqtt:// is supported (put the broker on loopback or a private network, or behind a TLS-terminating proxy)",
+                    "MQTT over WebSocket is not supported: use mqtt:// or mqtts://",
                 ));
             }
-            _ => return Err(bad("it must start with mqtt://")),
+            _ => return Err(bad("it must start with mqtt:// or mqtts://")),
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains(['/', '?', '#']) {
@@ -134,6 +148,7 @@ impl BrokerUrl {
             return Err(bad("the host is empty or has spaces"));
         }
         let port = match port {
+            None if tls => 8883,
             None => 1883,
             Some(p) => p
                 .parse::<u16>()
@@ -146,6 +161,8 @@ impl BrokerUrl {
             port,
             username,
             password,
+            tls,
+            ca_file: None,
         })
     }
 
@@ -157,9 +174,9 @@ impl BrokerUrl {
 }
 
 impl std::fmt::Display for BrokerUrl {
-    /// `mqtt://HOST:PORT`, with the user name but never the password.
+    /// `mqtt(s)://HOST:PORT`, with the user name but never the password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("mqtt://")?;
+        f.write_str(if self.tls { "mqtts://" } else { "mqtt://" })?;
         if let Some(user) = &self.username {
             write!(f, "{user}@")?;
         }
@@ -194,6 +211,9 @@ pub(crate) struct Endpoint {
     pub(crate) v4: Option<SocketAddr>,
     /// rumqttd: it ignores MQTT 5's "no local" subscription option.
     pub(crate) embedded: bool,
+    /// For an `mqtts://` broker: rustls with the ring provider, trusting
+    /// only its CA file.
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Starts the broker `broker` names; `None` when it is [`MqttBroker::Off`].
@@ -210,6 +230,7 @@ pub(crate) async fn start(
                 url: url.clone(),
                 v4: None,
                 embedded: false,
+                tls: tls_config(url)?,
             }))
         }
         MqttBroker::Embedded { port, v4_port } => {
@@ -244,12 +265,48 @@ pub(crate) async fn start(
                     port: v5.port(),
                     username: None,
                     password: None,
+                    tls: false,
+                    ca_file: None,
                 },
                 v4,
                 embedded: true,
+                tls: None,
             }))
         }
     }
+}
+
+/// The TLS settings for `url` (`None` without TLS): its CA file as the only
+/// trust anchor, read once when the platform starts.
+fn tls_config(url: &BrokerUrl) -> Result<Option<Arc<rustls::ClientConfig>>, BrokerError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    if !url.tls {
+        return Ok(None);
+    }
+    let path = url
+        .ca_file
+        .as_ref()
+        .ok_or_else(|| BrokerError::Tls(format!("{url} needs a CA file")))?;
+    let tls = |why: String| BrokerError::Tls(format!("'{}': {why}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| tls(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(cert.map_err(|e| tls(e.to_string()))?)
+            .map_err(|e| tls(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(tls("no certificate in it".into()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Some(Arc::new(config)))
 }
 
 /// 127.0.0.1:`port`, after checking that it is free (rumqttd only logs a
@@ -352,9 +409,12 @@ mod tests {
         let v6 = BrokerUrl::parse("tcp://[::1]").unwrap();
         assert_eq!(v6.socket_addr(), Some("[::1]:1883".parse().unwrap()));
         assert_eq!(v6.to_string(), "mqtt://[::1]:1883");
+        let tls = BrokerUrl::parse("mqtts://broker").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.to_string(), "mqtts://broker:8883");
         for bad in [
             "broker:1883",
-            "mqtts://broker",
+            "wss://broker",
             "mqtt://",
             "mqtt://host:0",
             "mqtt://host:x",
@@ -363,7 +423,7 @@ mod tests {
         ] {
             assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
         }
-        let e = BrokerUrl::parse("mqtts://u:topsecret@h").unwrap_err();
+        let e = BrokerUrl::parse("wss://u:topsecret@h").unwrap_err();
         assert!(!e.to_string().contains("topsecret"), "{e}");
     }
 }

@@ -212,6 +212,11 @@ impl Link {
         let mut network = rumqttc::NetworkOptions::new();
         network.set_tcp_nodelay(true);
         options.set_network_options(network);
+        if let Some(tls) = &endpoint.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
         let link = Arc::new(Link {
             device_id: device_id.to_owned(),
