@@ -33,6 +33,9 @@ const BATCH: usize = 1024;
 const INFLIGHT: u16 = 1024;
 /// Longest pause between attempts to reach the local broker.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// While the outbox stays full, its drops are logged and audited at most
+/// this often, each report with the count since the last one.
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 /// How long the local broker keeps the agent's session (and queues the
 /// messages for its subscriptions) while the agent restarts.
 const SESSION_EXPIRY_SECS: u32 = 3600;
@@ -291,8 +294,77 @@ fn refuse(bridge: &Bridge, publish: &Publish) {
     bridge.refused(&topic, &reason, "agent");
 }
 
+/// Drops of a full outbox, reported (logged and audited) as they start,
+/// then at most every [`DROP_REPORT_EVERY`] while they go on, and once more
+/// when they stop (the next append that drops nothing, or
+/// [`DROP_REPORT_EVERY`] after the last report if nothing comes in): a full outbox under steady traffic drops some messages
+/// with every batch, and one record per batch would flood the log and the
+/// audit trail. Every dropped message is in exactly one report's count.
+#[derive(Debug, Default)]
+struct DropReport {
+    /// Dropped and not reported yet.
+    pending: u64,
+    /// When the last report was made, while drops go on.
+    last: Option<std::time::Instant>,
+}
+
+fn report_drops(bridge: &Bridge, dropped: Option<u64>) {
+    if let Some(dropped) = dropped {
+        warn!(
+            dropped,
+            "the MQTT outbox is full: its oldest messages were dropped"
+        );
+        bridge
+            .audit
+            .record(AuditEvent::MqttOutboxDropped { count: dropped });
+    }
+}
+
+impl DropReport {
+    /// When the drops not reported yet are due, if there are any.
+    fn due(&self) -> Option<std::time::Instant> {
+        let last = self.last?;
+        (self.pending > 0).then(|| last + DROP_REPORT_EVERY)
+    }
+
+    /// Adds one append's drops (`0` when it dropped nothing); returns the
+    /// count to report now, if any.
+    fn add(&mut self, dropped: u64, now: std::time::Instant) -> Option<u64> {
+        self.pending += dropped;
+        let due = match self.last {
+            None => dropped > 0,
+            Some(_) if dropped == 0 => true,
+            Some(last) => now.saturating_duration_since(last) >= DROP_REPORT_EVERY,
+        };
+        if !due || self.pending == 0 {
+            if dropped == 0 {
+                self.last = None;
+            }
+            return None;
+        }
+        self.last = (dropped > 0).then_some(now);
+        Some(std::mem::take(&mut self.pending))
+    }
+}
+
 async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Publish>) {
-    while let Some(first) = rx.recv().await {
+    let mut drops = DropReport::default();
+    loop {
+        let received = match drops.due() {
+            Some(due) => match tokio::time::timeout_at(due.into(), rx.recv()).await {
+                Ok(received) => received,
+                Err(_) => {
+                    // Nothing came in for a while: report what is left.
+                    report_drops(
+                        &bridge,
+                        drops.add(0, tokio::time::Instant::now().into_std()),
+                    );
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(first) = received else { break };
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {
@@ -313,15 +385,8 @@ async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Publish>) {
             let batch = messages.clone();
             match bridge.with_outbox(move |o| o.append(&batch)).await {
                 Ok(dropped) => {
-                    if dropped > 0 {
-                        warn!(
-                            dropped,
-                            "the MQTT outbox is full: its oldest messages were dropped"
-                        );
-                        bridge
-                            .audit
-                            .record(AuditEvent::MqttOutboxDropped { count: dropped });
-                    }
+                    let now = tokio::time::Instant::now().into_std();
+                    report_drops(&bridge, drops.add(dropped, now));
                     let next = bridge
                         .stats
                         .lock()
@@ -344,5 +409,34 @@ async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Publish>) {
                 debug!(cause = %e, "cannot acknowledge on the local MQTT broker");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_drops_are_reported_as_they_start_then_every_ten_seconds_then_when_they_stop() {
+        let t0 = std::time::Instant::now();
+        let mut drops = DropReport::default();
+        let (mut dropped, mut reported) = (0, 0);
+        let mut add = |n: u64, secs: u64| {
+            dropped += n;
+            let report = drops.add(n, t0 + Duration::from_secs(secs));
+            reported += report.unwrap_or(0);
+            (report, dropped, reported)
+        };
+        assert_eq!(add(0, 0).0, None, "nothing dropped, nothing said");
+        assert_eq!(add(5, 1).0, Some(5), "the first drop at once");
+        assert_eq!(add(7, 2).0, None);
+        assert_eq!(add(8, 10).0, None);
+        assert_eq!(add(1, 11).0, Some(16), "ten seconds after the first report");
+        assert_eq!(add(4, 12).0, None);
+        assert_eq!(add(0, 13).0, Some(4), "what is left once drops stop");
+        assert_eq!(add(0, 14).0, None);
+        let (report, dropped, reported) = add(3, 15);
+        assert_eq!(report, Some(3), "a new run of drops starts over");
+        assert_eq!(reported, dropped, "every drop is in exactly one report");
     }
 }
