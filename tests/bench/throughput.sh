@@ -4,6 +4,7 @@
 #
 #   bash tests/bench/throughput.sh            # 1 GiB per transfer, 3 rounds
 #   ROUNDS=5 SIZE=2G bash tests/bench/throughput.sh
+#   TETHER_BIN=/path/to/other/build bash tests/bench/throughput.sh
 #
 # The three paths carry the same iperf3 stream to the same iperf3 server
 # (the "local TCP sink" on the device side):
@@ -69,9 +70,15 @@ wait_port() {
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 peak_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
-echo "building release binaries..." >&2
-cargo build --release --quiet -p tether-agent -p tether-platform --manifest-path "$ROOT/Cargo.toml"
-BIN="$ROOT/target/release"
+# TETHER_BIN=DIR measures the tetherd and tether-platform in DIR instead
+# (an earlier build, say, to compare against); otherwise they are built.
+if [ -n "${TETHER_BIN:-}" ]; then
+    BIN=$TETHER_BIN
+else
+    echo "building release binaries..." >&2
+    cargo build --release --quiet -p tether-agent -p tether-platform --manifest-path "$ROOT/Cargo.toml"
+    BIN="$ROOT/target/release"
+fi
 
 # --- the sink ---------------------------------------------------------------
 SINK=$(free_port)
