@@ -26,7 +26,10 @@
 //! grant has more than [`REUSE_MARGIN_SECS`] left; a WebSocket upgrade gets
 //! a stream of its own, and after the device's `101` the bytes are copied
 //! both ways untouched. Bodies stream both ways; nothing buffers a whole
-//! body. Every stream counts against its platform session
+//! body, except a file the asset cache fills ([`crate::editor_cache`]):
+//! a `GET` of a path the device announced is answered from the cache, or
+//! read whole (up to its announced size), checked and stored first. Every
+//! stream counts against its platform session
 //! ([`crate::sessions::LiveStreams`]), so logging out closes it.
 //!
 //! It owns what crosses to the device: the path and query as the browser
@@ -666,7 +669,7 @@ async fn send(
 /// A `GET` of an editor file (`editor_cache`): from the cache when it holds
 /// the file the device announced for this path; else fetched from the
 /// device, checked and stored; else (no announcement, a mismatch, no fill
-/// permit free) proxied as any request.
+/// permit free in time) proxied as any request.
 async fn cached(
     target: Target<'_>,
     conn: &ConnInfo,
@@ -694,7 +697,7 @@ async fn cached(
     if let Some(asset) = cache.get(version, &file.sha256) {
         return from_cache(&asset, req.headers(), gzip);
     }
-    let Some(_permit) = cache.fill_permit() else {
+    let Some(_permit) = cache.fill_permit().await else {
         return proxied(target, conn, req, uri, guard).await;
     };
     let request_headers = req.headers().clone();

@@ -35,7 +35,8 @@
 //! Bounds: [`MAX_BYTES`] (or the configured limit) of stored bodies, least
 //! recently used evicted first; a manifest of at most [`MAX_FILES`] files
 //! and [`MAX_MANIFEST`] bytes; at most [`MAX_FILLS`] files fetched to fill
-//! at once (more are proxied as usual, uncached), each read up to its
+//! at once (another waits up to [`FILL_WAIT`] for its turn, then is proxied
+//! as usual, uncached), each read up to its
 //! announced size (at most [`MAX_FILE`]); manifests of at most
 //! [`MAX_TUNNELS`] tunnels. In memory only: a restarted platform starts
 //! empty.
@@ -62,7 +63,12 @@ pub const MAX_MANIFEST: usize = 1024 * 1024;
 /// Largest file cached.
 pub const MAX_FILE: u64 = 16 * 1024 * 1024;
 /// Files fetched from devices to fill the cache at once.
-pub const MAX_FILLS: usize = 4;
+pub const MAX_FILLS: usize = 8;
+/// How long a file waits for a fill's turn before it is proxied uncached.
+/// A browser asks for at most six files at once per origin, and the device
+/// link is the bottleneck anyway: waiting costs little, and a file proxied
+/// uncached would cross the link again on the next load.
+pub const FILL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Tunnels whose manifests are kept.
 pub const MAX_TUNNELS: usize = 1024;
 
@@ -314,9 +320,13 @@ impl AssetCache {
         asset
     }
 
-    /// A permit to fetch one file to fill the cache, if one is free now.
-    pub fn fill_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.fills.clone().try_acquire_owned().ok()
+    /// A permit to fetch one file to fill the cache, once one is free,
+    /// waiting at most [`FILL_WAIT`].
+    pub async fn fill_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(FILL_WAIT, self.fills.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
     }
 }
 
