@@ -648,13 +648,17 @@ fn editor_target(node_red: &NodeRed, command: &str) -> EditorTarget {
             warn!(cause = %e, "the local Node-RED is not answering; the editor is unavailable until it does");
         }
     });
+    let assets = crate::editor::assets::public_dir_of(command);
+    if assets.is_none() {
+        info!(%command, "the editor's static files were not found from the Node-RED command; the platform will not cache them");
+    }
     EditorTarget {
         addr,
         admin_root: crate::node_red::ADMIN_ROOT.into(),
         auth: Some(Arc::new(move |user: &str, permissions: &[&str]| {
             auth.token(user, &Permissions::from_list(permissions))
         })),
-        assets: crate::editor::assets::public_dir_of(command),
+        assets,
         ..EditorTarget::default()
     }
 }
