@@ -400,9 +400,10 @@ impl Agent {
                 run_from_current(folder.as_ref().map(|(f, _)| f), run_as)
             })?,
         };
-        let target = options
-            .editor
-            .or_else(|| node_red.as_ref().map(editor_target));
+        let target = options.editor.or_else(|| {
+            let command = &config.node_red.command;
+            node_red.as_ref().map(|n| editor_target(n, command))
+        });
         let editor = target.map(|target| {
             let protection = Protection::load(&state);
             info!(node_red = %target.addr, protection = protection.enabled(), "editor access on");
@@ -639,7 +640,7 @@ fn open_audit(config: &Config, identity: &Identity) -> Result<Arc<AuditQueue>, A
 /// The editor proxy's view of the locked-down Node-RED: its address, and
 /// tokens from its [`crate::node_red::LocalAuth`]. Says so in the log if
 /// Node-RED does not come up locked down within a minute.
-fn editor_target(node_red: &NodeRed) -> EditorTarget {
+fn editor_target(node_red: &NodeRed, command: &str) -> EditorTarget {
     let auth = node_red.auth();
     let addr = node_red.addr();
     tokio::spawn(async move {
@@ -647,12 +648,17 @@ fn editor_target(node_red: &NodeRed) -> EditorTarget {
             warn!(cause = %e, "the local Node-RED is not answering; the editor is unavailable until it does");
         }
     });
+    let assets = crate::editor::assets::public_dir_of(command);
+    if assets.is_none() {
+        info!(%command, "the editor's static files were not found from the Node-RED command; the platform will not cache them");
+    }
     EditorTarget {
         addr,
         admin_root: crate::node_red::ADMIN_ROOT.into(),
         auth: Some(Arc::new(move |user: &str, permissions: &[&str]| {
             auth.token(user, &Permissions::from_list(permissions))
         })),
+        assets,
         ..EditorTarget::default()
     }
 }

@@ -12,5 +12,6 @@ pub mod bench;
 pub mod flows;
 pub mod mqtt;
 pub mod npm;
+pub mod shaper;
 pub mod tools;
 pub mod web;

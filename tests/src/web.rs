@@ -111,6 +111,7 @@ impl Client {
         let cookie =
             header_text(header::SET_COOKIE).and_then(|v| v.split(';').next().map(str::to_string));
         let location = header_text(header::LOCATION);
+        let headers = response.headers().clone();
         let mut body = response.into_body();
         let mut bytes = Vec::new();
         let mut size = 0u64;
@@ -126,6 +127,7 @@ impl Client {
             status,
             cookie,
             location,
+            headers,
             size,
             text: String::from_utf8_lossy(&bytes).into_owned(),
         })
@@ -216,6 +218,7 @@ pub struct Answer {
     /// The `NAME=value` pair of the first `Set-Cookie`.
     pub cookie: Option<String>,
     pub location: Option<String>,
+    pub headers: http::HeaderMap,
     /// Body bytes.
     pub size: u64,
     /// The body's first 64 KiB, as text.

@@ -22,9 +22,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use tether_agent::config::{NodeRedConfig, NodeRedMode};
 use tether_agent::{Agent, TunnelState};
-use tether_e2e::bench::free_port;
 use tether_e2e::tools;
 use tether_proto::api::Secret;
 use tether_proto::grant::Role;
@@ -125,25 +123,8 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
     }
     let state = dir.path().join("device");
     enrolled(&platform, &state).await;
-    let node_red_port = free_port().expect("a free port");
-    let mut config = agent_config(&state);
-    config.node_red = NodeRedConfig {
-        mode: NodeRedMode::Launch,
-        command: peers.node_red.display().to_string(),
-        user_dir: None,
-        port: node_red_port,
-        user: tools::node_red_user(),
-        ..NodeRedConfig::default()
-    };
-    let agent = Agent::start(config).await.expect("agent starts");
+    let (agent, node_red_port) = agent_with_node_red(agent_config(&state), &peers.node_red).await;
     let device = agent.device_id();
-    wait_status(&agent, "connected", |s| s.state == TunnelState::Connected).await;
-    tether_agent::node_red::wait_ready(
-        ([127, 0, 0, 1], node_red_port).into(),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("Node-RED came up locked down");
 
     // A second device of the team, compromised: its editor is a hostile page.
     let hostile_state = dir.path().join("hostile-device");

@@ -78,6 +78,28 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
 }
 
+/// True when the request's `Accept-Encoding` lists gzip (or `*`) with a
+/// non-zero weight: the device may compress its answer, and the platform
+/// may serve the gzip form of a cached file.
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                let p = p.trim();
+                p.strip_prefix("q=")
+                    .or_else(|| p.strip_prefix("Q="))
+                    .is_some_and(|q| q.trim().parse::<f32>().map_or(true, |q| q <= 0.0))
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
 /// True if the comma-separated header value holds `token` (any case).
 fn has_token(value: &HeaderValue, token: &str) -> bool {
     value
@@ -157,5 +179,27 @@ mod tests {
         ])));
         assert!(!is_websocket_upgrade(&map(&[("upgrade", "websocket")])));
         assert!(!is_websocket_upgrade(&map(&[("connection", "upgrade")])));
+    }
+
+    #[test]
+    fn gzip_is_accepted_only_when_listed_with_a_weight() {
+        for (value, want) in [
+            ("gzip, deflate, br", true),
+            ("br;q=1.0, gzip;q=0.5", true),
+            ("GZIP", true),
+            ("*", true),
+            ("gzip;q=0", false),
+            ("gzip; q=0.0", false),
+            ("identity", false),
+            ("br, deflate", false),
+            ("", false),
+        ] {
+            assert_eq!(
+                accepts_gzip(&map(&[("accept-encoding", value)])),
+                want,
+                "{value}"
+            );
+        }
+        assert!(!accepts_gzip(&HeaderMap::new()));
     }
 }

@@ -40,6 +40,14 @@ pub enum Service {
 }
 
 impl Service {
+    /// True for the services whose DATA yields to the others' when both
+    /// have something to send (`docs/protocol.md` §7, "Send order"): raw
+    /// TCP and snapshot downloads, bulk by nature. The editor, control,
+    /// MQTT and audit streams are interactive.
+    pub fn is_bulk(&self) -> bool {
+        matches!(self, Service::Tcp(_) | Service::Snapshot)
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Service::Control => 0x01,

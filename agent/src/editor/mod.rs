@@ -12,7 +12,8 @@
 //! This module owns everything between an accepted `editor` stream and the
 //! local Node-RED. It never lets a byte of a request reach Node-RED before
 //! the stream's grant verified and the request's route is allowed for the
-//! role; never forwards the browser's or the platform's credentials
+//! role; compresses answers the browser accepts gzip for ([`compress`]);
+//! never forwards the browser's or the platform's credentials
 //! (`Authorization`, `Cookie`) or any `X-Tether-*` header it did not set
 //! itself; never logs a grant, a token, a cookie or an `Authorization`
 //! header; and never buffers a whole body, except Node-RED's small answer
@@ -20,6 +21,8 @@
 //! configuring and locking down Node-RED belong to the `node_red` module,
 //! which plugs in through [`TokenSource`].
 
+pub mod assets;
+pub mod compress;
 pub mod grant;
 pub mod headers;
 pub mod keys;
@@ -102,6 +105,9 @@ pub struct EditorTarget {
     pub auth: Option<Arc<dyn TokenSource>>,
     /// Time for Node-RED to answer a request (its headers): beyond it, 504.
     pub request_timeout: Duration,
+    /// The editor client's public folder, whose manifest the platform's
+    /// asset cache asks for ([`assets`]); `None` announces nothing.
+    pub assets: Option<std::path::PathBuf>,
 }
 
 impl Default for EditorTarget {
@@ -111,6 +117,7 @@ impl Default for EditorTarget {
             admin_root: "/".into(),
             auth: None,
             request_timeout: REQUEST_TIMEOUT,
+            assets: None,
         }
     }
 }
@@ -122,6 +129,7 @@ impl std::fmt::Debug for EditorTarget {
             .field("admin_root", &self.admin_root)
             .field("auth", &self.auth.as_ref().map(|_| "token source"))
             .field("request_timeout", &self.request_timeout)
+            .field("assets", &self.assets)
             .finish()
     }
 }
@@ -145,6 +153,11 @@ pub struct Editor {
     protection: Protection,
     audit: Arc<dyn Audit>,
     clock: Clock,
+    /// The gzip encoders every stream's answers share.
+    encoders: compress::Encoders,
+    /// The asset manifest as JSON, made on the first request for it; `None`
+    /// inside when there is none to give.
+    manifest: tokio::sync::OnceCell<Option<Bytes>>,
 }
 
 impl std::fmt::Debug for Editor {
@@ -169,7 +182,32 @@ impl Editor {
             protection,
             audit,
             clock,
+            encoders: compress::Encoders::default(),
+            manifest: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The asset manifest ([`assets`]) as JSON, made once on the blocking
+    /// pool; `None` without a public folder or when it cannot be read.
+    pub(crate) async fn manifest(&self) -> Option<Bytes> {
+        self.manifest
+            .get_or_init(|| async {
+                let dir = self.target.assets.clone()?;
+                let made = tokio::task::spawn_blocking(move || assets::manifest(&dir)).await;
+                match made {
+                    Ok(Ok(manifest)) => {
+                        debug!(files = manifest.files.len(), version = %manifest.version, "editor asset manifest made");
+                        serde_json::to_vec(&manifest).ok().map(Bytes::from)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(cause = %e, "no editor asset manifest; the platform will not cache the editor's files");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            })
+            .await
+            .clone()
     }
 
     pub fn protection(&self) -> &Protection {

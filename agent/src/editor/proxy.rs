@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::policy::{self, Access, Route};
-use super::{AuditEvent, Body, BoxError, Editor, EditorTarget, headers, reply};
+use super::{AuditEvent, Body, BoxError, Editor, EditorTarget, assets, compress, headers, reply};
 
 /// Largest deploy answer read to find the new revision.
 const MAX_DEPLOY_ANSWER: usize = 64 * 1024;
@@ -155,6 +155,11 @@ async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<Body>
     // last said: a lost or late control message never makes flows writable.
     let protection = session.editor.protection.enabled() || session.protected;
     let upgrade = headers::is_websocket_upgrade(req.headers());
+    let gzip = compress::accepts_gzip(req.headers());
+    if path == assets::MANIFEST_PATH && method == Method::GET {
+        let manifest = manifest_answer(&session.editor).await;
+        return session.editor.encoders.apply(gzip, &method, manifest);
+    }
     if let Access::Deny(reason) = policy::decide(session.role, protection, &method, &path, upgrade)
     {
         session.refused(reason.clone(), &method, &path);
@@ -163,10 +168,35 @@ async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<Body>
     let response = if upgrade {
         websocket(session, req, protection).await
     } else {
-        proxy(session, req, protection, &method, &path).await
+        let response = proxy(session.clone(), req, protection, &method, &path).await;
+        session.editor.encoders.apply(gzip, &method, response)
     };
     debug!(%method, %path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "editor request");
     response
+}
+
+/// The answer to [`assets::MANIFEST_PATH`], made by the agent itself: the
+/// manifest, or 404 when there is none.
+async fn manifest_answer(editor: &Editor) -> Response<Body> {
+    match editor.manifest().await {
+        Some(json) => {
+            let mut response = Response::new(reply::full(json));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            );
+            response
+        }
+        None => reply::page(
+            StatusCode::NOT_FOUND,
+            "No asset manifest",
+            "This device announces no editor files to cache.",
+        ),
+    }
 }
 
 /// Proxies a plain request; records a successful deploy.

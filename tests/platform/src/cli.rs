@@ -121,6 +121,10 @@ pub struct ServeArgs {
     /// (browsers resolve `*.localhost` on their own).
     #[arg(long, value_name = "DOMAIN")]
     pub editor_domain: Option<String>,
+    /// MiB of Node-RED editor files the editor asset cache holds in memory (least recently used
+    /// out first); 0 caches nothing.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub editor_cache_mib: usize,
     /// Port of the embedded MQTT broker (MQTT 5) on 127.0.0.1; 0 picks a free one
     /// (`platform.json` names it).
     #[arg(long, default_value_t = 1883, value_name = "PORT")]

@@ -100,6 +100,9 @@ pub struct PlatformConfig {
     /// How long the editor proxy waits for a device's response headers
     /// after sending a request; then the browser gets 504.
     pub editor_timeout: Duration,
+    /// Bytes of Node-RED editor files the asset cache holds
+    /// (`crate::editor_cache`); 0 caches nothing.
+    pub editor_cache_bytes: usize,
     /// The DNS domain under which each device's editor has an origin of its
     /// own, `https://dev-<hex>.DOMAIN:PORT` (`crate::origin`). `None`: the
     /// default, `devices.` and the public host, when that is a DNS name.
@@ -150,6 +153,7 @@ impl PlatformConfig {
             session_max: Duration::from_secs(30 * 24 * 3600),
             password_cost: PasswordCost::DEFAULT,
             editor_timeout: Duration::from_secs(30),
+            editor_cache_bytes: crate::editor_cache::MAX_BYTES,
             editor_domain: None,
             grant_lifetime: Duration::from_secs(tether_proto::grant::MAX_LIFETIME_SECS),
             mqtt: crate::mqtt::MqttConfig::default(),

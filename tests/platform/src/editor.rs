@@ -26,7 +26,10 @@
 //! grant has more than [`REUSE_MARGIN_SECS`] left; a WebSocket upgrade gets
 //! a stream of its own, and after the device's `101` the bytes are copied
 //! both ways untouched. Bodies stream both ways; nothing buffers a whole
-//! body. Every stream counts against its platform session
+//! body, except a file the asset cache fills ([`crate::editor_cache`]):
+//! a `GET` of a path the device announced is answered from the cache, or
+//! read whole (up to its announced size), checked and stored first. Every
+//! stream counts against its platform session
 //! ([`crate::sessions::LiveStreams`]), so logging out closes it.
 //!
 //! It owns what crosses to the device: the path and query as the browser
@@ -47,19 +50,21 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self as client, SendRequest};
 use hyper_util::rt::TokioIo;
-use tether_proto::editor_headers::{strip_hop_by_hop, strip_request};
+use tether_proto::editor_headers::{accepts_gzip, strip_hop_by_hop, strip_request};
 use tether_proto::grant::{GRANT_METADATA_KEY, Grant, MAX_LIFETIME_SECS};
 use tether_proto::tokio_io::TunnelStream;
 use tether_proto::{OpenError, Service, ServiceHeader};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
+use crate::editor_cache::{self, Asset};
 use crate::handoff::{self, Bound, HANDOFF_PATH, HandoffError};
 use crate::html;
 use crate::http::{self as reply, Body};
@@ -339,6 +344,11 @@ async fn proxy(
     if req.uri().path() == HANDOFF_PATH {
         return take_handoff(state, &req, device_id, &platform, now);
     }
+    // The device answers `/__tether/...` itself (the asset manifest is the
+    // platform's to ask for): no browser reaches those paths.
+    if req.uri().path().starts_with("/__tether/") {
+        return reply::not_found();
+    }
     let upstream_uri = match req
         .uri()
         .path_and_query()
@@ -569,8 +579,9 @@ fn client_builder() -> client::Builder {
     builder
 }
 
-/// A plain HTTP request: on the browser connection's stream if it can
-/// still be used, else on a new one.
+/// A plain HTTP request: from the asset cache when it is an announced
+/// editor file, else on the browser connection's stream if it can still be
+/// used, else on a new one.
 async fn http(
     target: Target<'_>,
     conn: &ConnInfo,
@@ -578,6 +589,25 @@ async fn http(
     uri: Uri,
     guard: LiveGuard,
 ) -> Response<Body> {
+    let cacheable = req.method() == Method::GET
+        && editor_cache::cacheable_path(uri.path())
+        && !req.headers().contains_key(header::RANGE);
+    if cacheable {
+        cached(target, conn, req, uri, guard).await
+    } else {
+        proxied(target, conn, req, uri, Some(guard)).await
+    }
+}
+
+/// Sends `request` on the browser connection's stream if it can still be
+/// used, else on a new one (registered with `guard`, or a new guard); the
+/// device's answer, or the page to answer the browser with.
+async fn send(
+    target: Target<'_>,
+    conn: &ConnInfo,
+    request: Request<Body>,
+    guard: Option<LiveGuard>,
+) -> Result<Response<Incoming>, Response<Body>> {
     let now = unix_now();
     let reusable = conn.editor.take().filter(|u| {
         u.device_id == target.device.id
@@ -586,7 +616,11 @@ async fn http(
             && u.grant_expires_at > now + REUSE_MARGIN_SECS
             && !u.sender.is_closed()
     });
-    let request = upstream_request(req, uri, false);
+    let register = |guard: Option<LiveGuard>| {
+        guard
+            .or_else(|| target.state.live.register(&target.session.hash))
+            .ok_or_else(too_many_streams)
+    };
     let wait = target.state.config.editor_timeout;
     let (mut upstream, request) = match reusable {
         Some(mut upstream) => {
@@ -595,43 +629,269 @@ async fn http(
             // ready at once unless the device closed the stream.
             let sent = tokio::time::timeout(wait, upstream.sender.try_send_request(request)).await;
             match sent {
-                Err(_) => return target.timeout().page(),
+                Err(_) => return Err(target.timeout().page()),
                 Ok(Ok(response)) => {
                     conn.editor.put(upstream);
-                    return downstream(response);
+                    return Ok(response);
                 }
                 Ok(Err(mut e)) => match e.take_message() {
                     // Never sent: the stream was closed in the meantime.
                     // Retry once on a new one.
                     Some(request) => {
                         debug!(cause = %e.error(), "editor stream closed; opening a new one");
-                        let Some(guard) = target.state.live.register(&target.session.hash) else {
-                            return html::internal();
-                        };
+                        let guard = register(None).map_err(|_| html::internal())?;
                         match target.open_upstream(guard).await {
                             Ok(fresh) => (fresh, request),
-                            Err(e) => return e.page(),
+                            Err(e) => return Err(e.page()),
                         }
                     }
-                    None => return target.http_error(e.into_error()).page(),
+                    None => return Err(target.http_error(e.into_error()).page()),
                 },
             }
         }
-        None => match target.open_upstream(guard).await {
+        None => match target.open_upstream(register(guard)?).await {
             Ok(fresh) => (fresh, request),
-            Err(e) => return e.page(),
+            Err(e) => return Err(e.page()),
         },
     };
     match tokio::time::timeout(wait, upstream.sender.send_request(request)).await {
         Ok(Ok(response)) => {
             conn.editor.put(upstream);
-            downstream(response)
+            Ok(response)
         }
-        Ok(Err(e)) => target.http_error(e).page(),
+        Ok(Err(e)) => Err(target.http_error(e).page()),
         // Dropping the upstream closes the stream: an HTTP/1.1 request
         // cannot be abandoned on its own.
-        Err(_) => target.timeout().page(),
+        Err(_) => Err(target.timeout().page()),
     }
+}
+
+/// A `GET` of an editor file (`editor_cache`): from the cache when it holds
+/// the file the device announced for this path; else fetched from the
+/// device, checked and stored; else (no announcement, a mismatch, no fill
+/// permit free in time) proxied as any request.
+async fn cached(
+    target: Target<'_>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    uri: Uri,
+    guard: LiveGuard,
+) -> Response<Body> {
+    let cache = &target.state.editor_cache;
+    let gzip = accepts_gzip(req.headers());
+    let host = req.headers().get(header::HOST).cloned();
+    let mut guard = Some(guard);
+    let cell = cache.manifest_cell(&target.device.id, target.live.generation);
+    let manifest = cell
+        .get_or_try_init(|| fetch_manifest(target, conn, host, guard.take()))
+        .await
+        .ok()
+        .cloned()
+        .flatten();
+    let announced = manifest
+        .as_ref()
+        .and_then(|m| Some((m.version.as_str(), m.files.get(uri.path())?)));
+    let Some((version, file)) = announced else {
+        return proxied(target, conn, req, uri, guard).await;
+    };
+    if let Some(asset) = cache.get(version, &file.sha256) {
+        return from_cache(&asset, req.headers(), gzip);
+    }
+    let Some(_permit) = cache.fill_permit().await else {
+        return proxied(target, conn, req, uri, guard).await;
+    };
+    let request_headers = req.headers().clone();
+    let mut request = upstream_request(req, uri.clone(), false);
+    let headers = request.headers_mut();
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+        header::ACCEPT_ENCODING,
+    ] {
+        headers.remove(name);
+    }
+    if gzip {
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    let response = match send(target, conn, request, guard).await {
+        Ok(response) => response,
+        Err(page) => return page,
+    };
+    let encoding = response.headers().get(header::CONTENT_ENCODING).cloned();
+    let gzipped = encoding.as_ref().is_some_and(|e| e == "gzip");
+    let storable = response.status() == StatusCode::OK
+        && !response.headers().contains_key(header::SET_COOKIE)
+        && (encoding.is_none() || gzipped);
+    if !storable {
+        return downstream(response);
+    }
+    let (mut parts, body) = response.into_parts();
+    let limit = if gzipped {
+        editor_cache::gzip_limit(file.size)
+    } else {
+        usize::try_from(file.size).unwrap_or(usize::MAX)
+    };
+    let bytes = match editor_cache::read_body(body, limit).await {
+        Ok(editor_cache::ReadBody::Whole(bytes)) => bytes,
+        Ok(editor_cache::ReadBody::Over(chunks, rest)) => {
+            mismatch(&target, uri.path());
+            device_headers(&mut parts.headers);
+            parts.extensions = http::Extensions::new();
+            return Response::from_parts(parts, chained(chunks, rest));
+        }
+        Err(e) => return target.http_error(e).page(),
+    };
+    let (body, announced) = (bytes.clone(), file.clone());
+    let verified =
+        tokio::task::spawn_blocking(move || editor_cache::verify(&body, gzipped, &announced))
+            .await
+            .ok()
+            .flatten();
+    let Some(identity) = verified else {
+        mismatch(&target, uri.path());
+        device_headers(&mut parts.headers);
+        parts.extensions = http::Extensions::new();
+        return Response::from_parts(parts, reply::full(bytes));
+    };
+    let asset = cache.insert(
+        version,
+        Asset {
+            sha256: file.sha256.clone(),
+            content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+            identity,
+            gzip: gzipped.then_some(bytes),
+        },
+    );
+    from_cache(&asset, &request_headers, gzip)
+}
+
+/// Proxies a request the cache does not answer.
+async fn proxied(
+    target: Target<'_>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    uri: Uri,
+    guard: Option<LiveGuard>,
+) -> Response<Body> {
+    let request = upstream_request(req, uri, false);
+    match send(target, conn, request, guard).await {
+        Ok(response) => downstream(response),
+        Err(page) => page,
+    }
+}
+
+fn mismatch(target: &Target<'_>, path: &str) {
+    tracing::warn!(
+        device = %target.device.id,
+        %path,
+        "the device's file does not match the hash it announced; not cached"
+    );
+}
+
+/// Asks the device for its asset manifest. `Ok(None)` when it has none (or
+/// an invalid one): nothing of this tunnel is cached; `Err` when it could
+/// not be asked (tried again on the next request).
+async fn fetch_manifest(
+    target: Target<'_>,
+    conn: &ConnInfo,
+    host: Option<HeaderValue>,
+    guard: Option<LiveGuard>,
+) -> Result<Option<Arc<editor_cache::Manifest>>, ()> {
+    let mut request = Request::new(reply::full(Vec::new()));
+    *request.uri_mut() = Uri::from_static(editor_cache::MANIFEST_PATH);
+    if let Some(host) = host {
+        request.headers_mut().insert(header::HOST, host);
+    }
+    request
+        .headers_mut()
+        .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+    let response = send(target, conn, request, guard).await.map_err(|_| ())?;
+    if response.status() != StatusCode::OK {
+        debug!(device = %target.device.id, status = response.status().as_u16(), "the device announces no editor files");
+        return Ok(None);
+    }
+    let gzipped = response
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| e == "gzip");
+    let body = match editor_cache::read_body(response.into_body(), editor_cache::MAX_MANIFEST).await
+    {
+        Ok(editor_cache::ReadBody::Whole(body)) => body,
+        Ok(editor_cache::ReadBody::Over(..)) | Err(_) => return Ok(None),
+    };
+    let json = if gzipped {
+        let mut decoded = Vec::new();
+        let decoder = flate2::read::GzDecoder::new(&body[..]);
+        if std::io::Read::read_to_end(
+            &mut std::io::Read::take(decoder, editor_cache::MAX_MANIFEST as u64 + 1),
+            &mut decoded,
+        )
+        .is_err()
+        {
+            return Ok(None);
+        }
+        Bytes::from(decoded)
+    } else {
+        body
+    };
+    match editor_cache::Manifest::parse(&json) {
+        Ok(manifest) => {
+            debug!(device = %target.device.id, version = %manifest.version, files = manifest.files.len(), "editor asset manifest");
+            Ok(Some(Arc::new(manifest)))
+        }
+        Err(e) => {
+            tracing::warn!(device = %target.device.id, cause = %e, "the device's editor asset manifest is refused; nothing of it is cached");
+            Ok(None)
+        }
+    }
+}
+
+/// A stored editor file as the browser gets it: the gzip form when it
+/// accepts it, `ETag` and `Cache-Control: no-cache`, 304 for a matching
+/// `If-None-Match`; the device headers' policy on top.
+fn from_cache(asset: &Asset, request: &HeaderMap, gzip: bool) -> Response<Body> {
+    let mut response = if asset.not_modified(request) {
+        let mut response = Response::new(reply::full(Vec::new()));
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response
+    } else {
+        let (body, encoded) = match (&asset.gzip, gzip) {
+            (Some(gz), true) => (gz.clone(), true),
+            _ => (asset.identity.clone(), false),
+        };
+        let mut response = Response::new(reply::full(body));
+        if encoded {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        if let Some(content_type) = &asset.content_type {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, content_type.clone());
+        }
+        response
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, asset.etag());
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if asset.gzip.is_some() {
+        headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    device_headers(headers);
+    response
+}
+
+/// The chunks already read, then the rest of the body as it comes.
+fn chained(chunks: Vec<Bytes>, rest: Incoming) -> Body {
+    use futures_util::StreamExt;
+    let read =
+        futures_util::stream::iter(chunks.into_iter().map(|b| Ok(hyper::body::Frame::data(b))));
+    let rest = http_body_util::BodyStream::new(rest);
+    BodyExt::boxed(http_body_util::StreamBody::new(read.chain(rest)))
 }
 
 /// A WebSocket: a stream of its own, the upgrade forwarded, and after the

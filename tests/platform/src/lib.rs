@@ -47,6 +47,7 @@ pub mod connect;
 pub mod control;
 pub mod csrf;
 pub mod editor;
+pub mod editor_cache;
 pub mod enroll;
 pub mod files;
 pub mod handoff;

@@ -405,6 +405,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_listeners = args.max_listeners;
     config.max_listener_connections = args.max_listener_connections;
     config.editor_timeout = args.editor_timeout;
+    config.editor_cache_bytes = args.editor_cache_mib.saturating_mul(1024 * 1024);
     config.editor_domain = args.editor_domain;
     let platform = Platform::start(config).await?;
     eprintln!("listening on {}", platform.url());

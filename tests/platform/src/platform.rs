@@ -270,6 +270,8 @@ pub struct State {
     pub handoffs: Handoffs,
     /// Editor cookies of the device editor origins.
     pub editor_sessions: EditorSessions,
+    /// Node-RED's editor files, by version and hash (`editor_cache`).
+    pub editor_cache: crate::editor_cache::AssetCache,
     /// Signed snapshots per device.
     pub snapshots: crate::snapshots::Snapshots,
     /// Node-RED start, stop and restart requests waiting for each device's
@@ -359,6 +361,7 @@ impl Platform {
             csrf: CsrfKey::generate()?,
             handoffs: Handoffs::default(),
             editor_sessions: EditorSessions::default(),
+            editor_cache: crate::editor_cache::AssetCache::new(config.editor_cache_bytes),
             snapshots: crate::snapshots::Snapshots::new(&config.data_dir),
             node_red_requests: std::sync::Mutex::default(),
             mqtt,
@@ -415,6 +418,17 @@ impl Platform {
     }
 
     /// `https://HOST:PORT`, HOST being the first configured name.
+    /// Drops every file of the editor asset cache (`editor_cache`): the
+    /// next editor load fetches them from the device again.
+    pub fn clear_editor_cache(&self) {
+        self.state.editor_cache.clear();
+    }
+
+    /// Bytes and files held by the editor asset cache.
+    pub fn editor_cache_usage(&self) -> (usize, usize) {
+        self.state.editor_cache.usage()
+    }
+
     pub fn url(&self) -> String {
         format!(
             "https://{}:{}",

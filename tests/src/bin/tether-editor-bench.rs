@@ -6,6 +6,7 @@
 //! cargo build --release -p tether-e2e -p tether-agent --bins
 //! target/release/tether-editor-bench load       # --loads 10
 //! target/release/tether-editor-bench sessions   # --sessions 50 --users 5 --hold-secs 20
+//! target/release/tether-editor-bench shaped     # --rounds 3 --latency-ms 75 --mbit 4
 //! ```
 //!
 //! - `load`: cold loads of the editor in headless Chromium
@@ -13,6 +14,12 @@
 //!   in-process platform and an in-process agent, against the same
 //!   Node-RED opened directly with the agent's token as an extra header.
 //!   The two alternate, one load each per round.
+//! - `shaped`: the same loads over a shaped link (`tether_e2e::shaper`:
+//!   latency each way, one bandwidth shared by both directions): direct
+//!   (Chromium, the link, Node-RED) against the tunnel with the link between
+//!   the agent and the platform, first with the platform's asset cache
+//!   empty (a first engineer), then a second engineer in a new browser
+//!   context with it warm; time and the bytes that crossed the link.
 //! - `sessions`: N scripted editor sessions at once (login, the editor's
 //!   main requests, the `comms` WebSocket held open) through an in-process
 //!   platform to a `tetherd` process that launched Node-RED itself; its
@@ -41,6 +48,7 @@ use tether_agent::{Agent, AgentOptions, TunnelState};
 use tether_e2e::bench::{
     Memory, Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict,
 };
+use tether_e2e::shaper::{Shape, Shaper, route_tunnel};
 use tether_e2e::tools;
 use tether_e2e::web::{Client, editor_host};
 use tether_platform::{Platform, PlatformConfig, RateLimit, TokenSpec};
@@ -55,6 +63,13 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// `load`: the tunnel's median total time, as a multiple of direct.
 const BUDGET_LOAD_RATIO: f64 = 1.5;
+/// `shaped`: a cold load through the tunnel, as a multiple of direct.
+const BUDGET_SHAPED_COLD: f64 = 0.6;
+/// `shaped`: a second engineer's load (cache warm), as a multiple of direct.
+const BUDGET_SHAPED_WARM: f64 = 0.25;
+/// `shaped`: bytes over the device link on a warm load, as a share of the
+/// direct load's.
+const BUDGET_SHAPED_WARM_BYTES: f64 = 0.10;
 /// `sessions`: `tetherd`'s resident memory, KiB.
 const BUDGET_SESSIONS_RSS_KIB: u64 = 32 * 1024;
 
@@ -109,6 +124,23 @@ enum Bench {
     Load(LoadArgs),
     /// Concurrent scripted editor sessions: tetherd's memory and CPU.
     Sessions(SessionsArgs),
+    /// Editor loads over a shaped link (latency, shared bandwidth): direct,
+    /// through the tunnel with the platform's asset cache empty, and by a
+    /// second engineer with it warm.
+    Shaped(ShapedArgs),
+}
+
+#[derive(Debug, Args)]
+struct ShapedArgs {
+    /// Rounds of one load per contender (after one warm-up load each).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    rounds: u32,
+    /// One-way latency of the link, milliseconds.
+    #[arg(long, default_value_t = 75)]
+    latency_ms: u64,
+    /// The link's bandwidth, shared by both directions, Mbit/s.
+    #[arg(long, default_value_t = 4.0)]
+    mbit: f64,
 }
 
 #[derive(Debug, Args)]
@@ -137,6 +169,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Bench::Load(args) => load(args).await,
         Bench::Sessions(args) => sessions(args).await,
+        Bench::Shaped(args) => shaped(args).await,
     }
 }
 
@@ -227,6 +260,12 @@ impl Browser {
         Ok(browser)
     }
 
+    async fn close(self) {
+        let mut child = self.child;
+        drop(self.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    }
+
     async fn line(&mut self) -> Result<String> {
         let line = tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
             .await
@@ -254,87 +293,152 @@ impl Browser {
     }
 }
 
-async fn load(args: LoadArgs) -> Result<()> {
-    let node_red_bin = tools::node_red().find().map_err(anyhow::Error::msg)?;
-    let mut browser = Browser::start().await?;
-    let dir = tempfile::tempdir()?;
-    tools::traversable(dir.path());
-    let platform = start_platform(dir.path(), 1).await?;
-    let state = dir.path().join("agent");
-    let token = platform.create_token(TokenSpec::default()).await?;
-    let mut options = EnrollOptions::new(platform.url(), token, &state);
-    options.ca = Some(platform.ca_path());
-    options.name = Some("bench".into());
-    enroll(&options).await?;
+/// Node-RED, the platform and the agent of the `load` and `shaped`
+/// benchmarks, in-process, and the browser's commands for each contender.
+struct Setup {
+    _dir: tempfile::TempDir,
+    platform: Platform,
+    node_red: NodeRed,
+    agent: Agent,
+    auth: Arc<tether_agent::node_red::LocalAuth>,
+    /// Node-RED's port.
+    port: u16,
+    device: String,
+    /// With a shaped link: the shaper between the agent and the platform's
+    /// tunnel port, and the one in front of Node-RED for the direct loads.
+    shaped: Option<(Shaper, Shaper)>,
+}
 
-    // Node-RED, started and locked down as the agent does it; its token
-    // signer is shared by the agent under test and the direct contender.
-    let port = free_port()?;
-    let node_red = NodeRed::start(
-        &NodeRedConfig {
-            mode: NodeRedMode::Launch,
-            command: node_red_bin.display().to_string(),
-            user_dir: Some(dir.path().join("node-red")),
-            port,
-            user: tools::node_red_user(),
-            ..NodeRedConfig::default()
-        },
-        &state,
-    )?
-    .context("Node-RED is configured")?;
-    node_red
-        .ready(Duration::from_secs(60))
+impl Setup {
+    /// Starts everything; with `shape`, the agent's tunnel goes through a
+    /// shaper of that shape (its identity's tunnel URL points there), and a
+    /// second shaper of the same shape stands in front of Node-RED.
+    async fn start(users: u32, shape: Option<Shape>) -> Result<Setup> {
+        let node_red_bin = tools::node_red().find().map_err(anyhow::Error::msg)?;
+        let dir = tempfile::tempdir()?;
+        tools::traversable(dir.path());
+        let platform = start_platform(dir.path(), users).await?;
+        let state = dir.path().join("agent");
+        let token = platform.create_token(TokenSpec::default()).await?;
+        let mut options = EnrollOptions::new(platform.url(), token, &state);
+        options.ca = Some(platform.ca_path());
+        options.name = Some("bench".into());
+        enroll(&options).await?;
+
+        // Node-RED, started and locked down as the agent does it; its token
+        // signer is shared by the agent under test and the direct contender.
+        let port = free_port()?;
+        let node_red = NodeRed::start(
+            &NodeRedConfig {
+                mode: NodeRedMode::Launch,
+                command: node_red_bin.display().to_string(),
+                user_dir: Some(dir.path().join("node-red")),
+                port,
+                user: tools::node_red_user(),
+                ..NodeRedConfig::default()
+            },
+            &state,
+        )?
+        .context("Node-RED is configured")?;
+        node_red
+            .ready(Duration::from_secs(60))
+            .await
+            .context("Node-RED did not come up")?;
+        let shaped = match shape {
+            Some(shape) => {
+                let tunnel = Shaper::start(platform.local_addr(), shape).await?;
+                route_tunnel(&state, platform.local_addr().port(), tunnel.addr().port())?;
+                let direct = Shaper::start(node_red.addr(), shape).await?;
+                Some((tunnel, direct))
+            }
+            None => None,
+        };
+        let auth = node_red.auth();
+        let signer = auth.clone();
+        let target = EditorTarget {
+            addr: node_red.addr(),
+            admin_root: "/".into(),
+            auth: Some(Arc::new(move |user: &str, permissions: &[&str]| {
+                signer.token(user, &Permissions::from_list(permissions))
+            })),
+            assets: tether_agent::editor::assets::public_dir_of(
+                &node_red_bin.display().to_string(),
+            ),
+            ..EditorTarget::default()
+        };
+        let agent = Agent::start_with(
+            AgentConfig::for_state_dir(&state),
+            AgentOptions {
+                editor: Some(target),
+            },
+        )
+        .await?;
+        let mut status = agent.status();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            status.wait_for(|s| s.state == TunnelState::Connected),
+        )
         .await
-        .context("Node-RED did not come up")?;
-    let auth = node_red.auth();
-    let signer = auth.clone();
-    let target = EditorTarget {
-        addr: node_red.addr(),
-        admin_root: "/".into(),
-        auth: Some(Arc::new(move |user: &str, permissions: &[&str]| {
-            signer.token(user, &Permissions::from_list(permissions))
-        })),
-        ..EditorTarget::default()
-    };
-    let agent = Agent::start_with(
-        AgentConfig::for_state_dir(&state),
-        AgentOptions {
-            editor: Some(target),
-        },
-    )
-    .await?;
-    let mut status = agent.status();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        status.wait_for(|s| s.state == TunnelState::Connected),
-    )
-    .await
-    .context("the tunnel did not come up within 20 s")??;
-    let device = agent.device_id();
+        .context("the tunnel did not come up within 20 s")??;
+        let device = agent.device_id();
+        Ok(Setup {
+            _dir: dir,
+            platform,
+            node_red,
+            agent,
+            auth,
+            port,
+            device,
+            shaped,
+        })
+    }
 
-    let user = user_name(0);
-    let base = platform.url();
-    let tunnel_cmd = serde_json::json!({
-        "kind": "tunnel",
-        "url": format!("{base}/devices/{device}/editor/"),
-        "base": base,
-        "editor_origin": format!("https://{}", editor_host(&device, platform.local_addr().port())),
-        "user": user,
-        "password": password(&user),
-    });
-    let owner = Permissions::for_role(Role::Owner, false);
-    let direct_cmd = || {
+    /// A load through the platform as user `i`.
+    fn tunnel_cmd(&self, i: u32) -> serde_json::Value {
+        let user = user_name(i);
+        let base = self.platform.url();
+        serde_json::json!({
+            "kind": "tunnel",
+            "url": format!("{base}/devices/{}/editor/", self.device),
+            "base": base,
+            "editor_origin": format!("https://{}", editor_host(&self.device, self.platform.local_addr().port())),
+            "user": user,
+            "password": password(&user),
+        })
+    }
+
+    /// A direct load of Node-RED at `port` with the agent's token for user
+    /// 0 as an owner.
+    fn direct_cmd(&self, port: u16) -> serde_json::Value {
+        let owner = Permissions::for_role(Role::Owner, false);
         serde_json::json!({
             "kind": "direct",
             "url": format!("http://127.0.0.1:{port}/"),
             // The agent's own token for this user and role: the same
             // header value the agent puts on the requests it proxies.
-            "token": auth.token(&user, &owner),
+            "token": self.auth.token(&user_name(0), &owner),
         })
-    };
+    }
+
+    async fn shutdown(self) {
+        self.agent.shutdown().await;
+        self.node_red.shutdown().await;
+        self.platform.shutdown().await;
+    }
+}
+
+async fn load(args: LoadArgs) -> Result<()> {
+    let mut browser = Browser::start().await?;
+    let setup = Setup::start(1, None).await?;
+    let tunnel_cmd = setup.tunnel_cmd(0);
+    let direct_cmd = || setup.direct_cmd(setup.port);
+    // Every tunnel load is cold: the platform's asset cache is emptied
+    // first (the `shaped` benchmark measures warm loads).
+    let platform = &setup.platform;
 
     eprintln!("warming up: one load each");
     browser.load(&direct_cmd()).await?;
+    platform.clear_editor_cache();
     browser.load(&tunnel_cmd).await?;
     let mut direct = Vec::new();
     let mut tunnel = Vec::new();
@@ -343,6 +447,7 @@ async fn load(args: LoadArgs) -> Result<()> {
             if first {
                 direct.push(browser.load(&direct_cmd()).await?);
             } else {
+                platform.clear_editor_cache();
                 tunnel.push(browser.load(&tunnel_cmd).await?);
             }
         }
@@ -414,11 +519,155 @@ async fn load(args: LoadArgs) -> Result<()> {
         ),
     );
 
-    drop(browser.stdin);
-    let _ = tokio::time::timeout(Duration::from_secs(10), browser.child.wait()).await;
-    agent.shutdown().await;
-    node_red.shutdown().await;
-    platform.shutdown().await;
+    browser.close().await;
+    setup.shutdown().await;
+    Ok(())
+}
+
+// --- shaped -----------------------------------------------------------------
+
+/// One load and the bytes that crossed the shaped link meanwhile.
+#[derive(Clone, Copy, Debug)]
+struct Shaped {
+    loaded: Loaded,
+    crossed: u64,
+}
+
+async fn shaped_load(
+    browser: &mut Browser,
+    shaper: &Shaper,
+    command: &serde_json::Value,
+) -> Result<Shaped> {
+    shaper.reset_bytes();
+    let loaded = browser.load(command).await?;
+    Ok(Shaped {
+        loaded,
+        crossed: shaper.bytes().total(),
+    })
+}
+
+async fn shaped(args: ShapedArgs) -> Result<()> {
+    let shape = Shape::new(args.latency_ms, args.mbit);
+    let mut browser = Browser::start().await?;
+    let setup = Setup::start(2, Some(shape)).await?;
+    let (tunnel_link, direct_link) = setup.shaped.as_ref().context("no shaped link")?;
+    // A fresh local token for each direct load: the agent's expire.
+    let direct_cmd = || setup.direct_cmd(direct_link.addr().port());
+    let (first_cmd, second_cmd) = (setup.tunnel_cmd(0), setup.tunnel_cmd(1));
+    let platform = &setup.platform;
+
+    eprintln!(
+        "link: {} ms each way, {} Mbit/s shared; warming up: one load each",
+        args.latency_ms, args.mbit
+    );
+    shaped_load(&mut browser, direct_link, &direct_cmd()).await?;
+    platform.clear_editor_cache();
+    shaped_load(&mut browser, tunnel_link, &first_cmd).await?;
+    let (mut direct, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let direct_first = round % 2 == 0;
+        if direct_first {
+            direct.push(shaped_load(&mut browser, direct_link, &direct_cmd()).await?);
+        }
+        platform.clear_editor_cache();
+        cold.push(shaped_load(&mut browser, tunnel_link, &first_cmd).await?);
+        let (bytes, files) = platform.editor_cache_usage();
+        warm.push(shaped_load(&mut browser, tunnel_link, &second_cmd).await?);
+        if !direct_first {
+            direct.push(shaped_load(&mut browser, direct_link, &direct_cmd()).await?);
+        }
+        let last = |v: &[Shaped]| {
+            v.last()
+                .map_or((0.0, 0), |s| (s.loaded.palette_ms, s.crossed))
+        };
+        let ((d, db), (c, cb), (w, wb)) = (last(&direct), last(&cold), last(&warm));
+        eprintln!(
+            "round {}/{}: palette rendered: direct {d:.0} ms ({:.0} KiB), first engineer {c:.0} ms ({:.0} KiB), second {w:.0} ms ({:.0} KiB); cache {files} files, {:.0} KiB",
+            round + 1,
+            args.rounds,
+            db as f64 / 1024.0,
+            cb as f64 / 1024.0,
+            wb as f64 / 1024.0,
+            bytes as f64 / 1024.0,
+        );
+    }
+
+    let median =
+        |v: &[Shaped], f: fn(&Shaped) -> f64| quantile(&v.iter().map(f).collect::<Vec<_>>(), 0.5);
+    let palette = |s: &Shaped| s.loaded.palette_ms;
+    let idle = |s: &Shaped| s.loaded.idle_ms;
+    let crossed = |s: &Shaped| s.crossed as f64;
+    let body = |s: &Shaped| s.loaded.body_bytes as f64;
+    println!(
+        "\n## tether-editor-bench shaped: {} ms each way, {} Mbit/s shared, {} rounds\n",
+        args.latency_ms, args.mbit, args.rounds
+    );
+    println!(
+        "| contender | palette rendered p50 | x direct | last response p50 | x direct | bytes over the link p50 | x direct | response bodies (browser) p50 |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let (dp, di, dc) = (
+        median(&direct, palette),
+        median(&direct, idle),
+        median(&direct, crossed),
+    );
+    for (name, loads) in [
+        ("direct (browser - link - Node-RED)", &direct),
+        ("tunnel, first engineer (platform cache empty)", &cold),
+        ("tunnel, second engineer (platform cache warm)", &warm),
+    ] {
+        let (p, i, c) = (
+            median(loads, palette),
+            median(loads, idle),
+            median(loads, crossed),
+        );
+        println!(
+            "| {name} | {p:.0} ms | {:.2} | {i:.0} ms | {:.2} | {:.0} KiB | {:.3} | {:.0} KiB |",
+            p / dp,
+            i / di,
+            c / 1024.0,
+            c / dc,
+            median(loads, body) / 1024.0
+        );
+    }
+    println!();
+    let (cp, ci) = (median(&cold, palette), median(&cold, idle));
+    let (wp, wi, wc) = (
+        median(&warm, palette),
+        median(&warm, idle),
+        median(&warm, crossed),
+    );
+    for (what, t, d, budget) in [
+        ("first load, palette rendered", cp, dp, BUDGET_SHAPED_COLD),
+        ("first load, last response", ci, di, BUDGET_SHAPED_COLD),
+        (
+            "second engineer, palette rendered",
+            wp,
+            dp,
+            BUDGET_SHAPED_WARM,
+        ),
+        ("second engineer, last response", wi, di, BUDGET_SHAPED_WARM),
+    ] {
+        verdict(
+            t / d <= budget,
+            format!(
+                "{what}: {t:.0} ms against direct {d:.0} ms (p50), {:.2}x (budget <= {budget}x)",
+                t / d
+            ),
+        );
+    }
+    verdict(
+        wc / dc < BUDGET_SHAPED_WARM_BYTES,
+        format!(
+            "second engineer, bytes over the device link: {:.0} KiB against direct {:.0} KiB, {:.1} % (budget < {:.0} %)",
+            wc / 1024.0,
+            dc / 1024.0,
+            wc / dc * 100.0,
+            BUDGET_SHAPED_WARM_BYTES * 100.0
+        ),
+    );
+    browser.close().await;
+    setup.shutdown().await;
     Ok(())
 }
 

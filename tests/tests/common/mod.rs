@@ -416,3 +416,27 @@ pub async fn http_stand_in(
     });
     addr
 }
+
+/// Starts `tetherd` (in-process) with `config` launching the Node-RED of
+/// `command` on a free port, and waits until the tunnel is up and Node-RED
+/// answers locked down. The agent and Node-RED's port.
+pub async fn agent_with_node_red(mut config: Config, command: &Path) -> (Agent, u16) {
+    let port = tether_e2e::bench::free_port().expect("a free port");
+    config.node_red = tether_agent::config::NodeRedConfig {
+        mode: tether_agent::config::NodeRedMode::Launch,
+        command: command.display().to_string(),
+        user_dir: None,
+        port,
+        user: tether_e2e::tools::node_red_user(),
+        ..tether_agent::config::NodeRedConfig::default()
+    };
+    let agent = Agent::start(config).await.expect("agent starts");
+    wait_status(&agent, "connected", |s| {
+        s.state == tether_agent::TunnelState::Connected
+    })
+    .await;
+    tether_agent::node_red::wait_ready(([127, 0, 0, 1], port).into(), Duration::from_secs(60))
+        .await
+        .expect("Node-RED came up locked down");
+    (agent, port)
+}

@@ -58,8 +58,14 @@ pub struct Connection {
     control: VecDeque<Frame>,
     /// Streams owing the peer a WINDOW_UPDATE.
     window_updates: VecDeque<StreamId>,
-    /// Streams with DATA or FIN to send, served round-robin.
+    /// Interactive streams with DATA or FIN to send, served round-robin.
     send_queue: VecDeque<StreamId>,
+    /// Bulk streams ([`crate::Service::is_bulk`]) with DATA or FIN to send,
+    /// served round-robin when no interactive stream can send, and once
+    /// after every `INTERACTIVE_BURST` interactive frames.
+    bulk_queue: VecDeque<StreamId>,
+    /// Interactive DATA frames sent in a row while a bulk stream waited.
+    interactive_run: u32,
     /// Bytes buffered on all streams' send sides.
     send_buffered: usize,
     /// Where DATA frames are built.
@@ -248,6 +254,8 @@ impl Connection {
             control: VecDeque::new(),
             window_updates: VecDeque::new(),
             send_queue: VecDeque::new(),
+            bulk_queue: VecDeque::new(),
+            interactive_run: 0,
             send_buffered: 0,
             send_arena: Default::default(),
             blocked_writers: VecDeque::new(),
@@ -370,12 +378,13 @@ impl Connection {
         let id = StreamId(self.next_local.ok_or(OpenError::IdsExhausted)?);
         self.next_local = id.0.checked_add(2);
         let deadline = now + self.config.open_timeout;
-        let stream = Stream::new(
+        let mut stream = Stream::new(
             Opening::AwaitingAccept { deadline },
             peer.initial_stream_window,
             self.config.settings.initial_stream_window,
             now,
         );
+        stream.bulk = header.service.is_bulk();
         self.streams.insert(id, stream);
         self.pending_opens.push_back(id);
         self.control.push_back(Frame::Open { stream: id, header });
@@ -571,7 +580,10 @@ impl Connection {
 
     /// True when no stream is open and nothing waits to be sent.
     pub fn is_idle(&self) -> bool {
-        self.streams.is_empty() && self.control.is_empty() && self.send_queue.is_empty()
+        self.streams.is_empty()
+            && self.control.is_empty()
+            && self.send_queue.is_empty()
+            && self.bulk_queue.is_empty()
     }
 
     /// Largest DATA payload this side sends.
@@ -605,7 +617,11 @@ impl Connection {
             && stream.has_sendable()
         {
             stream.queued = true;
-            self.send_queue.push_back(id);
+            if stream.bulk {
+                self.bulk_queue.push_back(id);
+            } else {
+                self.send_queue.push_back(id);
+            }
         }
     }
 
@@ -711,6 +727,7 @@ impl Connection {
         self.control.clear();
         self.window_updates.clear();
         self.send_queue.clear();
+        self.bulk_queue.clear();
         for stream in self.streams.values_mut() {
             stream.send_buf.clear();
             stream.queued = false;

@@ -182,6 +182,7 @@ impl Connection {
             self.config.settings.initial_stream_window,
             now,
         );
+        stream.bulk = header.service.is_bulk();
         stream.header = Some(header);
         self.streams.insert(id, stream);
         self.incoming.push_back(id);

@@ -80,6 +80,9 @@ pub(crate) struct Stream {
     pub(crate) awaits_tunnel_room: bool,
     /// The stream is in the connection's round-robin send queue.
     pub(crate) queued: bool,
+    /// A bulk service's stream ([`crate::Service::is_bulk`]): it waits in
+    /// the bulk send queue, behind the interactive one.
+    pub(crate) bulk: bool,
 
     /// Bytes received and not read yet, in arrival order: large payloads as
     /// they came, small ones gathered in `recv_tail` (which logically follows
@@ -122,6 +125,7 @@ impl Stream {
             write_blocked: false,
             awaits_tunnel_room: false,
             queued: false,
+            bulk: false,
             recv_buf: VecDeque::new(),
             recv_tail: BytesMut::new(),
             recv_buffered: 0,

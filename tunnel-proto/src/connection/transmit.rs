@@ -5,6 +5,13 @@
 //! credit, one frame each in turn. So a ping or a window update waits behind
 //! at most one DATA frame already handed to the transport, and one busy stream
 //! cannot starve the others.
+//!
+//! DATA of interactive streams (editor, control, MQTT, audit) goes before
+//! DATA of bulk streams (`tcp:NAME`, snapshots): a bulk stream sends when no
+//! interactive stream can, and once after every [`INTERACTIVE_BURST`]
+//! interactive frames, so an editor load is not queued behind a bulk
+//! transfer and a bulk transfer still moves (at least one frame in
+//! `INTERACTIVE_BURST + 1`) under a steady interactive load.
 
 use std::time::Instant;
 
@@ -12,6 +19,10 @@ use bytes::Bytes;
 
 use super::stream::{RecvState, SendState};
 use super::{Connection, Event, State};
+
+/// Interactive DATA frames sent in a row, while a bulk stream waits, before
+/// the bulk stream gets one.
+pub(crate) const INTERACTIVE_BURST: u32 = 8;
 use crate::frame::{Frame, StreamId};
 
 impl Connection {
@@ -58,10 +69,11 @@ impl Connection {
     /// connection credit only a bare FIN can go.
     fn data_sendable(&self) -> bool {
         if self.send_conn_credit > 0 {
-            return !self.send_queue.is_empty();
+            return !self.send_queue.is_empty() || !self.bulk_queue.is_empty();
         }
         self.send_queue
             .iter()
+            .chain(&self.bulk_queue)
             .filter_map(|id| self.streams.get(id))
             .any(|s| s.reset.is_none() && s.send == SendState::FinQueued && s.send_buf.is_empty())
     }
@@ -124,11 +136,37 @@ impl Connection {
         None
     }
 
-    /// One DATA frame from the next stream in the round-robin that can send.
+    /// One DATA frame: from the interactive queue first, unless a bulk
+    /// stream has waited for [`INTERACTIVE_BURST`] interactive frames.
     fn next_data(&mut self) -> Option<Bytes> {
+        let bulk_turn = self.interactive_run >= INTERACTIVE_BURST && !self.bulk_queue.is_empty();
+        for bulk in [bulk_turn, !bulk_turn] {
+            if let Some(out) = self.next_data_from(bulk) {
+                self.interactive_run = if bulk || self.bulk_queue.is_empty() {
+                    0
+                } else {
+                    self.interactive_run + 1
+                };
+                return Some(out);
+            }
+        }
+        None
+    }
+
+    fn queue(&mut self, bulk: bool) -> &mut std::collections::VecDeque<StreamId> {
+        if bulk {
+            &mut self.bulk_queue
+        } else {
+            &mut self.send_queue
+        }
+    }
+
+    /// One DATA frame from the next stream in one queue's round-robin that
+    /// can send.
+    fn next_data_from(&mut self, bulk: bool) -> Option<Bytes> {
         let max_payload = self.data_split();
-        for _ in 0..self.send_queue.len() {
-            let id = self.send_queue.pop_front()?;
+        for _ in 0..self.queue(bulk).len() {
+            let id = self.queue(bulk).pop_front()?;
             let Some(stream) = self.streams.get_mut(&id) else {
                 continue;
             };
@@ -142,7 +180,7 @@ impl Connection {
             if len == 0 && !fin {
                 // Out of connection credit: keep the stream's turn for later.
                 stream.queued = true;
-                self.send_queue.push_back(id);
+                self.queue(bulk).push_back(id);
                 continue;
             }
             let fin_queued = stream.send == SendState::FinQueued;

@@ -485,6 +485,8 @@ fn full(text: impl Into<Bytes>) -> DeviceBody {
 /// - `/upload`: echoes the request body as it arrives;
 /// - `/redirect`: 302 to `/target`, with a `Set-Cookie`;
 /// - `/comms` (WebSocket): echoes messages;
+/// - `/__tether/assets`, the asset manifest: 404, as an agent without one
+///   answers (not recorded in `seen`);
 /// - anything else: 200 `editor says: <path and query>`.
 async fn editor(
     mut req: Request<Incoming>,
@@ -501,6 +503,11 @@ async fn editor(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_string();
+    if uri == tether_platform::editor_cache::MANIFEST_PATH {
+        let mut response = Response::new(full("no manifest"));
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        return response;
+    }
     seen.lock().unwrap().push(Seen {
         grant,
         method: req.method().clone(),

@@ -354,6 +354,66 @@ fn two_bulk_streams_take_turns() {
     assert_eq!(order, expected);
 }
 
+fn editor() -> crate::ServiceHeader {
+    crate::ServiceHeader::new(crate::Service::Editor)
+}
+
+#[test]
+fn an_editor_stream_goes_before_a_bulk_stream_written_earlier() {
+    let (mut device, platform) = configs();
+    device.data_split = 1000;
+    let mut pair = Pair::connected_with(device, platform);
+    let bulk = pair.open_accepted(Device, tcp());
+    let interactive = pair.open_accepted(Device, editor());
+    pair.write_some(Device, bulk, &pattern(21, 20_000));
+    pair.write_some(Device, interactive, &pattern(22, 5_000));
+    pair.clear_sent();
+    pair.transmit(Device);
+
+    let order: Vec<StreamId> = pair.sent(Device).iter().map(Frame::stream).collect();
+    let mut expected = vec![interactive; 5];
+    expected.extend(std::iter::repeat_n(bulk, 20));
+    assert_eq!(order, expected);
+}
+
+#[test]
+fn a_bulk_stream_still_moves_under_a_steady_interactive_load() {
+    use crate::connection::transmit::INTERACTIVE_BURST;
+    let (mut device, platform) = configs();
+    device.data_split = 1000;
+    let mut pair = Pair::connected_with(device, platform);
+    let bulk = pair.open_accepted(Device, tcp());
+    let interactive = pair.open_accepted(Device, editor());
+    pair.write_some(Device, bulk, &pattern(23, 10_000));
+    pair.write_some(Device, interactive, &pattern(24, 40_000));
+    pair.clear_sent();
+    pair.transmit(Device);
+
+    let order: Vec<StreamId> = pair.sent(Device).iter().map(Frame::stream).collect();
+    let burst = INTERACTIVE_BURST as usize;
+    // One bulk frame after every burst of interactive ones, while both have
+    // data; then the rest of the bulk stream.
+    let rounds = 40 / burst;
+    let mut expected = Vec::new();
+    for _ in 0..rounds {
+        expected.extend(std::iter::repeat_n(interactive, burst));
+        expected.push(bulk);
+    }
+    expected.extend(std::iter::repeat_n(bulk, 10 - rounds));
+    assert_eq!(order, expected);
+}
+
+#[test]
+fn a_bulk_stream_takes_the_whole_link_when_nothing_interactive_waits() {
+    let (mut device, platform) = configs();
+    device.data_split = 1000;
+    let mut pair = Pair::connected_with(device, platform);
+    let bulk = pair.open_accepted(Device, tcp());
+    let _idle = pair.open_accepted(Device, editor());
+    let data = pattern(25, 30_000);
+    assert_eq!(pair.transfer(Device, bulk, &data), data);
+}
+
 #[test]
 fn two_bulk_streams_share_a_small_connection_window_fairly() {
     let (device, mut platform) = small_windows();
