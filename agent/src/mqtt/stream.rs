@@ -215,49 +215,56 @@ where
         }
         tokio::select! {
             frame = next_frame(&mut rd, &mut decoder, &mut buf) => {
-                let frame = frame?;
-                match frame {
-                    Frame::Ack { seq } => {
-                        while let Some(&(s, bytes)) = in_flight.front() && s <= seq {
-                            in_flight.pop_front();
-                            in_flight_bytes -= bytes;
-                        }
-                        acked_by_platform = acked_by_platform.max(seq);
-                        if acked_by_platform.saturating_sub(deleted) >= DELETE_BATCH
-                            || (in_flight.is_empty() && acked_by_platform > deleted)
-                        {
-                            let upto = acked_by_platform;
-                            bridge.with_outbox(move |o| o.ack(upto)).await?;
-                            deleted = upto;
-                        }
-                    }
-                    Frame::Refused(r) => {
-                        bridge.refused(&r.topic, &r.reason, "platform");
-                    }
-                    Frame::Publish { seq, message } => {
-                        bridge.counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let routed = namespace.delivers(&message.topic)
-                            && message.check(bridge.config.max_payload).is_ok();
-                        if seq != 0 && seq <= received_up_to {
-                            // Sent again after a reconnect: handled or on its way.
-                        } else if !routed {
-                            bridge.refused(&message.topic, "the platform routed a message outside this device's namespace or over its limits", "agent");
-                            received_up_to = received_up_to.max(seq);
-                        } else {
-                            received_up_to = received_up_to.max(seq);
-                            if seq != 0 {
-                                outstanding.insert(seq);
+                // Every frame already decoded is handled before the loop
+                // reads the outbox again: the platform acknowledges in
+                // batches, and one outbox read per frame cost a trip
+                // through the blocking pool each.
+                let mut next = Some(frame?);
+                while let Some(frame) = next.take() {
+                    match frame {
+                        Frame::Ack { seq } => {
+                            while let Some(&(s, bytes)) = in_flight.front() && s <= seq {
+                                in_flight.pop_front();
+                                in_flight_bytes -= bytes;
                             }
-                            if !bridge.local.publish(epoch, seq, topics.to_local(message)).await {
-                                return Err(StreamError::Closed);
+                            acked_by_platform = acked_by_platform.max(seq);
+                            if acked_by_platform.saturating_sub(deleted) >= DELETE_BATCH
+                                || (in_flight.is_empty() && acked_by_platform > deleted)
+                            {
+                                let upto = acked_by_platform;
+                                bridge.with_outbox(move |o| o.ack(upto)).await?;
+                                deleted = upto;
                             }
                         }
-                        ack_platform(&outstanding, received_up_to, &mut acked_to_platform, &mut out)?;
+                        Frame::Refused(r) => {
+                            bridge.refused(&r.topic, &r.reason, "platform");
+                        }
+                        Frame::Publish { seq, message } => {
+                            bridge.counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let routed = namespace.delivers(&message.topic)
+                                && message.check(bridge.config.max_payload).is_ok();
+                            if seq != 0 && seq <= received_up_to {
+                                // Sent again after a reconnect: handled or on its way.
+                            } else if !routed {
+                                bridge.refused(&message.topic, "the platform routed a message outside this device's namespace or over its limits", "agent");
+                                received_up_to = received_up_to.max(seq);
+                            } else {
+                                received_up_to = received_up_to.max(seq);
+                                if seq != 0 {
+                                    outstanding.insert(seq);
+                                }
+                                if !bridge.local.publish(epoch, seq, topics.to_local(message)).await {
+                                    return Err(StreamError::Closed);
+                                }
+                            }
+                            ack_platform(&outstanding, received_up_to, &mut acked_to_platform, &mut out)?;
+                        }
+                        Frame::Hello(_) => return Err(StreamError::Unexpected("a second hello")),
+                        Frame::Subscribe(_) | Frame::Figures(_) => {
+                            return Err(StreamError::Unexpected("a device's frame"));
+                        }
                     }
-                    Frame::Hello(_) => return Err(StreamError::Unexpected("a second hello")),
-                    Frame::Subscribe(_) | Frame::Figures(_) => {
-                        return Err(StreamError::Unexpected("a device's frame"));
-                    }
+                    next = decoder.next_frame()?;
                 }
             }
             changed = appended.changed(), if caught_up => {
