@@ -91,13 +91,14 @@ impl Outward {
                 }
             }
             if self.pending > 0 {
-                let slices: Vec<IoSlice<'_>> = self
-                    .chunks
-                    .iter()
-                    .take(MAX_SLICES)
-                    .map(|c| IoSlice::new(c))
-                    .collect();
-                let n = ready!(Pin::new(&mut *other).poll_write_vectored(cx, &slices))?;
+                // On the stack: this runs for every write of a bulk transfer.
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let mut used = 0;
+                for (slice, chunk) in slices.iter_mut().zip(&self.chunks) {
+                    *slice = IoSlice::new(chunk);
+                    used += 1;
+                }
+                let n = ready!(Pin::new(&mut *other).poll_write_vectored(cx, &slices[..used]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
