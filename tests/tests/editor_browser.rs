@@ -24,11 +24,6 @@ use std::time::Duration;
 use common::*;
 use tether_agent::{Agent, TunnelState};
 use tether_e2e::tools;
-use tether_proto::api::Secret;
-use tether_proto::grant::Role;
-
-const OWNER: (&str, &str) = ("olga", "owner-password-for-the-test");
-const VIEWER: (&str, &str) = ("vic", "viewer-password-for-the-test");
 
 /// What the browser test needs, or why it cannot run.
 struct Tools {
@@ -115,12 +110,7 @@ async fn an_engineer_works_in_the_real_editor_through_the_tunnel() {
     // directory in here.
     tools::traversable(dir.path());
     let platform = platform(&dir.path().join("platform")).await;
-    for ((name, password), role) in [(OWNER, Role::Owner), (VIEWER, Role::Viewer)] {
-        platform
-            .add_user(name, "default", role, &Secret::new(password))
-            .await
-            .expect("user added");
-    }
+    add_engineers(&platform).await;
     let state = dir.path().join("device");
     enrolled(&platform, &state).await;
     let (agent, node_red_port) = agent_with_node_red(agent_config(&state), &peers.node_red).await;

@@ -30,8 +30,6 @@ use tether_e2e::web::{Client, editor_host};
 use tether_proto::api::Secret;
 use tether_proto::grant::Role;
 
-const OWNER: (&str, &str) = ("olga", "owner-password-for-the-test");
-const VIEWER: (&str, &str) = ("vic", "viewer-password-for-the-test");
 /// A large script of the editor, announced by every Node-RED 4.
 const FILE: &str = "/red/red.min.js";
 
@@ -92,12 +90,7 @@ async fn a_second_engineer_gets_the_editor_files_from_the_platforms_cache() {
     let dir = tempfile::tempdir().unwrap();
     tools::traversable(dir.path());
     let platform = platform(&dir.path().join("platform")).await;
-    for ((name, password), role) in [(OWNER, Role::Owner), (VIEWER, Role::Viewer)] {
-        platform
-            .add_user(name, "default", role, &Secret::new(password))
-            .await
-            .expect("user added");
-    }
+    add_engineers(&platform).await;
     let port = platform.local_addr().port();
     let link = Shaper::start(platform.local_addr(), Shape::new(0, 1000.0))
         .await

@@ -67,6 +67,23 @@ pub fn platform_config(data_dir: &Path, listen: SocketAddr) -> PlatformConfig {
 }
 
 /// A platform in `dir/platform` on 127.0.0.1, port chosen by the OS.
+/// The editor tests' engineers: an owner and a viewer, as (name, password).
+pub const OWNER: (&str, &str) = ("olga", "owner-password-for-the-test");
+pub const VIEWER: (&str, &str) = ("vic", "viewer-password-for-the-test");
+
+/// Adds [`OWNER`] and [`VIEWER`] to `platform`'s team `default` with their
+/// roles.
+pub async fn add_engineers(platform: &Platform) {
+    use tether_proto::api::Secret;
+    use tether_proto::grant::Role;
+    for ((name, password), role) in [(OWNER, Role::Owner), (VIEWER, Role::Viewer)] {
+        platform
+            .add_user(name, "default", role, &Secret::new(password))
+            .await
+            .expect("user added");
+    }
+}
+
 pub async fn platform(dir: &Path) -> Platform {
     Platform::start(platform_config(
         &dir.join("platform"),
