@@ -80,6 +80,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The broker's process id (for CPU figures).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs `command` (a broker that will listen on `port`) and waits
     /// until the port accepts connections (10 s at most).
     pub async fn spawn(mut command: std::process::Command, port: u16) -> Result<Broker> {

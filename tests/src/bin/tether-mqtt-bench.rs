@@ -9,8 +9,9 @@
 //! Brokers: mosquitto as the platform's broker (plain for the platform and
 //! the measuring clients, mutual TLS for the bridge), and one mosquitto per
 //! device side. The anchor is what a user would pick instead: the device's
-//! mosquitto bridged to the platform's (`topic tether/# both 1`, MQTT 5,
-//! mutual TLS). Tether: a release `tetherd` with `[mqtt]` on its own
+//! mosquitto bridged to the platform's (`topic tether/other/bridge/# both
+//! 1`: its own namespace, as the tether device's, so that neither path's
+//! messages reach the other's broker; MQTT 5, mutual TLS). Tether: a release `tetherd` with `[mqtt]` on its own
 //! mosquitto, tunnelled to an in-process platform whose broker is the same
 //! central mosquitto.
 //!
@@ -134,6 +135,38 @@ async fn throughput(device_port: u16, central_port: u16, prefix: &str, n: usize)
     Ok(n as f64 / secs)
 }
 
+/// CPU seconds of a set of processes from a start.
+struct Cpu {
+    ticks: f64,
+    pids: Vec<u32>,
+    start: Vec<f64>,
+}
+
+impl Cpu {
+    fn start(ticks: f64, pids: &[u32]) -> Result<Cpu> {
+        let start = pids
+            .iter()
+            .map(|&pid| cpu_secs(pid, ticks))
+            .collect::<Result<_>>()?;
+        Ok(Cpu {
+            ticks,
+            pids: pids.to_vec(),
+            start,
+        })
+    }
+
+    /// Each process's CPU seconds since the start, per 100,000 of `messages`.
+    fn per_100k(&self, messages: usize) -> Result<Vec<f64>> {
+        self.pids
+            .iter()
+            .zip(&self.start)
+            .map(|(&pid, start)| {
+                Ok((cpu_secs(pid, self.ticks)? - start) * 100_000.0 / messages as f64)
+            })
+            .collect()
+    }
+}
+
 /// A local service that reads and discards everything: the bulk
 /// transfer's far end on the device side. Returns its port.
 async fn discard_service() -> Result<u16> {
@@ -205,7 +238,7 @@ async fn main() -> Result<()> {
         d,
         "bridged",
         &format!(
-            "connection platform\naddress 127.0.0.1:{tls_port}\nbridge_protocol_version mqttv50\ntopic tether/# both 1\nbridge_cafile {0}/ca.pem\nbridge_certfile {0}/client.pem\nbridge_keyfile {0}/client.key\ncleansession true\n",
+            "connection platform\naddress 127.0.0.1:{tls_port}\nbridge_protocol_version mqttv50\ntopic {ANCHOR}/# both 1\nbridge_cafile {0}/ca.pem\nbridge_certfile {0}/client.pem\nbridge_keyfile {0}/client.key\ncleansession true\n",
             d.display()
         ),
     )
@@ -286,16 +319,29 @@ async fn main() -> Result<()> {
         "sustained QoS 1, device to platform, {} messages of 100 bytes:",
         args.messages
     );
+    let me = std::process::id();
+    let anchor_cpu = Cpu::start(ticks, &[central.pid(), bridged.pid(), me])?;
     let anchor_rate = throughput(bridged.port, central.port, ANCHOR, args.messages).await?;
-    println!("  mosquitto bridge  {anchor_rate:.0} messages/s");
-    let cpu_before = cpu_secs(agent.pid, ticks)?;
+    let anchor_cpu = anchor_cpu.per_100k(args.messages)?;
+    println!(
+        "  mosquitto bridge  {anchor_rate:.0} messages/s; CPU-s per 100,000 messages: platform broker {:.2}, device broker {:.2}, clients {:.2}; total {:.2}",
+        anchor_cpu[0],
+        anchor_cpu[1],
+        anchor_cpu[2],
+        anchor_cpu.iter().sum::<f64>()
+    );
+    let ours_cpu = Cpu::start(ticks, &[central.pid(), local.pid(), me, agent.pid])?;
     let rate = throughput(local.port, central.port, &prefix, args.messages).await?;
-    let cpu = cpu_secs(agent.pid, ticks)? - cpu_before;
+    let ours_cpu = ours_cpu.per_100k(args.messages)?;
     let mem = memory(agent.pid)?;
     println!(
-        "  tether            {rate:.0} messages/s ({:.2}x the bridge's); tetherd {:.2} CPU-s per 100,000 messages, peak resident {}",
+        "  tether            {rate:.0} messages/s ({:.2}x the bridge's); CPU-s per 100,000 messages: platform broker {:.2}, device broker {:.2}, clients and platform {:.2}, tetherd {:.2}; total {:.2}; tetherd peak resident {}",
         rate / anchor_rate,
-        cpu * 100_000.0 / args.messages as f64,
+        ours_cpu[0],
+        ours_cpu[1],
+        ours_cpu[2],
+        ours_cpu[3],
+        ours_cpu.iter().sum::<f64>(),
         mib(mem.hwm)
     );
 
