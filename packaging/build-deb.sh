@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds the tetherd .deb for one architecture from a built binary:
 #
-#   bash packaging/build-deb.sh amd64            # target/release/tetherd
-#   bash packaging/build-deb.sh arm64            # target/aarch64-unknown-linux-gnu/release/tetherd
+#   bash packaging/build-deb.sh amd64            # target/x86_64-unknown-linux-musl/release/tetherd
+#   bash packaging/build-deb.sh arm64            # target/aarch64-unknown-linux-musl/release/tetherd
 #   bash packaging/build-deb.sh armhf            # target/armv7-unknown-linux-gnueabihf/release/tetherd
 #   bash packaging/build-deb.sh ARCH BINARY      # any other binary
 #
-# Build the binary first (cargo build --release -p tether-agent --bin
-# tetherd, or cross/build.sh TARGET). Prints the package's path:
+# Build the binary first: bash cross/build.sh TARGET. amd64 and arm64 ship
+# the static (musl) build: no C library to match on the gateway, and less
+# resident memory (docs/decisions.md, 24). Prints the package's path:
 # target/deb/tetherd_VERSION_ARCH.deb. Contents: /usr/bin/tetherd, the
 # systemd unit, /etc/tether/agent.toml (0640, a conffile), the docs, and
 # maintainer scripts that create Node-RED's system user, keep the state
@@ -18,8 +19,8 @@ arch="${1:?usage: packaging/build-deb.sh amd64|arm64|armhf [BINARY]}"
 here="$(cd "$(dirname "$0")" && pwd)"
 top="$(cd "$here/.." && pwd)"
 case "$arch" in
-    amd64) default="$top/target/release/tetherd" ;;
-    arm64) default="$top/target/aarch64-unknown-linux-gnu/release/tetherd" ;;
+    amd64) default="$top/target/x86_64-unknown-linux-musl/release/tetherd" ;;
+    arm64) default="$top/target/aarch64-unknown-linux-musl/release/tetherd" ;;
     armhf) default="$top/target/armv7-unknown-linux-gnueabihf/release/tetherd" ;;
     *) echo "build-deb: unknown architecture '$arch' (amd64, arm64, armhf)" >&2; exit 64 ;;
 esac

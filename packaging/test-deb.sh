@@ -10,11 +10,12 @@
 # --force-script-chrootless: the maintainer scripts honour DPKG_ROOT and
 # start nothing there. Needs root (files owned by root, useradd --prefix).
 #
-#   bash packaging/test-deb.sh [BINARY]      # default: target/release/tetherd
+#   bash packaging/test-deb.sh [BINARY]      # default: the static amd64 build
+#                                            # (bash cross/build.sh x86_64-unknown-linux-musl)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 top="$(cd "$here/.." && pwd)"
-binary="${1:-$top/target/release/tetherd}"
+binary="${1:-$top/target/x86_64-unknown-linux-musl/release/tetherd}"
 fail() { echo "test-deb: FAIL: $*" >&2; exit 1; }
 if [ "$(id -u)" != 0 ]; then
     echo "test-deb: needs root (dpkg --root owns files as root; useradd --prefix)" >&2

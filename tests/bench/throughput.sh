@@ -5,6 +5,7 @@
 #   bash tests/bench/throughput.sh            # 1 GiB per transfer, 3 rounds
 #   ROUNDS=5 SIZE=2G bash tests/bench/throughput.sh
 #   TETHER_BIN=/path/to/other/build bash tests/bench/throughput.sh
+#   TETHERD=target/x86_64-unknown-linux-musl/release/tetherd bash tests/bench/throughput.sh
 #
 # The three paths carry the same iperf3 stream to the same iperf3 server
 # (the "local TCP sink" on the device side):
@@ -79,6 +80,9 @@ else
     cargo build --release --quiet -p tether-agent -p tether-platform --manifest-path "$ROOT/Cargo.toml"
     BIN="$ROOT/target/release"
 fi
+# TETHERD=PATH measures that tetherd (the static build the package ships,
+# say) with the platform from BIN.
+TETHERD=${TETHERD:-$BIN/tetherd}
 
 # --- the sink ---------------------------------------------------------------
 SINK=$(free_port)
@@ -145,9 +149,9 @@ state_dir = "$WORK/agent"
 name = "sink"
 target = "127.0.0.1:$SINK"
 EOF
-printf '%s\n' "$TOKEN" | "$BIN/tetherd" enroll --platform "https://localhost:$PLATFORM_PORT" --token-stdin \
+printf '%s\n' "$TOKEN" | "$TETHERD" enroll --platform "https://localhost:$PLATFORM_PORT" --token-stdin \
     --state-dir "$WORK/agent" --name bench >/dev/null 2>&1
-"$BIN/tetherd" run --config "$WORK/agent.toml" >"$WORK/agent.log" 2>&1 &
+"$TETHERD" run --config "$WORK/agent.toml" >"$WORK/agent.log" 2>&1 &
 AGENT=$!
 PIDS+=($AGENT)
 DEVICE=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["device_id"])' \

@@ -3,8 +3,12 @@
 //!
 //! ```sh
 //! cargo build --release -p tether-e2e -p tether-agent --bins
-//! target/release/tether-idle-bench            # --secs 60
+//! bash cross/build.sh x86_64-unknown-linux-musl   # the build the package ships
+//! target/release/tether-idle-bench --tetherd target/x86_64-unknown-linux-musl/release/tetherd
 //! ```
+//!
+//! Without `--tetherd` it measures the `tetherd` beside it (the glibc
+//! build).
 //!
 //! A release `tetherd`, enrolled with an in-process platform on 127.0.0.1,
 //! tunnel up, nothing to carry. Two runs in one: the production heartbeat
@@ -30,6 +34,9 @@ struct Args {
     /// Seconds measured per run.
     #[arg(long, default_value_t = 60)]
     secs: u64,
+    /// The `tetherd` measured (default: the one beside this program).
+    #[arg(long)]
+    tetherd: Option<std::path::PathBuf>,
 }
 
 struct Figures {
@@ -43,7 +50,10 @@ struct Figures {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let tetherd = sibling("tetherd")?;
+    let tetherd = match args.tetherd.clone() {
+        Some(path) => path,
+        None => sibling("tetherd")?,
+    };
     let ticks = clock_ticks().await;
     let mut runs = Vec::new();
     for (label, interval) in [("heartbeat 30s (production)", 30), ("heartbeat 1s", 1)] {
