@@ -54,6 +54,10 @@ struct Args {
     /// Messages in the throughput run per path.
     #[arg(long, default_value_t = 100_000)]
     messages: usize,
+    /// The `tetherd` measured (default: the one beside this program; the
+    /// package's static build is `target/x86_64-unknown-linux-musl/release/tetherd`).
+    #[arg(long)]
+    tetherd: Option<std::path::PathBuf>,
 }
 
 /// On the platform's broker: echoes every `.../out/rt` to `.../in/rt` of
@@ -212,7 +216,10 @@ async fn bulk(
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let tetherd = sibling("tetherd")?;
+    let tetherd = match args.tetherd.clone() {
+        Some(path) => path,
+        None => sibling("tetherd")?,
+    };
     let ticks = clock_ticks().await;
     // Kept (brokers' configurations and logs) for a look after a run.
     let dir = tempfile::tempdir()?.keep();
