@@ -90,6 +90,22 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The `tetherd` a bench measures: `chosen` (its `--tetherd`, the static
+/// build the packages ship, say) or the one built next to the bench.
+pub fn tetherd(chosen: Option<PathBuf>) -> Result<PathBuf> {
+    match chosen {
+        Some(path) => {
+            ensure!(
+                path.is_file(),
+                "{} is missing; help: build it first (bash cross/build.sh TARGET for a static build)",
+                path.display()
+            );
+            Ok(path)
+        }
+        None => sibling("tetherd"),
+    }
+}
+
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use clap::Parser;
-use tether_e2e::bench::{Tetherd, clock_ticks, cpu_secs, memory, mib, sibling, verdict};
+use tether_e2e::bench::{Tetherd, clock_ticks, cpu_secs, memory, mib, verdict};
 use tether_platform::{Platform, PlatformConfig};
 
 const BUDGET_CPU_PERCENT: f64 = 0.5;
@@ -49,11 +49,8 @@ struct Figures {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
-    let tetherd = match args.tetherd.clone() {
-        Some(path) => path,
-        None => sibling("tetherd")?,
-    };
+    let mut args = Args::parse();
+    let tetherd = tether_e2e::bench::tetherd(args.tetherd.take())?;
     let ticks = clock_ticks().await;
     let mut runs = Vec::new();
     for (label, interval) in [("heartbeat 30s (production)", 30), ("heartbeat 1s", 1)] {

@@ -30,7 +30,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::Parser;
 use rumqttc::v5::mqttbytes::QoS;
-use tether_e2e::bench::{Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, sibling, verdict};
+use tether_e2e::bench::{Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, verdict};
 use tether_e2e::mqtt::{Broker, Client, client, tls_files};
 use tether_platform::mqtt::{BrokerUrl, MqttBroker, MqttConfig};
 use tether_platform::{Platform, PlatformConfig};
@@ -215,11 +215,8 @@ async fn bulk(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
-    let tetherd = match args.tetherd.clone() {
-        Some(path) => path,
-        None => sibling("tetherd")?,
-    };
+    let mut args = Args::parse();
+    let tetherd = tether_e2e::bench::tetherd(args.tetherd.take())?;
     let ticks = clock_ticks().await;
     // Kept (brokers' configurations and logs) for a look after a run.
     let dir = tempfile::tempdir()?.keep();
