@@ -1,26 +1,28 @@
-//! The agent's MQTT 5 client of the device's local broker (rumqttc).
+//! The bridge's side of the local broker: what the agent subscribes to,
+//! what it does with each message from the broker, and where the
+//! acknowledgements of the platform's messages go.
 //!
-//! This module owns the connection to the local broker: it subscribes to
-//! the `publish` filters on every ConnAck (rumqttc does not resubscribe by
-//! itself), turns each message into a `tether_proto::mqtt::Message`,
-//! appends QoS 1 and 2 messages to the outbox in batches and acknowledges
-//! them to the broker only after the batch is on disk, hands QoS 0 ones to
-//! the live stream, publishes what the platform sends, and tells the
-//! stream when the local broker acknowledged each of those. It never talks
-//! to the tunnel and never logs the broker password.
+//! This module turns each message from the local broker into a
+//! `tether_proto::mqtt::Message`, appends QoS 1 and 2 messages to the
+//! outbox in batches and acknowledges them to the broker (all of a batch
+//! at once) only after the batch is on disk, hands QoS 0 ones to the live
+//! stream, publishes what the platform sends, and tells the stream when
+//! the local broker acknowledged each of those. The connection itself is
+//! [`super::client`]'s. It never talks to the tunnel and never logs the
+//! broker password.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties, SubscribeReasonCode};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use rumqttc::v5::mqttbytes::v5::{Login, Publish, PublishProperties};
 use tether_proto::mqtt::{Message, Properties};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use super::client::{self, Deliveries, Outbound, Tag};
+use super::outbox::Outbox;
 use super::{Bridge, MqttError};
 use crate::audit::{Audit, AuditEvent};
 use crate::config::MqttConfig;
@@ -29,9 +31,10 @@ use crate::config::MqttConfig;
 const INTAKE_QUEUE: usize = 4096;
 /// Messages appended to the outbox in one transaction, at most.
 const BATCH: usize = 1024;
-/// Messages the local broker may hold unacknowledged from the agent.
+/// Messages the local broker may hold unacknowledged from the agent, and
+/// the agent from it.
 const INFLIGHT: u16 = 1024;
-/// Longest pause between attempts to reach the local broker.
+/// Longest pause between attempts to append to the outbox.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// While the outbox stays full, its drops are logged and audited at most
 /// this often, each report with the count since the last one.
@@ -39,36 +42,37 @@ const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 /// How long the local broker keeps the agent's session (and queues the
 /// messages for its subscriptions) while the agent restarts.
 const SESSION_EXPIRY_SECS: u32 = 3600;
+/// How often the agent and the local broker show each other they are
+/// there.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
-/// Platform messages handed to the client, waiting for their packet id
-/// and then for the local broker's acknowledgement: `(epoch, seq)`.
-#[derive(Debug, Default)]
-struct Tracker {
-    handed: VecDeque<(u64, u64)>,
-    by_pkid: HashMap<u16, (u64, u64)>,
-}
-
-/// The client and what the stream needs from it.
+/// The client's handle and what the stream needs from it.
 pub struct Local {
-    client: AsyncClient,
-    /// What the agent subscribes to, with the QoS it asks for.
-    filters: Vec<(String, QoS)>,
-    tracker: Mutex<Tracker>,
+    client: client::Handle,
     /// Where acknowledgements of platform messages go: the live stream's.
-    acks: Mutex<Option<mpsc::UnboundedSender<(u64, u64)>>>,
+    acks: Mutex<Option<mpsc::UnboundedSender<Tag>>>,
 }
 
 impl std::fmt::Debug for Local {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Local")
-            .field("filters", &self.filters)
-            .finish_non_exhaustive()
+        f.debug_struct("Local").finish_non_exhaustive()
     }
 }
 
+/// A message from the local broker and the connection that delivered it
+/// (its acknowledgement goes on that connection or not at all).
+#[derive(Debug)]
+pub(super) struct Inbound {
+    connection: u64,
+    publish: Publish,
+}
+
 impl Local {
-    /// The client for `device` and its event loop (not yet polled).
-    pub(super) fn new(config: &MqttConfig, device: &str) -> Result<(Local, EventLoop), MqttError> {
+    /// The client for `device`, not yet running.
+    pub(super) fn new(
+        config: &MqttConfig,
+        device: &str,
+    ) -> Result<(Local, client::Client), MqttError> {
         let endpoint = config
             .endpoint()
             .ok_or_else(|| MqttError::Broker(config.broker.clone()))?;
@@ -77,27 +81,6 @@ impl Local {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("tetherd-{device}"));
-        let mut options = MqttOptions::new(client_id, endpoint.host, endpoint.port);
-        if let Some(tls) = tls {
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        }
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
-            .set_manual_acks(true)
-            .set_max_packet_size(Some((config.max_payload + 64 * 1024) as u32))
-            .set_outgoing_inflight_upper_limit(INFLIGHT)
-            .set_receive_maximum(Some(INFLIGHT))
-            .set_request_channel_capacity(usize::from(INFLIGHT));
-        // Each message is its own small write: without this, Nagle's
-        // algorithm holds it for the broker's delayed acknowledgement.
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        options.set_network_options(network);
-        if let Some(user) = &config.username {
-            options.set_credentials(user, config.password.clone().unwrap_or_default());
-        }
         let mut filters: Vec<(String, QoS)> = if config.publish.is_empty() {
             vec![format!("{}/+/{device}/out/#", tether_proto::mqtt::ROOT)]
         } else {
@@ -108,32 +91,47 @@ impl Local {
         .collect();
         filters
             .extend(super::topics::local_filters(&config.topics).map(|(f, qos)| (f, qos_of(qos))));
-        let (client, events) = AsyncClient::new(options, usize::from(INFLIGHT));
+        let settings = client::Settings {
+            host: endpoint.host,
+            port: endpoint.port,
+            tls,
+            client_id,
+            keep_alive: KEEP_ALIVE,
+            session_expiry: SESSION_EXPIRY_SECS,
+            inflight: INFLIGHT,
+            max_packet: u32::try_from(config.max_payload + 64 * 1024).unwrap_or(u32::MAX),
+            login: config
+                .username
+                .as_ref()
+                .map(|user| Login::new(user.clone(), config.password.clone().unwrap_or_default())),
+            filters,
+        };
+        let (handle, client) = client::new(settings);
         Ok((
             Local {
-                client,
-                filters,
-                tracker: Mutex::default(),
+                client: handle,
                 acks: Mutex::new(None),
             },
-            events,
+            client,
         ))
     }
 
-    fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
-        self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Routes acknowledgements of platform messages to `tx` (the stream
+    /// now up).
+    pub(super) fn ack_to(&self, tx: Option<mpsc::UnboundedSender<Tag>>) {
+        *self.acks.lock().unwrap_or_else(PoisonError::into_inner) = tx;
     }
 
-    /// Routes acknowledgements of platform messages to `tx` (the stream
-    /// now up), forgetting what was handed before.
-    pub(super) fn ack_to(&self, tx: Option<mpsc::UnboundedSender<(u64, u64)>>) {
-        *self.acks.lock().unwrap_or_else(PoisonError::into_inner) = tx;
+    fn acked(&self, tag: Tag) {
+        if let Some(tx) = &*self.acks.lock().unwrap_or_else(PoisonError::into_inner) {
+            let _ = tx.send(tag);
+        }
     }
 
     /// Publishes a platform message on the local broker; its
     /// acknowledgement comes back on the channel of [`Local::ack_to`] as
-    /// `(epoch, seq)` (QoS 0: never). Waits while the client's queue is
-    /// full (the local broker is slow or away).
+    /// `(epoch, seq)`. Waits while the client's queue is full (the local
+    /// broker is slow or away).
     pub(super) async fn publish(&self, epoch: u64, seq: u64, message: Message) -> bool {
         let Message {
             topic,
@@ -152,39 +150,62 @@ impl Local {
             subscription_identifiers: Vec::new(),
             content_type: p.content_type,
         };
-        self.tracker().handed.push_back((epoch, seq));
+        let publish = Publish {
+            dup: false,
+            qos: qos_of(qos),
+            retain,
+            topic: Bytes::from(topic),
+            pkid: 0,
+            payload,
+            properties: Some(properties),
+        };
         let sent = self
             .client
-            .publish_with_properties(topic, qos_of(qos), retain, payload, properties)
+            .publish(Outbound {
+                tag: (epoch, seq),
+                publish,
+            })
             .await;
-        if let Err(e) = sent {
-            self.tracker().handed.pop_back();
-            debug!(cause = %e, "the local MQTT client is gone");
-            return false;
+        if !sent {
+            debug!("the local MQTT client is gone");
+        }
+        sent
+    }
+}
+
+/// What the client reports, handled for the bridge.
+struct Intake {
+    bridge: Arc<Bridge>,
+    tx: mpsc::Sender<Inbound>,
+}
+
+impl Deliveries for Intake {
+    async fn received(&self, connection: u64, publish: Publish) -> bool {
+        if publish.qos != QoS::AtMostOnce {
+            return self
+                .tx
+                .send(Inbound {
+                    connection,
+                    publish,
+                })
+                .await
+                .is_ok();
+        }
+        match message_of(&publish) {
+            Some(m) if m.check(self.bridge.config.max_payload).is_ok() => self.bridge.send_live(m),
+            _ => refuse(&self.bridge, &publish),
         }
         true
     }
 
-    fn outgoing(&self, pkid: u16) {
-        let mut tracker = self.tracker();
-        // A packet id already known is a retransmission after a reconnect.
-        if pkid != 0 && tracker.by_pkid.contains_key(&pkid) {
-            return;
-        }
-        if let Some(handed) = tracker.handed.pop_front()
-            && pkid != 0
-        {
-            tracker.by_pkid.insert(pkid, handed);
-        }
+    fn delivered(&self, tag: Tag) {
+        self.bridge.local.acked(tag);
     }
 
-    fn acked(&self, pkid: u16) {
-        let Some(handed) = self.tracker().by_pkid.remove(&pkid) else {
-            return;
-        };
-        if let Some(tx) = &*self.acks.lock().unwrap_or_else(PoisonError::into_inner) {
-            let _ = tx.send(handed);
-        }
+    fn rejected(&self, tag: Tag, topic: &str, reason: &str) {
+        self.bridge.refused(topic, reason, "local broker");
+        // Handled: the platform must not send it again.
+        self.bridge.local.acked(tag);
     }
 }
 
@@ -197,7 +218,7 @@ fn qos_of(qos: u8) -> QoS {
 }
 
 /// A message from the local broker as the bridge carries it; `None` if
-/// its topic is not UTF-8 (MQTT requires it; rumqttc does not check).
+/// its topic is not UTF-8 (MQTT requires it; the codec does not check).
 fn message_of(publish: &Publish) -> Option<Message> {
     let topic = std::str::from_utf8(&publish.topic).ok()?.to_owned();
     let p = publish.properties.clone().unwrap_or_default();
@@ -217,69 +238,15 @@ fn message_of(publish: &Publish) -> Option<Message> {
     })
 }
 
-/// Starts polling the client and the outbox intake.
-pub(super) fn spawn(bridge: Arc<Bridge>, events: EventLoop) {
-    let (intake_tx, intake_rx) = mpsc::channel(INTAKE_QUEUE);
-    tokio::spawn(poll(bridge.clone(), events, intake_tx));
-    tokio::spawn(intake(bridge, intake_rx));
-}
-
-async fn poll(bridge: Arc<Bridge>, mut events: EventLoop, intake: mpsc::Sender<Publish>) {
-    let local = &bridge.local;
-    let mut retry = Duration::from_secs(1);
-    let mut reported = false;
-    loop {
-        match events.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                info!(broker = %bridge.config.broker, "connected to the local MQTT broker");
-                retry = Duration::from_secs(1);
-                reported = false;
-                let filters = local.filters.iter().map(|(f, qos)| Filter {
-                    nolocal: true,
-                    ..Filter::new(f.clone(), *qos)
-                });
-                if let Err(e) = local.client.try_subscribe_many(filters) {
-                    warn!(cause = %e, "cannot subscribe on the local MQTT broker");
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                if publish.qos == QoS::AtMostOnce {
-                    match message_of(&publish) {
-                        Some(m) if m.check(bridge.config.max_payload).is_ok() => {
-                            bridge.send_live(m)
-                        }
-                        _ => refuse(&bridge, &publish),
-                    }
-                } else if intake.send(publish).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let failed = ack
-                    .return_codes
-                    .iter()
-                    .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-                    .count();
-                if failed > 0 {
-                    warn!(failed, filters = ?local.filters, "the local MQTT broker refused some of the agent's subscriptions");
-                }
-            }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => local.outgoing(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => local.acked(ack.pkid),
-            Ok(Event::Incoming(Packet::PubComp(comp))) => local.acked(comp.pkid),
-            Ok(_) => {}
-            Err(e) => {
-                if reported {
-                    debug!(cause = %e, "local MQTT broker still unreachable");
-                } else {
-                    warn!(broker = %bridge.config.broker, cause = %e, retry_in = ?retry, "cannot reach the local MQTT broker; retrying");
-                    reported = true;
-                }
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(MAX_RETRY);
-            }
-        }
-    }
+/// Starts the client and the outbox intake.
+pub(super) fn spawn(bridge: Arc<Bridge>, client: client::Client) {
+    let (tx, rx) = mpsc::channel(INTAKE_QUEUE);
+    let deliveries = Arc::new(Intake {
+        bridge: bridge.clone(),
+        tx,
+    });
+    tokio::spawn(client::run(client, deliveries));
+    tokio::spawn(intake(bridge, rx));
 }
 
 /// A message from the local broker the bridge cannot carry: refused,
@@ -347,7 +314,7 @@ impl DropReport {
     }
 }
 
-async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Publish>) {
+async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Inbound>) {
     let mut drops = DropReport::default();
     loop {
         let received = match drops.due() {
@@ -373,7 +340,7 @@ async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Publish>) {
             }
         }
         let mut messages = Vec::with_capacity(batch.len());
-        for publish in &batch {
+        for Inbound { publish, .. } in &batch {
             match message_of(publish) {
                 Some(m) if m.check(bridge.config.max_payload).is_ok() => messages.push(m),
                 _ => refuse(&bridge, publish),
@@ -383,16 +350,23 @@ async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Publish>) {
         let mut retry = Duration::from_millis(100);
         loop {
             let batch = messages.clone();
-            match bridge.with_outbox(move |o| o.append(&batch)).await {
-                Ok(dropped) => {
+            // Numbered from the outbox's next number, read under the same
+            // lock as the append.
+            let append = move |o: &mut Outbox| {
+                let first = o.stats().next;
+                o.append(&batch).map(|dropped| (first, dropped))
+            };
+            match bridge.with_outbox(append).await {
+                Ok((first, dropped)) => {
                     let now = tokio::time::Instant::now().into_std();
                     report_drops(&bridge, drops.add(dropped, now));
-                    let next = bridge
-                        .stats
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .next;
-                    bridge.appended.send_replace(next);
+                    let recent = (dropped == 0).then(|| {
+                        Arc::new(super::Recent {
+                            first,
+                            messages: messages.clone(),
+                        })
+                    });
+                    bridge.appended.send_replace(super::Appended { recent });
                     break;
                 }
                 Err(e) => {
@@ -404,10 +378,13 @@ async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Publish>) {
                 }
             }
         }
-        for publish in &batch {
-            if let Err(e) = bridge.local.client.ack(publish).await {
-                debug!(cause = %e, "cannot acknowledge on the local MQTT broker");
-            }
+        // All of the batch at once, per connection that delivered it.
+        for run in batch.chunk_by(|a, b| a.connection == b.connection) {
+            let packets = run
+                .iter()
+                .map(|i| (i.publish.pkid, i.publish.qos))
+                .collect();
+            bridge.local.client.ack(run[0].connection, packets);
         }
     }
 }

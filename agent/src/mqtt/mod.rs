@@ -2,8 +2,8 @@
 //! over the tunnel's `mqtt` stream (`docs/mqtt.md`, `docs/protocol.md`
 //! §19).
 //!
-//! This module owns the agent's MQTT client of the local broker
-//! ([`local`]), the durable outbox of QoS 1 and 2 messages
+//! This module owns the agent's connection to the local broker
+//! ([`client`]) and what the bridge does with it ([`local`]), the durable outbox of QoS 1 and 2 messages
 //! ([`outbox`]), and one `mqtt` stream per tunnel session ([`stream`]). A
 //! message from the local broker is acknowledged there only once it is in
 //! the outbox (QoS 1 and 2) or handed to a live stream (QoS 0); it leaves
@@ -16,6 +16,7 @@
 //! broker's password, and never publishes on the local broker what the
 //! platform did not route to this device.
 
+pub mod client;
 pub mod local;
 pub mod outbox;
 pub mod stream;
@@ -95,6 +96,21 @@ struct Counters {
     received: AtomicU64,
 }
 
+/// The last batch appended to the outbox: a stream that has sent
+/// everything before it sends it from memory instead of reading it back.
+#[derive(Clone, Debug, Default)]
+struct Appended {
+    /// The batch, numbered from `first`, unless the append dropped
+    /// messages to make room (then only the outbox knows what is left).
+    recent: Option<Arc<Recent>>,
+}
+
+#[derive(Debug)]
+struct Recent {
+    first: u64,
+    messages: Arc<Vec<Message>>,
+}
+
 /// The bridge's shared state: the outbox, the local client, the counters.
 pub struct Bridge {
     config: MqttConfig,
@@ -103,8 +119,8 @@ pub struct Bridge {
     /// The outbox's figures after its last change (read without waiting
     /// for a write in progress).
     stats: Mutex<outbox::OutboxStats>,
-    /// The outbox's next sequence number, announced after each append.
-    appended: watch::Sender<u64>,
+    /// The last append, announced to the live stream.
+    appended: watch::Sender<Appended>,
     /// The live stream's QoS 0 queue, while a stream is up.
     live: Mutex<Option<mpsc::Sender<Message>>>,
     counters: Counters,
@@ -137,8 +153,8 @@ impl Bridge {
             config.outbox_max_messages,
             now_ms,
         )?;
-        let (local, events) = local::Local::new(config, device)?;
-        let (appended, _) = watch::channel(outbox.stats().next);
+        let (local, client) = local::Local::new(config, device)?;
+        let (appended, _) = watch::channel(Appended::default());
         let bridge = Arc::new(Bridge {
             config: config.clone(),
             device: device.to_owned(),
@@ -150,7 +166,7 @@ impl Bridge {
             audit,
             local,
         });
-        local::spawn(bridge.clone(), events);
+        local::spawn(bridge.clone(), client);
         Ok(bridge)
     }
 

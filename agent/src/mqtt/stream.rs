@@ -15,8 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use std::sync::atomic::Ordering::Relaxed;
+
 use tether_proto::mqtt::{
-    Figures, Frame, FrameDecoder, MqttError as WireError, Namespace, Refusal, Subscription,
+    Figures, Frame, FrameDecoder, Hello, Message, MqttError as WireError, Namespace, Refusal,
+    Subscription,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -82,28 +85,9 @@ where
         Ok(Err(e)) => return Err(e),
     };
     let namespace = Namespace::new(&hello.team, &bridge.device).map_err(StreamError::Namespace)?;
-    let max_payload = (hello.max_payload as usize).min(bridge.config.max_payload);
     info!(namespace = %namespace.prefix(), delivered = hello.delivered, "MQTT bridge up");
-
-    let mut out = BytesMut::new();
-    let filters = bridge
-        .config
-        .subscribe
-        .clone()
-        .unwrap_or_else(|| namespace.default_inbound());
-    let topics = Topics::new(&bridge.config.topics, &namespace, &bridge.device);
-    let mut subscriptions = Vec::new();
-    let filters = filters
-        .into_iter()
-        .map(|f| (f, 2))
-        .chain(topics.remote_filters());
-    for (filter, qos) in filters {
-        match namespace.check_subscribe(&filter) {
-            Ok(()) => subscriptions.push(Subscription { filter, qos }),
-            Err(e) => bridge.refused(&filter, &e.to_string(), "agent"),
-        }
-    }
-    Frame::Subscribe(subscriptions).encode(&mut out)?;
+    let mut flow = Flow::new(bridge.clone(), namespace, &hello);
+    flow.subscribe()?;
 
     let (live_tx, mut live_rx) = mpsc::channel(super::LIVE_QUEUE);
     let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
@@ -115,102 +99,26 @@ where
     let _reset = Reset(bridge.clone());
 
     let mut appended = bridge.appended.subscribe();
-    // Sent and not acknowledged: (seq, bytes).
-    let mut in_flight: VecDeque<(u64, usize)> = VecDeque::new();
-    let mut in_flight_bytes = 0usize;
-    let mut sent_up_to = hello.delivered;
     let mut caught_up = false;
-    // Platform messages: the highest seq received in this epoch, and those
-    // published locally but not yet acknowledged there.
-    let epoch = hello.epoch;
-    let mut received_up_to = 0u64;
-    let mut outstanding: BTreeSet<u64> = BTreeSet::new();
-    let mut acked_to_platform = 0u64;
-    // Platform acknowledgements: the highest, and the highest deleted.
-    let mut acked_by_platform = hello.delivered;
-    let mut deleted = hello.delivered;
     let mut figures_tick = tokio::time::interval(FIGURES_EVERY);
     let mut last_figures = Figures::default();
     if hello.delivered > 0 {
-        let next = bridge
-            .stats
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .next;
-        if hello.delivered >= next {
-            tracing::warn!(
-                platform = hello.delivered,
-                device = next,
-                "the platform holds MQTT messages numbered beyond this device's outbox: was the state directory restored from a copy? New messages are numbered after the platform's"
-            );
-        }
-        let delivered = hello.delivered;
-        bridge
-            .with_outbox(move |o| {
-                o.ack(delivered)?;
-                o.skip_to(delivered + 1)
-            })
-            .await?;
+        resume(&bridge, hello.delivered).await?;
     }
 
     loop {
-        if !out.is_empty() {
-            wr.write_all(&out).await?;
+        if !flow.out.is_empty() {
+            wr.write_all(&flow.out).await?;
             wr.flush().await?;
-            out.clear();
+            flow.out.clear();
         }
-        if !caught_up && in_flight.len() < WINDOW_MESSAGES && in_flight_bytes < WINDOW_BYTES {
-            let after = sent_up_to;
+        if !caught_up && flow.window_open() {
+            let after = flow.sent_up_to;
             let batch = bridge
                 .with_outbox(move |o| o.read_after(after, READ_BATCH, WINDOW_BYTES))
                 .await?;
-            if batch.is_empty() {
-                caught_up = true;
-                continue;
-            }
-            for (seq, message) in batch {
-                sent_up_to = seq;
-                let checked = match message {
-                    None => Err((
-                        "(unreadable)".to_owned(),
-                        "the stored message cannot be read".to_owned(),
-                    )),
-                    Some(m) => {
-                        let m = topics.to_wire(m);
-                        match namespace
-                            .check_publish(&m.topic)
-                            .and_then(|()| m.check(max_payload))
-                        {
-                            Ok(()) => Ok(m),
-                            Err(e) => Err((m.topic.clone(), e.to_string())),
-                        }
-                    }
-                };
-                let message = match checked {
-                    Ok(m) => m,
-                    Err((topic, reason)) => {
-                        // Its number goes to the platform, never the
-                        // message: the platform counts it as handled.
-                        bridge.refused(&topic, &reason, "agent");
-                        let start = out.len();
-                        Frame::Refused(Refusal { seq, topic, reason }).encode(&mut out)?;
-                        in_flight.push_back((seq, out.len() - start));
-                        in_flight_bytes += out.len() - start;
-                        continue;
-                    }
-                };
-                let start = out.len();
-                Frame::Publish { seq, message }.encode(&mut out)?;
-                in_flight.push_back((seq, out.len() - start));
-                in_flight_bytes += out.len() - start;
-                bridge
-                    .counters
-                    .sent
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if in_flight.len() >= WINDOW_MESSAGES || in_flight_bytes >= WINDOW_BYTES {
-                    break;
-                }
-            }
+            caught_up = batch.is_empty();
+            flow.send_stored(batch)?;
             continue;
         }
         tokio::select! {
@@ -221,83 +129,293 @@ where
                 // through the blocking pool each.
                 let mut next = Some(frame?);
                 while let Some(frame) = next.take() {
-                    match frame {
-                        Frame::Ack { seq } => {
-                            while let Some(&(s, bytes)) = in_flight.front() && s <= seq {
-                                in_flight.pop_front();
-                                in_flight_bytes -= bytes;
-                            }
-                            acked_by_platform = acked_by_platform.max(seq);
-                            if acked_by_platform.saturating_sub(deleted) >= DELETE_BATCH
-                                || (in_flight.is_empty() && acked_by_platform > deleted)
-                            {
-                                let upto = acked_by_platform;
-                                bridge.with_outbox(move |o| o.ack(upto)).await?;
-                                deleted = upto;
-                            }
-                        }
-                        Frame::Refused(r) => {
-                            bridge.refused(&r.topic, &r.reason, "platform");
-                        }
-                        Frame::Publish { seq, message } => {
-                            bridge.counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let routed = namespace.delivers(&message.topic)
-                                && message.check(bridge.config.max_payload).is_ok();
-                            if seq != 0 && seq <= received_up_to {
-                                // Sent again after a reconnect: handled or on its way.
-                            } else if !routed {
-                                bridge.refused(&message.topic, "the platform routed a message outside this device's namespace or over its limits", "agent");
-                                received_up_to = received_up_to.max(seq);
-                            } else {
-                                received_up_to = received_up_to.max(seq);
-                                if seq != 0 {
-                                    outstanding.insert(seq);
-                                }
-                                if !bridge.local.publish(epoch, seq, topics.to_local(message)).await {
-                                    return Err(StreamError::Closed);
-                                }
-                            }
-                            ack_platform(&outstanding, received_up_to, &mut acked_to_platform, &mut out)?;
-                        }
-                        Frame::Hello(_) => return Err(StreamError::Unexpected("a second hello")),
-                        Frame::Subscribe(_) | Frame::Figures(_) => {
-                            return Err(StreamError::Unexpected("a device's frame"));
-                        }
-                    }
+                    flow.frame(frame).await?;
                     next = decoder.next_frame()?;
+                }
+                if let Some(upto) = flow.delete_due() {
+                    bridge.with_outbox(move |o| o.ack(upto)).await?;
+                    flow.deleted = upto;
                 }
             }
             changed = appended.changed(), if caught_up => {
                 if changed.is_err() {
                     return Ok(());
                 }
-                caught_up = false;
+                // The batch just appended, from memory when it follows
+                // what was sent; else from the outbox.
+                let recent = appended.borrow_and_update().recent.clone();
+                caught_up = match recent {
+                    Some(recent) if recent.first == flow.sent_up_to + 1 => {
+                        let stored = recent.messages.iter().zip(recent.first..).map(|(m, seq)| (seq, Some(m.clone())));
+                        flow.send_stored(stored)? == recent.messages.len()
+                    }
+                    _ => false,
+                };
             }
             message = live_rx.recv() => {
                 let Some(message) = message else { return Ok(()) };
-                let message = topics.to_wire(message);
-                match namespace.check_publish(&message.topic).and_then(|()| message.check(max_payload)) {
-                    Ok(()) => {
-                        Frame::Publish { seq: 0, message }.encode(&mut out)?;
-                        bridge.counters.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(e) => bridge.refused(&message.topic, &e.to_string(), "agent"),
-                }
+                flow.send_live(message)?;
             }
             ack = acks_rx.recv() => {
-                if let Some((e, seq)) = ack && e == epoch {
-                    outstanding.remove(&seq);
-                    ack_platform(&outstanding, received_up_to, &mut acked_to_platform, &mut out)?;
+                if let Some((epoch, seq)) = ack {
+                    flow.local_acked(epoch, seq)?;
                 }
             }
             _ = figures_tick.tick() => {
                 let figures = bridge.figures();
                 if figures != last_figures {
-                    Frame::Figures(figures.clone()).encode(&mut out)?;
+                    Frame::Figures(figures.clone()).encode(&mut flow.out)?;
                     last_figures = figures;
                 }
             }
         }
+    }
+}
+
+/// The platform holds every message up to `delivered`: they leave the
+/// outbox, and new ones are numbered after them.
+async fn resume(bridge: &Arc<Bridge>, delivered: u64) -> Result<(), StreamError> {
+    let next = bridge
+        .stats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .next;
+    if delivered >= next {
+        tracing::warn!(
+            platform = delivered,
+            device = next,
+            "the platform holds MQTT messages numbered beyond this device's outbox: was the state directory restored from a copy? New messages are numbered after the platform's"
+        );
+    }
+    bridge
+        .with_outbox(move |o| {
+            o.ack(delivered)?;
+            o.skip_to(delivered + 1)
+        })
+        .await?;
+    Ok(())
+}
+
+/// One stream's progress both ways, and the frames it has to send. One
+/// method per thing that happens; the loop in [`run`] does the I/O.
+struct Flow {
+    bridge: Arc<Bridge>,
+    namespace: Namespace,
+    topics: Topics,
+    max_payload: usize,
+    /// The platform's numbering of its messages on this stream.
+    epoch: u64,
+    /// Frames to write.
+    out: BytesMut,
+    /// Outbox messages sent and not acknowledged: `(seq, bytes)`.
+    in_flight: VecDeque<(u64, usize)>,
+    in_flight_bytes: usize,
+    /// The last outbox message sent.
+    sent_up_to: u64,
+    /// The highest the platform acknowledged, and the highest deleted.
+    acked_by_platform: u64,
+    deleted: u64,
+    /// Platform messages: the highest received, those published locally
+    /// and not yet acknowledged there, and the highest acknowledged to the
+    /// platform.
+    received_up_to: u64,
+    outstanding: BTreeSet<u64>,
+    acked_to_platform: u64,
+}
+
+impl Flow {
+    fn new(bridge: Arc<Bridge>, namespace: Namespace, hello: &Hello) -> Flow {
+        let topics = Topics::new(&bridge.config.topics, &namespace, &bridge.device);
+        Flow {
+            max_payload: (hello.max_payload as usize).min(bridge.config.max_payload),
+            bridge,
+            namespace,
+            topics,
+            epoch: hello.epoch,
+            out: BytesMut::new(),
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            sent_up_to: hello.delivered,
+            acked_by_platform: hello.delivered,
+            deleted: hello.delivered,
+            received_up_to: 0,
+            outstanding: BTreeSet::new(),
+            acked_to_platform: 0,
+        }
+    }
+
+    /// The device's subscriptions, those outside its namespace refused.
+    fn subscribe(&mut self) -> Result<(), StreamError> {
+        let config = &self.bridge.config;
+        let filters = config
+            .subscribe
+            .clone()
+            .unwrap_or_else(|| self.namespace.default_inbound())
+            .into_iter()
+            .map(|f| (f, 2))
+            .chain(self.topics.remote_filters());
+        let mut subscriptions = Vec::new();
+        for (filter, qos) in filters {
+            match self.namespace.check_subscribe(&filter) {
+                Ok(()) => subscriptions.push(Subscription { filter, qos }),
+                Err(e) => self.bridge.refused(&filter, &e.to_string(), "agent"),
+            }
+        }
+        Frame::Subscribe(subscriptions).encode(&mut self.out)?;
+        Ok(())
+    }
+
+    fn window_open(&self) -> bool {
+        self.in_flight.len() < WINDOW_MESSAGES && self.in_flight_bytes < WINDOW_BYTES
+    }
+
+    /// Frames outbox messages, in order, until the window is full;
+    /// returns how many it took. One that cannot go (unreadable, outside
+    /// the namespace, too large) is refused and audited, and only its
+    /// number goes to the platform, which counts it as handled.
+    fn send_stored(
+        &mut self,
+        batch: impl IntoIterator<Item = (u64, Option<Message>)>,
+    ) -> Result<usize, StreamError> {
+        let mut taken = 0;
+        for (seq, message) in batch {
+            if !self.window_open() {
+                break;
+            }
+            taken += 1;
+            self.sent_up_to = seq;
+            let start = self.out.len();
+            match self.check(message) {
+                Ok(message) => {
+                    Frame::Publish { seq, message }.encode(&mut self.out)?;
+                    self.bridge.counters.sent.fetch_add(1, Relaxed);
+                }
+                Err((topic, reason)) => {
+                    self.bridge.refused(&topic, &reason, "agent");
+                    Frame::Refused(Refusal { seq, topic, reason }).encode(&mut self.out)?;
+                }
+            }
+            let bytes = self.out.len() - start;
+            self.in_flight.push_back((seq, bytes));
+            self.in_flight_bytes += bytes;
+        }
+        Ok(taken)
+    }
+
+    /// A local message as it goes on the wire, or `(topic, reason)` why it
+    /// cannot.
+    fn check(&self, message: Option<Message>) -> Result<Message, (String, String)> {
+        let Some(message) = message else {
+            return Err((
+                "(unreadable)".to_owned(),
+                "the stored message cannot be read".to_owned(),
+            ));
+        };
+        let m = self.topics.to_wire(message);
+        match self
+            .namespace
+            .check_publish(&m.topic)
+            .and_then(|()| m.check(self.max_payload))
+        {
+            Ok(()) => Ok(m),
+            Err(e) => Err((m.topic, e.to_string())),
+        }
+    }
+
+    /// A QoS 0 message from the local broker: sent now, never stored.
+    fn send_live(&mut self, message: Message) -> Result<(), StreamError> {
+        match self.check(Some(message)) {
+            Ok(message) => {
+                Frame::Publish { seq: 0, message }.encode(&mut self.out)?;
+                self.bridge.counters.sent.fetch_add(1, Relaxed);
+            }
+            Err((topic, reason)) => self.bridge.refused(&topic, &reason, "agent"),
+        }
+        Ok(())
+    }
+
+    /// One frame from the platform.
+    async fn frame(&mut self, frame: Frame) -> Result<(), StreamError> {
+        match frame {
+            Frame::Ack { seq } => self.platform_acked(seq),
+            Frame::Refused(r) => self.bridge.refused(&r.topic, &r.reason, "platform"),
+            Frame::Publish { seq, message } => self.platform_publish(seq, message).await?,
+            Frame::Hello(_) => return Err(StreamError::Unexpected("a second hello")),
+            Frame::Subscribe(_) | Frame::Figures(_) => {
+                return Err(StreamError::Unexpected("a device's frame"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The platform has every outbox message up to `seq`.
+    fn platform_acked(&mut self, seq: u64) {
+        while let Some(&(s, bytes)) = self.in_flight.front()
+            && s <= seq
+        {
+            self.in_flight.pop_front();
+            self.in_flight_bytes -= bytes;
+        }
+        self.acked_by_platform = self.acked_by_platform.max(seq);
+    }
+
+    /// Up to where the outbox should delete now: once [`DELETE_BATCH`]
+    /// numbers are acknowledged, or everything sent is.
+    fn delete_due(&self) -> Option<u64> {
+        let pending = self.acked_by_platform.saturating_sub(self.deleted);
+        let due = pending >= DELETE_BATCH || (self.in_flight.is_empty() && pending > 0);
+        due.then_some(self.acked_by_platform)
+    }
+
+    /// A message the platform routed to this device: published on the
+    /// local broker unless it was seen already or is not this device's.
+    async fn platform_publish(&mut self, seq: u64, message: Message) -> Result<(), StreamError> {
+        self.bridge.counters.received.fetch_add(1, Relaxed);
+        let routed = self.namespace.delivers(&message.topic)
+            && message.check(self.bridge.config.max_payload).is_ok();
+        if seq != 0 && seq <= self.received_up_to {
+            // Sent again after a reconnect: handled or on its way.
+        } else if !routed {
+            self.bridge.refused(
+                &message.topic,
+                "the platform routed a message outside this device's namespace or over its limits",
+                "agent",
+            );
+            self.received_up_to = self.received_up_to.max(seq);
+        } else {
+            self.received_up_to = self.received_up_to.max(seq);
+            if seq != 0 {
+                self.outstanding.insert(seq);
+            }
+            let local = self.topics.to_local(message);
+            if !self.bridge.local.publish(self.epoch, seq, local).await {
+                return Err(StreamError::Closed);
+            }
+        }
+        self.ack_platform()
+    }
+
+    /// The local broker has platform message `seq` of `epoch`.
+    fn local_acked(&mut self, epoch: u64, seq: u64) -> Result<(), StreamError> {
+        if epoch != self.epoch {
+            return Ok(());
+        }
+        self.outstanding.remove(&seq);
+        self.ack_platform()
+    }
+
+    /// Acknowledges to the platform every message up to the first one the
+    /// local broker has not acknowledged yet.
+    fn ack_platform(&mut self) -> Result<(), StreamError> {
+        let watermark = self
+            .outstanding
+            .first()
+            .map_or(self.received_up_to, |first| first - 1);
+        if watermark > self.acked_to_platform {
+            self.acked_to_platform = watermark;
+            Frame::Ack { seq: watermark }.encode(&mut self.out)?;
+        }
+        Ok(())
     }
 }
 
@@ -320,24 +438,6 @@ async fn next_frame<R: AsyncRead + Unpin>(
         }
         decoder.push(&buf[..n]);
     }
-}
-
-/// Acknowledges to the platform every message up to the first one the
-/// local broker has not acknowledged yet.
-fn ack_platform(
-    outstanding: &BTreeSet<u64>,
-    received_up_to: u64,
-    acked: &mut u64,
-    out: &mut BytesMut,
-) -> Result<(), StreamError> {
-    let watermark = outstanding
-        .first()
-        .map_or(received_up_to, |first| first - 1);
-    if watermark > *acked {
-        *acked = watermark;
-        Frame::Ack { seq: watermark }.encode(out)?;
-    }
-    Ok(())
 }
 
 /// Detaches the stream's channels from the bridge when it ends.
@@ -431,5 +531,111 @@ mod tests {
         let figures = bridge.figures();
         assert_eq!((figures.refused, figures.received), (1, 2), "{figures:?}");
         task.abort();
+    }
+
+    /// A stream's progress for device `dev-a` of team `t`, its bridge's
+    /// local broker unreachable (nothing is published anywhere).
+    fn flow(dir: &std::path::Path) -> Flow {
+        let audit =
+            Arc::new(AuditQueue::open(dir, 4 << 20, crate::clock::Clock::system()).unwrap());
+        let config = MqttConfig {
+            broker: "127.0.0.1:9".into(),
+            ..MqttConfig::default()
+        };
+        let bridge = Bridge::start(&config, dir, "dev-a", audit, 0).unwrap();
+        let namespace = Namespace::new("t", "dev-a").unwrap();
+        let hello = Hello {
+            team: "t".into(),
+            epoch: 7,
+            delivered: 0,
+            max_payload: 1 << 20,
+        };
+        Flow::new(bridge, namespace, &hello)
+    }
+
+    fn message(topic: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            qos: 1,
+            retain: false,
+            properties: Properties::default(),
+            payload: bytes::Bytes::from_static(b"x"),
+        }
+    }
+
+    fn frames(out: &mut BytesMut) -> Vec<Frame> {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(out);
+        out.clear();
+        std::iter::from_fn(|| decoder.next_frame().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn stored_messages_fill_the_window_and_one_outside_the_namespace_goes_as_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut flow = flow(dir.path());
+        let batch = (1..=WINDOW_MESSAGES as u64 + 5).map(|seq| {
+            let topic = match seq {
+                3 => "tether/t/dev-b/out/x".to_owned(),
+                _ => format!("tether/t/dev-a/out/{seq}"),
+            };
+            (seq, Some(message(&topic)))
+        });
+        assert_eq!(flow.send_stored(batch).unwrap(), WINDOW_MESSAGES);
+        assert!(!flow.window_open());
+        assert_eq!(flow.sent_up_to, WINDOW_MESSAGES as u64);
+        let sent = frames(&mut flow.out);
+        assert_eq!(sent.len(), WINDOW_MESSAGES);
+        assert!(
+            matches!(&sent[2], Frame::Refused(r) if r.seq == 3),
+            "{:?}",
+            sent[2]
+        );
+        assert!(matches!(&sent[3], Frame::Publish { seq: 4, .. }));
+        assert_eq!(flow.bridge.figures().refused, 1);
+
+        // Acknowledgements open the window; deletes wait for a batch of
+        // them or for everything sent.
+        flow.platform_acked(10);
+        assert!(flow.window_open());
+        assert_eq!(flow.delete_due(), None);
+        flow.platform_acked(DELETE_BATCH);
+        assert_eq!(flow.delete_due(), Some(DELETE_BATCH));
+        flow.deleted = DELETE_BATCH;
+        flow.platform_acked(WINDOW_MESSAGES as u64 - 1);
+        assert_eq!(flow.delete_due(), None);
+        flow.platform_acked(WINDOW_MESSAGES as u64);
+        assert_eq!(flow.delete_due(), Some(WINDOW_MESSAGES as u64));
+    }
+
+    #[tokio::test]
+    async fn the_platform_is_acknowledged_up_to_the_first_message_the_local_broker_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut flow = flow(dir.path());
+        for seq in 1..=3 {
+            flow.platform_publish(seq, message("tether/t/dev-a/in/cmd"))
+                .await
+                .unwrap();
+        }
+        // Sent again after a reconnect: not published twice.
+        flow.platform_publish(2, message("tether/t/dev-a/in/cmd"))
+            .await
+            .unwrap();
+        assert_eq!(flow.outstanding.len(), 3);
+        assert!(
+            frames(&mut flow.out).is_empty(),
+            "nothing is acknowledged yet"
+        );
+        flow.local_acked(7, 2).unwrap();
+        flow.local_acked(6, 1).unwrap();
+        assert!(
+            frames(&mut flow.out).is_empty(),
+            "1 is missing; epoch 6 is gone"
+        );
+        flow.local_acked(7, 1).unwrap();
+        assert_eq!(frames(&mut flow.out), [Frame::Ack { seq: 2 }]);
+        flow.local_acked(7, 3).unwrap();
+        assert_eq!(frames(&mut flow.out), [Frame::Ack { seq: 3 }]);
+        assert_eq!(flow.bridge.figures().received, 4);
     }
 }
