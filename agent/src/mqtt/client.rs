@@ -229,9 +229,10 @@ impl Slots {
         if !self.free() {
             return None;
         }
-        let window = self.window;
+        let window = u32::from(self.window);
+        let last = u32::from(self.last);
         let pkid = (1..=window)
-            .map(|i| (self.last + i - 1) % window + 1)
+            .map(|i| ((last + i - 1) % window + 1) as u16)
             .find(|&p| self.by_pkid[usize::from(p)].is_none())?;
         self.order += 1;
         self.by_pkid[usize::from(pkid)] = Some(Slot {
@@ -408,7 +409,9 @@ impl<D: Deliveries> Link<'_, D> {
         pending: Vec<Request>,
     ) -> Result<(), LinkError> {
         let settings = &client.settings;
-        let mut keep_alive = settings.keep_alive;
+        let mut keep_alive = settings.keep_alive.max(Duration::from_secs(1));
+        // This broker's limits, not the last one's.
+        self.slots.window = settings.inflight;
         if let Some(p) = &connack.properties {
             self.max_out = p.max_packet_size;
             if let Some(window) = p.receive_max {
