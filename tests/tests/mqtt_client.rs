@@ -4,7 +4,8 @@
 //! them, one acknowledgement call for a whole batch releases the rest in
 //! order, and the platform's messages reach a subscriber in order and are
 //! reported delivered, through more of them than the agent's packet ids
-//! (so ids are reused as the broker acknowledges them).
+//! (so ids are reused as the broker acknowledges them); an idle gap longer
+//! than several keep-alive periods keeps the same connection.
 //!
 //! Needs mosquitto (`.ci/run` installs it).
 
@@ -57,7 +58,8 @@ async fn the_broker_waits_for_batched_acknowledgements_and_platform_messages_arr
         port: broker.port,
         tls: None,
         client_id: "tetherd-test".into(),
-        keep_alive: Duration::from_secs(30),
+        // Short, so the idle gap below outlasts several of them.
+        keep_alive: Duration::from_secs(1),
         session_expiry: 60,
         inflight: INFLIGHT,
         max_packet: 1 << 20,
@@ -159,5 +161,19 @@ async fn the_broker_waits_for_batched_acknowledgements_and_platform_messages_arr
     assert_eq!(arrived, (0..50).collect::<Vec<_>>());
     let tags = drain(&mut delivered, Duration::from_millis(300)).await;
     assert_eq!(tags, (0..50).map(|n| (9, n)).collect::<Vec<_>>());
+
+    // Idle for more than three keep-alive periods (mosquitto drops a client
+    // silent for one and a half): the pings keep the same connection up.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    flow.client
+        .publish("dev/out/n", QoS::AtLeastOnce, false, b"41".to_vec())
+        .await
+        .unwrap();
+    let (after_idle, publish) = tokio::time::timeout(Duration::from_secs(5), received.recv())
+        .await
+        .expect("a message after the idle gap")
+        .unwrap();
+    assert_eq!(&publish.payload[..], b"41");
+    assert_eq!(after_idle, connection, "no reconnect over the idle gap");
     task.abort();
 }

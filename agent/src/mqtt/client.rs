@@ -133,8 +133,6 @@ pub trait Deliveries: Send + Sync + 'static {
     fn delivered(&self, tag: Tag);
     /// The broker would not take the platform message `tag` on `topic`.
     fn rejected(&self, tag: Tag, topic: &str, reason: &str);
-    /// Connected (again).
-    fn connected(&self) {}
 }
 
 /// The bridge's side of the connection.
@@ -261,23 +259,28 @@ impl Slots {
 
 /// Runs the client until the bridge is gone: connects, runs each
 /// connection until it fails, and connects again with a growing pause.
-pub async fn run<D: Deliveries>(mut client: Client, deliveries: Arc<D>) {
-    let mut state = MqttState::new(client.settings.inflight, true);
-    let mut slots = Slots::new(client.settings.inflight);
+pub async fn run<D: Deliveries>(client: Client, deliveries: Arc<D>) {
+    let Client {
+        settings,
+        mut outbound,
+        mut acks,
+    } = client;
+    let mut state = MqttState::new(settings.inflight, true);
+    let mut slots = Slots::new(settings.inflight);
     let mut pending: Vec<Request> = Vec::new();
     let mut retry = Duration::from_secs(1);
     let mut reported = false;
     let mut connection = 0u64;
-    let broker = format!("{}:{}", client.settings.host, client.settings.port);
+    let broker = format!("{}:{}", settings.host, settings.port);
     loop {
-        let failure = match connect(&client.settings).await {
+        let failure = match connect(&settings).await {
             Ok((io, connack, read)) => {
                 connection += 1;
                 info!(broker, "connected to the local MQTT broker");
                 retry = Duration::from_secs(1);
                 reported = false;
-                deliveries.connected();
                 let mut link = Link {
+                    settings: &settings,
                     io,
                     read,
                     write: BytesMut::new(),
@@ -288,7 +291,12 @@ pub async fn run<D: Deliveries>(mut client: Client, deliveries: Arc<D>) {
                     max_out: None,
                 };
                 let ended = link
-                    .run(&mut client, connack, std::mem::take(&mut pending))
+                    .run(
+                        &mut outbound,
+                        &mut acks,
+                        connack,
+                        std::mem::take(&mut pending),
+                    )
                     .await;
                 pending = resend(&mut state, &slots);
                 match ended {
@@ -388,6 +396,7 @@ async fn connect(settings: &Settings) -> Result<(Box<dyn Io>, ConnAck, BytesMut)
 
 /// One connection, up.
 struct Link<'a, D> {
+    settings: &'a Settings,
     io: Box<dyn Io>,
     read: BytesMut,
     write: BytesMut,
@@ -404,11 +413,12 @@ impl<D: Deliveries> Link<'_, D> {
     /// (`Ok`).
     async fn run(
         &mut self,
-        client: &mut Client,
+        outbound: &mut mpsc::Receiver<Outbound>,
+        acks: &mut mpsc::UnboundedReceiver<Acks>,
         connack: ConnAck,
         pending: Vec<Request>,
     ) -> Result<(), LinkError> {
-        let settings = &client.settings;
+        let settings = self.settings;
         let mut keep_alive = settings.keep_alive.max(Duration::from_secs(1));
         // This broker's limits, not the last one's.
         self.slots.window = settings.inflight;
@@ -458,25 +468,25 @@ impl<D: Deliveries> Link<'_, D> {
                         }
                     }
                 }
-                acks = client.acks.recv() => {
-                    let Some(acks) = acks else { return Ok(()) };
-                    self.acks(acks)?;
+                batch = acks.recv() => {
+                    let Some(batch) = batch else { return Ok(()) };
+                    self.acks(batch)?;
                     for _ in 1..TURN {
-                        match client.acks.try_recv() {
-                            Ok(acks) => self.acks(acks)?,
+                        match acks.try_recv() {
+                            Ok(batch) => self.acks(batch)?,
                             Err(_) => break,
                         }
                     }
                 }
-                outbound = client.outbound.recv(), if free => {
-                    let Some(outbound) = outbound else { return Ok(()) };
-                    self.publish(outbound)?;
+                next = outbound.recv(), if free => {
+                    let Some(next) = next else { return Ok(()) };
+                    self.publish(next)?;
                     for _ in 1..TURN {
                         if !self.slots.free() {
                             break;
                         }
-                        match client.outbound.try_recv() {
-                            Ok(outbound) => self.publish(outbound)?,
+                        match outbound.try_recv() {
+                            Ok(next) => self.publish(next)?,
                             Err(_) => break,
                         }
                     }
@@ -525,14 +535,17 @@ impl<D: Deliveries> Link<'_, D> {
                 }
                 Packet::PubComp(comp) => self.done(comp.pkid, None),
                 Packet::SubAck(ack) => {
-                    let failed = ack
+                    // Codes come in the order of the filters asked for.
+                    let refused: Vec<String> = ack
                         .return_codes
                         .iter()
-                        .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-                        .count();
-                    if failed > 0 {
+                        .zip(&self.settings.filters)
+                        .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
+                        .map(|(code, (filter, _))| format!("{filter} ({code:?})"))
+                        .collect();
+                    if !refused.is_empty() {
                         warn!(
-                            failed,
+                            ?refused,
                             "the local MQTT broker refused some of the agent's subscriptions"
                         );
                     }
@@ -674,5 +687,129 @@ mod tests {
             sent,
             [(7, 0, true), (8, 1, true), (1, 2, true), (2, 3, true)]
         );
+    }
+
+    /// What a connection reported.
+    #[derive(Default)]
+    struct Record {
+        delivered: std::sync::Mutex<Vec<Tag>>,
+        rejected: std::sync::Mutex<Vec<(Tag, String)>>,
+    }
+
+    impl Deliveries for Record {
+        async fn received(&self, _: u64, _: Publish) -> bool {
+            true
+        }
+        fn delivered(&self, tag: Tag) {
+            self.delivered.lock().unwrap().push(tag);
+        }
+        fn rejected(&self, tag: Tag, _: &str, reason: &str) {
+            self.rejected.lock().unwrap().push((tag, reason.to_owned()));
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: None,
+            client_id: "t".into(),
+            keep_alive: Duration::from_secs(30),
+            session_expiry: 60,
+            inflight: 4,
+            max_packet: 1 << 20,
+            login: None,
+            filters: vec![("dev/out/#".into(), QoS::AtLeastOnce)],
+        }
+    }
+
+    /// A connection up, over a socket nobody reads: what it would send is
+    /// in `write`.
+    fn link<'a>(
+        settings: &'a Settings,
+        state: &'a mut MqttState,
+        slots: &'a mut Slots,
+        record: &'a Record,
+        connection: u64,
+        max_out: Option<u32>,
+    ) -> Link<'a, Record> {
+        Link {
+            settings,
+            io: Box::new(tokio::io::duplex(64).0),
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+            state,
+            slots,
+            deliveries: record,
+            connection,
+            max_out,
+        }
+    }
+
+    fn packets(mut bytes: BytesMut) -> Vec<Packet> {
+        std::iter::from_fn(|| Packet::read(&mut bytes, None).ok()).collect()
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_go_only_on_the_connection_that_delivered() {
+        let (settings, record) = (settings(), Record::default());
+        let (mut state, mut slots) = (MqttState::new(4, true), Slots::new(4));
+        let mut link = link(&settings, &mut state, &mut slots, &record, 2, None);
+        let acks = |connection| Acks {
+            connection,
+            packets: vec![
+                (5, QoS::AtLeastOnce),
+                (6, QoS::ExactlyOnce),
+                (7, QoS::AtMostOnce),
+            ],
+        };
+        link.acks(acks(1)).unwrap();
+        assert!(
+            link.write.is_empty(),
+            "connection 1 has ended: its ids mean nothing now"
+        );
+        link.acks(acks(2)).unwrap();
+        let sent = packets(link.write.split());
+        assert!(
+            matches!(&sent[..], [Packet::PubAck(a), Packet::PubRec(r)] if a.pkid == 5 && r.pkid == 6),
+            "{sent:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_platform_message_the_broker_cannot_take_is_rejected_and_frees_its_id() {
+        let (settings, record) = (settings(), Record::default());
+        let (mut state, mut slots) = (MqttState::new(4, true), Slots::new(4));
+        let mut link = link(&settings, &mut state, &mut slots, &record, 1, Some(64));
+        let publish = |n: u64, qos, len| Outbound {
+            tag: (1, n),
+            publish: Publish::new("dev/in/x", qos, vec![b'x'; len], None),
+        };
+        // Larger than the broker's maximum packet size: never sent.
+        link.publish(publish(1, QoS::AtLeastOnce, 100)).unwrap();
+        assert!(link.write.is_empty());
+        assert_eq!(link.slots.used, 0);
+        // QoS 2, refused at PUBREC: the exchange ends there.
+        link.publish(publish(2, QoS::ExactlyOnce, 4)).unwrap();
+        let Packet::Publish(sent) = &packets(link.write.split())[0] else {
+            panic!("a publish");
+        };
+        let mut rec = PubRec::new(sent.pkid, None);
+        rec.reason = PubRecReason::QuotaExceeded;
+        link.incoming(Packet::PubRec(rec)).await.unwrap();
+        assert_eq!(link.slots.used, 0, "its id is free again");
+        assert!(link.write.is_empty(), "no release follows a refusal");
+        // QoS 0: delivered once written.
+        link.publish(publish(3, QoS::AtMostOnce, 4)).unwrap();
+        assert_eq!(*record.delivered.lock().unwrap(), [(1, 3)]);
+        let rejected = record.rejected.lock().unwrap();
+        assert_eq!(rejected.len(), 2);
+        assert_eq!(rejected[0].0, (1, 1));
+        assert!(
+            rejected[0].1.contains("more than the local broker takes"),
+            "{rejected:?}"
+        );
+        assert_eq!(rejected[1].0, (1, 2));
+        assert!(rejected[1].1.contains("QuotaExceeded"), "{rejected:?}");
     }
 }

@@ -146,7 +146,9 @@ where
                 let recent = appended.borrow_and_update().recent.clone();
                 caught_up = match recent {
                     Some(recent) if recent.first == flow.sent_up_to + 1 => {
-                        let stored = recent.messages.iter().zip(recent.first..).map(|(m, seq)| (seq, Some(m.clone())));
+                        let stored = (recent.first..)
+                            .zip(recent.messages.iter())
+                            .map(|(seq, m)| (seq, Some(m.clone())));
                         flow.send_stored(stored)? == recent.messages.len()
                     }
                     _ => false,
