@@ -154,8 +154,15 @@ impl Tetherd {
             state.display().to_string()
         );
         std::fs::write(&config_path, config)?;
+        Tetherd::run(tetherd, platform, dir).await
+    }
+
+    /// Runs `tetherd` again on what [`Tetherd::start`] left in `dir` (its
+    /// log appended to), and waits up to 20 s for a tunnel to be up.
+    pub async fn run(tetherd: &Path, platform: &Platform, dir: &Path) -> Result<Tetherd> {
+        let config_path = dir.join("tetherd.toml");
         let log = dir.join("tetherd.log");
-        let log_file = File::create(&log)?;
+        let log_file = File::options().create(true).append(true).open(&log)?;
         let mut child = Command::new(tetherd)
             .arg("run")
             .arg("--config")

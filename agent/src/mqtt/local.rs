@@ -3,11 +3,14 @@
 //! acknowledgements of the platform's messages go.
 //!
 //! This module turns each message from the local broker into a
-//! `tether_proto::mqtt::Message`, appends QoS 1 and 2 messages to the
-//! outbox in batches and acknowledges them to the broker (all of a batch
-//! at once) only after the batch is on disk, hands QoS 0 ones to the live
-//! stream, publishes what the platform sends, and tells the stream when
-//! the local broker acknowledged each of those. The connection itself is
+//! `tether_proto::mqtt::Message` and takes QoS 1 and 2 ones in batches:
+//! held in memory ([`super::tail`]) while a stream keeps up, acknowledged
+//! to the broker when the platform has them; else appended to the outbox
+//! with everything held and acknowledged (all of a batch at once) once on
+//! disk. It writes what is held to disk when it has waited too long or the
+//! stream ended, hands QoS 0 messages to the live stream, publishes what
+//! the platform sends, and tells the stream when the local broker
+//! acknowledged each of those. The connection itself is
 //! [`super::client`]'s. It never talks to the tunnel and never logs the
 //! broker password.
 
@@ -22,7 +25,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::client::{self, Deliveries, Outbound, Tag};
-use super::outbox::Outbox;
+use super::tail::{Receipt, Route};
 use super::{Bridge, MqttError};
 use crate::audit::{Audit, AuditEvent};
 use crate::config::MqttConfig;
@@ -32,8 +35,11 @@ const INTAKE_QUEUE: usize = 4096;
 /// Messages appended to the outbox in one transaction, at most.
 const BATCH: usize = 1024;
 /// Messages the local broker may hold unacknowledged from the agent, and
-/// the agent from it.
-const INFLIGHT: u16 = 1024;
+/// the agent from it: what the tail holds, so that under sustained load
+/// the broker waits for the platform's acknowledgements rather than the
+/// tail overflowing to disk (a tail that does not move goes there after
+/// [`super::tail::MAX_AGE`]).
+const INFLIGHT: u16 = super::tail::MAX_MESSAGES as u16;
 /// Longest pause between attempts to append to the outbox.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// While the outbox stays full, its drops are logged and audited at most
@@ -120,6 +126,15 @@ impl Local {
     /// now up).
     pub(super) fn ack_to(&self, tx: Option<mpsc::UnboundedSender<Tag>>) {
         *self.acks.lock().unwrap_or_else(PoisonError::into_inner) = tx;
+    }
+
+    /// Acknowledges messages of the local broker, in the order given, a
+    /// run per connection.
+    pub(super) fn ack(&self, receipts: &[Receipt]) {
+        for run in receipts.chunk_by(|a, b| a.connection == b.connection) {
+            let packets = run.iter().map(|r| (r.pkid, r.qos)).collect();
+            self.client.ack(run[0].connection, packets);
+        }
     }
 
     fn acked(&self, tag: Tag) {
@@ -317,21 +332,35 @@ impl DropReport {
 async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Inbound>) {
     let mut drops = DropReport::default();
     loop {
-        let received = match drops.due() {
-            Some(due) => match tokio::time::timeout_at(due.into(), rx.recv()).await {
-                Ok(received) => received,
-                Err(_) => {
-                    // Nothing came in for a while: report what is left.
-                    report_drops(
-                        &bridge,
-                        drops.add(0, tokio::time::Instant::now().into_std()),
-                    );
-                    continue;
-                }
-            },
-            None => rx.recv().await,
+        let deadline = [drops.due(), bridge.tail().due()]
+            .into_iter()
+            .flatten()
+            .min();
+        let wait = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
         };
-        let Some(first) = received else { break };
+        let first = tokio::select! {
+            received = rx.recv() => match received {
+                Some(first) => Some(first),
+                None => break,
+            },
+            () = bridge.flush_now.notified() => None,
+            () = wait => None,
+        };
+        let now = tokio::time::Instant::now().into_std();
+        let Some(first) = first else {
+            if bridge.tail().due().is_some_and(|at| at <= now) {
+                store(&bridge, Vec::new(), &mut drops).await;
+            }
+            if drops.due().is_some_and(|at| at <= now) {
+                // Nothing came in for a while: report what is left.
+                report_drops(&bridge, drops.add(0, now));
+            }
+            continue;
+        };
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {
@@ -339,54 +368,132 @@ async fn intake(bridge: Arc<Bridge>, mut rx: mpsc::Receiver<Inbound>) {
                 Err(_) => break,
             }
         }
-        let mut messages = Vec::with_capacity(batch.len());
-        for Inbound { publish, .. } in &batch {
-            match message_of(publish) {
-                Some(m) if m.check(bridge.config.max_payload).is_ok() => messages.push(m),
-                _ => refuse(&bridge, publish),
+        take(&bridge, batch, now, &mut drops).await;
+    }
+}
+
+/// Holds a batch from the local broker, or stores it with everything held.
+async fn take(
+    bridge: &Arc<Bridge>,
+    batch: Vec<Inbound>,
+    now: std::time::Instant,
+    drops: &mut DropReport,
+) {
+    let mut eligible = true;
+    let mut bytes = 0;
+    let mut messages = Vec::with_capacity(batch.len());
+    for Inbound {
+        connection,
+        publish,
+    } in &batch
+    {
+        let receipt = Receipt {
+            connection: *connection,
+            pkid: publish.pkid,
+            qos: publish.qos,
+        };
+        match message_of(publish) {
+            Some(m) if m.check(bridge.config.max_payload).is_ok() => {
+                eligible &= m.qos == 1;
+                bytes += m.size();
+                messages.push((Some(m), receipt));
             }
-        }
-        let messages = Arc::new(messages);
-        let mut retry = Duration::from_millis(100);
-        loop {
-            let batch = messages.clone();
-            // Numbered from the outbox's next number, read under the same
-            // lock as the append.
-            let append = move |o: &mut Outbox| {
-                let first = o.stats().next;
-                o.append(&batch).map(|dropped| (first, dropped))
-            };
-            match bridge.with_outbox(append).await {
-                Ok((first, dropped)) => {
-                    let now = tokio::time::Instant::now().into_std();
-                    report_drops(&bridge, drops.add(dropped, now));
-                    let recent = (dropped == 0).then(|| {
-                        Arc::new(super::Recent {
-                            first,
-                            messages: messages.clone(),
-                        })
-                    });
-                    bridge.appended.send_replace(super::Appended { recent });
-                    break;
-                }
-                Err(e) => {
-                    // The local broker is not acknowledged: it keeps the
-                    // messages and sends no more than its window.
-                    warn!(cause = %e, retry_in = ?retry, "cannot append to the MQTT outbox");
-                    tokio::time::sleep(retry).await;
-                    retry = (retry * 2).min(MAX_RETRY);
-                }
+            _ => {
+                refuse(bridge, publish);
+                eligible = false;
+                messages.push((None, receipt));
             }
-        }
-        // All of the batch at once, per connection that delivered it.
-        for run in batch.chunk_by(|a, b| a.connection == b.connection) {
-            let packets = run
-                .iter()
-                .map(|i| (i.publish.pkid, i.publish.qos))
-                .collect();
-            bridge.local.client.ack(run[0].connection, packets);
         }
     }
+    let mut full_since = None;
+    loop {
+        let route = {
+            let mut tail = bridge.tail();
+            let route = tail.route(messages.len(), bytes, eligible);
+            if route == Route::Hold {
+                // Eligible: every message is there.
+                let held = std::mem::take(&mut messages)
+                    .into_iter()
+                    .filter_map(|(m, r)| m.map(|m| (m, r)));
+                tail.hold(held.collect(), now);
+            }
+            route
+        };
+        match route {
+            Route::Hold => {
+                bridge.appended.send_replace(());
+                return;
+            }
+            Route::Reserve(upto) => match bridge.with_outbox(move |o| o.reserve(upto)).await {
+                Ok(()) => bridge.tail().reserved(upto),
+                Err(e) => {
+                    warn!(cause = %e, "cannot reserve numbers in the MQTT outbox; writing to it");
+                    break;
+                }
+            },
+            Route::Full => {
+                // The platform acknowledges a window at a time: wait for
+                // room a moment before writing everything to disk.
+                let deadline = *full_since
+                    .get_or_insert_with(|| tokio::time::Instant::now() + super::tail::FULL_WAIT);
+                if tokio::time::timeout_at(deadline, bridge.room.notified())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Route::Store => break,
+        }
+    }
+    store(bridge, messages, drops).await;
+}
+
+/// Appends everything held and `batch` to the outbox (retrying until it
+/// can: the local broker is not acknowledged meanwhile, keeps the messages
+/// and sends no more than its window), then acknowledges them to the
+/// local broker. A refused message of `batch` (`None`) is not stored but
+/// acknowledged in its place.
+async fn store(
+    bridge: &Arc<Bridge>,
+    batch: Vec<(Option<Message>, Receipt)>,
+    drops: &mut DropReport,
+) {
+    let receipts: Vec<Receipt> = batch.iter().map(|(_, r)| *r).collect();
+    let messages: Vec<Message> = batch.into_iter().filter_map(|(m, _)| m).collect();
+    let plan = Arc::new(bridge.tail().plan(messages));
+    let mut retry = Duration::from_millis(100);
+    loop {
+        let append = plan.clone();
+        match bridge.with_outbox(move |o| o.append(&append.records)).await {
+            Ok(dropped) => {
+                report_drops(
+                    bridge,
+                    drops.add(dropped, tokio::time::Instant::now().into_std()),
+                );
+                break;
+            }
+            Err(e) => {
+                warn!(cause = %e, retry_in = ?retry, "cannot append to the MQTT outbox");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(MAX_RETRY);
+            }
+        }
+    }
+    let delete_through = {
+        let mut tail = bridge.tail();
+        let stored = tail.stored(&plan);
+        // Under the tail's lock: what was held first, then the batch.
+        bridge.local.ack(&stored.receipts);
+        bridge.local.ack(&receipts);
+        stored.delete_through
+    };
+    if let Some(upto) = delete_through
+        && let Err(e) = bridge.with_outbox(move |o| o.ack(upto)).await
+    {
+        debug!(cause = %e, "cannot delete acknowledged messages from the MQTT outbox yet");
+    }
+    bridge.appended.send_replace(());
 }
 
 #[cfg(test)]

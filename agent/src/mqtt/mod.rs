@@ -3,11 +3,13 @@
 //! §19).
 //!
 //! This module owns the agent's connection to the local broker
-//! ([`client`]) and what the bridge does with it ([`local`]), the durable outbox of QoS 1 and 2 messages
-//! ([`outbox`]), and one `mqtt` stream per tunnel session ([`stream`]). A
-//! message from the local broker is acknowledged there only once it is in
-//! the outbox (QoS 1 and 2) or handed to a live stream (QoS 0); it leaves
-//! the outbox only once the platform acknowledged it. The namespace
+//! ([`client`]) and what the bridge does with it ([`local`]), the durable
+//! outbox of QoS 1 and 2 messages ([`outbox`]) and its write-behind tail
+//! in memory ([`tail`]), and one `mqtt` stream per tunnel session
+//! ([`stream`]). A QoS 1 or 2 message from the local broker is
+//! acknowledged there only once it is in the outbox file or the platform's
+//! broker has it (QoS 0: once handed to a live stream); it leaves the
+//! outbox only once the platform acknowledged it. The namespace
 //! (`tether_proto::mqtt::Namespace`) is applied before anything leaves the
 //! device, and each refusal is audited.
 //!
@@ -20,13 +22,14 @@ pub mod client;
 pub mod local;
 pub mod outbox;
 pub mod stream;
+pub mod tail;
 pub mod topics;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tether_proto::mqtt::{Figures, Message};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::audit::{Audit, AuditEvent, AuditQueue};
 use crate::config::MqttConfig;
@@ -96,21 +99,6 @@ struct Counters {
     received: AtomicU64,
 }
 
-/// The last batch appended to the outbox: a stream that has sent
-/// everything before it sends it from memory instead of reading it back.
-#[derive(Clone, Debug, Default)]
-struct Appended {
-    /// The batch, numbered from `first`, unless the append dropped
-    /// messages to make room (then only the outbox knows what is left).
-    recent: Option<Arc<Recent>>,
-}
-
-#[derive(Debug)]
-struct Recent {
-    first: u64,
-    messages: Arc<Vec<Message>>,
-}
-
 /// The bridge's shared state: the outbox, the local client, the counters.
 pub struct Bridge {
     config: MqttConfig,
@@ -119,8 +107,17 @@ pub struct Bridge {
     /// The outbox's figures after its last change (read without waiting
     /// for a write in progress).
     stats: Mutex<outbox::OutboxStats>,
-    /// The last append, announced to the live stream.
-    appended: watch::Sender<Appended>,
+    /// Messages held in memory on their way to the platform, and the
+    /// numbering (`tail`).
+    tail: Mutex<tail::Tail>,
+    /// Bumped when there are new messages to send (held or stored).
+    appended: watch::Sender<()>,
+    /// Tells the intake to write what is held to disk now (the stream
+    /// ended).
+    flush_now: Notify,
+    /// Tells the intake that held messages were released (room in the
+    /// tail).
+    room: Notify,
     /// The live stream's QoS 0 queue, while a stream is up.
     live: Mutex<Option<mpsc::Sender<Message>>>,
     counters: Counters,
@@ -154,13 +151,16 @@ impl Bridge {
             now_ms,
         )?;
         let (local, client) = local::Local::new(config, device)?;
-        let (appended, _) = watch::channel(Appended::default());
+        let stats = outbox.stats();
         let bridge = Arc::new(Bridge {
             config: config.clone(),
             device: device.to_owned(),
-            stats: Mutex::new(outbox.stats()),
+            stats: Mutex::new(stats),
             outbox: Mutex::new(outbox),
-            appended,
+            tail: Mutex::new(tail::Tail::new(stats.next, stats.last)),
+            appended: watch::channel(()).0,
+            flush_now: Notify::new(),
+            room: Notify::new(),
             live: Mutex::new(None),
             counters: Counters::default(),
             audit,
@@ -174,6 +174,30 @@ impl Bridge {
         // Nothing panics while holding it; a poisoned outbox is still the
         // file's last committed state.
         self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, tail::Tail> {
+        self.tail.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The platform has every message up to `seq`: those held in memory
+    /// are acknowledged to the local broker.
+    fn tail_acked(&self, seq: u64) {
+        let mut tail = self.tail();
+        let receipts = tail.acked(seq);
+        // Under the tail's lock: acknowledgements leave in order.
+        self.local.ack(&receipts);
+        if !receipts.is_empty() {
+            self.room.notify_one();
+        }
+    }
+
+    /// Messages in the outbox file after its last change.
+    fn stored_messages(&self) -> u64 {
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .messages
     }
 
     /// Runs `f` on the outbox on a blocking thread.
@@ -200,10 +224,11 @@ impl Bridge {
     /// The bridge's figures now.
     pub fn figures(&self) -> Figures {
         let stats = *self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let (held, held_bytes) = self.tail().len();
         let c = &self.counters;
         Figures {
-            outbox_messages: stats.messages,
-            outbox_bytes: stats.bytes,
+            outbox_messages: stats.messages + held as u64,
+            outbox_bytes: stats.bytes + held_bytes as u64,
             outbox_dropped: stats.dropped,
             qos0_dropped: c.qos0_dropped.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),

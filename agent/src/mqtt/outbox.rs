@@ -9,10 +9,12 @@
 //! acknowledged. Its methods block on disk I/O: callers run them on a
 //! blocking thread. It never talks to a broker or the tunnel.
 //!
-//! Layout: `messages` maps a sequence number (growing by one per message,
+//! Layout: `messages` maps a sequence number (growing with each message,
 //! never reused, also after the outbox empties) to the message as
-//! `tether_proto::mqtt::Message::encode` writes it; `meta` holds the next
-//! sequence number and the number of messages ever dropped. A new outbox
+//! `tether_proto::mqtt::Message::encode` writes it; `meta` holds the lowest
+//! number never handed out (numbers of messages held in memory are
+//! reserved here before they are: [`Outbox::reserve`]) and the number of
+//! messages ever dropped. A new outbox
 //! numbers from the time it is created (milliseconds since the epoch times
 //! 1,000), so a device whose state was wiped never reuses numbers the
 //! platform already holds for it.
@@ -51,8 +53,12 @@ pub struct OutboxStats {
     pub bytes: u64,
     /// Oldest messages ever dropped because the outbox was full.
     pub dropped: u64,
-    /// The sequence number the next message gets.
+    /// The lowest number never handed out (stored, or reserved for
+    /// messages held in memory).
     pub next: u64,
+    /// The highest number ever written (0: none since the outbox opened
+    /// empty).
+    pub last: u64,
 }
 
 /// The outbox file, open.
@@ -133,6 +139,7 @@ impl Outbox {
                 stats.messages += 1;
                 stats.bytes += body.value().len() as u64 + OVERHEAD;
                 stats.next = stats.next.max(seq.value() + 1);
+                stats.last = stats.last.max(seq.value());
             }
             stats
         };
@@ -155,11 +162,11 @@ impl Outbox {
         }
     }
 
-    /// Appends `batch` in one durable transaction, dropping the oldest
-    /// messages the bounds cannot hold; returns how many were dropped
-    /// (messages of the batch itself included when it alone is larger than
-    /// the bounds).
-    pub fn append(&mut self, batch: &[Message]) -> Result<u64, OutboxError> {
+    /// Appends `batch`, numbered in increasing order above everything
+    /// stored, in one durable transaction, dropping the oldest messages the
+    /// bounds cannot hold; returns how many were dropped (messages of the
+    /// batch itself included when it alone is larger than the bounds).
+    pub fn append(&mut self, batch: &[(u64, Message)]) -> Result<u64, OutboxError> {
         if batch.is_empty() {
             return Ok(0);
         }
@@ -171,13 +178,15 @@ impl Outbox {
         {
             let mut messages = txn.open_table(MESSAGES).map_err(|e| self.fail(e))?;
             let mut buf = BytesMut::new();
-            for message in batch {
+            for (seq, message) in batch {
+                debug_assert!(*seq > stats.last || stats.last == 0);
                 buf.clear();
                 message.encode(&mut buf);
                 messages
-                    .insert(stats.next, buf.as_ref())
+                    .insert(*seq, buf.as_ref())
                     .map_err(|e| self.fail(e))?;
-                stats.next += 1;
+                stats.next = stats.next.max(seq + 1);
+                stats.last = stats.last.max(*seq);
                 stats.messages += 1;
                 stats.bytes += buf.len() as u64 + OVERHEAD;
             }
@@ -237,9 +246,17 @@ impl Outbox {
     /// holds numbers up to `next - 1`: this outbox was restored from an
     /// older copy).
     pub fn skip_to(&mut self, next: u64) -> Result<(), OutboxError> {
-        if next <= self.stats.next {
+        self.reserve(next)
+    }
+
+    /// Reserves every number below `upto`, durably: after a crash, new
+    /// messages are numbered above them (messages held in memory took
+    /// them and the platform may have seen them).
+    pub fn reserve(&mut self, upto: u64) -> Result<(), OutboxError> {
+        if upto <= self.stats.next {
             return Ok(());
         }
+        let next = upto;
         let txn = self.db.begin_write().map_err(|e| self.fail(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.fail(e))?;
@@ -295,6 +312,11 @@ mod tests {
     use super::*;
     use tether_proto::mqtt::Properties;
 
+    /// `batch` numbered from the outbox's next number.
+    fn numbered(outbox: &Outbox, batch: &[Message]) -> Vec<(u64, Message)> {
+        (outbox.stats().next..).zip(batch.iter().cloned()).collect()
+    }
+
     fn message(n: usize, len: usize) -> Message {
         Message {
             topic: format!("tether/t/d/out/{n}"),
@@ -310,7 +332,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut outbox = Outbox::open(dir.path(), 1 << 20, 1000, 0).unwrap();
         let batch: Vec<Message> = (0..10).map(|n| message(n, 10)).collect();
-        assert_eq!(outbox.append(&batch).unwrap(), 0);
+        assert_eq!(outbox.append(&numbered(&outbox, &batch)).unwrap(), 0);
         drop(outbox);
         let mut outbox = Outbox::open(dir.path(), 1 << 20, 1000, 0).unwrap();
         assert_eq!(outbox.stats().messages, 10);
@@ -323,7 +345,9 @@ mod tests {
         assert_eq!(outbox.read_after(0, 100, 1 << 20).unwrap()[0].0, 5);
         outbox.ack(10).unwrap();
         // Numbers are never reused once the outbox is empty.
-        outbox.append(&[message(11, 1)]).unwrap();
+        outbox
+            .append(&numbered(&outbox, &[message(11, 1)]))
+            .unwrap();
         drop(outbox);
         let outbox = Outbox::open(dir.path(), 1 << 20, 1000, 0).unwrap();
         assert_eq!(outbox.read_after(0, 100, 1 << 20).unwrap()[0].0, 11);
@@ -340,7 +364,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut outbox = Outbox::open(dir.path(), 1 << 20, 5, 0).unwrap();
         let batch: Vec<Message> = (0..8).map(|n| message(n, 10)).collect();
-        assert_eq!(outbox.append(&batch).unwrap(), 3);
+        assert_eq!(outbox.append(&numbered(&outbox, &batch)).unwrap(), 3);
         let stats = outbox.stats();
         assert_eq!((stats.messages, stats.dropped), (5, 3));
         let read = outbox.read_after(0, 100, 1 << 20).unwrap();
@@ -349,9 +373,8 @@ mod tests {
         drop(outbox);
         let mut small = Outbox::open(dir.path(), 2_000, 1000, 0).unwrap();
         small.ack(u64::MAX).unwrap();
-        small
-            .append(&[message(0, 900), message(1, 900), message(2, 900)])
-            .unwrap();
+        let batch = numbered(&small, &[message(0, 900), message(1, 900), message(2, 900)]);
+        small.append(&batch).unwrap();
         assert!(small.stats().bytes <= 2_000);
         assert_eq!(small.stats().messages, 2);
         drop(small);
@@ -370,8 +393,16 @@ mod tests {
         drop(outbox);
         // Reopened later: the stored number wins over the clock.
         let mut outbox = Outbox::open(dir.path(), 1 << 20, 1000, 1_900_000_000_000).unwrap();
-        outbox.append(&[message(0, 1)]).unwrap();
+        outbox.append(&numbered(&outbox, &[message(0, 1)])).unwrap();
         let read = outbox.read_after(0, 10, 1 << 20).unwrap();
         assert_eq!(read[0].0, 1_800_000_000_000_000);
+        assert_eq!(outbox.stats().last, 1_800_000_000_000_000);
+        // Numbers reserved for messages held in memory are never handed
+        // out again after a reopen; the last stored stays what it was.
+        outbox.reserve(1_800_000_000_070_000).unwrap();
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), 1 << 20, 1000, 0).unwrap();
+        assert_eq!(outbox.stats().next, 1_800_000_000_070_000);
+        assert_eq!(outbox.stats().last, 1_800_000_000_000_000);
     }
 }

@@ -99,12 +99,13 @@ where
     let _reset = Reset(bridge.clone());
 
     let mut appended = bridge.appended.subscribe();
-    let mut caught_up = false;
+    let mut idle = false;
     let mut figures_tick = tokio::time::interval(FIGURES_EVERY);
     let mut last_figures = Figures::default();
     if hello.delivered > 0 {
         resume(&bridge, hello.delivered).await?;
     }
+    bridge.tail().sent(flow.sent_up_to);
 
     loop {
         if !flow.out.is_empty() {
@@ -112,13 +113,13 @@ where
             wr.flush().await?;
             flow.out.clear();
         }
-        if !caught_up && flow.window_open() {
-            let after = flow.sent_up_to;
-            let batch = bridge
-                .with_outbox(move |o| o.read_after(after, READ_BATCH, WINDOW_BYTES))
-                .await?;
-            caught_up = batch.is_empty();
+        if !idle && flow.window_open() {
+            // Seen before reading: what comes after wakes the stream.
+            appended.borrow_and_update();
+            let batch = next_batch(&bridge, flow.sent_up_to).await?;
+            idle = batch.is_empty();
             flow.send_stored(batch)?;
+            bridge.tail().sent(flow.sent_up_to);
             continue;
         }
         tokio::select! {
@@ -133,26 +134,17 @@ where
                     next = decoder.next_frame()?;
                 }
                 if let Some(upto) = flow.delete_due() {
-                    bridge.with_outbox(move |o| o.ack(upto)).await?;
+                    if bridge.stored_messages() > 0 {
+                        bridge.with_outbox(move |o| o.ack(upto)).await?;
+                    }
                     flow.deleted = upto;
                 }
             }
-            changed = appended.changed(), if caught_up => {
+            changed = appended.changed(), if idle => {
                 if changed.is_err() {
                     return Ok(());
                 }
-                // The batch just appended, from memory when it follows
-                // what was sent; else from the outbox.
-                let recent = appended.borrow_and_update().recent.clone();
-                caught_up = match recent {
-                    Some(recent) if recent.first == flow.sent_up_to + 1 => {
-                        let stored = (recent.first..)
-                            .zip(recent.messages.iter())
-                            .map(|(seq, m)| (seq, Some(m.clone())));
-                        flow.send_stored(stored)? == recent.messages.len()
-                    }
-                    _ => false,
-                };
+                idle = false;
             }
             message = live_rx.recv() => {
                 let Some(message) = message else { return Ok(()) };
@@ -174,8 +166,36 @@ where
     }
 }
 
+/// The next messages to send after `after`, in order: from the outbox
+/// file while it has unsent ones, then those held in memory.
+async fn next_batch(
+    bridge: &Arc<Bridge>,
+    after: u64,
+) -> Result<Vec<(u64, Option<Message>)>, StreamError> {
+    let held = |disk_empty| {
+        bridge
+            .tail()
+            .read(after, disk_empty, READ_BATCH)
+            .map(|held| {
+                held.into_iter()
+                    .map(|(seq, m)| (seq, Some(m)))
+                    .collect::<Vec<_>>()
+            })
+    };
+    if let Some(batch) = held(false) {
+        return Ok(batch);
+    }
+    let stored = bridge
+        .with_outbox(move |o| o.read_after(after, READ_BATCH, WINDOW_BYTES))
+        .await?;
+    if !stored.is_empty() {
+        return Ok(stored);
+    }
+    Ok(held(true).unwrap_or_default())
+}
+
 /// The platform holds every message up to `delivered`: they leave the
-/// outbox, and new ones are numbered after them.
+/// outbox (and the tail), and new ones are numbered after them.
 async fn resume(bridge: &Arc<Bridge>, delivered: u64) -> Result<(), StreamError> {
     let next = bridge
         .stats
@@ -189,12 +209,14 @@ async fn resume(bridge: &Arc<Bridge>, delivered: u64) -> Result<(), StreamError>
             "the platform holds MQTT messages numbered beyond this device's outbox: was the state directory restored from a copy? New messages are numbered after the platform's"
         );
     }
+    bridge.tail_acked(delivered);
     bridge
         .with_outbox(move |o| {
             o.ack(delivered)?;
             o.skip_to(delivered + 1)
         })
         .await?;
+    bridge.tail().skip_to(delivered + 1);
     Ok(())
 }
 
@@ -352,6 +374,7 @@ impl Flow {
 
     /// The platform has every outbox message up to `seq`.
     fn platform_acked(&mut self, seq: u64) {
+        self.bridge.tail_acked(seq);
         while let Some(&(s, bytes)) = self.in_flight.front()
             && s <= seq
         {
@@ -453,6 +476,10 @@ impl Drop for Reset {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.0.local.ack_to(None);
+        // What is held goes to disk and is acknowledged to the local
+        // broker: the platform may be away for long.
+        self.0.tail().stream_ended();
+        self.0.flush_now.notify_one();
         debug!("MQTT bridge stream ended");
     }
 }
