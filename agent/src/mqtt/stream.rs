@@ -638,6 +638,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_stream_reads_the_outbox_file_first_then_what_is_held() {
+        use super::super::tail::Receipt;
+        use rumqttc::v5::mqttbytes::QoS;
+        let dir = tempfile::tempdir().unwrap();
+        let bridge = flow(dir.path()).bridge;
+        let seqs = |batch: &[(u64, Option<Message>)]| batch.iter().map(|b| b.0).collect::<Vec<_>>();
+        // Two messages in the file (the platform was away), then one held
+        // (a stream is up).
+        let plan = Arc::new(bridge.tail().plan(vec![
+            message("tether/t/dev-a/out/1"),
+            message("tether/t/dev-a/out/2"),
+        ]));
+        let records = plan.clone();
+        bridge
+            .with_outbox(move |o| o.append(&records.records))
+            .await
+            .unwrap();
+        assert!(bridge.tail().stored(&plan).receipts.is_empty());
+        let first = plan.records[0].0;
+        bridge.tail().sent(first - 1);
+        bridge.tail().reserved(u64::MAX);
+        let receipt = Receipt {
+            connection: 1,
+            pkid: 9,
+            qos: QoS::AtLeastOnce,
+        };
+        let held = message("tether/t/dev-a/out/3");
+        let now = std::time::Instant::now();
+        assert_eq!(bridge.tail().hold(vec![(held, receipt)], now), first + 2);
+        assert_eq!(bridge.figures().outbox_messages, 3, "held ones count");
+
+        let batch = next_batch(&bridge, first - 1).await.unwrap();
+        assert_eq!(seqs(&batch), [first, first + 1], "the file first");
+        let batch = next_batch(&bridge, first + 1).await.unwrap();
+        assert_eq!(seqs(&batch), [first + 2], "then memory");
+        assert_eq!(batch[0].1.as_ref().unwrap().topic, "tether/t/dev-a/out/3");
+        // The file's messages acknowledged and deleted: the held one is
+        // next, also for a stream that started before them.
+        bridge.with_outbox(move |o| o.ack(first + 1)).await.unwrap();
+        let batch = next_batch(&bridge, first - 1).await.unwrap();
+        assert_eq!(seqs(&batch), [first + 2]);
+        // Acknowledged by the platform: released.
+        bridge.tail_acked(first + 2);
+        assert!(next_batch(&bridge, first + 2).await.unwrap().is_empty());
+        assert_eq!(bridge.figures().outbox_messages, 0);
+    }
+
+    #[tokio::test]
     async fn the_platform_is_acknowledged_up_to_the_first_message_the_local_broker_lacks() {
         let dir = tempfile::tempdir().unwrap();
         let mut flow = flow(dir.path());
