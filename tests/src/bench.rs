@@ -58,6 +58,18 @@ pub fn cpu_secs(pid: u32, ticks_per_sec: f64) -> Result<f64> {
     Ok((tick(11) + tick(12)) / ticks_per_sec)
 }
 
+/// Bytes a process has caused to be written to storage (`write_bytes` of
+/// `/proc/PID/io`: its own and its threads' writes, page cache included,
+/// as the kernel accounts them when they are dirtied).
+pub fn storage_written(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .with_context(|| format!("cannot read /proc/{pid}/io"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no write_bytes in /proc/{pid}/io"))
+}
+
 /// The kernel's clock ticks per second (`getconf CLK_TCK`, 100 if unknown).
 pub async fn clock_ticks() -> f64 {
     let out = Command::new("getconf").arg("CLK_TCK").output().await;
@@ -257,6 +269,14 @@ mod tests {
         assert!(m.rss > 0 && m.hwm >= m.rss, "{m:?}");
         assert!(cpu_secs(pid, 100.0).unwrap() >= 0.0);
         assert!(memory(u32::MAX).is_err());
+        // A synced file of 64 KiB is counted.
+        let before = storage_written(pid).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 64 * 1024]).unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        assert!(storage_written(pid).unwrap() >= before + 64 * 1024);
+        assert!(storage_written(u32::MAX).is_err());
     }
 
     #[test]

@@ -22,7 +22,9 @@
 //! platform writes as fast as it can to a `tcp:sink` service of the device,
 //! a local socket that discards what it reads); and sustained QoS 1
 //! throughput from a device-side publisher to a platform-side subscriber,
-//! with `tetherd`'s CPU per 100,000 messages and its peak memory.
+//! with `tetherd`'s CPU per 100,000 messages and its peak memory; and what
+//! `tetherd` writes to storage for a trickle of QoS 1 messages (100 a
+//! second), what a gateway's flash sees most of the time.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +32,9 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::Parser;
 use rumqttc::v5::mqttbytes::QoS;
-use tether_e2e::bench::{Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, verdict};
+use tether_e2e::bench::{
+    Tetherd, clock_ticks, cpu_secs, free_port, memory, mib, storage_written, verdict,
+};
 use tether_e2e::mqtt::{Broker, Client, client, tls_files};
 use tether_platform::mqtt::{BrokerUrl, MqttBroker, MqttConfig};
 use tether_platform::{Platform, PlatformConfig};
@@ -54,6 +58,9 @@ struct Args {
     /// Messages in the throughput run per path.
     #[arg(long, default_value_t = 100_000)]
     messages: usize,
+    /// Messages in the trickle run (100 a second; 0 skips it).
+    #[arg(long, default_value_t = 500)]
+    trickle: usize,
     /// The `tetherd` measured (default: the one beside this program; the
     /// package's static build is `target/x86_64-unknown-linux-musl/release/tetherd`).
     #[arg(long)]
@@ -137,6 +144,31 @@ async fn throughput(device_port: u16, central_port: u16, prefix: &str, n: usize)
     let secs = start.elapsed().as_secs_f64();
     send.await?;
     Ok(n as f64 / secs)
+}
+
+/// A trickle, as a gateway's flows publish most of the time: `n` QoS 1
+/// messages of 100 bytes, 100 a second, from a device-side publisher to a
+/// platform-side subscriber; returns once all arrived.
+async fn trickle(device_port: u16, central_port: u16, prefix: &str, n: usize) -> Result<()> {
+    let topic = format!("{prefix}/out/trickle");
+    let mut sink = client(central_port, "trickle-sink", std::slice::from_ref(&topic)).await?;
+    let source = client(device_port, "trickle-source", &[]).await?;
+    let payload = Bytes::from(vec![b't'; 100]);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for _ in 0..n {
+        tick.tick().await;
+        source
+            .client
+            .publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+            .await?;
+    }
+    for got in 0..n {
+        tokio::time::timeout(Duration::from_secs(30), sink.rx.recv())
+            .await
+            .with_context(|| format!("only {got} of {n} trickled messages arrived"))?
+            .context("the sink stopped")?;
+    }
+    Ok(())
 }
 
 /// CPU seconds of a set of processes from a start.
@@ -348,6 +380,18 @@ async fn main() -> Result<()> {
         ours_cpu.iter().sum::<f64>(),
         mib(mem.hwm)
     );
+
+    if args.trickle > 0 {
+        // What a gateway's flash sees from the bridge most of the time.
+        let before = storage_written(agent.pid)?;
+        trickle(local.port, central.port, &prefix, args.trickle).await?;
+        let written = storage_written(agent.pid)? - before;
+        println!(
+            "trickle of {} QoS 1 messages at 100/s: tetherd wrote {written} bytes to storage ({:.0} per message)",
+            args.trickle,
+            written as f64 / args.trickle as f64
+        );
+    }
 
     verdict(
         ours.p99 < BUDGET_P99_MS,
