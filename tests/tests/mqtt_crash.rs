@@ -5,12 +5,15 @@
 //! is held in memory and not written at all). So killing `tetherd` with
 //! SIGKILL in the middle of bursts loses nothing: the local broker (Debian's
 //! mosquitto) delivers again what the agent had not acknowledged, and the
-//! agent sends what its outbox holds.
+//! agent sends what its outbox holds. A burst held longer than a second
+//! (a real wait) is in the outbox file, so even the local broker restarting
+//! without persistence then loses nothing of it.
 
 mod common;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::mqtt::*;
 use common::*;
@@ -28,6 +31,14 @@ const BURST: u32 = 1500;
 async fn kill(agent: &mut Tetherd) {
     agent.child.start_kill().unwrap();
     agent.child.wait().await.unwrap();
+}
+
+/// Debian's mosquitto started again as `name` (its config in `dir`) on
+/// `port`, with none of what it held before.
+async fn again(dir: &std::path::Path, name: &str, port: u16) -> Broker {
+    let mut command = std::process::Command::new("mosquitto");
+    command.arg("-c").arg(dir.join(format!("{name}.conf")));
+    Broker::spawn(command, port).await.unwrap()
 }
 
 /// The number a test message carries.
@@ -97,34 +108,46 @@ async fn a_killed_agent_loses_no_message_the_local_broker_handed_it() {
         }
     }
     assert_eq!(firsts, (0..total).collect::<Vec<_>>());
-    // Held, not stored: the platform's broker is away, so the platform
-    // does not acknowledge and the agent holds a burst in memory (for up
-    // to a second) without acknowledging it to the local broker. The
-    // agent is killed then, and the platform restarts too (what it kept
-    // for its broker is gone with it): nothing is lost, because the local
-    // broker delivers the burst again to the agent that comes back.
+    // Then with the platform's broker away, so that the platform does not
+    // acknowledge and the agent holds a burst in memory without
+    // acknowledging it to the local broker; the agent is killed, and the
+    // platform restarts too (what it kept for its broker is gone with it).
+    // - Killed within the second the agent holds a burst: the local
+    //   broker delivers it again to the agent that comes back.
+    // - Killed after a real wait past that second: the burst went to the
+    //   outbox file and the local broker has had it acknowledged, so the
+    //   local broker restarting without persistence loses nothing.
     let mut central = central;
-    central.stop();
-    let held = total..total + 200;
-    for i in held.clone() {
-        flows.send(&data, i.to_string()).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    kill(&mut agent).await;
-    config.listen = platform.local_addr();
-    platform.shutdown().await;
-    drop(platform);
-    let mut again = std::process::Command::new("mosquitto");
-    again.arg("-c").arg(d.join("central.conf"));
-    let _central = Broker::spawn(again, central.port).await.unwrap();
-    let platform = start_retrying_bind(config).await;
-    agent = Tetherd::run(&bin, &platform, &agent_dir).await.unwrap();
-    let mut got = HashSet::new();
-    while got.len() < held.len() {
-        let p = on_platform.next_on(&data).await;
-        let n = number(&p);
-        if held.contains(&n) {
-            got.insert(n);
+    let mut local = local;
+    let mut platform = platform;
+    let phases = [
+        (Duration::from_millis(300), false),
+        (Duration::from_millis(2500), true),
+    ];
+    for (phase, (wait, restart_local)) in phases.into_iter().enumerate() {
+        central.stop();
+        let from = total + phase as u32 * 200;
+        let burst = from..from + 200;
+        for i in burst.clone() {
+            flows.send(&data, i.to_string()).await;
+        }
+        tokio::time::sleep(wait).await;
+        kill(&mut agent).await;
+        if restart_local {
+            local.stop();
+            local = again(d, "local", local.port).await;
+        }
+        config.listen = platform.local_addr();
+        platform.shutdown().await;
+        central = again(d, "central", central.port).await;
+        platform = start_retrying_bind(config.clone()).await;
+        agent = Tetherd::run(&bin, &platform, &agent_dir).await.unwrap();
+        let mut got = HashSet::new();
+        while got.len() < burst.len() {
+            let n = number(&on_platform.next_on(&data).await);
+            if burst.contains(&n) {
+                got.insert(n);
+            }
         }
     }
 
@@ -134,5 +157,5 @@ async fn a_killed_agent_loses_no_message_the_local_broker_handed_it() {
     })
     .await;
     assert_eq!(figures.outbox_dropped, 0, "{figures:?}");
-    agent.stop(std::time::Duration::from_secs(5)).await.unwrap();
+    agent.stop(Duration::from_secs(5)).await.unwrap();
 }

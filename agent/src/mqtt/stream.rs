@@ -105,7 +105,7 @@ where
     if hello.delivered > 0 {
         resume(&bridge, hello.delivered).await?;
     }
-    bridge.tail().sent(flow.sent_up_to);
+    bridge.tail().stream_started();
 
     loop {
         if !flow.out.is_empty() {
@@ -119,7 +119,6 @@ where
             let batch = next_batch(&bridge, flow.sent_up_to).await?;
             idle = batch.is_empty();
             flow.send_stored(batch)?;
-            bridge.tail().sent(flow.sent_up_to);
             continue;
         }
         tokio::select! {
@@ -657,7 +656,7 @@ mod tests {
             .unwrap();
         assert!(bridge.tail().stored(&plan).receipts.is_empty());
         let first = plan.records[0].0;
-        bridge.tail().sent(first - 1);
+        bridge.tail().stream_started();
         bridge.tail().reserved(u64::MAX);
         let receipt = Receipt {
             connection: 1,

@@ -106,8 +106,8 @@ pub struct Tail {
     reserved: u64,
     /// The highest number ever written to the outbox file.
     durable: u64,
-    /// The live stream's last sent number; `None` without one.
-    sent: Option<u64>,
+    /// A stream is up.
+    streaming: bool,
 }
 
 impl Tail {
@@ -120,7 +120,7 @@ impl Tail {
             next,
             reserved: next,
             durable,
-            sent: None,
+            streaming: false,
         }
     }
 
@@ -132,7 +132,7 @@ impl Tail {
     /// Where a batch of `count` messages of `bytes` goes; `eligible`:
     /// every one is a valid QoS 1 message.
     pub fn route(&self, count: usize, bytes: usize, eligible: bool) -> Route {
-        if !eligible || self.sent.is_none() || count > MAX_MESSAGES || bytes > MAX_BYTES {
+        if !eligible || !self.streaming || count > MAX_MESSAGES || bytes > MAX_BYTES {
             return Route::Store;
         }
         if self.held.len() + count > MAX_MESSAGES || self.bytes + bytes > MAX_BYTES {
@@ -251,14 +251,14 @@ impl Tail {
         )
     }
 
-    /// A stream is up and has sent everything up to `seq`.
-    pub fn sent(&mut self, seq: u64) {
-        self.sent = Some(seq);
+    /// A stream is up: batches may be held.
+    pub fn stream_started(&mut self) {
+        self.streaming = true;
     }
 
     /// The stream ended: what is held goes to disk now ([`Tail::due`]).
     pub fn stream_ended(&mut self) {
-        self.sent = None;
+        self.streaming = false;
     }
 
     /// New messages are numbered from `next` on if that is higher.
@@ -271,9 +271,10 @@ impl Tail {
     /// when the oldest has waited [`MAX_AGE`].
     pub fn due(&self) -> Option<Instant> {
         let oldest = self.held.front()?.at;
-        Some(match self.sent {
-            None => oldest,
-            Some(_) => oldest + MAX_AGE,
+        Some(if self.streaming {
+            oldest + MAX_AGE
+        } else {
+            oldest
         })
     }
 }
@@ -305,6 +306,14 @@ mod tests {
             .collect()
     }
 
+    /// A tail numbering from 1 with a stream up and numbers reserved.
+    fn streaming() -> Tail {
+        let mut tail = Tail::new(1, 0);
+        tail.stream_started();
+        tail.reserved(1000);
+        tail
+    }
+
     fn pkids(receipts: &[Receipt]) -> Vec<u16> {
         receipts.iter().map(|r| r.pkid).collect()
     }
@@ -313,7 +322,7 @@ mod tests {
     fn a_batch_is_held_only_while_a_stream_is_up_and_read_after_the_disk() {
         let mut tail = Tail::new(101, 100);
         assert_eq!(tail.route(3, 30, true), Route::Store, "no stream");
-        tail.sent(99);
+        tail.stream_started();
         assert_eq!(tail.route(3, 30, false), Route::Store, "QoS 2 or refused");
         assert_eq!(
             tail.route(3, 30, true),
@@ -344,9 +353,7 @@ mod tests {
 
     #[test]
     fn the_platforms_acknowledgement_releases_held_messages_in_order() {
-        let mut tail = Tail::new(1, 0);
-        tail.sent(0);
-        tail.reserved(1000);
+        let mut tail = streaming();
         let now = Instant::now();
         tail.hold(batch(3, 1), now);
         tail.hold(batch(2, 2), now);
@@ -361,9 +368,7 @@ mod tests {
 
     #[test]
     fn stored_releases_what_is_held_behind_the_batch_and_numbers_follow() {
-        let mut tail = Tail::new(1, 0);
-        tail.sent(0);
-        tail.reserved(1000);
+        let mut tail = streaming();
         let now = Instant::now();
         tail.hold(batch(3, 1), now);
         let new: Vec<Message> = batch(2, 1).into_iter().map(|(m, _)| m).collect();
@@ -394,7 +399,6 @@ mod tests {
         assert!(stored.receipts.is_empty());
         assert_eq!(stored.delete_through, Some(6));
         // Nothing acknowledged during it: nothing to delete.
-        tail.sent(6);
         tail.hold(batch(2, 1), now);
         let plan = tail.plan(Vec::new());
         let stored = tail.stored(&plan);
@@ -407,7 +411,7 @@ mod tests {
     #[test]
     fn skipping_ahead_moves_numbering_and_reservation() {
         let mut tail = Tail::new(10, 9);
-        tail.sent(9);
+        tail.stream_started();
         tail.skip_to(500);
         assert_eq!(tail.route(2, 10, true), Route::Reserve(502 + RESERVE));
         tail.reserved(502 + RESERVE);
