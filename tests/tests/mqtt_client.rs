@@ -1,5 +1,5 @@
-//! The agent's connection to its local broker (`tether_agent::mqtt::client`)
-//! against Debian's mosquitto, without a tunnel: the broker holds back
+//! The MQTT client loop (`tether_mqtt_client`: the agent's connection to
+//! its local broker, the platform's to its broker) against Debian's mosquitto, without a tunnel: the broker holds back
 //! messages past the agent's receive maximum until the agent acknowledges
 //! them, one acknowledgement call for a whole batch releases the rest in
 //! order, and the platform's messages reach a subscriber in order and are
@@ -12,10 +12,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::Publish;
-use tether_agent::mqtt::client::{self, Deliveries, Outbound, Settings, Tag};
 use tether_e2e::mqtt::{Broker, client as mqtt_client};
+use tether_mqtt_client::{
+    self as client, Deliveries, Outbound, Publish, QoS, Session, Settings, Tag,
+};
 use tokio::sync::mpsc;
 
 /// What the loop reports, as channels the test reads.
@@ -53,19 +53,25 @@ async fn drain<T>(rx: &mut mpsc::UnboundedReceiver<T>, wait: Duration) -> Vec<T>
 async fn the_broker_waits_for_batched_acknowledgements_and_platform_messages_arrive_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::mosquitto(dir.path(), "local", "").await.unwrap();
-    let (handle, loop_half) = client::new(Settings {
-        host: "127.0.0.1".into(),
-        port: broker.port,
-        tls: None,
-        client_id: "tetherd-test".into(),
-        // Short, so the idle gap below outlasts several of them.
-        keep_alive: Duration::from_secs(1),
-        session_expiry: 60,
-        inflight: INFLIGHT,
-        max_packet: 1 << 20,
-        login: None,
-        filters: vec![("dev/out/#".into(), QoS::AtLeastOnce)],
-    });
+    let (handle, loop_half) = client::new(
+        Settings {
+            host: "127.0.0.1".into(),
+            port: broker.port,
+            tls: None,
+            client_id: "tetherd-test".into(),
+            // Short, so the idle gap below outlasts several of them.
+            keep_alive: Duration::from_secs(1),
+            session: Session::Kept { expiry_secs: 60 },
+            inflight: INFLIGHT,
+            max_packet: 1 << 20,
+            login: None,
+            filters: vec![("dev/out/#".into(), QoS::AtLeastOnce)],
+            manual_acks: true,
+            connect_timeout: Duration::from_secs(5),
+            retry: (Duration::from_millis(200), Duration::from_secs(1)),
+        },
+        usize::from(INFLIGHT),
+    );
     let (received_tx, mut received) = mpsc::unbounded_channel();
     let (delivered_tx, mut delivered) = mpsc::unbounded_channel();
     let task = tokio::spawn(client::run(

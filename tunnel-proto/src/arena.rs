@@ -48,6 +48,7 @@ impl Arena {
     }
 
     /// A copy of `data` in arena memory.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn keep(&mut self, data: &[u8]) -> Bytes {
         let mut buf = self.carve(data.len());
         buf.extend_from_slice(data);

@@ -11,20 +11,19 @@
 //! stream ended, hands QoS 0 messages to the live stream, publishes what
 //! the platform sends, and tells the stream when the local broker
 //! acknowledged each of those. The connection itself is
-//! [`super::client`]'s. It never talks to the tunnel and never logs the
-//! broker password.
+//! `tether_mqtt_client`'s loop. It never talks to the tunnel and never
+//! logs the broker password.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Login, Publish, PublishProperties};
-use tether_proto::mqtt::{Message, Properties};
+use tether_mqtt_client::{
+    self as client, Deliveries, LinkError, Login, Outbound, Publish, QoS, Session, Tag,
+};
+use tether_proto::mqtt::Message;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::client::{self, Deliveries, Outbound, Tag};
 use super::tail::{Receipt, Route};
 use super::{Bridge, MqttError};
 use crate::audit::{Audit, AuditEvent};
@@ -51,6 +50,11 @@ const SESSION_EXPIRY_SECS: u32 = 3600;
 /// How often the agent and the local broker show each other they are
 /// there.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long connecting, TLS and the ConnAck may take together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pauses between attempts to reach the local broker: the first, doubled
+/// up to the longest.
+const RECONNECT: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
 /// The client's handle and what the stream needs from it.
 pub struct Local {
@@ -95,15 +99,18 @@ impl Local {
         .into_iter()
         .map(|f| (f, QoS::ExactlyOnce))
         .collect();
-        filters
-            .extend(super::topics::local_filters(&config.topics).map(|(f, qos)| (f, qos_of(qos))));
+        filters.extend(
+            super::topics::local_filters(&config.topics).map(|(f, qos)| (f, client::qos(qos))),
+        );
         let settings = client::Settings {
             host: endpoint.host,
             port: endpoint.port,
             tls,
             client_id,
             keep_alive: KEEP_ALIVE,
-            session_expiry: SESSION_EXPIRY_SECS,
+            session: Session::Kept {
+                expiry_secs: SESSION_EXPIRY_SECS,
+            },
             inflight: INFLIGHT,
             max_packet: u32::try_from(config.max_payload + 64 * 1024).unwrap_or(u32::MAX),
             login: config
@@ -111,8 +118,11 @@ impl Local {
                 .as_ref()
                 .map(|user| Login::new(user.clone(), config.password.clone().unwrap_or_default())),
             filters,
+            manual_acks: true,
+            connect_timeout: CONNECT_TIMEOUT,
+            retry: RECONNECT,
         };
-        let (handle, client) = client::new(settings);
+        let (handle, client) = client::new(settings, usize::from(INFLIGHT));
         Ok((
             Local {
                 client: handle,
@@ -148,37 +158,11 @@ impl Local {
     /// `(epoch, seq)`. Waits while the client's queue is full (the local
     /// broker is slow or away).
     pub(super) async fn publish(&self, epoch: u64, seq: u64, message: Message) -> bool {
-        let Message {
-            topic,
-            qos,
-            retain,
-            properties: p,
-            payload,
-        } = message;
-        let properties = PublishProperties {
-            payload_format_indicator: p.payload_format,
-            message_expiry_interval: p.message_expiry,
-            topic_alias: None,
-            response_topic: p.response_topic,
-            correlation_data: p.correlation_data,
-            user_properties: p.user,
-            subscription_identifiers: Vec::new(),
-            content_type: p.content_type,
-        };
-        let publish = Publish {
-            dup: false,
-            qos: qos_of(qos),
-            retain,
-            topic: Bytes::from(topic),
-            pkid: 0,
-            payload,
-            properties: Some(properties),
-        };
         let sent = self
             .client
             .publish(Outbound {
                 tag: (epoch, seq),
-                publish,
+                publish: client::publish_of(message),
             })
             .await;
         if !sent {
@@ -222,13 +206,32 @@ impl Deliveries for Intake {
         // Handled: the platform must not send it again.
         self.bridge.local.acked(tag);
     }
-}
 
-fn qos_of(qos: u8) -> QoS {
-    match qos {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
+    fn connected(&self, _: u64) {
+        info!(
+            broker = %self.bridge.config.broker,
+            "connected to the local MQTT broker"
+        );
+    }
+
+    fn disconnected(&self, error: &LinkError, retry_in: Duration, repeated: bool) {
+        let broker = &self.bridge.config.broker;
+        if repeated {
+            debug!(%broker, cause = %error, "local MQTT broker still unreachable");
+        } else if let LinkError::Refused(_) = error {
+            warn!(%broker, cause = %error, ?retry_in, "the local MQTT broker refused the agent ([mqtt] username, password and client_id); retrying");
+        } else {
+            warn!(%broker, cause = %error, ?retry_in, "cannot reach the local MQTT broker; retrying");
+        }
+    }
+
+    fn subscribed(&self, refused: Vec<(String, String)>) {
+        if !refused.is_empty() {
+            warn!(
+                ?refused,
+                "the local MQTT broker refused some of the agent's subscriptions"
+            );
+        }
     }
 }
 
@@ -236,19 +239,11 @@ fn qos_of(qos: u8) -> QoS {
 /// its topic is not UTF-8 (MQTT requires it; the codec does not check).
 fn message_of(publish: &Publish) -> Option<Message> {
     let topic = std::str::from_utf8(&publish.topic).ok()?.to_owned();
-    let p = publish.properties.clone().unwrap_or_default();
     Some(Message {
         topic,
         qos: publish.qos as u8,
         retain: publish.retain,
-        properties: Properties {
-            payload_format: p.payload_format_indicator,
-            message_expiry: p.message_expiry_interval,
-            content_type: p.content_type,
-            response_topic: p.response_topic,
-            correlation_data: p.correlation_data,
-            user: p.user_properties,
-        },
+        properties: client::properties_of(publish.properties.clone()),
         payload: publish.payload.clone(),
     })
 }

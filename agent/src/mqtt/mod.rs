@@ -2,8 +2,8 @@
 //! over the tunnel's `mqtt` stream (`docs/mqtt.md`, `docs/protocol.md`
 //! §19).
 //!
-//! This module owns the agent's connection to the local broker
-//! ([`client`]) and what the bridge does with it ([`local`]), the durable
+//! This module owns the agent's connection to the local broker (the loop
+//! of `tether_mqtt_client`) and what the bridge does with it ([`local`]), the durable
 //! outbox of QoS 1 and 2 messages ([`outbox`]) and its write-behind tail
 //! in memory ([`tail`]), and one `mqtt` stream per tunnel session
 //! ([`stream`]). A QoS 1 or 2 message from the local broker is
@@ -18,7 +18,6 @@
 //! broker's password, and never publishes on the local broker what the
 //! platform did not route to this device.
 
-pub mod client;
 pub mod local;
 pub mod outbox;
 pub mod stream;

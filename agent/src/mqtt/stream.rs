@@ -639,7 +639,7 @@ mod tests {
     #[tokio::test]
     async fn the_stream_reads_the_outbox_file_first_then_what_is_held() {
         use super::super::tail::Receipt;
-        use rumqttc::v5::mqttbytes::QoS;
+        use tether_mqtt_client::QoS;
         let dir = tempfile::tempdir().unwrap();
         let bridge = flow(dir.path()).bridge;
         let seqs = |batch: &[(u64, Option<Message>)]| batch.iter().map(|b| b.0).collect::<Vec<_>>();

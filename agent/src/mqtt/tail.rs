@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::QoS;
+use tether_mqtt_client::QoS;
 use tether_proto::mqtt::Message;
 
 /// Messages held at most: four of the stream's windows, so that the local

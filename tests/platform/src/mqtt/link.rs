@@ -6,30 +6,29 @@
 //! broker has not acknowledged yet (republished in order after a broker
 //! reconnect, acknowledged to the device as a contiguous watermark once
 //! the broker has them), the device's subscriptions (made again on every
-//! broker ConnAck, since rumqttc does not), the messages the broker routes
+//! broker ConnAck: the client asks for a clean session), the messages the broker routes
 //! to the device until the device acknowledges them (bounded: oldest
 //! dropped and counted), the refusals a stream must send, and the counts.
 //! It never routes a message outside the device's namespace
 //! ([`Namespace::delivers`] and one of the device's own filters), never
 //! publishes one the namespace refuses, and never drops a device's QoS 1
 //! or 2 message to make room: the stream stops reading instead
-//! ([`Link::has_room`]). It does no I/O on the device's stream.
+//! ([`Link::has_room`]). It does no I/O on the device's stream; the
+//! connection to the broker is `tether_mqtt_client`'s loop (one write per
+//! turn, what was in flight sent again after a reconnect, in order).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::Outgoing;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{
-    Filter, Packet, PubAckReason, PubCompReason, PubRecReason, Publish, PublishProperties,
-    RetainForwardRule, SubscribeReasonCode,
+use tether_mqtt_client::{
+    self as client, Deliveries, Filter, LinkError, Login, Outbound, Publish, RetainForwardRule,
+    Session, Tag,
 };
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use tether_proto::mqtt::{
-    Figures, MAX_FRAME, MAX_PAYLOAD, Message, Namespace, Properties, Refusal, Subscription, matches,
+    Figures, MAX_FRAME, MAX_PAYLOAD, Message, Namespace, Refusal, Subscription, matches,
 };
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -43,12 +42,12 @@ use super::{MqttConfig, MqttStats};
 pub const MAX_PENDING: usize = 1024;
 /// ... and their bytes (one message more may be over it).
 pub const MAX_PENDING_BYTES: usize = 2 * 1024 * 1024;
-/// Publishes the client has in flight with the broker at once (rumqttc
-/// allocates a slot for each up front).
-const BROKER_INFLIGHT: u16 = 128;
-/// Requests queued to the client's event loop at once: every pending
-/// message, and room for subscriptions.
-const CLIENT_QUEUE: usize = MAX_PENDING + 256;
+/// Publishes the client has in flight with the broker at once (a slot for
+/// each is allocated up front).
+const BROKER_INFLIGHT: u16 = 256;
+/// Messages queued to the client's loop beyond those in flight: every
+/// pending message fits, so handing one over never waits.
+const CLIENT_QUEUE: usize = MAX_PENDING + 1;
 /// Refusals waiting for the device's stream, at most (oldest dropped;
 /// they are counted either way).
 const MAX_REFUSALS: usize = 1024;
@@ -62,15 +61,16 @@ const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// The client's MQTT keep-alive.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long connecting to the broker may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a message from the device is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
-    /// Not handed to the client yet (or to be handed again after a broker
-    /// reconnect).
+    /// Not handed to the client yet (its queue was full).
     Unsent,
-    /// Handed to the client; waiting for its packet id, then the broker's
-    /// acknowledgement.
+    /// Handed to the client; waiting for the broker's acknowledgement
+    /// (the client sends it again after a broker reconnect).
     Sent,
     /// Acknowledged by the broker, or refused.
     Done,
@@ -128,6 +128,8 @@ pub(crate) struct Cursor {
 #[derive(Debug, Default)]
 struct LinkState {
     connected: bool,
+    /// The client's connection number while connected.
+    connection: u64,
     /// The broker was unreachable and that was logged (once until it is
     /// back).
     down_logged: bool,
@@ -145,12 +147,6 @@ struct LinkState {
     pending_bytes: usize,
     /// Index in `pending` from which entries may be unsent.
     unsent_from: usize,
-    /// Sent entries whose packet id the client has not told yet, in order.
-    awaiting: VecDeque<u64>,
-    by_pkid: HashMap<u16, u64>,
-    /// A publish the client holds back because its packet id is still in
-    /// flight: (packet id, pid).
-    collided: Option<(u16, u64)>,
     echoes: VecDeque<(Instant, u64)>,
     // Broker → device.
     desired: Vec<Subscription>,
@@ -174,7 +170,7 @@ struct LinkState {
 pub(crate) struct Link {
     pub(crate) device_id: String,
     pub(crate) ns: Namespace,
-    client: AsyncClient,
+    client: client::Handle,
     state: Mutex<LinkState>,
     /// Bumped when a stream has something new to write.
     wake: watch::Sender<()>,
@@ -198,26 +194,27 @@ impl Link {
         config: &MqttConfig,
     ) -> Arc<Link> {
         let url = &endpoint.url;
-        let mut options = MqttOptions::new(format!("tether-{device_id}"), &url.host, url.port);
-        options
-            .set_keep_alive(KEEP_ALIVE)
-            .set_clean_start(true)
-            .set_max_packet_size(Some((MAX_FRAME + 64 * 1024) as u32))
-            .set_outgoing_inflight_upper_limit(BROKER_INFLIGHT)
-            .set_connection_timeout(5);
-        if let Some(user) = &url.username {
-            let password = url.password.as_ref().map_or("", |p| p.expose());
-            options.set_credentials(user, password);
-        }
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        options.set_network_options(network);
-        if let Some(tls) = &endpoint.tls {
-            options.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.clone()),
-            ));
-        }
-        let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
+        let settings = client::Settings {
+            host: url.host.clone(),
+            port: url.port,
+            tls: endpoint.tls.clone(),
+            client_id: format!("tether-{device_id}"),
+            keep_alive: KEEP_ALIVE,
+            session: Session::Clean,
+            inflight: BROKER_INFLIGHT,
+            max_packet: (MAX_FRAME + 64 * 1024) as u32,
+            login: url.username.as_ref().map(|user| {
+                Login::new(
+                    user.clone(),
+                    url.password.as_ref().map_or("", |p| p.expose()),
+                )
+            }),
+            filters: Vec::new(),
+            manual_acks: false,
+            connect_timeout: CONNECT_TIMEOUT,
+            retry: (RETRY_FIRST, RETRY_MAX),
+        };
+        let (client, run) = client::new(settings, CLIENT_QUEUE);
         let link = Arc::new(Link {
             device_id: device_id.to_owned(),
             ns,
@@ -235,7 +232,7 @@ impl Link {
             )),
             task: Mutex::new(None),
         });
-        let task = tokio::spawn(run(link.clone(), eventloop));
+        let task = tokio::spawn(client::run(run, link.clone()));
         *link.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
         link
     }
@@ -489,24 +486,22 @@ impl Link {
         Some(batch)
     }
 
-    /// Makes the broker's subscriptions the device's, as far as the
-    /// client's queue allows (the rest at the next event).
+    /// Makes the broker's subscriptions the device's.
     fn sync_subscriptions(&self, st: &mut LinkState) {
         if !st.connected || !st.subs_dirty {
             return;
         }
+        st.subs_dirty = false;
         let removed: Vec<String> = st
             .on_broker
             .iter()
             .filter(|b| !st.desired.iter().any(|d| d.filter == b.filter))
             .map(|b| b.filter.clone())
             .collect();
-        for filter in removed {
-            if self.client.try_unsubscribe(filter.clone()).is_err() {
-                return;
-            }
+        if !removed.is_empty() {
+            st.on_broker.retain(|b| !removed.contains(&b.filter));
+            self.client.unsubscribe(st.connection, removed);
             st.subacks_due += 1;
-            st.on_broker.retain(|b| b.filter != filter);
         }
         let added: Vec<Subscription> = st
             .desired
@@ -515,34 +510,31 @@ impl Link {
             .cloned()
             .collect();
         if added.is_empty() {
-            st.subs_dirty = false;
             return;
         }
-        let filters = added.iter().map(|s| Filter {
-            path: s.filter.clone(),
-            qos: qos(s.qos),
-            // The device's own messages never come back to it (rumqttd
-            // ignores this: see `drop_echoes`).
-            nolocal: true,
-            preserve_retain: false,
-            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-        });
-        if self.client.try_subscribe_many(filters).is_ok() {
-            st.subacks_due += 1;
-            for s in added {
-                st.on_broker.retain(|b| b.filter != s.filter);
-                st.on_broker.push(s);
-            }
-            st.subs_dirty = false;
+        let filters = added
+            .iter()
+            .map(|s| Filter {
+                path: s.filter.clone(),
+                qos: client::qos(s.qos),
+                // The device's own messages never come back to it (rumqttd
+                // ignores this: see `drop_echoes`).
+                nolocal: true,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+            })
+            .collect();
+        self.client.subscribe(st.connection, filters);
+        st.subacks_due += 1;
+        for s in added {
+            st.on_broker.retain(|b| b.filter != s.filter);
+            st.on_broker.push(s);
         }
     }
 
     /// Hands unsent messages to the client, in order, while its queue has
-    /// room.
+    /// room (the client holds them while the broker is away).
     fn flush(&self, st: &mut LinkState) {
-        if !st.connected {
-            return;
-        }
         while st.unsent_from < st.pending.len() {
             let i = st.unsent_from;
             let entry = &mut st.pending[i];
@@ -554,20 +546,15 @@ impl Link {
                 st.unsent_from += 1;
                 continue;
             };
-            let sent = self.client.try_publish_with_properties(
-                m.topic.clone(),
-                qos(m.qos),
-                m.retain,
-                m.payload.clone(),
-                to_rumqttc(&m.properties),
-            );
-            if sent.is_err() {
-                // The queue is full: again after the client's next event.
+            let outbound = Outbound {
+                tag: (0, entry.pid),
+                publish: client::publish_of(m.clone()),
+            };
+            if !self.client.try_publish(outbound) {
+                // The queue is full: again when the client reports next.
                 return;
             }
             entry.phase = Phase::Sent;
-            let pid = entry.pid;
-            st.awaiting.push_back(pid);
             st.unsent_from += 1;
         }
     }
@@ -612,7 +599,7 @@ impl Link {
     }
 
     /// The broker refused the message `pid`.
-    fn broker_refused(&self, st: &mut LinkState, pid: u64, why: String) {
+    fn broker_refused(&self, st: &mut LinkState, pid: u64, why: &str) {
         let Some(p) = Self::find(st, pid) else { return };
         if p.phase == Phase::Done {
             return;
@@ -622,122 +609,9 @@ impl Link {
         let topic = p.message.take().map(|m| m.topic).unwrap_or_default();
         st.pending_bytes -= size;
         warn!(device_id = %self.device_id, seq, %topic, reason = %why, "MQTT: the broker refused a device's message");
-        refuse(
-            st,
-            seq,
-            &topic,
-            format!("the platform's broker refused it: {why}"),
-        );
+        refuse(st, seq, &topic, format!("on the platform's side: {why}"));
         self.advance(st);
         self.wake.send_replace(());
-    }
-
-    /// Handles one event of the client.
-    fn on_event(&self, event: Event) {
-        let mut st = self.lock();
-        match event {
-            Event::Incoming(Packet::ConnAck(_)) => {
-                if st.down_logged {
-                    info!(device_id = %self.device_id, "MQTT: the device's broker client is connected again");
-                }
-                st.connected = true;
-                st.down_logged = false;
-                // A new session (clean start): subscribe to everything again.
-                st.on_broker.clear();
-                st.subs_dirty = true;
-                st.subacks_due = 0;
-            }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                let pid = match st.collided {
-                    Some((id, pid)) if id == pkid => {
-                        st.collided = None;
-                        Some(pid)
-                    }
-                    _ => st.awaiting.pop_front(),
-                };
-                if let Some(pid) = pid {
-                    if pkid == 0 {
-                        // QoS 0: written to the broker is all there is.
-                        self.complete(&mut st, pid);
-                    } else {
-                        st.by_pkid.insert(pkid, pid);
-                    }
-                }
-            }
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
-                st.collided = st.awaiting.pop_front().map(|pid| (pkid, pid));
-            }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(pid) = st.by_pkid.remove(&ack.pkid) {
-                    match ack.reason {
-                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                            self.complete(&mut st, pid);
-                        }
-                        other => self.broker_refused(&mut st, pid, format!("{other:?}")),
-                    }
-                }
-            }
-            Event::Incoming(Packet::PubRec(rec)) => {
-                if !matches!(
-                    rec.reason,
-                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-                ) && let Some(pid) = st.by_pkid.remove(&rec.pkid)
-                {
-                    self.broker_refused(&mut st, pid, format!("{:?}", rec.reason));
-                }
-            }
-            Event::Incoming(Packet::PubComp(comp)) => {
-                if let Some(pid) = st.by_pkid.remove(&comp.pkid) {
-                    match comp.reason {
-                        PubCompReason::Success => self.complete(&mut st, pid),
-                        other => self.broker_refused(&mut st, pid, format!("{other:?}")),
-                    }
-                }
-            }
-            Event::Incoming(Packet::UnsubAck(_)) => {
-                st.subacks_due = st.subacks_due.saturating_sub(1);
-            }
-            Event::Incoming(Packet::SubAck(ack)) => {
-                st.subacks_due = st.subacks_due.saturating_sub(1);
-                for code in &ack.return_codes {
-                    if !matches!(code, SubscribeReasonCode::Success(_)) {
-                        warn!(device_id = %self.device_id, reason = ?code, "MQTT: the broker refused a subscription of the device");
-                        st.stats.refused += 1;
-                        st.stats.last_refusal = Some(format!(
-                            "the platform's broker refused a subscription: {code:?}"
-                        ));
-                    }
-                }
-            }
-            Event::Incoming(Packet::Publish(publish)) => self.route_to_device(&mut st, publish),
-            _ => {}
-        }
-        self.sync_subscriptions(&mut st);
-        self.flush(&mut st);
-    }
-
-    /// The connection to the broker failed: everything in flight is sent
-    /// again after the next ConnAck (a clean session forgets it).
-    fn on_error(&self, error: &ConnectionError) {
-        let mut st = self.lock();
-        if !st.down_logged {
-            st.down_logged = true;
-            warn!(device_id = %self.device_id, cause = %error, "MQTT: the device's broker client is disconnected; retrying");
-        }
-        st.connected = false;
-        st.awaiting.clear();
-        st.by_pkid.clear();
-        st.collided = None;
-        let mut first = None;
-        for (i, p) in st.pending.iter_mut().enumerate() {
-            if p.phase == Phase::Sent {
-                p.phase = Phase::Unsent;
-            }
-            if p.phase == Phase::Unsent && first.is_none() {
-                first = Some(i);
-            }
-        }
-        st.unsent_from = first.unwrap_or(st.pending.len());
     }
 
     /// A message the broker routed to the device's client.
@@ -776,7 +650,7 @@ impl Link {
             topic: topic.to_owned(),
             qos: (publish.qos as u8).min(max_qos),
             retain: publish.retain,
-            properties: from_rumqttc(publish.properties),
+            properties: client::properties_of(publish.properties),
             payload: publish.payload,
         };
         if let Err(e) = message.check(MAX_PAYLOAD) {
@@ -823,6 +697,66 @@ impl Link {
     }
 }
 
+/// What the device's client on the broker reports.
+impl Deliveries for Link {
+    async fn received(&self, _: u64, publish: Publish) -> bool {
+        let mut st = self.lock();
+        self.route_to_device(&mut st, publish);
+        true
+    }
+
+    fn delivered(&self, (_, pid): Tag) {
+        let mut st = self.lock();
+        self.complete(&mut st, pid);
+        self.flush(&mut st);
+    }
+
+    fn rejected(&self, (_, pid): Tag, _: &str, reason: &str) {
+        let mut st = self.lock();
+        self.broker_refused(&mut st, pid, reason);
+        self.flush(&mut st);
+    }
+
+    fn connected(&self, connection: u64) {
+        let mut st = self.lock();
+        if st.down_logged {
+            info!(device_id = %self.device_id, "MQTT: the device's broker client is connected again");
+        }
+        st.connected = true;
+        st.connection = connection;
+        st.down_logged = false;
+        // A new session (clean start): subscribe to everything again.
+        st.on_broker.clear();
+        st.subs_dirty = true;
+        st.subacks_due = 0;
+        self.sync_subscriptions(&mut st);
+        self.flush(&mut st);
+    }
+
+    /// What was in flight is sent again by the client after the next
+    /// ConnAck (as new messages: a clean session forgets them).
+    fn disconnected(&self, error: &LinkError, _: Duration, _: bool) {
+        let mut st = self.lock();
+        if !st.down_logged {
+            st.down_logged = true;
+            warn!(device_id = %self.device_id, cause = %error, "MQTT: the device's broker client is disconnected; retrying");
+        }
+        st.connected = false;
+    }
+
+    fn subscribed(&self, refused: Vec<(String, String)>) {
+        let mut st = self.lock();
+        st.subacks_due = st.subacks_due.saturating_sub(1);
+        for (filter, code) in refused {
+            warn!(device_id = %self.device_id, %filter, reason = %code, "MQTT: the broker refused a subscription change of the device");
+            st.stats.refused += 1;
+            st.stats.last_refusal = Some(truncate(format!(
+                "the platform's broker refused a subscription change for '{filter}': {code}"
+            )));
+        }
+    }
+}
+
 impl Out {
     /// A QoS 0 message already written needs nothing more.
     fn done(&self) -> bool {
@@ -863,59 +797,4 @@ fn echo_key(topic: &str, payload: &Bytes) -> u64 {
     topic.hash(&mut h);
     payload.hash(&mut h);
     h.finish()
-}
-
-fn qos(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
-fn to_rumqttc(p: &Properties) -> PublishProperties {
-    PublishProperties {
-        payload_format_indicator: p.payload_format,
-        message_expiry_interval: p.message_expiry,
-        topic_alias: None,
-        response_topic: p.response_topic.clone(),
-        correlation_data: p.correlation_data.clone(),
-        user_properties: p.user.clone(),
-        subscription_identifiers: Vec::new(),
-        content_type: p.content_type.clone(),
-    }
-}
-
-fn from_rumqttc(p: Option<PublishProperties>) -> Properties {
-    let Some(p) = p else {
-        return Properties::default();
-    };
-    Properties {
-        payload_format: p.payload_format_indicator,
-        message_expiry: p.message_expiry_interval,
-        content_type: p.content_type,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user: p.user_properties,
-    }
-}
-
-/// The client's event loop, for the life of the link.
-async fn run(link: Arc<Link>, mut eventloop: EventLoop) {
-    let mut wait = RETRY_FIRST;
-    loop {
-        match eventloop.poll().await {
-            Ok(event) => {
-                if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
-                    wait = RETRY_FIRST;
-                }
-                link.on_event(event);
-            }
-            Err(e) => {
-                link.on_error(&e);
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(RETRY_MAX);
-            }
-        }
-    }
 }

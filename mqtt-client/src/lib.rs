@@ -1,61 +1,65 @@
-//! The agent's connection to the device's local MQTT 5 broker: rumqttc's
-//! protocol state (`MqttState`) and packet codec, driven by an event loop
-//! of the bridge's own.
+//! An MQTT 5 client: rumqttc's protocol state (`MqttState`) and packet
+//! codec, driven by an event loop of Tether's own. The agent's connection
+//! to the device's local broker and the reference platform's client of its
+//! broker (one per device) are both this loop.
 //!
-//! This module owns the socket to the local broker: connecting (TCP, TLS
-//! when configured), the session (kept by the broker while the agent is
-//! away), subscribing on every ConnAck, keep-alive, packet ids of the
-//! platform's messages and their retransmission after a reconnect. Each
-//! turn of the loop writes everything the turn produced with one system
-//! call: the acknowledgements of a whole outbox batch, every publish
+//! This crate owns the socket to one broker: connecting (TCP, TLS when
+//! configured), the session, subscribing on every ConnAck to the filters
+//! it was made with and to what it is asked to later, keep-alive, packet
+//! ids of what it publishes and their retransmission after a reconnect.
+//! Each turn of the loop writes everything the turn produced with one
+//! system call: the acknowledgements of a whole batch, every publish
 //! ready, the replies to every packet read. rumqttc's own event loop
-//! writes each request with its own call (bytebeamio/rumqtt#810), which
-//! was a fifth of `tetherd`'s time under QoS 1 load.
+//! writes each request with its own call (bytebeamio/rumqtt#810).
 //!
-//! It never decides what a message means (the bridge does: [`super::local`]),
-//! never acknowledges a message from the broker by itself (only what
-//! [`Handle::ack`] is given, and only on the connection that delivered
-//! it), and never logs the broker password.
+//! It never decides what a message means (its user does, through
+//! [`Deliveries`]); with manual acknowledgements it never acknowledges a
+//! message by itself (only what [`Handle::ack`] is given, and only on the
+//! connection that delivered it); it never logs the broker password.
+//! It also converts between the tunnel's [`Message`] and rumqttc's
+//! [`Publish`], so that both ends carry MQTT 5 properties the same way.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use rumqttc::v5::mqttbytes::Error as CodecError;
+pub use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, Connect, ConnectProperties, ConnectReturnCode, Filter, Login, Packet, PubAck,
-    PubAckReason, PubRec, PubRecReason, Publish, Subscribe, SubscribeReasonCode,
+    ConnAck, Connect, ConnectProperties, Packet, PubAck, PubAckReason, PubRec, PubRecReason,
+    Subscribe, SubscribeReasonCode, UnsubAckReason, Unsubscribe,
 };
-use rumqttc::v5::mqttbytes::{Error as CodecError, QoS};
+pub use rumqttc::v5::mqttbytes::v5::{
+    ConnectReturnCode, Filter, Login, Publish, PublishProperties, RetainForwardRule,
+};
 use rumqttc::v5::{Event, MqttState, Request, StateError};
+use tether_proto::mqtt::{Message, Properties};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
 
-/// Who waits for the local broker's acknowledgement of a platform
-/// message: `(epoch, seq)` of the stream that carried it.
+/// Who waits for the broker's acknowledgement of a message the client
+/// publishes: the user's own numbers (the agent: the stream's epoch and
+/// seq; the platform: its order of the device's messages).
 pub type Tag = (u64, u64);
 
-/// How long connecting, TLS and the ConnAck may take together.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest pause between attempts to reach the local broker.
-const MAX_RETRY: Duration = Duration::from_secs(30);
 /// Requests taken from a channel in one turn, at most: reading the socket
 /// comes round again after them.
 const TURN: usize = 1024;
 /// Bytes read from the socket at once, at least.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Why a connection to the local broker ended or could not start.
+/// Why a connection to the broker ended or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("the broker did not answer the connection within {CONNECT_TIMEOUT:?}")]
+    #[error("the broker did not answer the connection in time")]
     Timeout,
     #[error("the broker's certificate cannot be checked against the host name '{0}'")]
     ServerName(String),
     #[error(
-        "the broker refused the connection ({0:?}); check [mqtt] username, password and client_id"
+        "the broker refused the connection ({0:?}); check the username, password and client id"
     )]
     Refused(ConnectReturnCode),
     #[error("the broker sent {0} before its ConnAck")]
@@ -74,22 +78,43 @@ impl From<CodecError> for LinkError {
     }
 }
 
-/// What the connection is made with: fixed when the bridge starts.
+/// The session the client asks the broker for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Session {
+    /// Kept by the broker for this many seconds after a connection ends
+    /// (and what it queued for the subscriptions delivered on the next).
+    Kept { expiry_secs: u32 },
+    /// A new session on every connection: the broker forgets the client's
+    /// subscriptions, so the user subscribes again on every
+    /// [`Deliveries::connected`]. What the client had in flight is still
+    /// sent again, as new messages.
+    Clean,
+}
+
+/// What the connection is made with: fixed when the client starts.
 pub struct Settings {
     pub host: String,
     pub port: u16,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub client_id: String,
     pub keep_alive: Duration,
-    pub session_expiry: u32,
+    pub session: Session,
     /// Messages either side may hold unacknowledged from the other.
     pub inflight: u16,
-    /// The largest packet the agent accepts from the broker.
+    /// The largest packet the client accepts from the broker.
     pub max_packet: u32,
     pub login: Option<Login>,
-    /// What the agent subscribes to (no-local: it never gets back what it
-    /// publishes).
+    /// Subscribed on every ConnAck (no-local: the client never gets back
+    /// what it publishes).
     pub filters: Vec<(String, QoS)>,
+    /// QoS 1 and 2 messages from the broker are acknowledged only through
+    /// [`Handle::ack`]; else the client acknowledges each as it reads it.
+    pub manual_acks: bool,
+    /// How long connecting, TLS and the ConnAck may take together.
+    pub connect_timeout: Duration,
+    /// The first pause between attempts to reach the broker, doubled after
+    /// each failure, and the longest.
+    pub retry: (Duration, Duration),
 }
 
 impl std::fmt::Debug for Settings {
@@ -99,54 +124,80 @@ impl std::fmt::Debug for Settings {
             .field("port", &self.port)
             .field("tls", &self.tls.is_some())
             .field("client_id", &self.client_id)
+            .field("session", &self.session)
             .field("filters", &self.filters)
             .finish_non_exhaustive()
     }
 }
 
-/// A platform message for the local broker.
+/// A message for the broker.
 #[derive(Debug)]
 pub struct Outbound {
     pub tag: Tag,
     pub publish: Publish,
 }
 
-/// The acknowledgements of messages the broker delivered on one
-/// connection, in the order it delivered them.
+/// What the user asks of a connection: dropped if that connection has
+/// ended (what it meant is for the next one to ask again, or the broker's
+/// to deliver again).
 #[derive(Debug)]
-struct Acks {
-    connection: u64,
-    packets: Vec<(u16, QoS)>,
+enum Control {
+    /// Acknowledgements of messages the broker delivered, in the order it
+    /// delivered them.
+    Acks(Vec<(u16, QoS)>),
+    Subscribe(Vec<Filter>),
+    Unsubscribe(Vec<String>),
 }
 
-/// What the loop reports to the bridge.
+/// What the loop reports to its user.
 pub trait Deliveries: Send + Sync + 'static {
-    /// A message from the broker on `connection`; QoS 1 and 2 ones are
-    /// acknowledged only through [`Handle::ack`]. `false`: the bridge is
-    /// gone.
+    /// A message from the broker on `connection`; with manual
+    /// acknowledgements, QoS 1 and 2 ones are acknowledged only through
+    /// [`Handle::ack`]. `false`: the user is gone.
     fn received(
         &self,
         connection: u64,
         publish: Publish,
     ) -> impl std::future::Future<Output = bool> + Send;
-    /// The broker has the platform message `tag` (QoS 0: it was written).
+    /// The broker has the message `tag` (QoS 0: it was written).
     fn delivered(&self, tag: Tag);
-    /// The broker would not take the platform message `tag` on `topic`.
+    /// The broker would not take the message `tag` on `topic`.
     fn rejected(&self, tag: Tag, topic: &str, reason: &str);
+    /// Connection number `connection` is up (the settings' filters are
+    /// being subscribed to).
+    fn connected(&self, connection: u64) {
+        let _ = connection;
+    }
+    /// The connection ended or could not be made; the next attempt is in
+    /// `retry_in`. `repeated`: the attempt before failed too.
+    fn disconnected(&self, error: &LinkError, retry_in: Duration, repeated: bool) {
+        let _ = (error, retry_in, repeated);
+    }
+    /// The broker answered a subscribe or unsubscribe request; `refused`:
+    /// the filters it did not take, with its reason.
+    fn subscribed(&self, refused: Vec<(String, String)>) {
+        let _ = refused;
+    }
 }
 
-/// The bridge's side of the connection.
+/// The user's side of the connection.
 #[derive(Clone, Debug)]
 pub struct Handle {
     outbound: mpsc::Sender<Outbound>,
-    acks: mpsc::UnboundedSender<Acks>,
+    control: mpsc::UnboundedSender<(u64, Control)>,
 }
 
 impl Handle {
-    /// Queues a platform message for the broker; waits while `inflight`
-    /// are queued (the broker is slow or away). `false`: the loop is gone.
+    /// Queues a message for the broker; waits while the queue is full (the
+    /// broker is slow or away). `false`: the loop is gone.
     pub async fn publish(&self, outbound: Outbound) -> bool {
         self.outbound.send(outbound).await.is_ok()
+    }
+
+    /// Queues a message for the broker; `false` (and the message dropped)
+    /// if the queue is full or the loop is gone.
+    pub fn try_publish(&self, outbound: Outbound) -> bool {
+        self.outbound.try_send(outbound).is_ok()
     }
 
     /// Acknowledges messages the broker delivered on `connection`, in the
@@ -154,10 +205,25 @@ impl Handle {
     /// connection has ended (the broker delivers them again).
     pub fn ack(&self, connection: u64, packets: Vec<(u16, QoS)>) {
         if !packets.is_empty() {
-            let _ = self.acks.send(Acks {
-                connection,
-                packets,
-            });
+            let _ = self.control.send((connection, Control::Acks(packets)));
+        }
+    }
+
+    /// Subscribes to `filters` on `connection` (answered through
+    /// [`Deliveries::subscribed`]); dropped if that connection has ended.
+    pub fn subscribe(&self, connection: u64, filters: Vec<Filter>) {
+        if !filters.is_empty() {
+            let _ = self.control.send((connection, Control::Subscribe(filters)));
+        }
+    }
+
+    /// Unsubscribes from `filters` on `connection`; dropped if that
+    /// connection has ended.
+    pub fn unsubscribe(&self, connection: u64, filters: Vec<String>) {
+        if !filters.is_empty() {
+            let _ = self
+                .control
+                .send((connection, Control::Unsubscribe(filters)));
         }
     }
 }
@@ -167,27 +233,28 @@ impl Handle {
 pub struct Client {
     settings: Settings,
     outbound: mpsc::Receiver<Outbound>,
-    acks: mpsc::UnboundedReceiver<Acks>,
+    control: mpsc::UnboundedReceiver<(u64, Control)>,
 }
 
-/// A client for `settings` and the handle to it.
-pub fn new(settings: Settings) -> (Handle, Client) {
-    let (outbound_tx, outbound) = mpsc::channel(usize::from(settings.inflight.max(1)));
-    let (acks_tx, acks) = mpsc::unbounded_channel();
+/// A client for `settings` and the handle to it; `queue`: messages the
+/// handle may queue beyond what is in flight.
+pub fn new(settings: Settings, queue: usize) -> (Handle, Client) {
+    let (outbound_tx, outbound) = mpsc::channel(queue.max(1));
+    let (control_tx, control) = mpsc::unbounded_channel();
     (
         Handle {
             outbound: outbound_tx,
-            acks: acks_tx,
+            control: control_tx,
         },
         Client {
             settings,
             outbound,
-            acks,
+            control,
         },
     )
 }
 
-/// A platform message in flight with the broker.
+/// A message in flight with the broker.
 #[derive(Debug)]
 struct Slot {
     tag: Tag,
@@ -196,9 +263,9 @@ struct Slot {
     order: u64,
 }
 
-/// Packet ids of platform messages in flight. The agent picks them itself
-/// (from `1..=window`, the next free one after the last), so a publish
-/// never takes an id the broker has not acknowledged yet.
+/// Packet ids of messages in flight. The client picks them itself (from
+/// `1..=window`, the next free one after the last), so a publish never
+/// takes an id the broker has not acknowledged yet.
 #[derive(Debug)]
 struct Slots {
     by_pkid: Vec<Option<Slot>>,
@@ -257,28 +324,27 @@ impl Slots {
     }
 }
 
-/// Runs the client until the bridge is gone: connects, runs each
-/// connection until it fails, and connects again with a growing pause.
+/// Runs the client until its user is gone: connects, runs each connection
+/// until it fails, and connects again with a growing pause.
 pub async fn run<D: Deliveries>(client: Client, deliveries: Arc<D>) {
     let Client {
         settings,
         mut outbound,
-        mut acks,
+        mut control,
     } = client;
-    let mut state = MqttState::new(settings.inflight, true);
+    let mut state = MqttState::new(settings.inflight, settings.manual_acks);
     let mut slots = Slots::new(settings.inflight);
     let mut pending: Vec<Request> = Vec::new();
-    let mut retry = Duration::from_secs(1);
-    let mut reported = false;
+    let (first, longest) = settings.retry;
+    let mut retry = first;
+    let mut repeated = false;
     let mut connection = 0u64;
-    let broker = format!("{}:{}", settings.host, settings.port);
     loop {
         let failure = match connect(&settings).await {
             Ok((io, connack, read)) => {
                 connection += 1;
-                info!(broker, "connected to the local MQTT broker");
-                retry = Duration::from_secs(1);
-                reported = false;
+                retry = first;
+                repeated = false;
                 let mut link = Link {
                     settings: &settings,
                     io,
@@ -289,11 +355,13 @@ pub async fn run<D: Deliveries>(client: Client, deliveries: Arc<D>) {
                     deliveries: deliveries.as_ref(),
                     connection,
                     max_out: None,
+                    subscribing: HashMap::new(),
+                    next_request: 0,
                 };
                 let ended = link
                     .run(
                         &mut outbound,
-                        &mut acks,
+                        &mut control,
                         connack,
                         std::mem::take(&mut pending),
                     )
@@ -306,14 +374,10 @@ pub async fn run<D: Deliveries>(client: Client, deliveries: Arc<D>) {
             }
             Err(e) => e,
         };
-        if reported {
-            debug!(cause = %failure, "local MQTT broker still unreachable");
-        } else {
-            warn!(broker, cause = %failure, retry_in = ?retry, "cannot reach the local MQTT broker; retrying");
-            reported = true;
-        }
+        deliveries.disconnected(&failure, retry, repeated);
+        repeated = true;
         tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(MAX_RETRY);
+        retry = (retry * 2).min(longest);
     }
 }
 
@@ -322,6 +386,7 @@ pub async fn run<D: Deliveries>(client: Client, deliveries: Arc<D>) {
 /// duplicates, then the releases of QoS 2 ones the broker has.
 fn resend(state: &mut MqttState, slots: &Slots) -> Vec<Request> {
     let mut pending = state.clean();
+    pending.retain(|r| matches!(r, Request::Publish(_) | Request::PubRel(_)));
     for request in &mut pending {
         if let Request::Publish(p) = request {
             p.dup = true;
@@ -356,14 +421,20 @@ async fn connect(settings: &Settings) -> Result<(Box<dyn Io>, ConnAck, BytesMut)
             }
         };
         let mut properties = ConnectProperties::new();
-        properties.session_expiry_interval = Some(settings.session_expiry);
+        let clean_start = match settings.session {
+            Session::Kept { expiry_secs } => {
+                properties.session_expiry_interval = Some(expiry_secs);
+                false
+            }
+            Session::Clean => true,
+        };
         properties.receive_maximum = Some(settings.inflight);
         properties.max_packet_size = Some(settings.max_packet);
         let connect = Packet::Connect(
             Connect {
                 keep_alive: u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX),
                 client_id: settings.client_id.clone(),
-                clean_start: false,
+                clean_start,
                 properties: Some(properties),
             },
             None,
@@ -389,7 +460,7 @@ async fn connect(settings: &Settings) -> Result<(Box<dyn Io>, ConnAck, BytesMut)
             }
         }
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, work)
+    tokio::time::timeout(settings.connect_timeout, work)
         .await
         .map_err(|_| LinkError::Timeout)?
 }
@@ -406,15 +477,20 @@ struct Link<'a, D> {
     connection: u64,
     /// The largest packet the broker takes.
     max_out: Option<u32>,
+    /// The filters of each subscribe and unsubscribe request not answered
+    /// yet, by packet id.
+    subscribing: HashMap<u16, Vec<String>>,
+    /// The packet id of the last subscribe or unsubscribe request.
+    next_request: u16,
 }
 
 impl<D: Deliveries> Link<'_, D> {
-    /// Runs the connection until it fails (`Err`) or the bridge is gone
+    /// Runs the connection until it fails (`Err`) or the user is gone
     /// (`Ok`).
     async fn run(
         &mut self,
         outbound: &mut mpsc::Receiver<Outbound>,
-        acks: &mut mpsc::UnboundedReceiver<Acks>,
+        control: &mut mpsc::UnboundedReceiver<(u64, Control)>,
         connack: ConnAck,
         pending: Vec<Request>,
     ) -> Result<(), LinkError> {
@@ -432,11 +508,18 @@ impl<D: Deliveries> Link<'_, D> {
             }
         }
         self.incoming(Packet::ConnAck(connack)).await?;
-        let filters = settings.filters.iter().map(|(f, qos)| Filter {
-            nolocal: true,
-            ..Filter::new(f.clone(), *qos)
-        });
-        self.send(Request::Subscribe(Subscribe::new_many(filters, None)))?;
+        let filters: Vec<Filter> = settings
+            .filters
+            .iter()
+            .map(|(f, qos)| Filter {
+                nolocal: true,
+                ..Filter::new(f.clone(), *qos)
+            })
+            .collect();
+        if !filters.is_empty() {
+            self.control(Control::Subscribe(filters))?;
+        }
+        self.deliveries.connected(self.connection);
         for request in pending {
             self.send(request)?;
         }
@@ -468,12 +551,12 @@ impl<D: Deliveries> Link<'_, D> {
                         }
                     }
                 }
-                batch = acks.recv() => {
-                    let Some(batch) = batch else { return Ok(()) };
-                    self.acks(batch)?;
+                asked = control.recv() => {
+                    let Some((connection, asked)) = asked else { return Ok(()) };
+                    self.asked(connection, asked)?;
                     for _ in 1..TURN {
-                        match acks.try_recv() {
-                            Ok(batch) => self.acks(batch)?,
+                        match control.try_recv() {
+                            Ok((connection, asked)) => self.asked(connection, asked)?,
                             Err(_) => break,
                         }
                     }
@@ -501,7 +584,28 @@ impl<D: Deliveries> Link<'_, D> {
         if let Some(packet) = self.state.handle_outgoing_packet(request)? {
             packet.write(&mut self.write, None)?;
         }
-        self.events();
+        // The state's reports of what it sent: the loop knows.
+        self.state.events.clear();
+        Ok(())
+    }
+
+    /// Writes a subscribe or unsubscribe request for `filters` with a
+    /// packet id of its own, above every publish's (the state would pick
+    /// one a publish in flight may hold), and remembers the filters for
+    /// the answer.
+    fn request(
+        &mut self,
+        filters: Vec<String>,
+        packet: impl FnOnce(u16) -> Packet,
+    ) -> Result<(), LinkError> {
+        let first = self.settings.inflight.saturating_add(1);
+        self.next_request = match self.next_request {
+            n if n < first || n == u16::MAX => first,
+            n => n + 1,
+        };
+        let pkid = self.next_request;
+        packet(pkid).write(&mut self.write, None)?;
+        self.subscribing.insert(pkid, filters);
         Ok(())
     }
 
@@ -533,27 +637,38 @@ impl<D: Deliveries> Link<'_, D> {
                     // The exchange ends here: no release follows.
                     self.done(rec.pkid, Some(format!("{:?}", rec.reason)));
                 }
+                // The broker took the message at its PubRec; a PubComp
+                // of any reason ends the exchange (after a clean start
+                // the new session does not know the packet id).
                 Packet::PubComp(comp) => self.done(comp.pkid, None),
                 Packet::SubAck(ack) => {
-                    // Codes come in the order of the filters asked for.
-                    let refused: Vec<String> = ack
-                        .return_codes
-                        .iter()
-                        .zip(&self.settings.filters)
-                        .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
-                        .map(|(code, (filter, _))| format!("{filter} ({code:?})"))
-                        .collect();
-                    if !refused.is_empty() {
-                        warn!(
-                            ?refused,
-                            "the local MQTT broker refused some of the agent's subscriptions"
-                        );
-                    }
+                    let refused = ack.return_codes.iter().map(|code| {
+                        (!matches!(code, SubscribeReasonCode::Success(_)))
+                            .then(|| format!("{code:?}"))
+                    });
+                    self.answered(ack.pkid, refused);
+                }
+                Packet::UnsubAck(ack) => {
+                    let refused = ack.reasons.iter().map(|code| {
+                        (!matches!(code, UnsubAckReason::Success)).then(|| format!("{code:?}"))
+                    });
+                    self.answered(ack.pkid, refused);
                 }
                 _ => {}
             }
         }
         Ok(())
+    }
+
+    /// The broker answered request `pkid`: a refusal or not per filter,
+    /// in the order the filters were asked for.
+    fn answered(&mut self, pkid: u16, codes: impl Iterator<Item = Option<String>>) {
+        let filters = self.subscribing.remove(&pkid).unwrap_or_default();
+        let refused = codes
+            .zip(filters)
+            .filter_map(|(code, filter)| Some((filter, code?)))
+            .collect();
+        self.deliveries.subscribed(refused);
     }
 
     async fn received(&mut self, publish: Publish) -> Result<(), LinkError> {
@@ -563,12 +678,7 @@ impl<D: Deliveries> Link<'_, D> {
         }
     }
 
-    /// Drops the state's reports of what it sent: the loop knows.
-    fn events(&mut self) {
-        self.state.events.clear();
-    }
-
-    /// The broker finished with platform message `pkid`.
+    /// The broker finished with message `pkid`.
     fn done(&mut self, pkid: u16, refused: Option<String>) {
         let Some(slot) = self.slots.release(pkid) else {
             return;
@@ -578,29 +688,56 @@ impl<D: Deliveries> Link<'_, D> {
             Some(reason) => self.deliveries.rejected(
                 slot.tag,
                 &String::from_utf8_lossy(&slot.topic),
-                &format!("the local broker refused it: {reason}"),
+                &format!("the broker refused it: {reason}"),
             ),
         }
     }
 
-    fn acks(&mut self, acks: Acks) -> Result<(), LinkError> {
-        if acks.connection != self.connection {
-            // That connection's messages come again, with this one's ids.
+    /// What the user asked of connection `connection`.
+    fn asked(&mut self, connection: u64, asked: Control) -> Result<(), LinkError> {
+        if connection != self.connection {
+            // Acknowledgements: that connection's messages come again, with
+            // this one's ids. Subscriptions: asked again for this one.
             return Ok(());
         }
-        for (pkid, qos) in acks.packets {
-            let request = match qos {
-                QoS::AtMostOnce => continue,
-                QoS::AtLeastOnce => Request::PubAck(PubAck::new(pkid, None)),
-                QoS::ExactlyOnce => Request::PubRec(PubRec::new(pkid, None)),
-            };
-            self.send(request)?;
+        self.control(asked)
+    }
+
+    fn control(&mut self, asked: Control) -> Result<(), LinkError> {
+        match asked {
+            Control::Acks(packets) => {
+                for (pkid, qos) in packets {
+                    let request = match qos {
+                        QoS::AtMostOnce => continue,
+                        QoS::AtLeastOnce => Request::PubAck(PubAck::new(pkid, None)),
+                        QoS::ExactlyOnce => Request::PubRec(PubRec::new(pkid, None)),
+                    };
+                    self.send(request)?;
+                }
+            }
+            Control::Subscribe(filters) => {
+                let paths = filters.iter().map(|f| f.path.clone()).collect();
+                self.request(paths, |pkid| {
+                    let mut s = Subscribe::new_many(filters, None);
+                    s.pkid = pkid;
+                    Packet::Subscribe(s)
+                })?;
+            }
+            Control::Unsubscribe(filters) => {
+                self.request(filters.clone(), |pkid| {
+                    Packet::Unsubscribe(Unsubscribe {
+                        pkid,
+                        filters,
+                        properties: None,
+                    })
+                })?;
+            }
         }
         Ok(())
     }
 
-    /// Sends a platform message: a packet id of its own for QoS 1 and 2;
-    /// one larger than the broker takes is rejected, not sent.
+    /// Sends a message: a packet id of its own for QoS 1 and 2; one larger
+    /// than the broker takes is rejected, not sent.
     fn publish(&mut self, outbound: Outbound) -> Result<(), LinkError> {
         let Outbound { tag, mut publish } = outbound;
         let size = publish.size() + 2;
@@ -610,7 +747,7 @@ impl<D: Deliveries> Link<'_, D> {
             self.deliveries.rejected(
                 tag,
                 &String::from_utf8_lossy(&publish.topic),
-                &format!("{size} bytes is more than the local broker takes ({max})"),
+                &format!("{size} bytes is more than the broker takes ({max})"),
             );
             return Ok(());
         }
@@ -625,6 +762,60 @@ impl<D: Deliveries> Link<'_, D> {
         };
         publish.pkid = pkid;
         self.send(Request::Publish(publish))
+    }
+}
+
+/// The QoS of a tunnel message (0, 1, anything else 2).
+pub fn qos(qos: u8) -> QoS {
+    match qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// A tunnel message as a publish (packet id 0: the loop gives it one),
+/// its MQTT 5 properties unchanged.
+pub fn publish_of(message: Message) -> Publish {
+    let Message {
+        topic,
+        qos: level,
+        retain,
+        properties: p,
+        payload,
+    } = message;
+    Publish {
+        dup: false,
+        qos: qos(level),
+        retain,
+        topic: Bytes::from(topic),
+        pkid: 0,
+        payload,
+        properties: Some(PublishProperties {
+            payload_format_indicator: p.payload_format,
+            message_expiry_interval: p.message_expiry,
+            topic_alias: None,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user,
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type,
+        }),
+    }
+}
+
+/// The MQTT 5 properties of a publish as the tunnel carries them.
+pub fn properties_of(p: Option<PublishProperties>) -> Properties {
+    let Some(p) = p else {
+        return Properties::default();
+    };
+    Properties {
+        payload_format: p.payload_format_indicator,
+        message_expiry: p.message_expiry_interval,
+        content_type: p.content_type,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user: p.user_properties,
     }
 }
 
@@ -694,6 +885,7 @@ mod tests {
     struct Record {
         delivered: std::sync::Mutex<Vec<Tag>>,
         rejected: std::sync::Mutex<Vec<(Tag, String)>>,
+        subscribed: std::sync::Mutex<Vec<Vec<(String, String)>>>,
     }
 
     impl Deliveries for Record {
@@ -706,6 +898,9 @@ mod tests {
         fn rejected(&self, tag: Tag, _: &str, reason: &str) {
             self.rejected.lock().unwrap().push((tag, reason.to_owned()));
         }
+        fn subscribed(&self, refused: Vec<(String, String)>) {
+            self.subscribed.lock().unwrap().push(refused);
+        }
     }
 
     fn settings() -> Settings {
@@ -715,11 +910,14 @@ mod tests {
             tls: None,
             client_id: "t".into(),
             keep_alive: Duration::from_secs(30),
-            session_expiry: 60,
+            session: Session::Kept { expiry_secs: 60 },
             inflight: 4,
             max_packet: 1 << 20,
             login: None,
             filters: vec![("dev/out/#".into(), QoS::AtLeastOnce)],
+            manual_acks: true,
+            connect_timeout: Duration::from_secs(1),
+            retry: (Duration::from_secs(1), Duration::from_secs(2)),
         }
     }
 
@@ -743,6 +941,8 @@ mod tests {
             deliveries: record,
             connection,
             max_out,
+            subscribing: HashMap::new(),
+            next_request: 0,
         }
     }
 
@@ -755,20 +955,19 @@ mod tests {
         let (settings, record) = (settings(), Record::default());
         let (mut state, mut slots) = (MqttState::new(4, true), Slots::new(4));
         let mut link = link(&settings, &mut state, &mut slots, &record, 2, None);
-        let acks = |connection| Acks {
-            connection,
-            packets: vec![
+        let acks = || {
+            Control::Acks(vec![
                 (5, QoS::AtLeastOnce),
                 (6, QoS::ExactlyOnce),
                 (7, QoS::AtMostOnce),
-            ],
+            ])
         };
-        link.acks(acks(1)).unwrap();
+        link.asked(1, acks()).unwrap();
         assert!(
             link.write.is_empty(),
             "connection 1 has ended: its ids mean nothing now"
         );
-        link.acks(acks(2)).unwrap();
+        link.asked(2, acks()).unwrap();
         let sent = packets(link.write.split());
         assert!(
             matches!(&sent[..], [Packet::PubAck(a), Packet::PubRec(r)] if a.pkid == 5 && r.pkid == 6),
@@ -806,10 +1005,66 @@ mod tests {
         assert_eq!(rejected.len(), 2);
         assert_eq!(rejected[0].0, (1, 1));
         assert!(
-            rejected[0].1.contains("more than the local broker takes"),
+            rejected[0].1.contains("more than the broker takes"),
             "{rejected:?}"
         );
         assert_eq!(rejected[1].0, (1, 2));
         assert!(rejected[1].1.contains("QuotaExceeded"), "{rejected:?}");
+    }
+
+    #[tokio::test]
+    async fn subscriptions_take_packet_ids_no_publish_can_hold_and_answers_name_their_filters() {
+        let (settings, record) = (settings(), Record::default());
+        let (mut state, mut slots) = (MqttState::new(4, true), Slots::new(4));
+        let mut link = link(&settings, &mut state, &mut slots, &record, 1, None);
+        // Every publish id of the window is in flight.
+        for n in 0..4 {
+            link.publish(Outbound {
+                tag: (1, n),
+                publish: Publish::new("dev/in/x", QoS::AtLeastOnce, vec![1], None),
+            })
+            .unwrap();
+        }
+        link.write.clear();
+        let filter = |path: &str| Filter::new(path, QoS::AtLeastOnce);
+        link.asked(1, Control::Subscribe(vec![filter("a/#"), filter("b/#")]))
+            .unwrap();
+        link.asked(1, Control::Unsubscribe(vec!["c/#".into()]))
+            .unwrap();
+        link.asked(0, Control::Subscribe(vec![filter("old/#")]))
+            .unwrap();
+        let sent = packets(link.write.split());
+        let [Packet::Subscribe(sub), Packet::Unsubscribe(unsub)] = &sent[..] else {
+            panic!("{sent:?}");
+        };
+        assert!(sub.pkid > 4 && unsub.pkid > 4, "{sub:?} {unsub:?}");
+        assert_ne!(sub.pkid, unsub.pkid);
+        // The broker refuses the second filter, then the unsubscription.
+        let mut suback = rumqttc::v5::mqttbytes::v5::SubAck {
+            pkid: sub.pkid,
+            return_codes: vec![
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::NotAuthorized,
+            ],
+            properties: None,
+        };
+        link.incoming(Packet::SubAck(suback.clone())).await.unwrap();
+        let unsuback = rumqttc::v5::mqttbytes::v5::UnsubAck {
+            pkid: unsub.pkid,
+            reasons: vec![UnsubAckReason::NoSubscriptionExisted],
+            properties: None,
+        };
+        link.incoming(Packet::UnsubAck(unsuback)).await.unwrap();
+        // An answer to nothing asked names no filter.
+        suback.pkid = 999;
+        link.incoming(Packet::SubAck(suback)).await.unwrap();
+        let answers = record.subscribed.lock().unwrap();
+        assert_eq!(answers.len(), 3);
+        assert_eq!(answers[0], [("b/#".to_owned(), "NotAuthorized".to_owned())]);
+        assert_eq!(
+            answers[1],
+            [("c/#".to_owned(), "NoSubscriptionExisted".to_owned())]
+        );
+        assert!(answers[2].is_empty());
     }
 }
