@@ -386,7 +386,6 @@ pub async fn run<D: Deliveries>(client: Client, deliveries: Arc<D>) {
 /// duplicates, then the releases of QoS 2 ones the broker has.
 fn resend(state: &mut MqttState, slots: &Slots) -> Vec<Request> {
     let mut pending = state.clean();
-    pending.retain(|r| matches!(r, Request::Publish(_) | Request::PubRel(_)));
     for request in &mut pending {
         if let Request::Publish(p) = request {
             p.dup = true;
@@ -1066,5 +1065,55 @@ mod tests {
             [("c/#".to_owned(), "NoSubscriptionExisted".to_owned())]
         );
         assert!(answers[2].is_empty());
+    }
+
+    /// Answers one CONNECT on a loopback listener with a ConnAck; returns
+    /// the CONNECT.
+    async fn broker_once() -> (u16, tokio::task::JoinHandle<Connect>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut read = BytesMut::new();
+            let connect = loop {
+                match Packet::read(&mut read, None) {
+                    Ok(Packet::Connect(connect, _, _)) => break connect,
+                    Ok(other) => panic!("{other:?}"),
+                    Err(_) => assert!(socket.read_buf(&mut read).await.unwrap() > 0),
+                }
+            };
+            let ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+                properties: None,
+            };
+            let mut out = BytesMut::new();
+            Packet::ConnAck(ack).write(&mut out, None).unwrap();
+            socket.write_all(&out).await.unwrap();
+            connect
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn a_clean_session_is_asked_for_without_an_expiry_and_a_kept_one_with_it() {
+        for (session, clean_start, expiry) in [
+            (Session::Clean, true, None),
+            (Session::Kept { expiry_secs: 60 }, false, Some(60)),
+        ] {
+            let (port, broker) = broker_once().await;
+            let settings = Settings {
+                port,
+                session,
+                ..settings()
+            };
+            let (_, connack, _) = connect(&settings).await.unwrap();
+            assert_eq!(connack.code, ConnectReturnCode::Success);
+            let asked = broker.await.unwrap();
+            assert_eq!(asked.clean_start, clean_start, "{session:?}");
+            let properties = asked.properties.unwrap();
+            assert_eq!(properties.session_expiry_interval, expiry, "{session:?}");
+            assert_eq!(properties.receive_maximum, Some(4));
+        }
     }
 }
