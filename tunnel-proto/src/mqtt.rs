@@ -520,14 +520,28 @@ impl Namespace {
     /// May the device publish on `topic`?
     pub fn check_publish(&self, topic: &str) -> Result<(), MqttError> {
         check_topic(topic)?;
-        let prefix = self.prefix();
-        match topic.strip_prefix(&prefix) {
+        // Checked for every message: no allocation unless it is refused.
+        let rest = self
+            .in_team(topic)
+            .and_then(|r| r.strip_prefix(self.device.as_str()))
+            .and_then(|r| r.strip_prefix('/'));
+        match rest {
             Some(rest) if !rest.is_empty() => Ok(()),
             _ => Err(MqttError::Namespace {
                 topic: topic.to_owned(),
-                why: format!("a device publishes only under '{prefix}'"),
+                why: format!("a device publishes only under '{}'", self.prefix()),
             }),
         }
+    }
+
+    /// What follows `tether/<team>/` in `topic`, if it is in the team's
+    /// space.
+    fn in_team<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        topic
+            .strip_prefix(ROOT)?
+            .strip_prefix('/')?
+            .strip_prefix(self.team.as_str())?
+            .strip_prefix('/')
     }
 
     /// May the device subscribe to `filter`?
@@ -550,11 +564,14 @@ impl Namespace {
     /// Does the platform route a message on `topic` to this device? (On top
     /// of the device's own filters.)
     pub fn delivers(&self, topic: &str) -> bool {
-        let [inbound, broadcast] = [&self.default_inbound()[0], &self.default_inbound()[1]];
-        if matches(inbound, topic) {
-            return true;
-        }
-        matches(broadcast, topic) && topic.split('/').nth(2) != Some(self.device.as_str())
+        // `tether/<team>/<device>/in/#`, or `tether/<team>/+/out/#` from
+        // another device (checked for every message: no allocation).
+        let Some((device, rest)) = self.in_team(topic).and_then(|r| r.split_once('/')) else {
+            return false;
+        };
+        let level = if device == self.device { "in" } else { "out" };
+        rest.strip_prefix(level)
+            .is_some_and(|r| r.is_empty() || r.starts_with('/'))
     }
 }
 

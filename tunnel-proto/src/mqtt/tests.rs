@@ -220,6 +220,35 @@ fn the_platform_routes_inbound_and_broadcast_but_never_a_devices_own() {
     assert!(!ns.delivers("tether/line-3/dev-b/in/cmd"));
     assert!(!ns.delivers("tether/line-4/dev-b/out/t"));
     assert!(!ns.delivers("other"));
+    // Exactly the default filters' matches, less the device's own
+    // broadcasts.
+    let [inbound, broadcast] = [&ns.default_inbound()[0], &ns.default_inbound()[1]];
+    for topic in [
+        "tether/line-3/dev-a/in",
+        "tether/line-3/dev-a/in/",
+        "tether/line-3/dev-a/inx",
+        "tether/line-3/dev-a/in/a/b",
+        "tether/line-3/dev-a",
+        "tether/line-3/dev-a/",
+        "tether/line-3//out/x",
+        "tether/line-3//in/x",
+        "tether/line-3/dev-b/out",
+        "tether/line-3/dev-b/outx",
+        "tether/line-3/dev-b/out/",
+        "tether/line-3/dev-ab/in/x",
+        "tether/line-3/dev-ab/out/x",
+        "tether/line-3/dev-a/out",
+        "tether/line-33/dev-b/out/x",
+        "tether/line-3",
+        "tether/line-3/",
+        "tether",
+        "tetherx/line-3/dev-b/out/x",
+        "",
+    ] {
+        let by_filters = matches(inbound, topic)
+            || (matches(broadcast, topic) && topic.split('/').nth(2) != Some("dev-a"));
+        assert_eq!(ns.delivers(topic), by_filters, "{topic}");
+    }
 }
 
 #[test]
