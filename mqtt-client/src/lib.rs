@@ -194,10 +194,14 @@ impl Handle {
         self.outbound.send(outbound).await.is_ok()
     }
 
-    /// Queues a message for the broker; `false` (and the message dropped)
-    /// if the queue is full or the loop is gone.
-    pub fn try_publish(&self, outbound: Outbound) -> bool {
-        self.outbound.try_send(outbound).is_ok()
+    /// Queues a message for the broker, or gives it back if the queue is
+    /// full or the loop is gone.
+    pub fn try_publish(&self, outbound: Outbound) -> Result<(), Box<Outbound>> {
+        self.outbound.try_send(outbound).map_err(|e| {
+            Box::new(match e {
+                mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o,
+            })
+        })
     }
 
     /// Acknowledges messages the broker delivered on `connection`, in the
@@ -803,8 +807,22 @@ pub fn publish_of(message: Message) -> Publish {
     }
 }
 
+/// A publish as the tunnel carries it, its MQTT 5 properties unchanged;
+/// `None` if its topic is not UTF-8 (MQTT requires it; the codec does not
+/// check).
+pub fn message_of(publish: &Publish) -> Option<Message> {
+    let topic = std::str::from_utf8(&publish.topic).ok()?.to_owned();
+    Some(Message {
+        topic,
+        qos: publish.qos as u8,
+        retain: publish.retain,
+        properties: properties_of(publish.properties.clone()),
+        payload: publish.payload.clone(),
+    })
+}
+
 /// The MQTT 5 properties of a publish as the tunnel carries them.
-pub fn properties_of(p: Option<PublishProperties>) -> Properties {
+fn properties_of(p: Option<PublishProperties>) -> Properties {
     let Some(p) = p else {
         return Properties::default();
     };
@@ -1115,5 +1133,20 @@ mod tests {
             assert_eq!(properties.session_expiry_interval, expiry, "{session:?}");
             assert_eq!(properties.receive_maximum, Some(4));
         }
+    }
+
+    #[test]
+    fn a_message_the_queue_cannot_take_is_given_back() {
+        let (handle, client) = new(settings(), 1);
+        let outbound = |n| Outbound {
+            tag: (0, n),
+            publish: Publish::new("dev/in/x", QoS::AtLeastOnce, vec![1], None),
+        };
+        assert!(handle.try_publish(outbound(1)).is_ok());
+        let back = handle.try_publish(outbound(2)).unwrap_err();
+        assert_eq!(back.tag, (0, 2), "the queue is full");
+        drop(client);
+        let back = handle.try_publish(outbound(3)).unwrap_err();
+        assert_eq!(back.tag, (0, 3), "the loop is gone");
     }
 }

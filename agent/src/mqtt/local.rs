@@ -190,7 +190,7 @@ impl Deliveries for Intake {
                 .await
                 .is_ok();
         }
-        match message_of(&publish) {
+        match client::message_of(&publish) {
             Some(m) if m.check(self.bridge.config.max_payload).is_ok() => self.bridge.send_live(m),
             _ => refuse(&self.bridge, &publish),
         }
@@ -235,19 +235,6 @@ impl Deliveries for Intake {
     }
 }
 
-/// A message from the local broker as the bridge carries it; `None` if
-/// its topic is not UTF-8 (MQTT requires it; the codec does not check).
-fn message_of(publish: &Publish) -> Option<Message> {
-    let topic = std::str::from_utf8(&publish.topic).ok()?.to_owned();
-    Some(Message {
-        topic,
-        qos: publish.qos as u8,
-        retain: publish.retain,
-        properties: client::properties_of(publish.properties.clone()),
-        payload: publish.payload.clone(),
-    })
-}
-
 /// Starts the client and the outbox intake.
 pub(super) fn spawn(bridge: Arc<Bridge>, client: client::Client) {
     let (tx, rx) = mpsc::channel(INTAKE_QUEUE);
@@ -263,7 +250,7 @@ pub(super) fn spawn(bridge: Arc<Bridge>, client: client::Client) {
 /// audited, and acknowledged so the broker does not send it again.
 fn refuse(bridge: &Bridge, publish: &Publish) {
     let topic = String::from_utf8_lossy(&publish.topic);
-    let reason = match message_of(publish).map(|m| m.check(bridge.config.max_payload)) {
+    let reason = match client::message_of(publish).map(|m| m.check(bridge.config.max_payload)) {
         Some(Err(e)) => e.to_string(),
         Some(Ok(())) => return,
         None => "the topic is not UTF-8".to_owned(),
@@ -387,7 +374,7 @@ async fn take(
             pkid: publish.pkid,
             qos: publish.qos,
         };
-        match message_of(publish) {
+        match client::message_of(publish) {
             Some(m) if m.check(bridge.config.max_payload).is_ok() => {
                 eligible &= m.qos == 1;
                 bytes += m.size();

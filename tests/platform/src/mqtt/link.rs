@@ -82,8 +82,8 @@ struct Pending {
     /// Local order (the device's `seq` is 0 for every QoS 0 message).
     pid: u64,
     seq: u64,
-    /// `None` once done.
-    message: Option<Message>,
+    /// What the client publishes, until it is handed over.
+    publish: Option<Publish>,
     size: usize,
     phase: Phase,
 }
@@ -377,7 +377,7 @@ impl Link {
                 st.pending.push_back(Pending {
                     pid,
                     seq,
-                    message: None,
+                    publish: None,
                     size: 0,
                     phase: Phase::Done,
                 });
@@ -400,7 +400,7 @@ impl Link {
         st.pending.push_back(Pending {
             pid,
             seq,
-            message: Some(message),
+            publish: Some(client::publish_of(message)),
             size,
             phase: Phase::Unsent,
         });
@@ -538,20 +538,21 @@ impl Link {
         while st.unsent_from < st.pending.len() {
             let i = st.unsent_from;
             let entry = &mut st.pending[i];
-            if entry.phase != Phase::Unsent {
-                st.unsent_from += 1;
-                continue;
-            }
-            let Some(m) = &entry.message else {
+            let publish = match entry.phase {
+                Phase::Unsent => entry.publish.take(),
+                _ => None,
+            };
+            let Some(publish) = publish else {
                 st.unsent_from += 1;
                 continue;
             };
             let outbound = Outbound {
                 tag: (0, entry.pid),
-                publish: client::publish_of(m.clone()),
+                publish,
             };
-            if !self.client.try_publish(outbound) {
+            if let Err(back) = self.client.try_publish(outbound) {
                 // The queue is full: again when the client reports next.
+                entry.publish = Some(back.publish);
                 return;
             }
             entry.phase = Phase::Sent;
@@ -591,25 +592,23 @@ impl Link {
             return;
         }
         p.phase = Phase::Done;
-        p.message = None;
         let size = p.size;
         st.pending_bytes -= size;
         st.stats.from_device += 1;
         self.advance(st);
     }
 
-    /// The broker refused the message `pid`.
-    fn broker_refused(&self, st: &mut LinkState, pid: u64, why: &str) {
+    /// The broker refused the message `pid` on `topic`.
+    fn broker_refused(&self, st: &mut LinkState, pid: u64, topic: &str, why: &str) {
         let Some(p) = Self::find(st, pid) else { return };
         if p.phase == Phase::Done {
             return;
         }
         p.phase = Phase::Done;
         let (seq, size) = (p.seq, p.size);
-        let topic = p.message.take().map(|m| m.topic).unwrap_or_default();
         st.pending_bytes -= size;
         warn!(device_id = %self.device_id, seq, %topic, reason = %why, "MQTT: the broker refused a device's message");
-        refuse(st, seq, &topic, format!("on the platform's side: {why}"));
+        refuse(st, seq, topic, format!("on the platform's side: {why}"));
         self.advance(st);
         self.wake.send_replace(());
     }
@@ -646,13 +645,10 @@ impl Link {
         else {
             return;
         };
-        let message = Message {
-            topic: topic.to_owned(),
-            qos: (publish.qos as u8).min(max_qos),
-            retain: publish.retain,
-            properties: client::properties_of(publish.properties),
-            payload: publish.payload,
+        let Some(mut message) = client::message_of(&publish) else {
+            return;
         };
+        message.qos = message.qos.min(max_qos);
         if let Err(e) = message.check(MAX_PAYLOAD) {
             st.stats.refused += 1;
             st.stats.last_refusal = Some(truncate(format!(
@@ -711,9 +707,9 @@ impl Deliveries for Link {
         self.flush(&mut st);
     }
 
-    fn rejected(&self, (_, pid): Tag, _: &str, reason: &str) {
+    fn rejected(&self, (_, pid): Tag, topic: &str, reason: &str) {
         let mut st = self.lock();
-        self.broker_refused(&mut st, pid, reason);
+        self.broker_refused(&mut st, pid, topic, reason);
         self.flush(&mut st);
     }
 
