@@ -2,7 +2,9 @@
 //! device's subscriptions, the outbox sent in order within a window and
 //! deleted as the platform acknowledges it, QoS 0 messages while the
 //! stream is up, messages from the platform published on the local broker
-//! and acknowledged once it has them, and the bridge's figures.
+//! and acknowledged once it has them, and the bridge's figures. While
+//! written messages await the platform, new frames wait a moment to go
+//! out together (`HOLD_BYTES`, `HOLD_MAX`).
 //!
 //! This module owns one stream's exchange and ends with it; the session
 //! opens a new one after a reconnect and whatever was in flight is sent
@@ -45,6 +47,14 @@ const READ_BATCH: usize = 256;
 /// acknowledgement. A crash before the delete only resends them, and the
 /// platform ignores what it already has.
 const DELETE_BATCH: u64 = 512;
+/// While messages written to the platform await its acknowledgement,
+/// new ones wait for this many bytes of frames before they are written
+/// (Nagle's rule at the stream's level): under load the stream writes a
+/// few large TLS records instead of one per wake-up, and a message sent
+/// when nothing is awaited still leaves at once.
+const HOLD_BYTES: usize = 16 * 1024;
+/// How long frames wait for [`HOLD_BYTES`] or an acknowledgement, at most.
+const HOLD_MAX: Duration = Duration::from_millis(2);
 
 /// Why the stream ended.
 #[derive(Debug, thiserror::Error)]
@@ -106,12 +116,19 @@ where
         resume(&bridge, hello.delivered).await?;
     }
     bridge.tail().stream_started();
+    let hold = tokio::time::sleep(HOLD_MAX);
+    tokio::pin!(hold);
 
     loop {
         if !flow.out.is_empty() {
-            wr.write_all(&flow.out).await?;
-            wr.flush().await?;
-            flow.out.clear();
+            let now = tokio::time::Instant::now();
+            if flow.write_due(now.into_std()) {
+                wr.write_all(&flow.out).await?;
+                wr.flush().await?;
+                flow.wrote();
+            } else if flow.hold(now.into_std()) {
+                hold.as_mut().reset(now + HOLD_MAX);
+            }
         }
         if !idle && flow.window_open() {
             // Seen before reading: what comes after wakes the stream.
@@ -153,6 +170,10 @@ where
                 if let Some((epoch, seq)) = ack {
                     flow.local_acked(epoch, seq)?;
                 }
+            }
+            () = &mut hold, if flow.held_since.is_some() => {
+                // Waited long enough: written at the top of the loop.
+                flow.urgent = true;
             }
             _ = figures_tick.tick() => {
                 let figures = bridge.figures();
@@ -230,6 +251,13 @@ struct Flow {
     epoch: u64,
     /// Frames to write.
     out: BytesMut,
+    /// Frames in `out` that must not wait (acknowledgements to the
+    /// platform, subscriptions).
+    urgent: bool,
+    /// Since when `out` has waited ([`HOLD_BYTES`]).
+    held_since: Option<std::time::Instant>,
+    /// Messages of `in_flight` already written (awaiting the platform).
+    written: usize,
     /// Outbox messages sent and not acknowledged: `(seq, bytes)`.
     in_flight: VecDeque<(u64, usize)>,
     in_flight_bytes: usize,
@@ -256,6 +284,9 @@ impl Flow {
             topics,
             epoch: hello.epoch,
             out: BytesMut::new(),
+            urgent: false,
+            held_since: None,
+            written: 0,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
             sent_up_to: hello.delivered,
@@ -285,7 +316,33 @@ impl Flow {
             }
         }
         Frame::Subscribe(subscriptions).encode(&mut self.out)?;
+        self.urgent = true;
         Ok(())
+    }
+
+    /// Whether `out` is written now: something in it must not wait,
+    /// nothing written awaits the platform, or it waited long enough or
+    /// for enough bytes.
+    fn write_due(&self, now: std::time::Instant) -> bool {
+        self.urgent
+            || self.written == 0
+            || self.out.len() >= HOLD_BYTES
+            || self.held_since.is_some_and(|at| now >= at + HOLD_MAX)
+    }
+
+    /// `out` waits from `now`; true if it just started to.
+    fn hold(&mut self, now: std::time::Instant) -> bool {
+        let started = self.held_since.is_none();
+        self.held_since.get_or_insert(now);
+        started
+    }
+
+    /// `out` was written.
+    fn wrote(&mut self) {
+        self.out.clear();
+        self.urgent = false;
+        self.held_since = None;
+        self.written = self.in_flight.len();
     }
 
     fn window_open(&self) -> bool {
@@ -379,6 +436,7 @@ impl Flow {
         {
             self.in_flight.pop_front();
             self.in_flight_bytes -= bytes;
+            self.written = self.written.saturating_sub(1);
         }
         self.acked_by_platform = self.acked_by_platform.max(seq);
     }
@@ -438,6 +496,7 @@ impl Flow {
         if watermark > self.acked_to_platform {
             self.acked_to_platform = watermark;
             Frame::Ack { seq: watermark }.encode(&mut self.out)?;
+            self.urgent = true;
         }
         Ok(())
     }
@@ -634,6 +693,48 @@ mod tests {
         assert_eq!(flow.delete_due(), None);
         flow.platform_acked(WINDOW_MESSAGES as u64);
         assert_eq!(flow.delete_due(), Some(WINDOW_MESSAGES as u64));
+    }
+
+    #[tokio::test]
+    async fn while_messages_await_the_platform_new_ones_wait_for_bytes_time_or_an_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut flow = flow(dir.path());
+        let t0 = std::time::Instant::now();
+        let one = |seq: u64| [(seq, Some(message(&format!("tether/t/dev-a/out/{seq}"))))];
+        // Nothing awaits the platform: a message leaves at once.
+        flow.send_stored(one(1)).unwrap();
+        assert!(flow.write_due(t0));
+        flow.wrote();
+        // 1 awaits the platform: 2 waits, up to HOLD_MAX.
+        flow.send_stored(one(2)).unwrap();
+        assert!(!flow.write_due(t0));
+        assert!(flow.hold(t0), "the wait starts");
+        assert!(!flow.hold(t0 + Duration::from_millis(1)), "and goes on");
+        assert!(!flow.write_due(t0 + HOLD_MAX - Duration::from_micros(1)));
+        assert!(flow.write_due(t0 + HOLD_MAX));
+        // The platform acknowledges everything written: 2 leaves at once.
+        flow.platform_acked(1);
+        assert!(flow.write_due(t0));
+        flow.wrote();
+        assert_eq!(flow.held_since, None);
+        // 2 awaits: more messages wait until they are HOLD_BYTES.
+        let mut seq = 3;
+        while flow.out.len() < HOLD_BYTES {
+            assert!(!flow.write_due(t0), "{} bytes wait", flow.out.len());
+            flow.send_stored(one(seq)).unwrap();
+            seq += 1;
+        }
+        assert!(flow.write_due(t0));
+        flow.wrote();
+        // An acknowledgement to the platform never waits.
+        flow.send_stored(one(seq)).unwrap();
+        assert!(!flow.write_due(t0));
+        flow.platform_publish(1, message("tether/t/dev-a/in/cmd"))
+            .await
+            .unwrap();
+        flow.local_acked(7, 1).unwrap();
+        assert!(flow.write_due(t0));
+        assert!(frames(&mut flow.out).contains(&Frame::Ack { seq: 1 }));
     }
 
     #[tokio::test]

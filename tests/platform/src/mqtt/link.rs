@@ -45,6 +45,13 @@ pub const MAX_PENDING_BYTES: usize = 2 * 1024 * 1024;
 /// Publishes the client has in flight with the broker at once (a slot for
 /// each is allocated up front).
 const BROKER_INFLIGHT: u16 = 256;
+/// While the device's messages are still on their way to the broker, its
+/// acknowledgement waits for this many handled messages or bytes (a
+/// quarter of the device's window): one ack frame per broker reply was
+/// one wake-up of the device for every few messages. Once nothing is
+/// pending, the ack goes at once.
+pub(crate) const ACK_EVERY: u64 = 256;
+const ACK_EVERY_BYTES: usize = 256 * 1024;
 /// Messages queued to the client's loop beyond those in flight: every
 /// pending message fits, so handing one over never waits.
 const CLIENT_QUEUE: usize = MAX_PENDING + 1;
@@ -142,6 +149,10 @@ struct LinkState {
     /// The device sent something again: acknowledge even if the watermark
     /// did not move.
     ack_due: bool,
+    /// `acked_through` when the stream was last woken for it, and the
+    /// bytes handled since ([`ACK_EVERY`]).
+    ack_woken: u64,
+    acked_bytes: usize,
     next_pid: u64,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
@@ -569,13 +580,19 @@ impl Link {
             if p.seq != 0 {
                 st.acked_through = st.acked_through.max(p.seq);
             }
+            st.acked_bytes += p.size;
             st.unsent_from = st.unsent_from.saturating_sub(1);
             popped = true;
         }
         if popped {
             self.room.send_replace(());
         }
-        if st.acked_through != before {
+        let due = st.pending.is_empty()
+            || st.acked_through.saturating_sub(st.ack_woken) >= ACK_EVERY
+            || st.acked_bytes >= ACK_EVERY_BYTES;
+        if st.acked_through != before && due {
+            st.ack_woken = st.acked_through;
+            st.acked_bytes = 0;
             self.wake.send_replace(());
         }
     }
@@ -793,4 +810,51 @@ fn echo_key(topic: &str, payload: &Bytes) -> u64 {
     topic.hash(&mut h);
     payload.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::broker::BrokerUrl;
+
+    /// While a device's messages are on their way to the broker, its
+    /// stream is woken for an acknowledgement once per [`ACK_EVERY`]
+    /// handled messages, and at once when nothing is left pending.
+    #[tokio::test]
+    async fn acknowledgements_wake_the_stream_per_batch_and_when_nothing_is_pending() {
+        // Nothing listens there: the client holds what it is given, and
+        // the test plays the broker's replies.
+        let endpoint = Endpoint {
+            url: BrokerUrl::parse("mqtt://127.0.0.1:9").unwrap(),
+            v4: None,
+            embedded: false,
+            tls: None,
+        };
+        let ns = Namespace::new("t", "dev").unwrap();
+        let link = Link::start(&endpoint, "dev", ns, &MqttConfig::default());
+        let mut wake = link.wake_receiver();
+        let burst = 2 * ACK_EVERY + 10;
+        for seq in 1..=burst {
+            let message = Message {
+                topic: format!("tether/t/dev/out/{seq}"),
+                qos: 1,
+                retain: false,
+                properties: Default::default(),
+                payload: Bytes::from_static(b"x"),
+            };
+            link.device_published(seq, message, 1024);
+        }
+        wake.borrow_and_update();
+        let mut woken = Vec::new();
+        // The broker's replies, one at a time (pids are numbered from 0).
+        for pid in 0..burst {
+            link.delivered((0, pid));
+            if wake.has_changed().unwrap() {
+                wake.borrow_and_update();
+                woken.push(pid + 1);
+            }
+        }
+        assert_eq!(woken, [ACK_EVERY, 2 * ACK_EVERY, burst]);
+        link.stop();
+    }
 }

@@ -299,6 +299,35 @@ async fn a_device_publish_reaches_the_broker_with_its_properties_and_is_acknowle
     assert!(stats.stream && stats.broker_connected);
 }
 
+/// A burst is acknowledged in a few frames, not one per broker reply:
+/// each acknowledgement is a wake-up of the device. (On two threads, as
+/// the platform runs: on one, the stream would run only after the client
+/// handled every reply.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_acknowledged_in_a_few_frames_the_last_covering_it_all() {
+    const BURST: u64 = 1000;
+    let bridge = bridge().await;
+    let (mut device, _) = Device::open(&bridge, "t", "dev_c").await;
+    let mut out = BytesMut::new();
+    for seq in 1..=BURST {
+        let m = message(&format!("tether/t/dev_c/out/{seq}"), 1, b"burst");
+        Frame::Publish { seq, message: m }.encode(&mut out).unwrap();
+    }
+    device.io.write_all(&out).await.unwrap();
+    let acks = device.until(|f| *f == Frame::Ack { seq: BURST }).await;
+    assert!(
+        acks.iter().all(|f| matches!(f, Frame::Ack { .. })),
+        "{acks:?}"
+    );
+    let most = 2 * (BURST / super::link::ACK_EVERY + 1) as usize;
+    assert!(
+        acks.len() <= most,
+        "{} acknowledgements: {acks:?}",
+        acks.len()
+    );
+    wait_for(&bridge, "dev_c", |s| s.from_device == BURST).await;
+}
+
 #[tokio::test]
 async fn a_message_sent_again_is_acknowledged_but_published_once() {
     let bridge = bridge().await;
