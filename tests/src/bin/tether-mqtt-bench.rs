@@ -180,6 +180,22 @@ async fn trickle(device_port: u16, central_port: u16, prefix: &str, n: usize) ->
     Ok(())
 }
 
+/// A throughput run ([`throughput`]) after a pause ([`SETTLE`]), with the
+/// CPU of each of `pids` per 100,000 messages over it.
+async fn measured(
+    ticks: f64,
+    pids: &[u32],
+    device_port: u16,
+    central_port: u16,
+    prefix: &str,
+    n: usize,
+) -> Result<(f64, Vec<f64>)> {
+    tokio::time::sleep(SETTLE).await;
+    let cpu = Cpu::start(ticks, pids)?;
+    let rate = throughput(device_port, central_port, prefix, n).await?;
+    Ok((rate, cpu.per_100k(n)?))
+}
+
 /// The middle value (the mean of the two middle ones for an even count).
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
@@ -380,28 +396,15 @@ async fn main() -> Result<()> {
     // Pairs alternate the two paths: the machine's pace drifts between
     // runs (the bridge alone ranges over a quarter), so each pair's ratio
     // compares runs taken side by side, and the verdict is on the median.
-    let mut ratios = Vec::new();
-    let (mut rates, mut anchor_rates, mut agent_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ratios, mut rates, mut anchor_rates, mut agent_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let n = args.messages;
     for pair in 1..=args.pairs {
-        let anchor_run = async {
-            tokio::time::sleep(SETTLE).await;
-            // The other path's processes too: they should be idle.
-            let cpu = Cpu::start(
-                ticks,
-                &[central.pid(), bridged.pid(), me, local.pid(), agent.pid],
-            )?;
-            let rate = throughput(bridged.port, central.port, ANCHOR, args.messages).await?;
-            anyhow::Ok((rate, cpu.per_100k(args.messages)?))
-        };
-        let ours_run = async {
-            tokio::time::sleep(SETTLE).await;
-            let cpu = Cpu::start(
-                ticks,
-                &[central.pid(), local.pid(), me, agent.pid, bridged.pid()],
-            )?;
-            let rate = throughput(local.port, central.port, &prefix, args.messages).await?;
-            anyhow::Ok((rate, cpu.per_100k(args.messages)?))
-        };
+        // Each with the other path's processes too: they should be idle.
+        let anchor_pids = [central.pid(), bridged.pid(), me, local.pid(), agent.pid];
+        let anchor_run = measured(ticks, &anchor_pids, bridged.port, central.port, ANCHOR, n);
+        let ours_pids = [central.pid(), local.pid(), me, agent.pid, bridged.pid()];
+        let ours_run = measured(ticks, &ours_pids, local.port, central.port, &prefix, n);
         // Each path goes first in every other pair.
         let ((anchor_rate, anchor_cpu), (rate, ours_cpu)) = if pair % 2 == 1 {
             let anchor = anchor_run.await?;
